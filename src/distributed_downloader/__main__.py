@@ -1,0 +1,3 @@
+from distributed_downloader.cli import main
+
+main()

@@ -1,0 +1,202 @@
+"""The command line: commands only. Each command gathers settings and calls one stage.
+
+Setting flags are generated from the settings model, so a flag, its YAML key and its help text
+can never disagree (`--batch-size` is `batch_size`).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from distributed_downloader import __version__
+from distributed_downloader.config import SETTING_NAMES, Settings, load_settings
+from distributed_downloader.errors import UserError
+
+console = Console()
+err_console = Console(stderr=True)
+
+PROGRESS_LOG_SECONDS = 5.0
+
+
+def _click_type(annotation: Any) -> tuple[Any, bool]:
+    """A click parameter type for a settings annotation, and whether it is a boolean flag."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _click_type(args[0])
+    if annotation is bool:
+        return None, True
+    if origin is typing.Literal:
+        return click.Choice([str(a) for a in typing.get_args(annotation)]), False
+    if annotation is Path:
+        return click.Path(path_type=Path), False
+    if annotation in (int, float, str):
+        return annotation, False
+    return str, False  # lists (comma-separated) and mappings (YAML only, in practice)
+
+
+def setting_option(name: str, *extra_flags: str) -> Callable[[Callable], Callable]:
+    """A flag for the setting `name`, typed and described by the settings model."""
+    field = Settings.model_fields[name]
+    flag = "--" + name.replace("_", "-")
+    click_type, is_flag = _click_type(field.annotation)
+    default = field.get_default(call_default_factory=True)
+    help_text = field.description or ""
+    if default not in (None, [], {}):
+        help_text += f" [default: {default}]"
+    if is_flag:
+        return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
+    return click.option(flag, *extra_flags, name, type=click_type, default=None, help=help_text)
+
+
+def setting_options(*names: str) -> Callable[[Callable], Callable]:
+    def decorate(command: Callable) -> Callable:
+        for name in reversed(names):
+            command = setting_option(name)(command)
+        return command
+
+    return decorate
+
+
+config_option = click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Settings file: YAML (ours or the original downloader's) or the first version's .env.",
+)
+
+
+def gather_settings(config_file: Path | None, flags: dict[str, Any]) -> Settings:
+    overrides = {name: value for name, value in flags.items() if name in SETTING_NAMES}
+    settings, without_effect = load_settings(config_file, overrides)
+    if without_effect:
+        err_console.print(
+            f"[yellow]note:[/] {config_file}: these keys of the original downloader have no "
+            f"effect here (this version lays out its folders and scripts itself): "
+            f"{', '.join(without_effect)}"
+        )
+    return settings
+
+
+def _prep_progress() -> Callable:
+    """Live row counts on a terminal; a log line every few seconds otherwise."""
+    from distributed_downloader.prep import PrepProgress
+
+    last = [0.0]
+    status = err_console.status("prep: starting") if err_console.is_terminal else None
+    if status:
+        status.start()
+
+    def report(progress: PrepProgress) -> None:
+        text = (
+            f"prep: {progress.phase} — {progress.rows_read:,} rows read, "
+            f"{progress.rows_kept:,} kept"
+        )
+        if status:
+            status.update(text)
+        elif time.monotonic() - last[0] >= PROGRESS_LOG_SECONDS:
+            last[0] = time.monotonic()
+            err_console.print(text)
+
+    report.stop = status.stop if status else (lambda: None)  # type: ignore[attr-defined]
+    return report
+
+
+def print_prep_summary(summary: dict[str, Any], output: Path) -> None:
+    table = Table(title="prep summary", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("rows read", f"{summary['rows_read']:,}")
+    table.add_row("rows kept", f"{summary['rows_kept']:,}")
+    for reason, count in summary["dropped"].items():
+        table.add_row(f"  dropped: {reason}", f"{count:,}")
+    table.add_row("duplicate URLs", f"{summary['duplicates']:,}")
+    table.add_row("rows to download", f"{summary['download_rows']:,}")
+    table.add_row("servers", f"{summary['servers']:,}")
+    table.add_row("batches", f"{summary['batches']:,}")
+    table.add_row("seconds", f"{summary['seconds']:.1f}")
+    table.add_row("peak memory (MiB)", f"{summary['peak_memory_mib']:.0f}")
+    console.print(table)
+    for warning in summary.get("warnings", []):
+        err_console.print(f"[yellow]warning:[/] {warning}")
+    console.print(f"batches in [bold]{output / 'prep' / 'batches'}[/]")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="distributed-downloader")
+def cli() -> None:
+    """Download images from lists of URLs, on one machine or a cluster, politely and resumably.
+
+    The usual run is one command: `distributed-downloader download INPUT --output OUT`.
+    """
+
+
+@cli.command()
+@click.argument("input", type=click.Path(path_type=Path))
+@click.option("--output", "-o", "output", type=click.Path(path_type=Path), required=True,
+              help=Settings.model_fields["output"].description)
+@click.option("--format", "input_format", default=None,
+              type=click.Choice(["auto", "gbif", "dwca", "csv", "tsv", "txt", "parquet"]),
+              help=f"{Settings.model_fields['input_format'].description} [default: auto]")
+@setting_options("url_column", "id_column", "keep_columns", "batch_size", "keep_duplicates",
+                 "uuid", "memory_limit")
+@click.option("--force", is_flag=True, help="Replace a finished prep in OUT/prep/.")
+@config_option
+def prep(input: Path, config_file: Path | None, force: bool, **flags: Any) -> None:
+    """Filter INPUT, give every row a UUID, and cut it into batches by server."""
+    from distributed_downloader.prep import run_prep
+
+    settings = gather_settings(config_file, {"input": input, **flags})
+    report = _prep_progress()
+    try:
+        summary = run_prep(settings, force=force, progress=report)
+    finally:
+        report.stop()  # type: ignore[attr-defined]
+    assert settings.output is not None
+    print_prep_summary(summary, settings.output)
+
+
+def _not_implemented(name: str, summary: str) -> None:
+    @cli.command(name=name, help=summary, context_settings={"ignore_unknown_options": True})
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def command(args: tuple[str, ...]) -> None:
+        raise UserError(f"'{name}' is not implemented yet")
+
+
+for _name, _summary in (
+    ("download", "One shot: prep, profile and fetch INPUT into OUT; re-run to resume."),
+    ("profile", "Probe every server for a safe request rate."),
+    ("fetch", "Download the batches that prep wrote; re-run to resume."),
+    ("status", "Show where a run stands."),
+    ("verify", "Check every finished batch of a run."),
+    ("tools", "Post-process downloaded images (resize, verification, duplicates, size)."),
+    ("slurm", "Submit, watch or cancel a chain of Slurm jobs for a run."),
+):
+    _not_implemented(_name, _summary)
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except UserError as exc:
+        err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)

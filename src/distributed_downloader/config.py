@@ -1,0 +1,342 @@
+"""The one settings model: defaults in code, a YAML (or the first version's .env) file, CLI flags.
+
+Precedence, lowest first: defaults, the run's saved `OUT/config.yaml`, `--config FILE`, flags.
+The original downloader's YAML keys are accepted (nested under `downloader_parameters`,
+`tools_parameters`, ...) so an existing config runs unchanged; keys that only described the
+original's folder layout or helper scripts are accepted and reported as having no effect.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from distributed_downloader import __version__
+from distributed_downloader.errors import ConfigError
+
+InputFormat = Literal["auto", "gbif", "dwca", "csv", "tsv", "txt", "parquet"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+DEFAULT_USER_AGENT = f"distributed-downloader/{__version__}"
+
+
+class Settings(BaseModel):
+    """Every setting of a run. A setting has one name in YAML, as a flag and in code."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # Where the run reads and writes.
+    input: Path | None = Field(
+        None, description="The URL list: a file, a folder of files, or a DwC-A zip."
+    )
+    output: Path | None = Field(
+        None, description="The run's folder; every stage reads and writes under it."
+    )
+
+    # prep
+    input_format: InputFormat = Field("auto", description="How to read the input.")
+    url_column: str | None = Field(
+        None,
+        description="Column holding the URL (default: the first of url, image_url, "
+        "ac:accessURI, accessURI, identifier).",
+    )
+    id_column: str | None = Field(
+        None,
+        description="Column used as source_id (default: gbifID, source_id or id when present, "
+        "else the row's line number).",
+    )
+    keep_columns: list[str] = Field(
+        default_factory=list, description="Input columns to carry along into the batches."
+    )
+    batch_size: int = Field(10_000, gt=0, description="Most rows in one batch.")
+    keep_duplicates: bool = Field(
+        False, description="Download a URL once per row instead of once per distinct URL."
+    )
+    uuid: Literal["deterministic", "random"] = Field(
+        "deterministic",
+        description="deterministic: UUID v5 of source id and URL (same input, same UUIDs); "
+        "random: uuid4.",
+    )
+    memory_limit: str = Field(
+        "512MB", description="Memory prep's DuckDB may use before it spills to disk."
+    )
+
+    # download (read by fetch; accepted now so that existing configs load)
+    default_rate_limit: float = Field(
+        10.0, gt=0, description="Requests per second to one server, for the whole run."
+    )
+    rate_multiplier: float = Field(
+        1.0, gt=0, description="Scales every server's rate budget (0.5 halves them)."
+    )
+    image_size: int = Field(
+        720, ge=0, description="Longest side of stored images in pixels (0 keeps the original)."
+    )
+    user_agent: str = Field(
+        DEFAULT_USER_AGENT, description="User-Agent header sent with every request."
+    )
+    log_level: LogLevel = Field("INFO", description="Least severe log messages shown.")
+
+    # cluster (Slurm and MPI)
+    account: str | None = Field(None, description="Slurm account to charge.")
+    num_downloads: int = Field(
+        1, gt=0, description="Download periods (Slurm jobs) to chain before giving up."
+    )
+    max_nodes: int = Field(1, gt=0, description="Most nodes one download job uses.")
+    workers_per_node: int = Field(1, gt=0, description="Download workers on each node.")
+    cpu_per_worker: int = Field(1, gt=0, description="CPU cores given to each worker.")
+    schedule_rules: dict[int, int] = Field(
+        default_factory=lambda: {1: 1},
+        description="Workers a server may get, keyed by its number of batches "
+        "(a server with more than KEY batches gets VALUE workers).",
+    )
+    rates: Path | None = Field(
+        None, description="CSV of per-server rates set by hand (server_name, rate_limit, ...)."
+    )
+
+    # post-processing tools
+    tools_num_workers: int = Field(1, gt=0, description="Workers of a tools run.")
+    tools_max_nodes: int = Field(1, gt=0, description="Most nodes a tools job uses.")
+    tools_workers_per_node: int = Field(1, gt=0, description="Tool workers on each node.")
+    tools_cpu_per_worker: int = Field(1, gt=0, description="CPU cores of each tool worker.")
+    threshold_size: int = Field(
+        224, ge=0, description="size_based tool: smallest side an image must have."
+    )
+    new_resize_size: int = Field(720, gt=0, description="resize tool: the new longest side.")
+
+    @field_validator("keep_columns", mode="before")
+    @classmethod
+    def _split_comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _check_memory_limit(cls, value: str) -> str:
+        if not re.fullmatch(r"\s*\d+(\.\d+)?\s*([KMGT]i?B)\s*", value, re.IGNORECASE):
+            raise ValueError("expected a size such as 512MB or 2GiB")
+        return value.strip()
+
+
+SETTING_NAMES = tuple(Settings.model_fields)
+
+# The original downloader's YAML keys, by their path in its file, onto settings.
+LEGACY_YAML_KEYS: dict[str, str] = {
+    "path_to_input": "input",
+    "path_to_urls": "input",
+    "path_to_output_folder": "output",
+    **{
+        f"downloader_parameters.{key}": key
+        for key in (
+            "num_downloads max_nodes workers_per_node cpu_per_worker image_size "
+            "batch_size rate_multiplier default_rate_limit"
+        ).split()
+    },
+    "downloader_parameters.header": "user_agent",
+    "downloader_parameters.logger_level": "log_level",
+    "tools_parameters.num_workers": "tools_num_workers",
+    "tools_parameters.max_nodes": "tools_max_nodes",
+    "tools_parameters.workers_per_node": "tools_workers_per_node",
+    "tools_parameters.cpu_per_worker": "tools_cpu_per_worker",
+    "tools_parameters.threshold_size": "threshold_size",
+    "tools_parameters.new_resize_size": "new_resize_size",
+}
+# Sections and keys of the original that described its own folders and scripts: this version
+# lays out its output and writes its job scripts itself, so they are accepted and have no effect.
+LEGACY_YAML_WITHOUT_EFFECT = ("scripts", "output_structure", "suppress_unchanged_error")
+LEGACY_YAML_SECTIONS = ("downloader_parameters", "tools_parameters")
+
+# The first version's .env keys onto settings.
+LEGACY_ENV_KEYS: dict[str, str] = {
+    "ACCOUNT": "account",
+    "PATH_TO_INPUT": "input",
+    "PATH_TO_OUTPUT": "output",
+    "DOWNLOAD_DIR": "output",
+    "DOWNLOADER_PROFILES_PATH": "rates",
+    "DOWNLOADER_MAX_NODES": "max_nodes",
+    "DOWNLOADER_WORKERS_PER_NODE": "workers_per_node",
+    "DOWNLOADER_CPU_PER_TASK": "cpu_per_worker",
+    "DOWNLOADER_CPU_PER_WORKER": "cpu_per_worker",
+    "DOWNLOADER_NUM_DOWNLOADS": "num_downloads",
+    "DOWNLOADER_HEADER": "user_agent",
+    "DOWNLOADER_IMAGE_SIZE": "image_size",
+    "DOWNLOADER_LOGGER_LEVEL": "log_level",
+    "DOWNLOADER_BATCH_SIZE": "batch_size",
+    "DOWNLOADER_RATE_MULTIPLIER": "rate_multiplier",
+    "DOWNLOADER_DEFAULT_RATE_LIMIT": "default_rate_limit",
+}
+LEGACY_ENV_WITHOUT_EFFECT = (
+    "DOWNLOADER_URLS_FOLDER DOWNLOADER_IMAGES_FOLDER DOWNLOADER_LOGS_FOLDER "
+    "DOWNLOADER_SCHEDULES_FOLDER GBIF_CACHE_ROOT PROCESSED_DATA_ROOT PROCESSED_DATA_ROOT_LOCAL "
+    "TIME_STAMP MPI_SUBMITTER_SCRIPT DOWNLOADING_SCRIPT VERIFYING_SCRIPT CONFIG_PATH"
+).split()
+
+
+class LoadedFile(BaseModel):
+    """Settings read from one file, and the keys in it that were accepted without effect."""
+
+    values: dict[str, Any]
+    without_effect: list[str] = []
+
+
+def _unknown_key(key: str, where: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"{where}: unknown setting '{key}'{hint}")
+
+
+def _user_agent_from_header(value: Any) -> Any:
+    """The original's `header` was a whole header line ("User-Agent: ...") or a mapping."""
+    if isinstance(value, dict):
+        for name, header_value in value.items():
+            if str(name).lower() == "user-agent":
+                return header_value
+        return DEFAULT_USER_AGENT
+    if isinstance(value, str):
+        name, sep, rest = value.partition(":")
+        if sep and name.strip().lower() == "user-agent":
+            return rest.strip()
+    return value
+
+
+def _yaml_values(data: dict[str, Any], where: str) -> LoadedFile:
+    valid_keys = sorted(
+        set(SETTING_NAMES) | set(LEGACY_YAML_KEYS) | set(LEGACY_YAML_WITHOUT_EFFECT)
+        | set(LEGACY_YAML_SECTIONS)
+    )
+    values: dict[str, Any] = {}
+    without_effect: list[str] = []
+
+    def put(name: str, value: Any, key: str) -> None:
+        if name == "user_agent" and key.endswith("header"):
+            value = _user_agent_from_header(value)
+        values[name] = value
+
+    for key, value in data.items():
+        key = str(key)
+        if key in LEGACY_YAML_WITHOUT_EFFECT:
+            without_effect.append(key)
+        elif key in LEGACY_YAML_SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: '{key}' must be a mapping of settings")
+            for inner, inner_value in value.items():
+                path = f"{key}.{inner}"
+                if path in LEGACY_YAML_KEYS:
+                    put(LEGACY_YAML_KEYS[path], inner_value, path)
+                elif inner in SETTING_NAMES:
+                    put(str(inner), inner_value, path)
+                else:
+                    inner_valid = [k for k in LEGACY_YAML_KEYS if k.startswith(key + ".")]
+                    raise _unknown_key(path, where, inner_valid + list(SETTING_NAMES))
+        elif key in LEGACY_YAML_KEYS:
+            put(LEGACY_YAML_KEYS[key], value, key)
+        elif key in SETTING_NAMES:
+            values[key] = value
+        else:
+            raise _unknown_key(key, where, valid_keys)
+    return LoadedFile(values=values, without_effect=without_effect)
+
+
+def _parse_env_file(text: str, where: str) -> LoadedFile:
+    values: dict[str, Any] = {}
+    without_effect: list[str] = []
+    for number, raw_line in enumerate(text.splitlines(), start=1):
+        line = raw_line.strip()
+        if not line or line.startswith("#"):
+            continue
+        line = line.removeprefix("export ").strip()
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"{where}:{number}: expected KEY=VALUE, got {raw_line.strip()!r}")
+        value = value.strip()
+        if value[:1] in "\"'" and value[-1:] == value[:1] and len(value) >= 2:
+            value = value[1:-1]
+        else:
+            value = re.sub(r"\s+#.*$", "", value)  # a trailing comment
+        if key in LEGACY_ENV_KEYS:
+            name = LEGACY_ENV_KEYS[key]
+            values[name] = _user_agent_from_header(value) if name == "user_agent" else value
+        elif key in LEGACY_ENV_WITHOUT_EFFECT:
+            without_effect.append(key)
+        else:
+            raise _unknown_key(key, where, list(LEGACY_ENV_KEYS) + LEGACY_ENV_WITHOUT_EFFECT)
+    return LoadedFile(values=values, without_effect=without_effect)
+
+
+def read_settings_file(path: Path) -> LoadedFile:
+    """Read a YAML settings file (ours or the original's) or the first version's .env file."""
+    where = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: settings file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where}: cannot read settings file ({exc})") from None
+    if path.suffix == ".env" or path.name == ".env":
+        return _parse_env_file(text, where)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{where}{at}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        return LoadedFile(values={})
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of settings at the top level")
+    return _yaml_values(data, where)
+
+
+def validate(values: dict[str, Any], where: str) -> Settings:
+    """Build settings, turning pydantic's report into one line that names the setting."""
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            name = ".".join(str(part) for part in error["loc"]) or "settings"
+            problems.append(f"{name}: {error['msg']} (got {error.get('input')!r})")
+        raise ConfigError(f"{where}: " + "; ".join(problems)) from None
+
+
+def saved_settings_path(output: Path) -> Path:
+    return output / "config.yaml"
+
+
+def load_settings(
+    config_file: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> tuple[Settings, list[str]]:
+    """Merge every source of settings; returns them and the legacy keys that had no effect.
+
+    The run's folder can come from the flags or from the settings file, and the run's saved
+    settings in that folder sit below both, so the file is read first to learn where the run is.
+    """
+    overrides = {key: value for key, value in (overrides or {}).items() if value is not None}
+    from_file = read_settings_file(config_file) if config_file else LoadedFile(values={})
+    output = overrides.get("output") or from_file.values.get("output")
+    merged: dict[str, Any] = {}
+    if output is not None:
+        saved = saved_settings_path(Path(output))
+        if saved.exists():
+            merged.update(read_settings_file(saved).values)
+    merged.update(from_file.values)
+    merged.update(overrides)
+    where = str(config_file) if config_file else "settings"
+    return validate(merged, where), from_file.without_effect
+
+
+def settings_as_yaml(settings: Settings) -> str:
+    """The effective settings in our own flat form, as written to `OUT/config.yaml`."""
+    data = settings.model_dump()
+    for name, value in data.items():
+        if isinstance(value, Path):
+            data[name] = str(value.resolve())
+    header = "# Effective settings of this run (defaults < saved < --config < flags).\n"
+    return header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)

@@ -1,0 +1,196 @@
+"""The prep stage: input → filtered, normalised rows with UUIDs → batches by server.
+
+Two passes keep memory bounded: the input streams through the readers and row checks into a
+staging Parquet file; DuckDB then numbers, deduplicates and sorts it out of core, and the
+batches are cut from its sorted output. Everything is written under `prep/.work/` and published
+into `prep/` at the end, `summary.json` last, so a killed prep leaves nothing a later stage
+could take for finished.
+"""
+
+from __future__ import annotations
+
+import resource
+import shutil
+import time
+import zipfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from distributed_downloader import __version__
+from distributed_downloader.config import Settings, settings_as_yaml
+from distributed_downloader.errors import InputError, UserError
+from distributed_downloader.prep.partition import build_batches
+from distributed_downloader.prep.rows import ChunkCleaner, RejectedRow, Tally, resolve_roles
+from distributed_downloader.prep.sources import Source, discover
+from distributed_downloader.schema import REJECTED, staging_schema
+from distributed_downloader.storage import (
+    PARQUET_COMPRESSION,
+    RunLayout,
+    atomic_write_json,
+    atomic_write_text,
+    publish,
+)
+
+REJECTED_ROWS_PER_GROUP = 10_000
+
+
+@dataclass
+class PrepProgress:
+    source: str
+    rows_read: int
+    rows_kept: int
+    phase: str  # "reading" | "batching"
+
+
+ProgressCallback = Callable[[PrepProgress], None]
+
+
+def prep_is_finished(layout: RunLayout) -> bool:
+    return layout.prep_summary.exists()
+
+
+class _RejectedWriter:
+    """Streams rejected rows into a Parquet file, a row group every few thousand rows."""
+
+    def __init__(self, path: Path) -> None:
+        self._writer = pq.ParquetWriter(path, REJECTED, compression=PARQUET_COMPRESSION)
+        self._rows: list[RejectedRow] = []
+
+    def add(self, rows: list[RejectedRow]) -> None:
+        self._rows.extend(rows)
+        if len(self._rows) >= REJECTED_ROWS_PER_GROUP:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._rows:
+            return
+        table = pa.table(
+            {
+                "source_file": [row.source_file for row in self._rows],
+                "row_number": [row.row_number for row in self._rows],
+                "raw_value": [row.raw_value for row in self._rows],
+                "reason": [str(row.reason) for row in self._rows],
+            },
+            schema=REJECTED,
+        )
+        self._writer.write_table(table)
+        self._rows = []
+
+    def close(self) -> None:
+        self._flush()
+        self._writer.close()
+
+
+def _row_key_prefix(source: Source, input_path: Path, several: bool) -> str:
+    """Rows without an id are keyed by line number, prefixed by their file when there are many."""
+    if not several:
+        return ""
+    label = source.label
+    try:
+        label = str(Path(label).relative_to(input_path))
+    except ValueError:
+        pass
+    return f"{label}:"
+
+
+def _read_sources(
+    sources: list[Source],
+    settings: Settings,
+    staging_path: Path,
+    rejected: _RejectedWriter,
+    tally: Tally,
+    progress: ProgressCallback | None,
+) -> list[str]:
+    """Stream every source into the staging file; returns the source formats seen."""
+    assert settings.input is not None
+    keep_columns = settings.keep_columns
+    formats = []
+    with pq.ParquetWriter(
+        staging_path, staging_schema(keep_columns), compression="lz4"
+    ) as staging:
+        for source in sources:
+            formats.append(source.format)
+            try:
+                reader = source.make_reader()
+                roles = resolve_roles(reader.columns, source, settings)
+                prefix = _row_key_prefix(source, settings.input, len(sources) > 1)
+                cleaner = ChunkCleaner(roles, source, prefix, tally, keep_columns)
+                readable = [name for name in roles.wanted if name in reader.columns]
+                for chunk in reader.chunks(readable):
+                    table, rejects = cleaner.clean(chunk, first_row_index=tally.rows_kept)
+                    if table.num_rows:
+                        staging.write_table(table)
+                    rejected.add(rejects)
+                    if progress:
+                        progress(PrepProgress(source.label, tally.rows_read, tally.rows_kept,
+                                              "reading"))
+            except (OSError, EOFError, zlib.error, zipfile.BadZipFile) as exc:
+                raise InputError(f"{source.label}: cannot read further ({exc})") from None
+    return formats
+
+
+def run_prep(
+    settings: Settings, force: bool = False, progress: ProgressCallback | None = None
+) -> dict[str, Any]:
+    """Prepare `settings.input` into `settings.output/prep/`; returns the summary written."""
+    if settings.input is None or settings.output is None:
+        raise UserError("prep needs an INPUT and an --output folder")
+    started = time.monotonic()
+    layout = RunLayout(settings.output)
+    if prep_is_finished(layout):
+        if not force:
+            raise UserError(
+                f"{layout.prep} holds a finished prep; use --force to prepare again "
+                "(it replaces prep/ only)"
+            )
+        shutil.rmtree(layout.prep)
+    sources, warnings = discover(settings.input, settings.input_format)
+
+    work = layout.prep_work
+    if work.exists():
+        shutil.rmtree(work)  # a killed prep's leftovers
+    work.mkdir(parents=True)
+    atomic_write_text(layout.config, settings_as_yaml(settings))
+
+    tally = Tally()
+    rejected = _RejectedWriter(work / "rejected.parquet")
+    staging_path = work / "staging.parquet"
+    try:
+        formats = _read_sources(sources, settings, staging_path, rejected, tally, progress)
+    finally:
+        rejected.close()
+    if tally.rows_read == 0:
+        raise InputError(f"{settings.input}: no data rows (only a header, or empty)")
+    if progress:
+        progress(PrepProgress("", tally.rows_read, tally.rows_kept, "batching"))
+    result = build_batches(staging_path, work, settings, settings.keep_columns)
+
+    for name in ("batches", "rejected.parquet", "duplicates.parquet", "servers.parquet"):
+        publish(work / name, layout.prep / name)
+    summary = {
+        "input": str(settings.input.resolve()),
+        "formats": sorted(set(formats)),
+        "rows_read": tally.rows_read,
+        "rows_kept": tally.rows_kept,
+        "dropped": tally.as_dict(),
+        "duplicates": result.duplicates,
+        "download_rows": result.download_rows,
+        "servers": len(result.servers),
+        "batches": result.batches,
+        "batch_size": settings.batch_size,
+        "seconds": round(time.monotonic() - started, 3),
+        "peak_memory_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "warnings": warnings,
+        "version": __version__,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    atomic_write_json(layout.prep_summary, summary)
+    shutil.rmtree(work, ignore_errors=True)
+    return summary

@@ -1,0 +1,317 @@
+"""Chunked readers: one per physical layout (unquoted lines, quoted CSV, Parquet).
+
+A reader knows the column names once it is opened and then yields chunks of rows as string
+columns, with each row's line number, so memory stays bounded whatever the input's size. Rows
+that cannot be parsed come out beside the chunk, to be rejected one by one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from distributed_downloader.errors import InputError, RejectReason
+
+BLOCK_BYTES = 8 << 20  # text read per chunk
+MAX_LINE_BYTES = 16 << 20  # a longer "line" means the file is not text
+CSV_ROWS_PER_CHUNK = 50_000
+PARQUET_ROWS_PER_CHUNK = 65_536
+UTF8_BOM = b"\xef\xbb\xbf"
+
+Opener = Callable[[], BinaryIO]
+
+
+@dataclass
+class RawChunk:
+    """Rows as read: string columns by input name, their line numbers, and rows that failed."""
+
+    columns: dict[str, pa.Array]
+    line_numbers: pa.Array  # int64
+    rejected: list[tuple[int | None, str, RejectReason]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.line_numbers)
+
+
+class TableReader(Protocol):
+    columns: list[str]
+
+    def chunks(self, wanted: list[str]) -> Iterator[RawChunk]: ...
+
+
+def _line_numbers(first: int, count: int) -> pa.Array:
+    return pa.array(range(first, first + count), pa.int64())
+
+
+def _decode_lines(lines: pa.Array) -> tuple[pa.Array, list[int]]:
+    """Binary lines to strings; lines that are not UTF-8 become nulls and are listed."""
+    try:
+        return lines.cast(pa.string()), []
+    except pa.ArrowInvalid:
+        decoded: list[str | None] = []
+        invalid: list[int] = []
+        for position, value in enumerate(lines.to_pylist()):
+            try:
+                decoded.append(value.decode("utf-8"))
+            except UnicodeDecodeError:
+                decoded.append(None)
+                invalid.append(position)
+        return pa.array(decoded, pa.string()), invalid
+
+
+class LinesReader:
+    """Unquoted text with one row per line: GBIF's tab-separated files, TSV, and TXT.
+
+    GBIF's files are not quoted and contain stray `"` characters, so quotes mean nothing here:
+    every newline ends a row and every delimiter separates fields. TXT has no delimiter (the
+    whole line is the one column).
+    """
+
+    def __init__(
+        self,
+        open_binary: Opener,
+        label: str,
+        delimiter: str | None,
+        header_lines: int,
+        column_names: list[str] | None = None,
+    ) -> None:
+        self.label = label
+        self.delimiter = delimiter
+        self._stream = open_binary()
+        self._pending = b""
+        self._next_line = 1
+        header = None
+        for _ in range(header_lines):
+            header = self._read_line()
+            if header is None:
+                break
+        if column_names is not None:
+            self.columns = column_names
+        elif header is None:
+            raise InputError(f"{label}: empty file (no header line)")
+        else:
+            self.columns = self._split_header(header)
+
+    def _read_line(self) -> bytes | None:
+        while b"\n" not in self._pending:
+            more = self._stream.read(1 << 16)
+            if not more:
+                break
+            self._pending += more
+            if len(self._pending) > MAX_LINE_BYTES:
+                raise InputError(f"{self.label}: line {self._next_line} is over 16 MiB; not text?")
+        if not self._pending:
+            return None
+        line, _, self._pending = self._pending.partition(b"\n")
+        if self._next_line == 1:
+            line = line.removeprefix(UTF8_BOM)
+        self._next_line += 1
+        return line.rstrip(b"\r")
+
+    def _split_header(self, header: bytes) -> list[str]:
+        text = header.decode("utf-8", errors="replace")
+        names = text.split(self.delimiter) if self.delimiter else [text]
+        return [name.strip() for name in names]
+
+    def _blocks(self) -> Iterator[bytes]:
+        """Whole lines, a few MiB at a time."""
+        while True:
+            data = self._stream.read(BLOCK_BYTES)
+            if not data:
+                if self._pending:
+                    yield self._pending
+                return
+            data = self._pending + data
+            if self._next_line == 1 and not self._pending:
+                data = data.removeprefix(UTF8_BOM)
+            cut = data.rfind(b"\n")
+            if cut < 0:
+                if len(data) > MAX_LINE_BYTES:
+                    raise InputError(
+                        f"{self.label}: line {self._next_line} is over 16 MiB; not text?"
+                    )
+                self._pending = data
+                continue
+            self._pending = data[cut + 1 :]
+            yield data[: cut + 1]
+
+    def chunks(self, wanted: list[str]) -> Iterator[RawChunk]:
+        positions = {name: self.columns.index(name) for name in wanted}
+        expected = len(self.columns)
+        try:
+            for block in self._blocks():
+                lines = pc.split_pattern(pa.array([block], pa.binary()), b"\n").flatten()
+                if block.endswith(b"\n"):
+                    lines = lines.slice(0, len(lines) - 1)
+                first = self._next_line
+                self._next_line += len(lines)
+                yield self._parse(lines, first, positions, expected)
+        finally:
+            self._stream.close()
+
+    def _parse(
+        self, lines: pa.Array, first: int, positions: dict[str, int], expected: int
+    ) -> RawChunk:
+        text, invalid = _decode_lines(lines)
+        numbers = _line_numbers(first, len(lines))
+        rejected: list[tuple[int | None, str, RejectReason]] = [
+            (first + i, lines[i].as_py().decode("utf-8", "backslashreplace"),
+             RejectReason.INVALID_UTF8)
+            for i in invalid
+        ]
+        text = pc.utf8_rtrim(text, "\r")
+        keep = pc.and_(pc.is_valid(text), pc.greater(pc.utf8_length(text), 0))
+        if self.delimiter is None:
+            keep = pc.fill_null(keep, False)
+            return RawChunk(
+                columns={name: text.filter(keep) for name in positions},
+                line_numbers=numbers.filter(keep),
+                rejected=rejected,
+            )
+        fields = pc.split_pattern(text, self.delimiter)
+        well_formed = pc.equal(pc.list_value_length(fields), expected)
+        malformed = pc.fill_null(pc.and_(keep, pc.invert(well_formed)), False)
+        for position in pc.indices_nonzero(malformed).to_pylist():
+            rejected.append((first + position, text[position].as_py(), RejectReason.MALFORMED_ROW))
+        keep = pc.fill_null(pc.and_(keep, well_formed), False)
+        fields = fields.filter(keep)
+        return RawChunk(
+            columns={name: pc.list_element(fields, i) for name, i in positions.items()},
+            line_numbers=numbers.filter(keep),
+            rejected=sorted(rejected, key=lambda row: row[0] or 0),
+        )
+
+
+class CsvReader:
+    """Quoted CSV (RFC 4180 style), where a quoted field may hold delimiters and newlines."""
+
+    def __init__(
+        self,
+        open_binary: Opener,
+        label: str,
+        delimiter: str = ",",
+        header_lines: int = 1,
+        column_names: list[str] | None = None,
+    ) -> None:
+        self.label = label
+        csv.field_size_limit(MAX_LINE_BYTES)
+        self._text = io.TextIOWrapper(
+            open_binary(), encoding="utf-8-sig", errors="surrogateescape", newline=""
+        )
+        self._reader = csv.reader(self._text, delimiter=delimiter)
+        header = None
+        for _ in range(header_lines):
+            header = next(self._reader, None)
+        if column_names is not None:
+            self.columns = column_names
+        elif header is None:
+            raise InputError(f"{label}: empty file (no header line)")
+        else:
+            self.columns = [name.strip() for name in header]
+
+    def _rows(self) -> Iterator[tuple[int, list[str] | None, str | None]]:
+        """(first line, fields) per record, or (first line, None, error) when it fails."""
+        while True:
+            first_line = self._reader.line_num + 1
+            try:
+                row = next(self._reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                yield first_line, None, str(exc)
+                continue
+            yield first_line, row, None
+
+    def chunks(self, wanted: list[str]) -> Iterator[RawChunk]:
+        positions = [self.columns.index(name) for name in wanted]
+        expected = len(self.columns)
+        batch: list[tuple[int, list[str]]] = []
+        rejected: list[tuple[int | None, str, RejectReason]] = []
+        try:
+            for line, row, error in self._rows():
+                if row is None:
+                    rejected.append((line, error or "", RejectReason.MALFORMED_ROW))
+                elif not row or (len(row) == 1 and not row[0].strip()):
+                    continue  # a blank line
+                elif len(row) != expected:
+                    raw = ",".join(row).encode("utf-8", "surrogateescape")
+                    raw_text = raw.decode("utf-8", "backslashreplace")
+                    rejected.append((line, raw_text, RejectReason.MALFORMED_ROW))
+                else:
+                    batch.append((line, row))
+                if len(batch) >= CSV_ROWS_PER_CHUNK:
+                    yield self._chunk(batch, rejected, wanted, positions)
+                    batch, rejected = [], []
+            if batch or rejected:
+                yield self._chunk(batch, rejected, wanted, positions)
+        finally:
+            self._text.close()
+
+    @staticmethod
+    def _chunk(
+        batch: list[tuple[int, list[str]]],
+        rejected: list[tuple[int | None, str, RejectReason]],
+        wanted: list[str],
+        positions: list[int],
+    ) -> RawChunk:
+        good: list[tuple[int, list[str]]] = []
+        for line, row in batch:
+            try:
+                for position in positions:
+                    row[position].encode("utf-8")
+            except UnicodeEncodeError:  # undecodable bytes, kept as surrogates
+                raw = ",".join(row).encode("utf-8", "surrogateescape")
+                rejected.append(
+                    (line, raw.decode("utf-8", "backslashreplace"), RejectReason.INVALID_UTF8)
+                )
+                continue
+            good.append((line, row))
+        columns = {
+            name: pa.array([row[position] for _, row in good], pa.string())
+            for name, position in zip(wanted, positions)
+        }
+        numbers = pa.array([line for line, _ in good], pa.int64())
+        return RawChunk(columns=columns, line_numbers=numbers, rejected=rejected)
+
+
+class ParquetReader:
+    """A Parquet file, read a row group's slice at a time; every column read as a string."""
+
+    def __init__(self, path: Path, label: str) -> None:
+        self.label = label
+        try:
+            self._file = pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as exc:
+            raise InputError(f"{label}: not a readable Parquet file ({exc})") from None
+        self.columns = list(self._file.schema_arrow.names)
+
+    def chunks(self, wanted: list[str]) -> Iterator[RawChunk]:
+        next_row = 1
+        try:
+            for batch in self._file.iter_batches(
+                batch_size=PARQUET_ROWS_PER_CHUNK, columns=wanted
+            ):
+                columns = {}
+                for name in wanted:
+                    column = batch.column(name)
+                    try:
+                        columns[name] = column.cast(pa.string())
+                    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                        raise InputError(
+                            f"{self.label}: column '{name}' of type {column.type} cannot be read "
+                            f"as text ({exc})"
+                        ) from None
+                yield RawChunk(columns=columns, line_numbers=_line_numbers(next_row, len(batch)))
+                next_row += len(batch)
+        except (pa.ArrowException, OSError) as exc:
+            raise InputError(
+                f"{self.label}: Parquet file broken near row {next_row} ({exc})"
+            ) from None

@@ -1,0 +1,228 @@
+"""From rows as read to rows to download: column roles, the GBIF filter, URL checks.
+
+Everything here works on a chunk at a time with vectorised Arrow compute; only URLs that are not
+already in normal form are looked at one by one (see `urls.py`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from distributed_downloader.config import Settings
+from distributed_downloader.errors import DropReason, InputError, RejectReason
+from distributed_downloader.prep.readers import RawChunk
+from distributed_downloader.prep.sources import URL_COLUMN_CANDIDATES, Source
+from distributed_downloader.prep.urls import normalise_urls
+from distributed_downloader.schema import BATCH, staging_schema
+
+ID_COLUMN_CANDIDATES = ("gbifID", "source_id", "id")
+METADATA_COLUMNS = ("license", "source", "title")
+GBIF_FORMATS = ("gbif", "dwca")
+STILL_IMAGE = r"(?i)^\s*(.*/)?stillimage\s*$"  # "StillImage" or the DCMI type URI
+IMAGE_MIME_TYPE = r"(?i)^\s*image/"
+
+
+def _find_column(columns: list[str], candidates: tuple[str, ...]) -> str | None:
+    by_lower = {}
+    for name in columns:
+        by_lower.setdefault(name.lower(), name)
+    for candidate in candidates:
+        if candidate.lower() in by_lower:
+            return by_lower[candidate.lower()]
+    return None
+
+
+def _require_column(columns: list[str], name: str, label: str, flag: str) -> str:
+    found = _find_column(columns, (name,))
+    if found is None:
+        raise InputError(
+            f"{label}: no column '{name}' (given by {flag}); its columns: {', '.join(columns)}"
+        )
+    return found
+
+
+@dataclass
+class ColumnRoles:
+    """Which input column plays which part, for one source."""
+
+    url: str
+    source_id: str | None  # None: the row's line number is its id
+    license: str | None
+    source: str | None
+    title: str | None
+    keep: list[str]
+    gbif_filter: bool
+    type: str | None = None
+    format: str | None = None
+
+    @property
+    def wanted(self) -> list[str]:
+        names = [self.url, self.source_id, self.license, self.source, self.title, self.type,
+                 self.format, *self.keep]
+        return list(dict.fromkeys(name for name in names if name is not None))
+
+
+def resolve_roles(columns: list[str], source: Source, settings: Settings) -> ColumnRoles:
+    label = source.label
+    columns = [*columns, *(name for name in source.defaults if name not in columns)]
+    if settings.url_column:
+        url = _require_column(columns, settings.url_column, label, "--url-column")
+    else:
+        url = _find_column(columns, URL_COLUMN_CANDIDATES)
+        if url is None:
+            raise InputError(
+                f"{label}: no URL column (looked for {', '.join(URL_COLUMN_CANDIDATES)}); "
+                f"name it with --url-column. Its columns: {', '.join(columns)}"
+            )
+    if settings.id_column:
+        source_id = _require_column(columns, settings.id_column, label, "--id-column")
+    else:
+        source_id = source.id_column or _find_column(columns, ID_COLUMN_CANDIDATES)
+    gbif_filter = source.format in GBIF_FORMATS
+    type_column = _find_column(columns, ("type",)) if gbif_filter else None
+    format_column = _find_column(columns, ("format",)) if gbif_filter else None
+    if source.format == "gbif":
+        missing = [name for name, found in (("type", type_column), ("format", format_column),
+                                            ("gbifID", source_id)) if found is None]
+        if missing:
+            raise InputError(
+                f"{label}: read as GBIF multimedia but has no {', '.join(missing)} column; "
+                "use --format tsv to read it without the GBIF filter"
+            )
+    keep = []
+    for name in settings.keep_columns:
+        if name in BATCH.names:
+            raise InputError(f"--keep-columns: '{name}' is already an output column")
+        keep.append(_require_column(columns, name, label, "--keep-columns"))
+    return ColumnRoles(
+        url=url,
+        source_id=source_id,
+        license=_find_column(columns, ("license",)),
+        source=_find_column(columns, ("source",)),
+        title=_find_column(columns, ("title",)),
+        keep=keep,
+        gbif_filter=gbif_filter,
+        type=type_column,
+        format=format_column,
+    )
+
+
+@dataclass
+class Tally:
+    """Row counts of a whole prep, by what became of the rows."""
+
+    rows_read: int = 0
+    rows_kept: int = 0
+    dropped: Counter = field(default_factory=Counter)  # by DropReason or RejectReason
+
+    def as_dict(self) -> dict[str, int]:
+        return {str(reason): count for reason, count in sorted(self.dropped.items()) if count}
+
+
+def _present(values: pa.Array) -> pa.Array:
+    """True where a value is there and not blank."""
+    return pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(values)), 0), False)
+
+
+def _blank_to_null(values: pa.Array) -> pa.Array:
+    trimmed = pc.utf8_trim_whitespace(values)
+    return pc.if_else(_present(trimmed), trimmed, pa.scalar(None, pa.string()))
+
+
+@dataclass
+class RejectedRow:
+    source_file: str
+    row_number: int | None
+    raw_value: str
+    reason: RejectReason
+
+
+class ChunkCleaner:
+    """Turns one source's raw chunks into staging rows, counting and rejecting on the way."""
+
+    def __init__(self, roles: ColumnRoles, source: Source, row_key_prefix: str, tally: Tally,
+                 keep_columns: list[str]) -> None:
+        self.roles = roles
+        self.label = source.label
+        self.constants = source.defaults
+        self.row_key_prefix = row_key_prefix
+        self.tally = tally
+        self.schema = staging_schema(keep_columns)
+        self.keep_columns = keep_columns
+
+    def clean(self, chunk: RawChunk, first_row_index: int) -> tuple[pa.Table, list[RejectedRow]]:
+        roles, tally = self.roles, self.tally
+        rejected = [RejectedRow(self.label, line, raw, reason)
+                    for line, raw, reason in chunk.rejected]
+        tally.rows_read += len(chunk) + len(chunk.rejected)
+        for row in chunk.rejected:
+            tally.dropped[row[2]] += 1
+        columns, lines = dict(chunk.columns), chunk.line_numbers
+        for name, value in self.constants.items():
+            if name not in columns and name in roles.wanted:
+                columns[name] = pa.repeat(pa.scalar(value, pa.string()), len(lines))
+
+        if roles.gbif_filter:
+            alive = pa.array([True] * len(lines), pa.bool_())
+            checks = [
+                (DropReason.MISSING_GBIF_ID, roles.source_id, None),
+                (DropReason.NOT_STILL_IMAGE, roles.type, STILL_IMAGE),
+                (DropReason.NOT_IMAGE_FORMAT, roles.format, IMAGE_MIME_TYPE),
+            ]
+            for reason, column, pattern in checks:
+                if column is None:
+                    continue  # a DwC-A table without this column: nothing to check it by
+                values = columns[column]
+                ok = _present(values) if pattern is None else pc.fill_null(
+                    pc.match_substring_regex(values, pattern), False)
+                tally.dropped[reason] += pc.sum(pc.and_(alive, pc.invert(ok))).as_py() or 0
+                alive = pc.and_(alive, ok)
+            columns = {name: values.filter(alive) for name, values in columns.items()}
+            lines = lines.filter(alive)
+
+        urls = normalise_urls(columns[roles.url])
+        accepted = pc.is_null(urls.reject_reason)
+        for position in pc.indices_nonzero(pc.invert(accepted)).to_pylist():
+            reason = RejectReason(urls.reject_reason[position].as_py())
+            raw = columns[roles.url][position].as_py()
+            rejected.append(RejectedRow(self.label, lines[position].as_py(), raw or "", reason))
+            tally.dropped[reason] += 1
+
+        count = pc.sum(accepted).as_py() or 0
+        tally.rows_kept += count
+        columns = {name: values.filter(accepted) for name, values in columns.items()}
+        lines = lines.filter(accepted)
+        row_keys = pc.binary_join_element_wise(
+            self.row_key_prefix, lines.cast(pa.string()), ""
+        )
+        if roles.source_id is None:
+            source_id = row_keys
+        else:
+            ids = columns[roles.source_id]
+            source_id = pc.if_else(_present(ids), pc.utf8_trim_whitespace(ids), row_keys)
+        nothing = pa.nulls(count, pa.string())
+        metadata = {
+            name: _blank_to_null(columns[column]) if column else nothing
+            for name, column in (("license", roles.license), ("source", roles.source),
+                                 ("title", roles.title))
+        }
+        is_license_full = pc.and_(
+            pc.and_(pc.is_valid(metadata["license"]), pc.is_valid(metadata["source"])),
+            pc.is_valid(metadata["title"]),
+        )
+        values = {
+            "source_id": source_id,
+            "identifier": urls.identifier.filter(accepted),
+            "is_license_full": is_license_full,
+            **metadata,
+            "row_index": pa.array(range(first_row_index, first_row_index + count), pa.int64()),
+            "server_name": urls.server_name.filter(accepted),
+            **{name: columns[column] for name, column in zip(self.keep_columns, roles.keep)},
+        }
+        table = pa.Table.from_arrays([values[f.name] for f in self.schema], schema=self.schema)
+        rejected.sort(key=lambda row: row.row_number or 0)
+        return table, rejected

@@ -1,0 +1,74 @@
+"""Every table the pipeline writes, its columns named once.
+
+Batches are Hive-partitioned (`batches/server_name=HOST/partition_id=N/*.parquet`): the two
+partition keys live in the folder names, not in the files, as DuckDB, PyArrow and pandas expect.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+PARTITION_KEYS = ("server_name", "partition_id")
+
+# One row to download: what prep hands to fetch, and the provenance fetch carries into its output.
+BATCH = pa.schema(
+    [
+        ("uuid", pa.string()),
+        ("source_id", pa.string()),  # gbifID, the id column, or the row's line number
+        ("identifier", pa.string()),  # the normalised URL
+        ("is_license_full", pa.bool_()),  # license, source and title all present
+        ("license", pa.string()),
+        ("source", pa.string()),
+        ("title", pa.string()),
+    ]
+)
+
+# Rows prep could not use: `prep/rejected.parquet`.
+REJECTED = pa.schema(
+    [
+        ("source_file", pa.string()),
+        ("row_number", pa.int64()),  # line number in a text file, row number in a Parquet file
+        ("raw_value", pa.string()),  # the URL as written, or the whole line when it did not parse
+        ("reason", pa.string()),  # a RejectReason
+    ]
+)
+
+# Rows whose URL another row downloads: `prep/duplicates.parquet`, so no occurrence loses its image.
+DUPLICATES_EXTRA = [("server_name", pa.string()), ("carrier_uuid", pa.string())]
+
+# One row per server: `prep/servers.parquet`.
+SERVERS = pa.schema(
+    [
+        ("server_name", pa.string()),
+        ("rows", pa.int64()),
+        ("batches", pa.int64()),
+    ]
+)
+
+# Prep's own scratch table: the rows that passed, in input order, before UUIDs and batching.
+STAGING_EXTRA = [("row_index", pa.int64()), ("server_name", pa.string())]
+
+
+def with_kept_columns(schema: pa.Schema, keep_columns: list[str]) -> pa.Schema:
+    """A schema plus the input columns the user asked to carry along (as strings)."""
+    for name in keep_columns:
+        schema = schema.append(pa.field(name, pa.string()))
+    return schema
+
+
+def batch_schema(keep_columns: list[str]) -> pa.Schema:
+    return with_kept_columns(BATCH, keep_columns)
+
+
+def duplicates_schema(keep_columns: list[str]) -> pa.Schema:
+    schema = batch_schema(keep_columns)
+    for name, type_ in DUPLICATES_EXTRA:
+        schema = schema.append(pa.field(name, type_))
+    return schema
+
+
+def staging_schema(keep_columns: list[str]) -> pa.Schema:
+    schema = pa.schema([field for field in BATCH if field.name != "uuid"])
+    for name, type_ in STAGING_EXTRA:
+        schema = schema.append(pa.field(name, type_))
+    return with_kept_columns(schema, keep_columns)
