@@ -61,3 +61,32 @@ def prep_summary(out: Path) -> dict:
 @pytest.fixture
 def fixtures() -> Path:
     return FIXTURES
+
+
+def read_successes(out: Path) -> pa.Table:
+    pattern = out / "downloaded_images" / "*" / "*" / "successes-*.parquet"
+    if not list(out.glob("downloaded_images/*/*/successes-*.parquet")):
+        return pa.table({"uuid": pa.array([], pa.string())})
+    return duckdb.sql(
+        f"SELECT * FROM read_parquet('{pattern}', hive_partitioning = true)"
+    ).to_arrow_table()
+
+
+def read_errors(out: Path) -> pa.Table:
+    pattern = out / "downloaded_images" / "*" / "*" / "errors-*.parquet"
+    if not list(out.glob("downloaded_images/*/*/errors-*.parquet")):
+        return pa.table({"uuid": pa.array([], pa.string())})
+    return duckdb.sql(
+        f"SELECT * FROM read_parquet('{pattern}', hive_partitioning = true)"
+    ).to_arrow_table()
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+# Fetch settings for farm tests: loopback allowed (but not 127.0.0.128 and above, where canaries
+# live), short timeouts so fault paths stay quick.
+FARM_ALLOW = "127.0.0.0/25"
+FAST_FETCH = ["--allow-network", FARM_ALLOW, "--timeout", "3", "--connect-timeout", "2"]

@@ -76,6 +76,16 @@ config_option = click.option(
 )
 
 
+FETCH_SETTINGS = (
+    "workers", "image_size", "output_image_format", "image_quality", "default_rate_limit",
+    "max_rate_limit", "rate_multiplier", "max_connections_per_server", "max_retries",
+    "server_down_after", "timeout", "connect_timeout", "max_body_size", "max_image_pixels",
+    "user_agent", "allow_network", "cpu_per_worker",
+)
+PREP_SETTINGS = ("url_column", "id_column", "keep_columns", "batch_size", "keep_duplicates",
+                 "uuid", "memory_limit")
+
+
 def gather_settings(config_file: Path | None, flags: dict[str, Any]) -> Settings:
     overrides = {name: value for name, value in flags.items() if name in SETTING_NAMES}
     settings, without_effect = load_settings(config_file, overrides)
@@ -148,8 +158,7 @@ def cli() -> None:
 @click.option("--format", "input_format", default=None,
               type=click.Choice(["auto", "gbif", "dwca", "csv", "tsv", "txt", "parquet"]),
               help=f"{Settings.model_fields['input_format'].description} [default: auto]")
-@setting_options("url_column", "id_column", "keep_columns", "batch_size", "keep_duplicates",
-                 "uuid", "memory_limit")
+@setting_options(*PREP_SETTINGS)
 @click.option("--force", is_flag=True, help="Replace a finished prep in OUT/prep/.")
 @config_option
 def prep(input: Path, config_file: Path | None, force: bool, **flags: Any) -> None:
@@ -166,6 +175,98 @@ def prep(input: Path, config_file: Path | None, force: bool, **flags: Any) -> No
     print_prep_summary(summary, settings.output)
 
 
+def print_fetch_summary(summary: dict[str, Any], output: Path) -> None:
+    table = Table(title="fetch summary", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("batches done", f"{summary['batches_done']:,} / {summary['batches']:,}")
+    table.add_row("images stored", f"{summary['successes']:,}")
+    table.add_row("errors", f"{summary['errors']:,}")
+    for code, count in summary["errors_by_code"].items():
+        table.add_row(f"  {code}", f"{count:,}")
+    table.add_row("fetched this run", f"{summary['fetched_this_run']:,}")
+    table.add_row("images/s this run", f"{summary['images_per_second']:.1f}")
+    table.add_row("throttled answers (429/503)", f"{summary['throttled_this_run']:,}")
+    table.add_row("seconds", f"{summary['seconds']:.1f}")
+    console.print(table)
+    console.print(f"images in [bold]{output / 'downloaded_images'}[/]")
+    if not summary["finished"]:
+        err_console.print("[yellow]not finished:[/] run the same command again to resume")
+
+
+def _fetch(settings: Settings, retry_errors: bool) -> None:
+    from distributed_downloader.fetch import FetchPlan, run_fetch
+    from distributed_downloader.progress import FetchProgress
+
+    assert settings.output is not None
+    progress: list[FetchProgress] = []
+
+    def on_plan(plan: FetchPlan) -> None:
+        if plan.reopened_rows:
+            err_console.print(f"retrying {plan.reopened_rows:,} rows with retryable errors")
+        progress.append(FetchProgress(err_console, plan.pending_rows))
+
+    try:
+        summary = run_fetch(settings, retry_errors, on_tick=lambda s: progress[0](s),
+                            on_plan=on_plan)
+    finally:
+        if progress:
+            progress[0].stop()
+    print_fetch_summary(summary, settings.output)
+    if summary["interrupted"]:
+        sys.exit(130)
+
+
+@cli.command()
+@click.argument("output", type=click.Path(path_type=Path, file_okay=False))
+@setting_options(*FETCH_SETTINGS)
+@click.option("--retry-errors", is_flag=True,
+              help="Fetch again the rows whose error is retryable (timeouts, 429, 5xx, ...).")
+@config_option
+def fetch(output: Path, config_file: Path | None, retry_errors: bool, **flags: Any) -> None:
+    """Download the batches that prep wrote in OUTPUT; re-run to resume."""
+    settings = gather_settings(config_file, {"output": output, **flags})
+    from distributed_downloader.config import settings_as_yaml
+    from distributed_downloader.storage import atomic_write_text
+
+    atomic_write_text(output / "config.yaml", settings_as_yaml(settings))
+    _fetch(settings, retry_errors)
+
+
+@cli.command()
+@click.argument("input", type=click.Path(path_type=Path))
+@click.option("--output", "-o", "output", type=click.Path(path_type=Path), required=True,
+              help=Settings.model_fields["output"].description)
+@click.option("--format", "input_format", default=None,
+              type=click.Choice(["auto", "gbif", "dwca", "csv", "tsv", "txt", "parquet"]),
+              help=f"{Settings.model_fields['input_format'].description} [default: auto]")
+@setting_options(*PREP_SETTINGS, *FETCH_SETTINGS)
+@click.option("--retry-errors", is_flag=True,
+              help="Fetch again the rows whose error is retryable (timeouts, 429, 5xx, ...).")
+@config_option
+def download(input: Path, config_file: Path | None, retry_errors: bool, **flags: Any) -> None:
+    """One shot: prep INPUT into OUTPUT (unless done), then fetch; re-run to resume."""
+    from distributed_downloader.prep import prep_is_finished, run_prep
+    from distributed_downloader.storage import RunLayout
+
+    settings = gather_settings(config_file, {"input": input, **flags})
+    assert settings.output is not None
+    if prep_is_finished(RunLayout(settings.output)):
+        err_console.print(f"prep: already done in {settings.output / 'prep'}, resuming fetch")
+        from distributed_downloader.config import settings_as_yaml
+        from distributed_downloader.storage import atomic_write_text
+
+        atomic_write_text(settings.output / "config.yaml", settings_as_yaml(settings))
+    else:
+        report = _prep_progress()
+        try:
+            summary = run_prep(settings, progress=report)
+        finally:
+            report.stop()  # type: ignore[attr-defined]
+        print_prep_summary(summary, settings.output)
+    _fetch(settings, retry_errors)
+
+
 def _not_implemented(name: str, summary: str) -> None:
     @cli.command(name=name, help=summary, context_settings={"ignore_unknown_options": True})
     @click.argument("args", nargs=-1, type=click.UNPROCESSED)
@@ -174,9 +275,7 @@ def _not_implemented(name: str, summary: str) -> None:
 
 
 for _name, _summary in (
-    ("download", "One shot: prep, profile and fetch INPUT into OUT; re-run to resume."),
     ("profile", "Probe every server for a safe request rate."),
-    ("fetch", "Download the batches that prep wrote; re-run to resume."),
     ("status", "Show where a run stands."),
     ("verify", "Check every finished batch of a run."),
     ("tools", "Post-process downloaded images (resize, verification, duplicates, size)."),

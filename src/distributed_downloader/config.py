@@ -9,6 +9,7 @@ original's folder layout or helper scripts are accepted and reported as having n
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -66,18 +67,59 @@ class Settings(BaseModel):
         "512MB", description="Memory prep's DuckDB may use before it spills to disk."
     )
 
-    # download (read by fetch; accepted now so that existing configs load)
+    # fetch: politeness
     default_rate_limit: float = Field(
         10.0, gt=0, description="Requests per second to one server, for the whole run."
+    )
+    max_rate_limit: float | None = Field(
+        None,
+        gt=0,
+        description="Most requests per second the engine may raise a server to on its own "
+        "(default: default_rate_limit).",
     )
     rate_multiplier: float = Field(
         1.0, gt=0, description="Scales every server's rate budget (0.5 halves them)."
     )
-    image_size: int = Field(
-        720, ge=0, description="Longest side of stored images in pixels (0 keeps the original)."
+    max_connections_per_server: int = Field(
+        8, gt=0, description="Most open requests to one server, for the whole run."
+    )
+    max_retries: int = Field(
+        3, ge=1, description="Most attempts per URL, the first included."
+    )
+    server_down_after: float = Field(
+        300.0,
+        gt=0,
+        description="Seconds a server may keep failing before its remaining URLs are written "
+        "as retryable errors instead of being requested.",
+    )
+    # fetch: requests
+    timeout: float = Field(60.0, gt=0, description="Seconds one request may take, body included.")
+    connect_timeout: float = Field(10.0, gt=0, description="Seconds to open a connection.")
+    max_body_size: int = Field(
+        50_000_000, gt=0, description="Largest body in bytes; larger ones are not downloaded."
     )
     user_agent: str = Field(
         DEFAULT_USER_AGENT, description="User-Agent header sent with every request."
+    )
+    allow_network: list[str] = Field(
+        default_factory=list,
+        description="Networks (CIDR) that may be contacted although private, loopback or "
+        "otherwise non-public; everything else non-public is refused.",
+    )
+    # fetch: images
+    image_size: int = Field(
+        720, ge=0, description="Longest side of stored images in pixels (0 keeps the original)."
+    )
+    output_image_format: Literal["jpeg", "webp", "original"] = Field(
+        "jpeg", description="Encoding of stored images (original: as downloaded when not resized)."
+    )
+    image_quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality of stored images.")
+    max_image_pixels: int = Field(
+        89_478_485, gt=0, description="Images with more pixels are refused (decompression bombs)."
+    )
+    # fetch: where
+    workers: int | None = Field(
+        None, gt=0, description="Worker processes on this machine (default: one per core)."
     )
     log_level: LogLevel = Field("INFO", description="Least severe log messages shown.")
 
@@ -90,9 +132,9 @@ class Settings(BaseModel):
     workers_per_node: int = Field(1, gt=0, description="Download workers on each node.")
     cpu_per_worker: int = Field(1, gt=0, description="CPU cores given to each worker.")
     schedule_rules: dict[int, int] = Field(
-        default_factory=lambda: {1: 1},
-        description="Workers a server may get, keyed by its number of batches "
-        "(a server with more than KEY batches gets VALUE workers).",
+        default_factory=dict,
+        description="Most workers a server may get, keyed by its number of batches (a server "
+        "with more than KEY batches gets up to VALUE workers); empty: no cap.",
     )
     rates: Path | None = Field(
         None, description="CSV of per-server rates set by hand (server_name, rate_limit, ...)."
@@ -114,6 +156,27 @@ class Settings(BaseModel):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("allow_network", mode="before")
+    @classmethod
+    def _split_networks(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("allow_network")
+    @classmethod
+    def _check_networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"'{network}' is not a network such as 127.0.0.0/8") from None
+        return value
+
+    @property
+    def effective_max_rate(self) -> float:
+        return self.max_rate_limit or self.default_rate_limit
 
     @field_validator("memory_limit")
     @classmethod

@@ -4,6 +4,8 @@ Exceptions are for faults that stop a command (reported in one line, never a tra
 row-level outcomes are values from the enumerations below, written into the output tables.
 """
 
+from __future__ import annotations
+
 from enum import StrEnum
 
 
@@ -35,3 +37,68 @@ class RejectReason(StrEnum):
     EMPTY_URL = "empty_url"
     UNSUPPORTED_SCHEME = "unsupported_scheme"  # javascript:, file:, ftp:, data:, ...
     INVALID_URL = "invalid_url"  # relative, no host, unparseable
+
+
+class ErrorCode(StrEnum):
+    """Why a URL has no image: the `error_code` column of the errors tables."""
+
+    HTTP_400 = "http_400"
+    HTTP_401 = "http_401"
+    HTTP_403 = "http_403"
+    HTTP_404 = "http_404"
+    HTTP_410 = "http_410"
+    HTTP_429 = "http_429"  # still throttled after every attempt
+    HTTP_500 = "http_500"
+    HTTP_502 = "http_502"
+    HTTP_503 = "http_503"
+    HTTP_504 = "http_504"
+    HTTP_ERROR = "http_error"  # any other status >= 400; `http_status` has it
+    TIMEOUT = "timeout"
+    CONNECTION_ERROR = "connection_error"  # refused, reset, closed mid-body
+    DNS_ERROR = "dns_error"
+    TOO_MANY_REDIRECTS = "too_many_redirects"
+    INVALID_REDIRECT = "invalid_redirect"  # a Location that is not an http(s) URL
+    BLOCKED_ADDRESS = "blocked_address"  # private, loopback, link-local, ... not allowed
+    SERVER_UNAVAILABLE = "server_unavailable"  # the server stayed down; not requested again
+    TOO_LARGE = "too_large"  # body over max_body_size
+    NOT_AN_IMAGE = "not_an_image"
+    TRUNCATED_IMAGE = "truncated_image"
+    DECOMPRESSION_BOMB = "decompression_bomb"  # more pixels than max_image_pixels
+    IMAGE_ERROR = "image_error"  # decodes, but cannot be converted or encoded
+
+    @classmethod
+    def for_status(cls, status: int) -> ErrorCode:
+        try:
+            return cls(f"http_{status}")
+        except ValueError:
+            return cls.HTTP_ERROR
+
+
+# What may succeed if asked again later: retried within a run, and by `fetch --retry-errors`.
+RETRYABLE = frozenset(
+    {
+        ErrorCode.HTTP_429,
+        ErrorCode.HTTP_500,
+        ErrorCode.HTTP_502,
+        ErrorCode.HTTP_503,
+        ErrorCode.HTTP_504,
+        ErrorCode.TIMEOUT,
+        ErrorCode.CONNECTION_ERROR,
+        ErrorCode.DNS_ERROR,
+        ErrorCode.SERVER_UNAVAILABLE,
+    }
+)
+# Answers that say "slow down": they lower the server's rate, not just retry the URL.
+THROTTLING = frozenset({ErrorCode.HTTP_429, ErrorCode.HTTP_503})
+# Failures that count towards the circuit breaker: the server looks down, not the URL bad.
+SERVER_FAILURES = frozenset(
+    {
+        ErrorCode.TIMEOUT,
+        ErrorCode.CONNECTION_ERROR,
+        ErrorCode.DNS_ERROR,
+        ErrorCode.HTTP_500,
+        ErrorCode.HTTP_502,
+        ErrorCode.HTTP_503,
+        ErrorCode.HTTP_504,
+    }
+)

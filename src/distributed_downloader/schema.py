@@ -45,6 +45,27 @@ SERVERS = pa.schema(
     ]
 )
 
+# Downloaded images: `downloaded_images/server_name=HOST/partition_id=N/successes-*.parquet`.
+SIZE = pa.list_(pa.int32(), 2)  # [height, width]
+SUCCESSES = BATCH.append(pa.field("original_size", SIZE)) \
+    .append(pa.field("resized_size", SIZE)) \
+    .append(pa.field("hashsum_original", pa.string())) \
+    .append(pa.field("hashsum_resized", pa.string())) \
+    .append(pa.field("image", pa.binary())) \
+    .append(pa.field("image_format", pa.string()))
+
+# URLs without an image: `downloaded_images/.../errors-*.parquet`.
+ERRORS = pa.schema(
+    [
+        ("uuid", pa.string()),
+        ("identifier", pa.string()),
+        ("retry_count", pa.int32()),  # attempts made
+        ("error_code", pa.string()),  # an ErrorCode
+        ("error_msg", pa.string()),
+        ("http_status", pa.int32()),  # the last HTTP status, when there was one
+    ]
+)
+
 # Prep's own scratch table: the rows that passed, in input order, before UUIDs and batching.
 STAGING_EXTRA = [("row_index", pa.int64()), ("server_name", pa.string())]
 
@@ -65,6 +86,10 @@ def duplicates_schema(keep_columns: list[str]) -> pa.Schema:
     for name, type_ in DUPLICATES_EXTRA:
         schema = schema.append(pa.field(name, type_))
     return schema
+
+
+def successes_schema(keep_columns: list[str]) -> pa.Schema:
+    return with_kept_columns(SUCCESSES, keep_columns)
 
 
 def staging_schema(keep_columns: list[str]) -> pa.Schema:

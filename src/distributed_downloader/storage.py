@@ -51,6 +51,16 @@ class RunLayout:
         return self.prep / "servers.parquet"
 
     @property
+    def downloaded(self) -> Path:
+        """Fetch's output: the same Hive layout as the batches, with results in it."""
+        return self.root / "downloaded_images"
+
+    @property
+    def server_profiles(self) -> Path:
+        """Each server's learned (or probed) rate, read by the next run."""
+        return self.root / "profiles" / "servers.csv"
+
+    @property
     def prep_summary(self) -> Path:
         """Written last: its presence is what marks a prep as finished."""
         return self.prep / "summary.json"

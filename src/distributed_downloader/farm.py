@@ -1,0 +1,276 @@
+"""A loopback image farm: HTTP servers on 127.0.0.x that behave like real image hosts.
+
+Used by the bundled example, the tests and the benchmarks. Every server binds a loopback
+address (anything else is refused), so each one is a different "host" to the downloader. A
+server can enforce a rate limit (429 with Retry-After over it), and its paths play the faults
+real hosts have: 404s, transient 503s, slow answers, redirects, HTML error pages with status 200,
+truncated images, decompression bombs, over-size bodies, trickling bodies, connection resets.
+Every request is logged with its time, so tests can check the downloader's manners.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import ipaddress
+import random
+import struct
+import threading
+import time
+import zlib
+from collections import deque
+from dataclasses import dataclass, field
+
+from aiohttp import web
+from PIL import Image
+
+
+def make_photo(width: int, height: int, seed: int, quality: int = 90) -> bytes:
+    """A JPEG that costs about what a real photo of that size costs to decode (~0.4 B/pixel)."""
+    rng = random.Random(seed)
+    small_w, small_h = max(2, width // 64), max(2, height // 64)
+    blobs = Image.frombytes(
+        "RGB", (small_w, small_h), bytes(rng.getrandbits(8) for _ in range(3 * small_w * small_h))
+    ).resize((width, height), Image.Resampling.BICUBIC)
+    noise = Image.effect_noise((width, height), 40).convert("RGB")
+    buffer = io.BytesIO()
+    Image.blend(blobs, noise, 0.25).save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def make_small_image(seed: int, size: tuple[int, int] = (96, 64), exif_orientation: int = 0,
+                     image_format: str = "JPEG") -> bytes:
+    """A cheap, distinct image for tests."""
+    rng = random.Random(seed)
+    color = tuple(rng.randrange(256) for _ in range(3))
+    image = Image.new("RGB", size, color)
+    image.paste((255 - color[0], 255 - color[1], 255 - color[2]), (0, 0, size[0] // 3, size[1] // 2))
+    buffer = io.BytesIO()
+    if exif_orientation:
+        exif = Image.Exif()
+        exif[0x0112] = exif_orientation
+        image.save(buffer, image_format, exif=exif)
+    else:
+        image.save(buffer, image_format)
+    return buffer.getvalue()
+
+
+def make_png_bomb(width: int = 30_000, height: int = 30_000) -> bytes:
+    """A tiny PNG whose header claims a huge image (no pixel data is ever needed to refuse it)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(
+            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    rows = zlib.compress(b"\x00" * (1 + 3 * 16) * 16)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+HTML_ERROR_PAGE = b"<html><body><h1>Sorry</h1><p>The image is not available.</p></body></html>"
+
+
+@dataclass
+class RequestRecord:
+    time: float  # time.time() when the request arrived
+    path: str
+    status: int
+
+
+@dataclass
+class ServerSpec:
+    """How one farm server behaves."""
+
+    host: str  # a loopback address, e.g. 127.0.0.2
+    port: int = 0  # 0: any free port
+    rate_limit: float | None = None  # requests/s over any 1 s; beyond it: 429
+    retry_after: float = 1.0
+    latency: float = 0.0  # seconds before every answer
+    down: bool = False  # answer 503 to everything
+    flaky_failures: int = 2  # /flaky/ paths fail this many times before they answer
+    slow_seconds: float = 2.0
+    large_size: int = 3_000_000
+    trickle_seconds: float = 30.0
+    generate_images: bool = False  # serve a generated photo for unknown /img/ paths
+    generated_size: tuple[int, int] = (800, 600)
+
+
+@dataclass
+class FarmServer:
+    spec: ServerSpec
+    images: dict[str, bytes] = field(default_factory=dict)  # name -> bytes, served at /img/name
+    log: list[RequestRecord] = field(default_factory=list)
+    port: int = 0
+    _recent: deque = field(default_factory=deque)
+    _attempts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return f"{self.spec.host}:{self.port}"
+
+    def url(self, path: str) -> str:
+        return f"http://{self.address}{path}"
+
+    def requests_to(self, prefix: str = "/") -> int:
+        return sum(1 for record in self.log if record.path.startswith(prefix))
+
+    def peak_per_second(self) -> int:
+        """Most requests that arrived in any 1-second window [t, t + 1)."""
+        times = sorted(record.time for record in self.log)
+        peak, start = 0, 0
+        for end, current in enumerate(times):
+            while current - times[start] >= 1.0:
+                start += 1
+            peak = max(peak, end - start + 1)
+        return peak
+
+    def status_count(self, status: int) -> int:
+        return sum(1 for record in self.log if record.status == status)
+
+    def _over_limit(self, now: float) -> bool:
+        if self.spec.rate_limit is None:
+            return False
+        while self._recent and now - self._recent[0] >= 1.0:
+            self._recent.popleft()
+        if len(self._recent) >= self.spec.rate_limit:
+            return True
+        self._recent.append(now)
+        return False
+
+    def image_named(self, name: str) -> bytes | None:
+        if name in self.images:
+            return self.images[name]
+        if self.spec.generate_images:
+            seed = int.from_bytes(hashlib.md5(f"{self.spec.host}/{name}".encode()).digest()[:4],
+                                  "big")
+            self.images[name] = make_photo(*self.spec.generated_size, seed=seed)
+            return self.images[name]
+        return None
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        now = time.time()
+        path = request.path
+        response = await self._answer(request, path, now)
+        self.log.append(RequestRecord(now, path, response.status if response else 0))
+        if response is None:  # a reset: no answer at all
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response(status=500)
+        return response
+
+    async def _answer(self, request: web.Request, path: str, now: float) -> web.StreamResponse | None:
+        spec = self.spec
+        if self._over_limit(now):
+            return web.Response(status=429, headers={"Retry-After": f"{spec.retry_after:g}"})
+        if spec.latency:
+            await asyncio.sleep(spec.latency)
+        if spec.down:
+            return web.Response(status=503, text="down for maintenance")
+        kind, _, name = path.lstrip("/").partition("/")
+        if kind == "img":
+            body = self.image_named(name)
+            return web.Response(body=body, content_type="image/jpeg") if body else \
+                web.Response(status=404)
+        if kind == "missing":
+            return web.Response(status=404, text="not found")
+        if kind == "forbidden":
+            return web.Response(status=403)
+        if kind == "gone":
+            return web.Response(status=410)
+        if kind == "flaky":
+            count = self._attempts.get(path, 0) + 1
+            self._attempts[path] = count
+            if count <= spec.flaky_failures:
+                return web.Response(status=503, headers={"Retry-After": "0"})
+            return web.Response(body=self.image_named(name), content_type="image/jpeg")
+        if kind == "slow":
+            await asyncio.sleep(spec.slow_seconds)
+            return web.Response(body=self.image_named(name), content_type="image/jpeg")
+        if kind == "redirect":
+            raise web.HTTPFound(f"/img/{name}")
+        if kind == "redirect-loop":
+            raise web.HTTPFound(path)
+        if kind == "redirect-to":
+            raise web.HTTPFound(request.query["url"])
+        if kind == "html":
+            return web.Response(body=HTML_ERROR_PAGE, content_type="text/html")
+        if kind == "truncated":
+            body = self.image_named(name) or b""
+            return web.Response(body=body[: len(body) // 2], content_type="image/jpeg")
+        if kind == "bomb":
+            return web.Response(body=make_png_bomb(), content_type="image/png")
+        if kind == "large":
+            return web.Response(body=b"\xff" * spec.large_size, content_type="image/jpeg")
+        if kind == "large-chunked":
+            response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            for _ in range(spec.large_size // 65536 + 1):
+                await response.write(b"\xff" * 65536)
+            await response.write_eof()
+            return response
+        if kind == "trickle":
+            response = web.StreamResponse(headers={"Content-Type": "image/jpeg",
+                                                   "Content-Length": "100000"})
+            await response.prepare(request)
+            deadline = time.monotonic() + spec.trickle_seconds
+            try:
+                while time.monotonic() < deadline:
+                    await response.write(b"\xff" * 10)
+                    await asyncio.sleep(0.5)
+            except (ConnectionError, RuntimeError):
+                pass
+            return response
+        if kind == "reset":
+            return None
+        return web.Response(status=404)
+
+
+class Farm:
+    """Several farm servers, served from a background thread's event loop."""
+
+    def __init__(self, specs: list[ServerSpec]) -> None:
+        for spec in specs:
+            if not ipaddress.ip_address(spec.host).is_loopback:
+                raise ValueError(f"farm servers bind loopback addresses only, not {spec.host}")
+        self.servers = [FarmServer(spec) for spec in specs]
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._runners: list[web.AppRunner] = []
+
+    def __enter__(self) -> Farm:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start_all(), self._loop).result(timeout=30)
+
+    async def _start_all(self) -> None:
+        for server in self.servers:
+            app = web.Application()
+            app.router.add_route("*", "/{tail:.*}", server.handle)
+            runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            await runner.setup()
+            site = web.TCPSite(runner, server.spec.host, server.spec.port)
+            await site.start()
+            server.port = runner.addresses[0][1]
+            self._runners.append(runner)
+
+    def stop(self) -> None:
+        async def cleanup() -> None:
+            for runner in self._runners:
+                await runner.cleanup()
+
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(cleanup(), self._loop).result(timeout=30)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+
+    def __getitem__(self, host: str) -> FarmServer:
+        return next(server for server in self.servers if server.spec.host == host)

@@ -1,0 +1,178 @@
+"""The fetch stage: download every prepared batch, resumably, under each server's budget.
+
+`run_fetch` finds what is left to do (batches without a `completed` marker; with
+`retry_errors`, also finished batches holding retryable errors), sets each server's starting
+budget (defaults, or what a previous run learned), runs the workers on an executor, and saves
+what it learned about the servers for the next run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from collections.abc import Callable
+from typing import Any
+
+import duckdb
+import pyarrow.parquet as pq
+
+from distributed_downloader.config import Settings
+from distributed_downloader.errors import UserError
+from distributed_downloader.profile import ServerProfile, read_profiles, write_profiles
+from distributed_downloader.protocol import BatchRef
+from distributed_downloader.schedule import Scheduler, ServerState
+from distributed_downloader.storage import RunLayout, atomic_write_json, batch_folder
+from distributed_downloader.writers import COMPLETED_MARKER, reopen_for_retry
+
+PROFILE_SAVE_SECONDS = 60.0
+
+
+@dataclass
+class FetchPlan:
+    servers: list[ServerState]
+    batches_total: int
+    batches_done: int
+    rows_total: int
+    rows_done: int
+    reopened_rows: int = 0
+    pending_rows: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pending_rows = sum(server.remaining_rows for server in self.servers)
+
+
+def _prep_summary(layout: RunLayout) -> dict[str, Any]:
+    try:
+        return json.loads(layout.prep_summary.read_text())
+    except FileNotFoundError:
+        raise UserError(
+            f"{layout.root} has no finished prep; run `distributed-downloader prep` "
+            "(or `download`) first"
+        ) from None
+
+
+def build_plan(layout: RunLayout, settings: Settings, retry_errors: bool) -> FetchPlan:
+    """Which batches are left, by server, with each server's starting budget."""
+    batch_size = _prep_summary(layout)["batch_size"]
+    learned = read_profiles(layout.server_profiles)
+    max_rate = settings.effective_max_rate * settings.rate_multiplier
+    servers = []
+    totals = {"batches": 0, "done": 0, "rows": 0, "rows_done": 0, "reopened": 0}
+    for row in pq.read_table(layout.servers).to_pylist():
+        name, rows, batches = row["server_name"], row["rows"], row["batches"]
+        rate = settings.default_rate_limit * settings.rate_multiplier
+        if name in learned and learned[name].status != "down":
+            rate = learned[name].rate_limit
+        server = ServerState(name=name, rate=min(rate, max_rate), max_rate=max_rate,
+                             connections=settings.max_connections_per_server,
+                             total_batches=batches)
+        for partition in range(batches):
+            size = min(batch_size, rows - partition * batch_size)
+            folder = batch_folder(layout.downloaded, name, partition)
+            finished = (folder / COMPLETED_MARKER).exists()
+            if finished and retry_errors:
+                reopened = reopen_for_retry(folder)
+                totals["reopened"] += reopened
+                finished = reopened == 0
+            totals["batches"] += 1
+            totals["rows"] += size
+            if finished:
+                totals["done"] += 1
+                totals["rows_done"] += size
+            else:
+                server.pending.append(BatchRef(name, partition, size))
+                server.remaining_rows += size
+        if server.pending:
+            servers.append(server)
+    return FetchPlan(servers, totals["batches"], totals["done"], totals["rows"],
+                     totals["rows_done"], totals["reopened"])
+
+
+def learned_profiles(layout: RunLayout, scheduler: Scheduler) -> list[ServerProfile]:
+    """Previous profiles, updated with what this run saw of its servers."""
+    profiles = read_profiles(layout.server_profiles)
+    for server in scheduler.servers.values():
+        status = "down" if server.dead else ("throttled" if server.throttled else "ok")
+        latency = (server.latency_sum / server.latency_count * 1000
+                   if server.latency_count else None)
+        notes = f"{server.throttled} throttled answers" if server.throttled else ""
+        profiles[server.name] = ServerProfile(server.name, server.rate, server.connections,
+                                              latency, status, notes)
+    return list(profiles.values())
+
+
+def output_counts(layout: RunLayout) -> dict[str, Any]:
+    """Successes and errors (by code) over every committed chunk of the run."""
+    root = layout.downloaded
+    counts: dict[str, Any] = {"successes": 0, "errors": 0, "errors_by_code": {}}
+    if not any(root.glob("*/*/successes-*.parquet")) and \
+            not any(root.glob("*/*/errors-*.parquet")):
+        return counts
+    con = duckdb.connect()
+    if any(root.glob("*/*/successes-*.parquet")):
+        counts["successes"] = con.sql(
+            f"SELECT count(*) FROM read_parquet('{root}/*/*/successes-*.parquet')").fetchall()[0][0]
+    if any(root.glob("*/*/errors-*.parquet")):
+        by_code = con.sql(
+            f"SELECT error_code, count(*) FROM read_parquet('{root}/*/*/errors-*.parquet') "
+            "GROUP BY 1 ORDER BY 2 DESC").fetchall()
+        counts["errors_by_code"] = dict(by_code)
+        counts["errors"] = sum(count for _, count in by_code)
+    return counts
+
+
+def run_fetch(
+    settings: Settings,
+    retry_errors: bool = False,
+    on_tick: Callable[[Scheduler], None] | None = None,
+    on_plan: Callable[[FetchPlan], None] | None = None,
+) -> dict[str, Any]:
+    """Download what is left of the run in `settings.output`; returns the run's summary."""
+    from distributed_downloader.executors.local import LocalExecutor
+
+    if settings.output is None:
+        raise UserError("fetch needs the run's folder OUT")
+    layout = RunLayout(settings.output)
+    started = time.monotonic()
+    plan = build_plan(layout, settings, retry_errors)
+    before = output_counts(layout)
+    if on_plan:
+        on_plan(plan)
+    interrupted = False
+    scheduler = None
+    if plan.servers:
+        workers = settings.workers or os.cpu_count() or 1
+        workers = max(1, min(workers, plan.batches_total - plan.batches_done))
+        scheduler = Scheduler(plan.servers, settings, range(workers), time.time())
+        last_save = [time.monotonic()]
+
+        def tick(current: Scheduler) -> None:
+            if on_tick:
+                on_tick(current)
+            if time.monotonic() - last_save[0] > PROFILE_SAVE_SECONDS:
+                last_save[0] = time.monotonic()
+                write_profiles(layout.server_profiles, learned_profiles(layout, current))
+
+        interrupted = LocalExecutor(settings, workers).run(scheduler, tick)
+        write_profiles(layout.server_profiles, learned_profiles(layout, scheduler))
+    seconds = time.monotonic() - started
+    after = output_counts(layout)
+    fetched_now = after["successes"] + after["errors"] - before["successes"] - before["errors"]
+    batches_done = sum(1 for _ in layout.downloaded.glob(f"*/*/{COMPLETED_MARKER}"))
+    summary = {
+        "finished": batches_done == plan.batches_total,
+        "interrupted": interrupted,
+        "batches": plan.batches_total,
+        "batches_done": batches_done,
+        "rows": plan.rows_total,
+        **after,
+        "fetched_this_run": fetched_now,
+        "throttled_this_run": scheduler.throttled if scheduler else 0,
+        "retried_rows": plan.reopened_rows,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(fetched_now / seconds, 2) if seconds else 0.0,
+    }
+    atomic_write_json(layout.root / "fetch_summary.json", summary)
+    return summary

@@ -1,0 +1,155 @@
+"""HTTP GET of one URL: redirects checked hop by hop, bodies capped while they stream.
+
+Every outcome is a value: a `Body`, or a `FetchFailure` whose `ErrorCode` maps straight to the
+errors table. Nothing here decides whether to retry (see retry.py) or how fast to go
+(see politeness.py); `pace` is awaited before every hop so redirects count against the budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import aiohttp
+from yarl import URL
+
+from distributed_downloader.config import Settings
+from distributed_downloader.errors import ErrorCode
+from distributed_downloader.fetch.retry import parse_retry_after
+from distributed_downloader.fetch.safety import AddressPolicy, BlockedAddress, SafeResolver
+
+MAX_REDIRECTS = 5
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+READ_CHUNK = 1 << 16
+ACCEPT = "image/avif,image/webp,image/png,image/jpeg,image/*;q=0.9,*/*;q=0.5"
+
+
+@dataclass
+class Body:
+    data: bytes
+    status: int
+    final_url: str
+    content_type: str
+
+
+@dataclass
+class FetchFailure:
+    code: ErrorCode
+    message: str
+    http_status: int | None = None
+    retry_after: float | None = None
+
+
+Pace = Callable[[], Awaitable[None]]
+
+
+def _blocked_cause(exc: BaseException) -> BlockedAddress | None:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, BlockedAddress):
+            return seen
+        seen = getattr(seen, "os_error", None) or seen.__cause__
+    return None
+
+
+class HttpClient:
+    """One keep-alive session per worker; per-server limits are the slots' job, not aiohttp's."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.policy = AddressPolicy(settings.allow_network)
+        self.max_body_size = settings.max_body_size
+        connector = aiohttp.TCPConnector(
+            limit=0, limit_per_host=0, ttl_dns_cache=300, resolver=SafeResolver(self.policy)
+        )
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(
+                total=settings.timeout, sock_connect=settings.connect_timeout
+            ),
+            headers={"User-Agent": settings.user_agent, "Accept": ACCEPT},
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+        )
+        # aiohttp silently re-sends a request whose pooled connection was closed; that request
+        # would bypass the server's pacing and attempt count, so our own retry policy does it.
+        if hasattr(self.session, "_retry_connection"):
+            self.session._retry_connection = False
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    async def get(self, url: str, pace: Pace | None = None) -> Body | FetchFailure:
+        try:
+            current = URL(url, encoded=True)
+        except ValueError as exc:
+            return FetchFailure(ErrorCode.INVALID_REDIRECT, f"unusable URL: {exc}")
+        for hop in range(MAX_REDIRECTS + 1):
+            if current.scheme not in ("http", "https") or not current.host:
+                return FetchFailure(ErrorCode.INVALID_REDIRECT, f"redirected to {current}")
+            try:
+                self.policy.check_literal(current.host)
+            except BlockedAddress as exc:
+                return FetchFailure(ErrorCode.BLOCKED_ADDRESS, str(exc))
+            if pace is not None and hop > 0:
+                await pace()
+            outcome = await self._one_hop(current)
+            if isinstance(outcome, URL):
+                current = outcome
+                continue
+            return outcome
+        return FetchFailure(ErrorCode.TOO_MANY_REDIRECTS, f"more than {MAX_REDIRECTS} redirects")
+
+    async def _one_hop(self, url: URL) -> Body | FetchFailure | URL:
+        try:
+            async with self.session.get(url, allow_redirects=False) as response:
+                status = response.status
+                if status in REDIRECT_STATUSES:
+                    location = response.headers.get("Location")
+                    if not location:
+                        return FetchFailure(ErrorCode.HTTP_ERROR, f"{status} without Location",
+                                            status)
+                    try:
+                        return url.join(URL(location))
+                    except ValueError:
+                        return FetchFailure(ErrorCode.INVALID_REDIRECT,
+                                            f"unusable Location {location!r}", status)
+                if status >= 400 or status < 200 or status >= 300:
+                    return FetchFailure(
+                        ErrorCode.for_status(status) if status >= 400 else ErrorCode.HTTP_ERROR,
+                        f"HTTP {status} {response.reason or ''}".strip(),
+                        status,
+                        parse_retry_after(response.headers.get("Retry-After")),
+                    )
+                if (response.content_length or 0) > self.max_body_size:
+                    return FetchFailure(
+                        ErrorCode.TOO_LARGE,
+                        f"Content-Length {response.content_length:,} over max_body_size "
+                        f"{self.max_body_size:,}", status)
+                chunks = []
+                size = 0
+                async for chunk in response.content.iter_chunked(READ_CHUNK):
+                    size += len(chunk)
+                    if size > self.max_body_size:
+                        return FetchFailure(
+                            ErrorCode.TOO_LARGE,
+                            f"body over max_body_size {self.max_body_size:,}", status)
+                    chunks.append(chunk)
+                return Body(b"".join(chunks), status, str(response.url),
+                            response.headers.get("Content-Type", ""))
+        except asyncio.TimeoutError:
+            return FetchFailure(ErrorCode.TIMEOUT, "no complete answer in time")
+        except aiohttp.ClientConnectorError as exc:
+            blocked = _blocked_cause(exc)
+            if blocked is not None:
+                return FetchFailure(ErrorCode.BLOCKED_ADDRESS, str(blocked))
+            if isinstance(exc, aiohttp.ClientConnectorDNSError):
+                return FetchFailure(ErrorCode.DNS_ERROR, str(exc))
+            return FetchFailure(ErrorCode.CONNECTION_ERROR, str(exc))
+        except aiohttp.InvalidURL as exc:
+            return FetchFailure(ErrorCode.INVALID_REDIRECT, f"invalid URL {exc}")
+        except (aiohttp.ClientError, OSError) as exc:
+            blocked = _blocked_cause(exc)
+            if blocked is not None:
+                return FetchFailure(ErrorCode.BLOCKED_ADDRESS, str(blocked))
+            return FetchFailure(ErrorCode.CONNECTION_ERROR, f"{type(exc).__name__}: {exc}")

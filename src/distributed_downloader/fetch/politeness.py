@@ -1,0 +1,97 @@
+"""One worker's share of one server: pacing, open requests, pauses (Scrapy's "slot").
+
+The scheduler decides the share (`rate`, `connections`, pauses, a dead server); the slot keeps
+to it. Pacing spaces requests evenly (a token bucket holding one token: no bursts), so the requests
+of K workers, each at rate/K, add up to at most the server's rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+# Requests leave a little slower than the share allows: network jitter can bunch evenly paced
+# requests together, and a server counting strictly per second would see one too many.
+PACING_MARGIN = 1.05
+LOCAL_THROTTLE_FACTOR = 0.5  # applied at once on a 429/503, before the scheduler answers
+DEFAULT_THROTTLE_PAUSE = 1.0  # seconds, when a 429/503 names no Retry-After
+
+
+class ServerDead(Exception):
+    """The run gave up on this server; its remaining URLs become retryable errors."""
+
+
+class ServerSlot:
+    def __init__(self, name: str, rate: float, connections: int) -> None:
+        self.name = name
+        self.rate = rate
+        self.connections = connections
+        self.paused_until = 0.0  # wall-clock time (shared with other processes and nodes)
+        self.dead = False
+        self.open = 0
+        self._next_send = 0.0  # monotonic
+        self._changed = asyncio.Event()  # set (and replaced) whenever the share changes
+
+    def update(self, rate: float, connections: int, paused_until: float, dead: bool) -> None:
+        self.rate = rate
+        self.connections = connections
+        self.paused_until = max(self.paused_until, paused_until)
+        self.dead = dead
+        self._notify()
+
+    def throttled(self, retry_after: float | None) -> float:
+        """React to a 429/503 at once; returns the pause end it set."""
+        pause = retry_after if retry_after is not None else DEFAULT_THROTTLE_PAUSE
+        self.paused_until = max(self.paused_until, time.time() + pause)
+        self.rate *= LOCAL_THROTTLE_FACTOR
+        return self.paused_until
+
+    def pause(self, seconds: float) -> None:
+        self.paused_until = max(self.paused_until, time.time() + seconds)
+
+    def _notify(self) -> None:
+        """Wake every waiter; later waiters wait on a fresh event."""
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def _wait_for_change(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    async def pace(self) -> None:
+        """Wait for this share's next send time (and for any pause to end).
+
+        Waiters sleep on the slot's condition, so a pause, a new rate or a dead server reaches
+        them at once rather than after a sleep they committed to.
+        """
+        while True:
+            if self.dead:
+                raise ServerDead(self.name)
+            pause = self.paused_until - time.time()
+            if pause > 0:
+                await self._wait_for_change(pause)
+                continue
+            now = time.monotonic()
+            if self._next_send <= now:
+                self._next_send = now + PACING_MARGIN / self.rate
+                return
+            await self._wait_for_change(self._next_send - now)
+
+    async def acquire(self) -> None:
+        """Wait for a free connection of this share, then for the next send time."""
+        while self.open >= self.connections:
+            if self.dead:
+                raise ServerDead(self.name)
+            await self._wait_for_change(1.0)
+        self.open += 1
+        try:
+            await self.pace()
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        self.open -= 1
+        self._notify()

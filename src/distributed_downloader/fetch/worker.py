@@ -1,0 +1,334 @@
+"""A fetch worker: one event loop for the network, a few threads for the images.
+
+The worker asks the scheduler for batches while its decode threads keep up, fetches each batch's
+rows under its share of the server's budget (see politeness.py), retries what can succeed later,
+decodes off the loop, and commits results in chunks. It reports what it sees of each server so the
+scheduler can adapt every worker's share. On SIGINT/SIGTERM/SIGUSR1, or when its scheduler
+vanishes, it stops cleanly: finished rows are committed, requests in flight are dropped (a resumed
+run fetches them again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import signal
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+import pyarrow.parquet as pq
+
+from distributed_downloader.config import Settings
+from distributed_downloader.errors import SERVER_FAILURES, THROTTLING, ErrorCode
+from distributed_downloader.fetch.client import Body, FetchFailure, HttpClient
+from distributed_downloader.fetch.politeness import ServerDead, ServerSlot
+from distributed_downloader.fetch.retry import RetryPolicy
+from distributed_downloader.images import ImageFailure, StoredImage, process_image
+from distributed_downloader.protocol import (
+    Assign,
+    BatchFinished,
+    BatchRef,
+    Budget,
+    NoWorkYet,
+    Report,
+    ServerNews,
+    Stop,
+    WantWork,
+    WorkerStopped,
+)
+from distributed_downloader.schedule import BREAKER_THRESHOLD
+from distributed_downloader.storage import RunLayout, batch_folder
+from distributed_downloader.writers import (
+    BatchWriter,
+    BufferBudget,
+    committed_uuids,
+    remove_stale_temporaries,
+)
+
+log = logging.getLogger(__name__)
+
+REPORT_SECONDS = 1.0
+TICK_SECONDS = 0.2
+MAX_BATCHES = 24  # batches one worker fetches at once
+BUFFER_BUDGET = 128 << 20  # image bytes held for unwritten chunks, across batches
+LOCAL_BREAKER_PAUSE = 1.0  # until the scheduler's own pause arrives
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+class Channel(Protocol):
+    """The worker's line to the scheduler (a pipe locally, MPI messages on a cluster)."""
+
+    def send(self, message: object) -> None: ...
+
+    def listen(self, loop: asyncio.AbstractEventLoop, deliver: Callable[[object], None],
+               closed: Callable[[], None]) -> None: ...
+
+
+def tune_allocator() -> None:
+    """Keep image-sized buffers on the heap: a fresh mmap per decode costs page faults."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 256 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def error_row(row: dict[str, Any], code: ErrorCode, message: str, attempts: int,
+              http_status: int | None = None) -> dict[str, Any]:
+    return {"uuid": row["uuid"], "identifier": row["identifier"], "retry_count": attempts,
+            "error_code": str(code), "error_msg": message[:1000], "http_status": http_status}
+
+
+def success_row(row: dict[str, Any], image: StoredImage) -> dict[str, Any]:
+    return {
+        **row,
+        "original_size": list(image.original_size),
+        "resized_size": list(image.resized_size),
+        "hashsum_original": image.hashsum_original,
+        "hashsum_resized": image.hashsum_resized,
+        "image": image.image,
+        "image_format": image.image_format,
+    }
+
+
+class Worker:
+    def __init__(self, worker_id: int, settings: Settings, channel: Channel) -> None:
+        assert settings.output is not None
+        self.id = worker_id
+        self.settings = settings
+        self.layout = RunLayout(settings.output)
+        self.channel = channel
+        self.retry = RetryPolicy(settings.max_retries)
+        self.slots: dict[str, ServerSlot] = {}
+        self.news: dict[str, ServerNews] = {}
+        self.failures: dict[str, int] = {}  # server -> server failures in a row
+        self.tasks: dict[tuple[str, int], asyncio.Task] = {}
+        self.budget = BufferBudget(BUFFER_BUDGET)
+        self.decode_threads = max(1, settings.cpu_per_worker)
+        self.decoding = 0
+        self.asking = False  # a WantWork is unanswered, or the scheduler holds us as hungry
+        self.bytes = 0
+        self.urgent = False
+        self.interrupted = False
+        self._stop = asyncio.Event()
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def run(self) -> bool:
+        """Work until told to stop; True when stopped early (a signal, the scheduler gone)."""
+        loop = asyncio.get_running_loop()
+        for signum in STOP_SIGNALS:
+            try:
+                loop.add_signal_handler(signum, self.interrupt)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass
+        self.client = HttpClient(self.settings)
+        self.pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
+        self.channel.listen(loop, self.deliver, self.interrupt)
+        ticker = asyncio.create_task(self._tick_forever())
+        try:
+            await self._stop.wait()
+        finally:
+            ticker.cancel()
+            for task in self.tasks.values():
+                task.cancel()
+            await asyncio.gather(*self.tasks.values(), ticker, return_exceptions=True)
+            self._send_report()
+            await self.client.close()
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            try:
+                self.channel.send(WorkerStopped(self.id, self.interrupted))
+            except (OSError, EOFError, BrokenPipeError):
+                pass
+        return self.interrupted
+
+    def interrupt(self) -> None:
+        self.interrupted = True
+        self._stop.set()
+
+    def deliver(self, message: object) -> None:
+        if isinstance(message, Assign):
+            self.asking = False
+            if self._stop.is_set():
+                return  # stopping: the batch stays unfinished and is fetched on resume
+            task = asyncio.get_running_loop().create_task(
+                self._run_batch(message.batch, message.give_up))
+            self.tasks[message.batch.key] = task
+        elif isinstance(message, Budget):
+            self._slot(message.server_name).update(
+                message.rate, message.connections, message.paused_until, message.dead)
+        elif isinstance(message, NoWorkYet):
+            pass  # the scheduler keeps us as hungry and assigns when it can
+        elif isinstance(message, Stop):
+            self._stop.set()
+
+    async def _tick_forever(self) -> None:
+        last_report = 0.0
+        while True:
+            if self._wants_more_work():
+                self.asking = True
+                self.channel.send(WantWork(self.id))
+            now = time.monotonic()
+            if self.urgent or now - last_report >= REPORT_SECONDS:
+                self._send_report()
+                last_report = now
+            for writer in list(self.budget.writers):
+                writer.flush_if_old()
+            await asyncio.sleep(TICK_SECONDS)
+
+    def _wants_more_work(self) -> bool:
+        if self.asking or self._stop.is_set():
+            return False
+        if not self.tasks:
+            return True
+        # More batches only while the decode threads keep up and nothing waits on the network
+        # for lack of batches: a backlog of decodes means this worker's cores are full.
+        return len(self.tasks) < MAX_BATCHES and self.decoding < self.decode_threads
+
+    def _send_report(self) -> None:
+        for name, count in self.failures.items():
+            self.news.setdefault(name, ServerNews()).failures = count
+        if not self.news and not self.bytes:
+            return
+        report = Report(self.id, self.news, self.bytes, self.urgent)
+        self.news, self.bytes, self.urgent = {}, 0, False
+        try:
+            self.channel.send(report)
+        except (OSError, EOFError, BrokenPipeError):
+            self.interrupt()
+
+    def _slot(self, server: str) -> ServerSlot:
+        if server not in self.slots:
+            self.slots[server] = ServerSlot(server, self.settings.default_rate_limit,
+                                            self.settings.max_connections_per_server)
+        return self.slots[server]
+
+    def _news(self, server: str) -> ServerNews:
+        return self.news.setdefault(server, ServerNews())
+
+    # --- batches ------------------------------------------------------------------------------
+
+    async def _run_batch(self, batch: BatchRef, give_up: bool) -> None:
+        folder = batch_folder(self.layout.downloaded, batch.server_name, batch.partition_id)
+        writer = BatchWriter(folder, self.settings.keep_columns, self.budget)
+        try:
+            remove_stale_temporaries(folder)
+            done = committed_uuids(folder)
+            source = batch_folder(self.layout.batches, batch.server_name, batch.partition_id)
+            rows = [row for path in sorted(source.glob("*.parquet"))
+                    for row in pq.read_table(path).to_pylist() if row["uuid"] not in done]
+            if give_up:
+                for row in rows:
+                    self._give_up_row(row, batch.server_name, writer, 0)
+            else:
+                queue = deque(rows)
+                slot = self._slot(batch.server_name)
+                consumers = min(len(rows), self.settings.max_connections_per_server)
+                await asyncio.gather(*(self._consume(queue, slot, writer)
+                                       for _ in range(consumers)))
+            counts = writer.complete(batch.rows)
+            self.channel.send(BatchFinished(self.id, batch, counts["successes"],
+                                            counts["errors"]))
+        except asyncio.CancelledError:
+            writer.close()  # commit what is finished; the rest is fetched on resume
+            raise
+        except Exception:
+            log.exception("worker %s: batch %s failed", self.id, batch.key)
+            writer.close()
+            self.interrupt()
+            raise
+        finally:
+            self.tasks.pop(batch.key, None)
+
+    def _give_up_row(self, row: dict[str, Any], server: str, writer: BatchWriter,
+                     attempts: int) -> None:
+        writer.add_error(error_row(row, ErrorCode.SERVER_UNAVAILABLE,
+                                   "server kept failing; gave up on it for this run", attempts))
+        self._news(server).errors += 1
+
+    async def _consume(self, queue: deque, slot: ServerSlot, writer: BatchWriter) -> None:
+        loop = asyncio.get_running_loop()
+        settings = self.settings
+        while queue:
+            row = queue.popleft()
+            outcome, attempts = await self._fetch(row, slot)
+            news = self._news(slot.name)
+            if isinstance(outcome, FetchFailure):
+                if outcome.code == ErrorCode.SERVER_UNAVAILABLE:
+                    self._give_up_row(row, slot.name, writer, attempts)
+                    continue
+                writer.add_error(error_row(row, outcome.code, outcome.message, attempts,
+                                           outcome.http_status))
+                news.errors += 1
+                continue
+            self.decoding += 1
+            try:
+                image = await loop.run_in_executor(
+                    self.pool, process_image, outcome.data, settings.image_size,
+                    settings.output_image_format, settings.image_quality,
+                    settings.max_image_pixels)
+            finally:
+                self.decoding -= 1
+            if isinstance(image, ImageFailure):
+                writer.add_error(error_row(row, image.code, image.message, attempts,
+                                           outcome.status))
+                news.errors += 1
+            else:
+                writer.add_success(success_row(row, image))
+                news.successes += 1
+
+    async def _fetch(self, row: dict[str, Any], slot: ServerSlot) -> tuple[Body | FetchFailure,
+                                                                          int]:
+        attempts = 0
+        while True:
+            try:
+                await slot.acquire()
+            except ServerDead:
+                return FetchFailure(ErrorCode.SERVER_UNAVAILABLE, "server given up"), attempts
+            attempts += 1
+            started = time.monotonic()
+            try:
+                outcome = await self.client.get(row["identifier"], pace=slot.pace)
+            except ServerDead:
+                outcome = FetchFailure(ErrorCode.SERVER_UNAVAILABLE, "server given up")
+            finally:
+                slot.release()
+            self._observe(slot, outcome, time.monotonic() - started)
+            if isinstance(outcome, Body) or outcome.code == ErrorCode.SERVER_UNAVAILABLE \
+                    or not self.retry.should_retry(outcome.code, attempts):
+                return outcome, attempts
+            if outcome.code not in THROTTLING:  # throttles wait in the slot's pause instead
+                await asyncio.sleep(self.retry.delay(attempts, outcome.retry_after))
+
+    def _observe(self, slot: ServerSlot, outcome: Body | FetchFailure, seconds: float) -> None:
+        """Count what an answer says about the server, and react locally at once."""
+        news = self._news(slot.name)
+        if isinstance(outcome, Body):
+            self.bytes += len(outcome.data)
+        code = outcome.code if isinstance(outcome, FetchFailure) else None
+        if code in THROTTLING:
+            news.throttled += 1
+            until = slot.throttled(outcome.retry_after)  # type: ignore[union-attr]
+            news.retry_after_until = max(news.retry_after_until, until)
+            self.urgent = True
+        if code in SERVER_FAILURES:
+            count = self.failures.get(slot.name, 0) + 1
+            self.failures[slot.name] = count
+            if count >= BREAKER_THRESHOLD:
+                slot.pause(LOCAL_BREAKER_PAUSE)
+                self.urgent = True
+        elif code not in THROTTLING and code != ErrorCode.SERVER_UNAVAILABLE:
+            self.failures[slot.name] = 0
+            news.answered += 1
+            news.latency_sum += seconds
+            news.latency_count += 1
+
+
+def run_worker(worker_id: int, settings: Settings, channel: Channel) -> bool:
+    tune_allocator()
+    return asyncio.run(Worker(worker_id, settings, channel).run())

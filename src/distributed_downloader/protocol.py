@@ -1,0 +1,94 @@
+"""What the scheduler and the workers tell each other (the same messages locally and over MPI).
+
+Workers ask for work and report what they saw per server; the scheduler hands out batches and
+each server's share of the rate budget. Messages are small picklable values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class BatchRef:
+    server_name: str
+    partition_id: int
+    rows: int
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.server_name, self.partition_id)
+
+
+# --- worker -> scheduler --------------------------------------------------------------------
+
+
+@dataclass
+class WantWork:
+    worker: int
+
+
+@dataclass
+class BatchFinished:
+    worker: int
+    batch: BatchRef
+    successes: int
+    errors: int
+
+
+@dataclass
+class ServerNews:
+    """What one worker saw of one server since its last report."""
+
+    successes: int = 0  # rows stored
+    errors: int = 0  # rows given up on
+    answered: int = 0  # HTTP answers that show the server is up (any but 429 and 5xx)
+    throttled: int = 0  # 429/503 answers
+    retry_after_until: float = 0.0  # the latest pause a Retry-After asked for (wall clock)
+    failures: int = 0  # server failures (refused, timeouts, 5xx) in a row, at report time
+    latency_sum: float = 0.0
+    latency_count: int = 0
+
+
+@dataclass
+class Report:
+    worker: int
+    servers: dict[str, ServerNews] = field(default_factory=dict)
+    bytes: int = 0
+    urgent: bool = False  # sent at once because of a throttle or failures
+
+
+@dataclass
+class WorkerStopped:
+    worker: int
+    interrupted: bool  # stopped by a signal before its work was done
+
+
+# --- scheduler -> worker --------------------------------------------------------------------
+
+
+@dataclass
+class Assign:
+    batch: BatchRef
+    give_up: bool = False  # the server is dead: write every remaining row as an error
+
+
+@dataclass
+class Budget:
+    """A worker's share of a server's budget."""
+
+    server_name: str
+    rate: float
+    connections: int
+    paused_until: float = 0.0
+    dead: bool = False
+
+
+@dataclass
+class NoWorkYet:
+    pass
+
+
+@dataclass
+class Stop:
+    pass

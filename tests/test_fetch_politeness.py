@@ -1,0 +1,101 @@
+"""Politeness under stress: throttling servers, dead servers, one budget for several workers."""
+
+from __future__ import annotations
+
+import csv
+import socket
+from pathlib import Path
+
+from conftest import FAST_FETCH, read_errors, read_successes, run_cli, write_lines
+from distributed_downloader.farm import Farm, ServerSpec, make_small_image
+
+
+def add_images(server, count: int, prefix: str = "") -> list[str]:
+    urls = []
+    for i in range(count):
+        name = f"{prefix}{i}.jpg"
+        server.images[name] = make_small_image(i)
+        urls.append(server.url(f"/img/{name}"))
+    return urls
+
+
+def test_adapts_to_a_server_that_allows_less_than_asked(tmp_path: Path) -> None:
+    """Asked at 5/s, the server allows 2/s: the rate drops, Retry-After is honoured."""
+    with Farm([ServerSpec("127.0.0.2", rate_limit=2, retry_after=2)]) as farm:
+        server = farm["127.0.0.2"]
+        urls = add_images(server, 25)
+        out = tmp_path / "out"
+        run_cli("download", write_lines(tmp_path / "u.txt", urls), "--output", out,
+                "--default-rate-limit", 5, *FAST_FETCH, timeout=300)
+        assert read_successes(out).num_rows == 25
+        log = server.log
+        throttles = [r for r in log if r.status == 429]
+        assert 1 <= len(throttles) <= 3
+        # Nothing arrives while the server's Retry-After pause runs (1% for clock jitter).
+        first = throttles[0].time
+        assert not [r for r in log if first + 0.02 < r.time < first + 2 - 0.02]
+        # Once adapted, the server's limit holds.
+        settled = [r.time for r in log if r.time > throttles[-1].time + 2]
+        for start in settled:
+            assert sum(1 for t in settled if start <= t < start + 1) <= 1.2 * 2
+        with open(out / "profiles" / "servers.csv") as handle:
+            learned = next(csv.DictReader(handle))
+        assert float(learned["rate_limit"]) <= 2.5
+        assert learned["status"] == "throttled"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.5", 0))
+        return probe.getsockname()[1]
+
+
+def test_circuit_breaker_gives_up_on_dead_servers_then_retry_errors(tmp_path: Path) -> None:
+    specs = [ServerSpec("127.0.0.2", rate_limit=20), ServerSpec("127.0.0.3", down=True)]
+    with Farm(specs) as farm:
+        healthy, down = farm["127.0.0.2"], farm["127.0.0.3"]
+        good = add_images(healthy, 10)
+        down_urls = add_images(down, 40)
+        refused_urls = [f"http://127.0.0.5:{free_port()}/img/{i}.jpg" for i in range(20)]
+        out = tmp_path / "out"
+        source = write_lines(tmp_path / "u.txt", good + down_urls + refused_urls)
+        run_cli("download", source, "--output", out, "--default-rate-limit", 20,
+                "--server-down-after", 3, *FAST_FETCH, timeout=300)
+
+        errors = read_errors(out).to_pylist()
+        assert {r["identifier"] for r in read_successes(out).to_pylist()} == set(good)
+        assert {r["identifier"] for r in errors} == set(down_urls + refused_urls)
+        assert {r["error_code"] for r in errors} <= {"server_unavailable", "http_503",
+                                                      "connection_error"}
+        # Most rows were never requested: written as errors once the servers were given up.
+        assert sum(r["error_code"] == "server_unavailable" for r in errors) >= 30
+        # Far fewer requests than URLs, and never more than 3 for one URL.
+        per_url = {}
+        for record in down.log:
+            per_url[record.path] = per_url.get(record.path, 0) + 1
+        assert max(per_url.values()) <= 3
+        assert len(down.log) <= 20 < len(down_urls)
+
+        # The server comes back: --retry-errors fetches exactly the retryable rows again.
+        down.spec.down = False
+        run_cli("fetch", out, "--retry-errors", "--server-down-after", 3, *FAST_FETCH,
+                timeout=300)
+        assert {r["identifier"] for r in read_successes(out).to_pylist()} == \
+            set(good) | set(down_urls)
+        errors = read_errors(out).to_pylist()
+        assert {r["identifier"] for r in errors} == set(refused_urls)
+        assert len(read_successes(out)) + len(errors) == 70
+
+
+def test_several_workers_on_one_server_share_its_budget(tmp_path: Path) -> None:
+    with Farm([ServerSpec("127.0.0.2")]) as farm:
+        server = farm["127.0.0.2"]
+        urls = add_images(server, 300)
+        out = tmp_path / "out"
+        run_cli("download", write_lines(tmp_path / "u.txt", urls), "--output", out,
+                "--batch-size", 50, "--default-rate-limit", 50, "--workers", 3,
+                "--max-connections-per-server", 6, *FAST_FETCH, timeout=300)
+        assert read_successes(out).num_rows == 300
+        writers = {p.name.split("-")[1] for p in out.glob("downloaded_images/*/*/successes-*")}
+        assert len(writers) >= 2  # the server's batches were fetched by several workers
+        assert server.peak_per_second() <= 1.2 * 50

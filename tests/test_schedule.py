@@ -1,0 +1,136 @@
+"""The scheduler's rules, message by message: shares, throttling, breaker, lost workers."""
+
+from __future__ import annotations
+
+from distributed_downloader.config import Settings
+from distributed_downloader.fetch.retry import parse_retry_after
+from distributed_downloader.protocol import (
+    Assign,
+    BatchFinished,
+    BatchRef,
+    Budget,
+    NoWorkYet,
+    Report,
+    ServerNews,
+    Stop,
+    WantWork,
+)
+from distributed_downloader.schedule import Scheduler, ServerState, workers_allowed
+
+
+def server(name: str, batches: int, rate: float, rows: int = 100) -> ServerState:
+    state = ServerState(name=name, rate=rate, max_rate=rate, connections=8,
+                        total_batches=batches)
+    for partition in range(batches):
+        state.pending.append(BatchRef(name, partition, rows))
+        state.remaining_rows += rows
+    return state
+
+
+def budgets(out, name: str) -> dict[int, Budget]:
+    return {w: m for w, m in out if isinstance(m, Budget) and m.server_name == name}
+
+
+def test_shares_of_one_server_add_up_to_its_budget() -> None:
+    scheduler = Scheduler([server("big", 10, rate=100)], Settings(), range(4), now=0)
+    shares = {}
+    for worker in range(4):
+        for target, message in scheduler.handle(WantWork(worker), now=0):
+            if isinstance(message, Budget):
+                shares[target] = message.rate
+    assert len(shares) == 4
+    assert abs(sum(shares.values()) - 100) < 1e-9
+    assert set(shares.values()) == {25.0}
+
+
+def test_a_slow_server_is_not_split_and_the_longest_goes_first() -> None:
+    servers = [server("small", 1, rate=10), server("slow", 5, rate=10), server("fast", 5, 100)]
+    scheduler = Scheduler(servers, Settings(), range(4), now=0)
+    first = [m for _, m in scheduler.handle(WantWork(0), now=0) if isinstance(m, Assign)]
+    assert first[0].batch.server_name == "slow"  # 500 rows at 10/s bound the run
+    second = [m for _, m in scheduler.handle(WantWork(1), now=0) if isinstance(m, Assign)]
+    assert second[0].batch.server_name == "small"
+    third = [m for _, m in scheduler.handle(WantWork(2), now=0) if isinstance(m, Assign)]
+    assert third[0].batch.server_name == "fast"
+    # The fourth joins "fast" (two shares of 50/s), not "slow": half of 10/s is not worth it.
+    fourth = [m for _, m in scheduler.handle(WantWork(3), now=0) if isinstance(m, Assign)]
+    assert fourth[0].batch.server_name == "fast"
+    assert scheduler.servers["slow"].workers == {0}
+    # A third share of fast (33/s) is still worth it; a fourth (25/s) too, a fifth (20/s) not.
+    again = [m for _, m in scheduler.handle(WantWork(1), now=0) if isinstance(m, Assign)]
+    assert again[0].batch.server_name == "fast"
+
+
+def test_throttling_halves_once_per_burst_and_pauses_everyone() -> None:
+    scheduler = Scheduler([server("s", 4, rate=40)], Settings(), range(2), now=0)
+    scheduler.handle(WantWork(0), now=0)
+    scheduler.handle(WantWork(1), now=0)
+    news = ServerNews(throttled=1, retry_after_until=30.0)
+    out = scheduler.handle(Report(0, {"s": news}), now=1.0)
+    assert {w: (b.rate, b.paused_until) for w, b in budgets(out, "s").items()} == \
+        {0: (10.0, 30.0), 1: (10.0, 30.0)}
+    # The other worker saw the same burst: no second halving within the cooldown.
+    scheduler.handle(Report(1, {"s": ServerNews(throttled=1)}), now=1.2)
+    assert scheduler.servers["s"].rate == 20.0
+
+
+def test_rate_grows_back_but_stops_short_of_what_drew_the_429() -> None:
+    state = server("s", 4, rate=10)
+    scheduler = Scheduler([state], Settings(), range(1), now=0)
+    scheduler.handle(WantWork(0), now=0)
+    scheduler.handle(Report(0, {"s": ServerNews(throttled=1)}), now=1)
+    assert state.rate == 5.0
+    for second in range(2, 200):
+        scheduler.tick(now=second)
+    assert state.rate == 9.0  # 90% of the 10/s that was throttled, not 10
+
+
+def test_breaker_opens_then_gives_up() -> None:
+    settings = Settings(server_down_after=10)
+    scheduler = Scheduler([server("down", 2, rate=10)], settings, range(2), now=0)
+    scheduler.handle(WantWork(0), now=0)
+    out = scheduler.handle(Report(0, {"down": ServerNews(failures=5)}), now=1)
+    budget = budgets(out, "down")[0]
+    assert budget.connections == 1 and budget.paused_until == 2.0  # paused, then one probe
+    scheduler.handle(Report(0, {"down": ServerNews(failures=6)}), now=2.5)
+    assert scheduler.servers["down"].paused_until == 4.5  # back-off doubled
+    out = scheduler.tick(now=12)
+    assert budgets(out, "down")[0].dead
+    # Its other batch goes to the next worker asking, to be written as errors.
+    assigned = [m for _, m in scheduler.handle(WantWork(1), now=12) if isinstance(m, Assign)]
+    assert assigned[0].give_up
+
+
+def test_a_success_closes_the_breaker() -> None:
+    scheduler = Scheduler([server("s", 2, rate=10)], Settings(), range(1), now=0)
+    scheduler.handle(WantWork(0), now=0)
+    scheduler.handle(Report(0, {"s": ServerNews(failures=5)}), now=1)
+    out = scheduler.handle(Report(0, {"s": ServerNews(answered=1)}), now=3)
+    assert budgets(out, "s")[0].connections == 8
+    assert scheduler.servers["s"].failing_since is None
+
+
+def test_lost_worker_batches_go_back_and_the_run_ends() -> None:
+    scheduler = Scheduler([server("s", 1, rate=10)], Settings(), range(2), now=0)
+    assign = next(m for _, m in scheduler.handle(WantWork(0), now=0) if isinstance(m, Assign))
+    scheduler.handle(WantWork(1), now=0)  # hungry: nothing left
+    out = scheduler.worker_lost(0, now=1)
+    again = [m for w, m in out if isinstance(m, Assign) and w == 1]
+    assert again and again[0].batch == assign.batch
+    scheduler.handle(BatchFinished(1, assign.batch, 100, 0), now=2)
+    assert scheduler.finished
+    assert [(w, type(m)) for w, m in scheduler.tick(now=3)] == [(1, Stop)]
+
+
+def test_schedule_rules_of_the_original() -> None:
+    rules = {5000: 40, 1000: 20, 500: 10, 200: 8, 100: 4, 50: 2, 1: 1}
+    assert [workers_allowed(rules, n) for n in (1, 2, 60, 150, 600, 6000)] == \
+        [1, 1, 2, 4, 10, 40]
+    assert workers_allowed({}, 10_000) is None
+
+
+def test_retry_after_in_seconds_or_as_a_date() -> None:
+    assert parse_retry_after("120") == 120.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after(None) is None
