@@ -1,9 +1,11 @@
-"""Run the main job end to end on the bundled example (examples/gbif-small/multimedia.txt).
+"""Run the main job end to end on the bundled example: a small GBIF multimedia.txt.
 
     python examples/demo.py [OUTPUT]
 
-It prepares the example into OUTPUT (default: ./example-output), then prints where the result
-is and a summary. Every URL of the example points at loopback addresses (127.0.0.21-24).
+It starts the example's image servers (a loopback farm on 127.0.0.21-24, port 8470, each
+allowing 10 requests/s), then runs `distributed-downloader download` on
+examples/gbif-small/multimedia.txt into OUTPUT (default: ./example-output) and prints where the
+result is. Only loopback addresses are ever contacted.
 """
 
 from __future__ import annotations
@@ -13,20 +15,37 @@ import subprocess
 import sys
 from pathlib import Path
 
+from distributed_downloader.farm import Farm, ServerSpec
+
 EXAMPLE = Path(__file__).parent / "gbif-small" / "multimedia.txt"
+HOSTS = ("127.0.0.21", "127.0.0.22", "127.0.0.23", "127.0.0.24")
+PORT = 8470
 
 
 def main() -> int:
     output = Path(sys.argv[1] if len(sys.argv) > 1 else "example-output").resolve()
     if output.exists():
         shutil.rmtree(output)
-    command = [sys.executable, "-m", "distributed_downloader", "prep", str(EXAMPLE),
-               "--output", str(output), "--batch-size", "8"]
-    print("$", " ".join(command), flush=True)
-    result = subprocess.run(command)
+    specs = [ServerSpec(host, PORT, rate_limit=10, generate_images=True) for host in HOSTS]
+    try:
+        farm = Farm(specs)
+        farm.start()
+    except OSError as exc:
+        print(f"cannot start the example's servers on port {PORT}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        command = [sys.executable, "-m", "distributed_downloader", "download", str(EXAMPLE),
+                   "--output", str(output), "--batch-size", "8", "--default-rate-limit", "10",
+                   "--allow-network", "127.0.0.0/24"]
+        print("$", " ".join(command), flush=True)
+        result = subprocess.run(command)
+    finally:
+        farm.stop()
     if result.returncode == 0:
-        print(f"\nThe result is in {output}: prep/batches/ holds the rows to download, "
-              "by server; prep/summary.json counts what became of every input row.")
+        print(f"\nThe result is in {output}:\n"
+              f"  downloaded_images/server_name=HOST/partition_id=N/successes-*.parquet  images\n"
+              f"  downloaded_images/.../errors-*.parquet  what could not be downloaded, and why\n"
+              f"  prep/  the batches, duplicates and rejected rows; fetch_summary.json  counts")
     return result.returncode
 
 

@@ -99,3 +99,33 @@ def test_several_workers_on_one_server_share_its_budget(tmp_path: Path) -> None:
         writers = {p.name.split("-")[1] for p in out.glob("downloaded_images/*/*/successes-*")}
         assert len(writers) >= 2  # the server's batches were fetched by several workers
         assert server.peak_per_second() <= 1.2 * 50
+
+
+def test_image_settings_reach_the_workers(tmp_path: Path) -> None:
+    from io import BytesIO
+
+    from PIL import Image
+
+    from distributed_downloader.farm import make_photo
+
+    with Farm([ServerSpec("127.0.0.2")]) as farm:
+        server = farm["127.0.0.2"]
+        server.images["p.jpg"] = make_photo(400, 300, seed=1)
+        server.images["s.png"] = make_small_image(2, image_format="PNG")
+        source = write_lines(tmp_path / "u.txt", [server.url("/img/p.jpg"),
+                                                   server.url("/img/s.png")])
+        out = tmp_path / "webp"
+        run_cli("download", source, "--output", out, "--image-size", 64,
+                "--output-image-format", "webp", *FAST_FETCH)
+        rows = {r["identifier"].rsplit("/", 1)[1]: r for r in read_successes(out).to_pylist()}
+        assert rows["p.jpg"]["resized_size"] == [48, 64]
+        assert {r["image_format"] for r in rows.values()} == {"webp"}
+        assert Image.open(BytesIO(rows["p.jpg"]["image"])).format == "WEBP"
+
+        out = tmp_path / "original"
+        run_cli("download", source, "--output", out, "--image-size", 0,
+                "--output-image-format", "original", *FAST_FETCH)
+        rows = {r["identifier"].rsplit("/", 1)[1]: r for r in read_successes(out).to_pylist()}
+        assert rows["s.png"]["image"] == server.images["s.png"]
+        assert rows["p.jpg"]["image"] == server.images["p.jpg"]
+        assert rows["p.jpg"]["hashsum_resized"] == rows["p.jpg"]["hashsum_original"]

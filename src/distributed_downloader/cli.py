@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from distributed_downloader import __version__
-from distributed_downloader.config import SETTING_NAMES, Settings, load_settings
+from distributed_downloader.config import SETTING_NAMES, InputFormat, Settings, load_settings
 from distributed_downloader.errors import UserError
 
 console = Console()
@@ -151,28 +151,38 @@ def cli() -> None:
     """
 
 
-@cli.command()
-@click.argument("input", type=click.Path(path_type=Path))
-@click.option("--output", "-o", "output", type=click.Path(path_type=Path), required=True,
-              help=Settings.model_fields["output"].description)
-@click.option("--format", "input_format", default=None,
-              type=click.Choice(["auto", "gbif", "dwca", "csv", "tsv", "txt", "parquet"]),
-              help=f"{Settings.model_fields['input_format'].description} [default: auto]")
-@setting_options(*PREP_SETTINGS)
-@click.option("--force", is_flag=True, help="Replace a finished prep in OUT/prep/.")
-@config_option
-def prep(input: Path, config_file: Path | None, force: bool, **flags: Any) -> None:
-    """Filter INPUT, give every row a UUID, and cut it into batches by server."""
+def input_options(command: Callable) -> Callable:
+    """INPUT, --output and --format: what prep and download share."""
+    command = click.option(
+        "--format", "input_format", default=None,
+        type=click.Choice(list(typing.get_args(InputFormat))),
+        help=f"{Settings.model_fields['input_format'].description} [default: auto]")(command)
+    command = click.option(
+        "--output", "-o", "output", type=click.Path(path_type=Path), required=True,
+        help=Settings.model_fields["output"].description)(command)
+    return click.argument("input", type=click.Path(path_type=Path))(command)
+
+
+def _prep(settings: Settings, force: bool = False) -> None:
     from distributed_downloader.prep import run_prep
 
-    settings = gather_settings(config_file, {"input": input, **flags})
+    assert settings.output is not None
     report = _prep_progress()
     try:
         summary = run_prep(settings, force=force, progress=report)
     finally:
         report.stop()  # type: ignore[attr-defined]
-    assert settings.output is not None
     print_prep_summary(summary, settings.output)
+
+
+@cli.command()
+@input_options
+@setting_options(*PREP_SETTINGS)
+@click.option("--force", is_flag=True, help="Replace a finished prep in OUT/prep/.")
+@config_option
+def prep(input: Path, config_file: Path | None, force: bool, **flags: Any) -> None:
+    """Filter INPUT, give every row a UUID, and cut it into batches by server."""
+    _prep(gather_settings(config_file, {"input": input, **flags}), force)
 
 
 def print_fetch_summary(summary: dict[str, Any], output: Path) -> None:
@@ -225,45 +235,26 @@ def _fetch(settings: Settings, retry_errors: bool) -> None:
 @config_option
 def fetch(output: Path, config_file: Path | None, retry_errors: bool, **flags: Any) -> None:
     """Download the batches that prep wrote in OUTPUT; re-run to resume."""
-    settings = gather_settings(config_file, {"output": output, **flags})
-    from distributed_downloader.config import settings_as_yaml
-    from distributed_downloader.storage import atomic_write_text
-
-    atomic_write_text(output / "config.yaml", settings_as_yaml(settings))
-    _fetch(settings, retry_errors)
+    _fetch(gather_settings(config_file, {"output": output, **flags}), retry_errors)
 
 
 @cli.command()
-@click.argument("input", type=click.Path(path_type=Path))
-@click.option("--output", "-o", "output", type=click.Path(path_type=Path), required=True,
-              help=Settings.model_fields["output"].description)
-@click.option("--format", "input_format", default=None,
-              type=click.Choice(["auto", "gbif", "dwca", "csv", "tsv", "txt", "parquet"]),
-              help=f"{Settings.model_fields['input_format'].description} [default: auto]")
+@input_options
 @setting_options(*PREP_SETTINGS, *FETCH_SETTINGS)
 @click.option("--retry-errors", is_flag=True,
               help="Fetch again the rows whose error is retryable (timeouts, 429, 5xx, ...).")
 @config_option
 def download(input: Path, config_file: Path | None, retry_errors: bool, **flags: Any) -> None:
-    """One shot: prep INPUT into OUTPUT (unless done), then fetch; re-run to resume."""
-    from distributed_downloader.prep import prep_is_finished, run_prep
+    """One shot: prep INPUT into OUT (unless done), then fetch; re-run to resume."""
+    from distributed_downloader.prep import prep_is_finished
     from distributed_downloader.storage import RunLayout
 
     settings = gather_settings(config_file, {"input": input, **flags})
     assert settings.output is not None
     if prep_is_finished(RunLayout(settings.output)):
         err_console.print(f"prep: already done in {settings.output / 'prep'}, resuming fetch")
-        from distributed_downloader.config import settings_as_yaml
-        from distributed_downloader.storage import atomic_write_text
-
-        atomic_write_text(settings.output / "config.yaml", settings_as_yaml(settings))
     else:
-        report = _prep_progress()
-        try:
-            summary = run_prep(settings, progress=report)
-        finally:
-            report.stop()  # type: ignore[attr-defined]
-        print_prep_summary(summary, settings.output)
+        _prep(settings)
     _fetch(settings, retry_errors)
 
 

@@ -395,6 +395,14 @@ def load_settings(
     return validate(merged, where), from_file.without_effect
 
 
+def save_settings(settings: Settings) -> None:
+    """Write the effective settings to `OUT/config.yaml`, the base of the run's next command."""
+    from distributed_downloader.storage import atomic_write_text
+
+    assert settings.output is not None
+    atomic_write_text(saved_settings_path(settings.output), settings_as_yaml(settings))
+
+
 def settings_as_yaml(settings: Settings) -> str:
     """The effective settings in our own flat form, as written to `OUT/config.yaml`."""
     data = settings.model_dump()

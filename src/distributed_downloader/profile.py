@@ -23,7 +23,7 @@ class ServerProfile:
     rate_limit: float
     max_connections: int
     latency_ms: float | None = None
-    status: str = "ok"  # ok | throttled | down
+    status: str = "ok"  # ok | throttled (rate drew 429s) | probed | down
     notes: str = ""
 
 

@@ -62,6 +62,7 @@ class Report:
 class WorkerStopped:
     worker: int
     interrupted: bool  # stopped by a signal before its work was done
+    peak_rss_mib: float = 0.0
 
 
 # --- scheduler -> worker --------------------------------------------------------------------

@@ -28,15 +28,17 @@ from distributed_downloader.protocol import (
     ServerNews,
     Stop,
     WantWork,
+    WorkerStopped,
 )
 
 DECREASE_FACTOR = 0.5
 DECREASE_COOLDOWN = 1.0  # seconds: one burst of 429s seen by several workers halves once
-INCREASE_INTERVAL = 10.0  # seconds without throttling before each additive increase
+INCREASE_INTERVAL = 5.0  # seconds without throttling before each additive increase
 INCREASE_STEP_SHARE = 0.1  # of max_rate
 MIN_RATE = 0.05  # requests/s: even a very touchy server keeps being asked, slowly
-# After throttling, growth stops short of the rate that drew it, and only probes past it after a
-# long quiet spell: each probe costs a 429, and the limit rarely moves.
+# A server's ceiling is the rate believed safe: 90% of a rate that drew a 429/503, or a rate a
+# profile vouches for. Growth stops there, and only probes past it after a long quiet spell,
+# since each probe costs a 429 and a server's limit rarely moves.
 CEILING_SHARE = 0.9
 CEILING_PROBE_INTERVAL = 300.0
 BREAKER_THRESHOLD = 5  # server failures in a row that open the breaker
@@ -64,7 +66,7 @@ class ServerState:
     last_decrease: float = -math.inf
     last_throttle: float = -math.inf
     last_increase: float = 0.0
-    throttle_ceiling: float | None = None  # the rate that last drew a 429/503
+    ceiling: float | None = None  # the highest rate believed safe (see CEILING_SHARE)
     successes: int = 0
     errors: int = 0
     throttled: int = 0
@@ -118,6 +120,7 @@ class Scheduler:
         self.throttled = 0
         self.bytes = 0
         self.stopped = False
+        self.worker_peak_rss_mib = 0.0
         for server in self.servers.values():
             server.last_increase = now
 
@@ -134,6 +137,8 @@ class Scheduler:
             return self._batch_finished(message, now)
         if isinstance(message, Report):
             return self._report(message, now)
+        if isinstance(message, WorkerStopped):
+            self.worker_peak_rss_mib = max(self.worker_peak_rss_mib, message.peak_rss_mib)
         return []
 
     def worker_lost(self, worker: int, now: float) -> Outgoing:
@@ -160,9 +165,9 @@ class Scheduler:
             quiet = min(now - server.last_throttle, now - server.last_increase)
             if server.workers and quiet >= INCREASE_INTERVAL and not server.probing:
                 limit = server.max_rate
-                if server.throttle_ceiling is not None and \
+                if server.ceiling is not None and \
                         now - server.last_throttle < CEILING_PROBE_INTERVAL:
-                    limit = min(limit, server.throttle_ceiling * CEILING_SHARE)
+                    limit = min(limit, server.ceiling)
                 if server.rate < limit:
                     server.rate = min(limit, server.rate + server.max_rate * INCREASE_STEP_SHARE)
                     server.last_increase = now
@@ -290,7 +295,9 @@ class Scheduler:
         if news.throttled:
             server.last_throttle = now
             if now - server.last_decrease >= DECREASE_COOLDOWN:
-                server.throttle_ceiling = server.rate
+                lowered = server.rate * CEILING_SHARE
+                server.ceiling = lowered if server.ceiling is None else min(server.ceiling,
+                                                                           lowered)
                 server.rate = max(MIN_RATE, server.rate * DECREASE_FACTOR)
                 server.last_decrease = now
                 changed = True

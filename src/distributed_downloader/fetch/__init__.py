@@ -18,7 +18,7 @@ from typing import Any
 import duckdb
 import pyarrow.parquet as pq
 
-from distributed_downloader.config import Settings
+from distributed_downloader.config import Settings, save_settings
 from distributed_downloader.errors import UserError
 from distributed_downloader.profile import ServerProfile, read_profiles, write_profiles
 from distributed_downloader.protocol import BatchRef
@@ -27,6 +27,8 @@ from distributed_downloader.storage import RunLayout, atomic_write_json, batch_f
 from distributed_downloader.writers import COMPLETED_MARKER, reopen_for_retry
 
 PROFILE_SAVE_SECONDS = 60.0
+# Profile statuses whose rate is a ceiling, not just a starting point ("ok" rates may grow).
+CEILING_STATUSES = ("throttled", "probed")
 
 
 @dataclass
@@ -58,16 +60,22 @@ def build_plan(layout: RunLayout, settings: Settings, retry_errors: bool) -> Fet
     batch_size = _prep_summary(layout)["batch_size"]
     learned = read_profiles(layout.server_profiles)
     max_rate = settings.effective_max_rate * settings.rate_multiplier
+    default_rate = settings.default_rate_limit * settings.rate_multiplier
     servers = []
     totals = {"batches": 0, "done": 0, "rows": 0, "rows_done": 0, "reopened": 0}
+    now = time.time()
     for row in pq.read_table(layout.servers).to_pylist():
         name, rows, batches = row["server_name"], row["rows"], row["batches"]
-        rate = settings.default_rate_limit * settings.rate_multiplier
-        if name in learned and learned[name].status != "down":
-            rate = learned[name].rate_limit
-        server = ServerState(name=name, rate=min(rate, max_rate), max_rate=max_rate,
+        server = ServerState(name=name, rate=min(default_rate, max_rate), max_rate=max_rate,
                              connections=settings.max_connections_per_server,
                              total_batches=batches)
+        profile = learned.get(name)
+        if profile is not None and profile.status != "down":
+            server.rate = min(profile.rate_limit, max_rate)
+            if profile.status in CEILING_STATUSES:
+                # A rate that drew 429s before, or that a probe vouches for: no growth past it
+                # until the run has been quiet for a long while.
+                server.ceiling, server.last_throttle = server.rate, now
         for partition in range(batches):
             size = min(batch_size, rows - partition * batch_size)
             folder = batch_folder(layout.downloaded, name, partition)
@@ -137,6 +145,7 @@ def run_fetch(
     layout = RunLayout(settings.output)
     started = time.monotonic()
     plan = build_plan(layout, settings, retry_errors)
+    save_settings(settings)
     before = output_counts(layout)
     if on_plan:
         on_plan(plan)
@@ -173,6 +182,7 @@ def run_fetch(
         "retried_rows": plan.reopened_rows,
         "seconds": round(seconds, 3),
         "images_per_second": round(fetched_now / seconds, 2) if seconds else 0.0,
+        "worker_peak_rss_mib": scheduler.worker_peak_rss_mib if scheduler else None,
     }
     atomic_write_json(layout.root / "fetch_summary.json", summary)
     return summary

@@ -31,6 +31,35 @@ class Body:
     status: int
     final_url: str
     content_type: str
+    reserved: int = 0  # bytes held in the worker's body budget until the body is let go
+
+
+class BodyBudget:
+    """Bytes of response bodies a worker may hold at once (downloading or waiting to decode).
+
+    A body reserves its Content-Length (or an estimate) before it is read, all at once, so
+    partly read bodies never wait on each other; one larger than the whole budget still goes
+    through when nothing else holds any.
+    """
+
+    UNKNOWN_LENGTH_ESTIMATE = 1 << 20
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._room = asyncio.Event()
+
+    async def reserve(self, size: int | None) -> int:
+        amount = size if size is not None else self.UNKNOWN_LENGTH_ESTIMATE
+        while self.used and self.used + amount > self.limit:
+            self._room.clear()
+            await self._room.wait()
+        self.used += amount
+        return amount
+
+    def release(self, amount: int) -> None:
+        self.used -= amount
+        self._room.set()
 
 
 @dataclass
@@ -56,8 +85,9 @@ def _blocked_cause(exc: BaseException) -> BlockedAddress | None:
 class HttpClient:
     """One keep-alive session per worker; per-server limits are the slots' job, not aiohttp's."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, budget: BodyBudget | None = None) -> None:
         self.policy = AddressPolicy(settings.allow_network)
+        self.budget = budget or BodyBudget(1 << 62)
         self.max_body_size = settings.max_body_size
         connector = aiohttp.TCPConnector(
             limit=0, limit_per_host=0, ttl_dns_cache=300, resolver=SafeResolver(self.policy)
@@ -100,6 +130,17 @@ class HttpClient:
             return outcome
         return FetchFailure(ErrorCode.TOO_MANY_REDIRECTS, f"more than {MAX_REDIRECTS} redirects")
 
+    async def _read_body(self, response: aiohttp.ClientResponse) -> bytes | None:
+        """The whole body, or None as soon as it grows past max_body_size."""
+        chunks = []
+        size = 0
+        async for chunk in response.content.iter_chunked(READ_CHUNK):
+            size += len(chunk)
+            if size > self.max_body_size:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def _one_hop(self, url: URL) -> Body | FetchFailure | URL:
         try:
             async with self.session.get(url, allow_redirects=False) as response:
@@ -126,17 +167,19 @@ class HttpClient:
                         ErrorCode.TOO_LARGE,
                         f"Content-Length {response.content_length:,} over max_body_size "
                         f"{self.max_body_size:,}", status)
-                chunks = []
-                size = 0
-                async for chunk in response.content.iter_chunked(READ_CHUNK):
-                    size += len(chunk)
-                    if size > self.max_body_size:
-                        return FetchFailure(
-                            ErrorCode.TOO_LARGE,
-                            f"body over max_body_size {self.max_body_size:,}", status)
-                    chunks.append(chunk)
-                return Body(b"".join(chunks), status, str(response.url),
-                            response.headers.get("Content-Type", ""))
+                reserved = await self.budget.reserve(response.content_length)
+                try:
+                    data = await self._read_body(response)
+                except BaseException:
+                    self.budget.release(reserved)
+                    raise
+                if data is None:
+                    self.budget.release(reserved)
+                    return FetchFailure(
+                        ErrorCode.TOO_LARGE, f"body over max_body_size {self.max_body_size:,}",
+                        status)
+                return Body(data, status, str(response.url),
+                            response.headers.get("Content-Type", ""), reserved)
         except asyncio.TimeoutError:
             return FetchFailure(ErrorCode.TIMEOUT, "no complete answer in time")
         except aiohttp.ClientConnectorError as exc:

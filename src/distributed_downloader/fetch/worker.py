@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import resource
 import signal
 import time
 from collections import deque
@@ -20,11 +21,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distributed_downloader.config import Settings
 from distributed_downloader.errors import SERVER_FAILURES, THROTTLING, ErrorCode
-from distributed_downloader.fetch.client import Body, FetchFailure, HttpClient
+from distributed_downloader.fetch.client import Body, BodyBudget, FetchFailure, HttpClient
 from distributed_downloader.fetch.politeness import ServerDead, ServerSlot
 from distributed_downloader.fetch.retry import RetryPolicy
 from distributed_downloader.images import ImageFailure, StoredImage, process_image
@@ -54,7 +56,11 @@ log = logging.getLogger(__name__)
 REPORT_SECONDS = 1.0
 TICK_SECONDS = 0.2
 MAX_BATCHES = 24  # batches one worker fetches at once
-BUFFER_BUDGET = 128 << 20  # image bytes held for unwritten chunks, across batches
+BUFFER_BUDGET = 48 << 20  # image bytes held for unwritten chunks, across batches
+BODY_BUDGET = 48 << 20  # downloaded bodies held at once (reading, or waiting to decode)
+# Bodies waiting for a decode thread, per thread: beyond this no new request starts, so a
+# fast network cannot pile up bodies in memory faster than the cores decode them.
+DECODE_BACKLOG_PER_THREAD = 4
 LOCAL_BREAKER_PAUSE = 1.0  # until the scheduler's own pause arrives
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
@@ -69,13 +75,13 @@ class Channel(Protocol):
 
 
 def tune_allocator() -> None:
-    """Keep image-sized buffers on the heap: a fresh mmap per decode costs page faults."""
+    """Few malloc arenas: each decode thread would otherwise keep its own high-water mark."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 256 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD
+        ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
     except (OSError, AttributeError):
         pass
+    # Arrow's own pool keeps freed chunk buffers for reuse; the system's gives them back.
+    pa.set_memory_pool(pa.system_memory_pool())
 
 
 def error_row(row: dict[str, Any], code: ErrorCode, message: str, attempts: int,
@@ -109,8 +115,13 @@ class Worker:
         self.failures: dict[str, int] = {}  # server -> server failures in a row
         self.tasks: dict[tuple[str, int], asyncio.Task] = {}
         self.budget = BufferBudget(BUFFER_BUDGET)
-        self.decode_threads = max(1, settings.cpu_per_worker)
-        self.decoding = 0
+        # One thread more than the worker's cores: Pillow releases the GIL while it decodes, so
+        # the spare one keeps the cores busy, and a worker left alone with the last batch
+        # uses the cores its idle neighbours freed.
+        self.decode_threads = settings.cpu_per_worker + 1
+        self.backlog_limit = self.decode_threads * DECODE_BACKLOG_PER_THREAD
+        self.decoding = 0  # bodies handed to the decode threads, not yet back
+        self._decode_room = asyncio.Event()
         self.asking = False  # a WantWork is unanswered, or the scheduler holds us as hungry
         self.bytes = 0
         self.urgent = False
@@ -127,7 +138,7 @@ class Worker:
                 loop.add_signal_handler(signum, self.interrupt)
             except (NotImplementedError, RuntimeError, ValueError):
                 pass
-        self.client = HttpClient(self.settings)
+        self.client = HttpClient(self.settings, BodyBudget(BODY_BUDGET))
         self.pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
         self.channel.listen(loop, self.deliver, self.interrupt)
         ticker = asyncio.create_task(self._tick_forever())
@@ -142,7 +153,8 @@ class Worker:
             await self.client.close()
             self.pool.shutdown(wait=True, cancel_futures=True)
             try:
-                self.channel.send(WorkerStopped(self.id, self.interrupted))
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                self.channel.send(WorkerStopped(self.id, self.interrupted, round(peak, 1)))
             except (OSError, EOFError, BrokenPipeError):
                 pass
         return self.interrupted
@@ -189,6 +201,11 @@ class Worker:
         # More batches only while the decode threads keep up and nothing waits on the network
         # for lack of batches: a backlog of decodes means this worker's cores are full.
         return len(self.tasks) < MAX_BATCHES and self.decoding < self.decode_threads
+
+    async def _wait_for_decode_room(self) -> None:
+        while self.decoding >= self.backlog_limit:
+            self._decode_room.clear()
+            await self._decode_room.wait()
 
     def _send_report(self) -> None:
         for name, count in self.failures.items():
@@ -255,16 +272,18 @@ class Worker:
         loop = asyncio.get_running_loop()
         settings = self.settings
         while queue:
+            await self._wait_for_decode_room()
+            if not queue:
+                break
             row = queue.popleft()
             outcome, attempts = await self._fetch(row, slot)
-            news = self._news(slot.name)
             if isinstance(outcome, FetchFailure):
                 if outcome.code == ErrorCode.SERVER_UNAVAILABLE:
                     self._give_up_row(row, slot.name, writer, attempts)
                     continue
                 writer.add_error(error_row(row, outcome.code, outcome.message, attempts,
                                            outcome.http_status))
-                news.errors += 1
+                self._news(slot.name).errors += 1
                 continue
             self.decoding += 1
             try:
@@ -274,13 +293,16 @@ class Worker:
                     settings.max_image_pixels)
             finally:
                 self.decoding -= 1
+                self._decode_room.set()
+                self.client.budget.release(outcome.reserved)
+            # News objects are handed over at every report: look it up after the await.
             if isinstance(image, ImageFailure):
                 writer.add_error(error_row(row, image.code, image.message, attempts,
                                            outcome.status))
-                news.errors += 1
+                self._news(slot.name).errors += 1
             else:
                 writer.add_success(success_row(row, image))
-                news.successes += 1
+                self._news(slot.name).successes += 1
 
     async def _fetch(self, row: dict[str, Any], slot: ServerSlot) -> tuple[Body | FetchFailure,
                                                                           int]:

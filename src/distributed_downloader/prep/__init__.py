@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distributed_downloader import __version__
-from distributed_downloader.config import Settings, settings_as_yaml
+from distributed_downloader.config import Settings, save_settings
 from distributed_downloader.errors import InputError, UserError
 from distributed_downloader.prep.partition import build_batches
 from distributed_downloader.prep.rows import ChunkCleaner, RejectedRow, Tally, resolve_roles
@@ -34,7 +34,6 @@ from distributed_downloader.storage import (
     PARQUET_COMPRESSION,
     RunLayout,
     atomic_write_json,
-    atomic_write_text,
     publish,
 )
 
@@ -157,7 +156,7 @@ def run_prep(
     if work.exists():
         shutil.rmtree(work)  # a killed prep's leftovers
     work.mkdir(parents=True)
-    atomic_write_text(layout.config, settings_as_yaml(settings))
+    save_settings(settings)
 
     tally = Tally()
     rejected = _RejectedWriter(work / "rejected.parquet")
