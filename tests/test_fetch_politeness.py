@@ -60,7 +60,7 @@ def test_circuit_breaker_gives_up_on_dead_servers_then_retry_errors(tmp_path: Pa
         out = tmp_path / "out"
         source = write_lines(tmp_path / "u.txt", good + down_urls + refused_urls)
         run_cli("download", source, "--output", out, "--default-rate-limit", 20,
-                "--server-down-after", 3, *FAST_FETCH, timeout=300)
+                "--server-down-after", 3, "--no-profile", *FAST_FETCH, timeout=300)
 
         errors = read_errors(out).to_pylist()
         assert {r["identifier"] for r in read_successes(out).to_pylist()} == set(good)

@@ -80,8 +80,11 @@ FETCH_SETTINGS = (
     "workers", "image_size", "output_image_format", "image_quality", "default_rate_limit",
     "max_rate_limit", "rate_multiplier", "max_connections_per_server", "max_retries",
     "server_down_after", "timeout", "connect_timeout", "max_body_size", "max_image_pixels",
-    "user_agent", "allow_network", "cpu_per_worker",
+    "user_agent", "allow_network", "cpu_per_worker", "rates", "executor",
 )
+PROFILE_SETTINGS = ("default_rate_limit", "max_rate_limit", "max_connections_per_server",
+                    "profile_requests", "timeout", "connect_timeout", "user_agent",
+                    "allow_network", "rates")
 PREP_SETTINGS = ("url_column", "id_column", "keep_columns", "batch_size", "keep_duplicates",
                  "uuid", "memory_limit")
 
@@ -240,22 +243,58 @@ def fetch(output: Path, config_file: Path | None, retry_errors: bool, **flags: A
 
 @cli.command()
 @input_options
-@setting_options(*PREP_SETTINGS, *FETCH_SETTINGS)
+@setting_options(*PREP_SETTINGS, *FETCH_SETTINGS, "profile_requests")
 @click.option("--retry-errors", is_flag=True,
               help="Fetch again the rows whose error is retryable (timeouts, 429, 5xx, ...).")
+@click.option("--no-profile", is_flag=True,
+              help="Skip probing the servers; start every server at default_rate_limit.")
 @config_option
-def download(input: Path, config_file: Path | None, retry_errors: bool, **flags: Any) -> None:
-    """One shot: prep INPUT into OUT (unless done), then fetch; re-run to resume."""
+def download(input: Path, config_file: Path | None, retry_errors: bool, no_profile: bool,
+             **flags: Any) -> None:
+    """One shot: prep INPUT into OUT, profile its servers (each unless done), then fetch;
+    re-run to resume."""
     from distributed_downloader.prep import prep_is_finished
     from distributed_downloader.storage import RunLayout
 
     settings = gather_settings(config_file, {"input": input, **flags})
     assert settings.output is not None
-    if prep_is_finished(RunLayout(settings.output)):
-        err_console.print(f"prep: already done in {settings.output / 'prep'}, resuming fetch")
+    layout = RunLayout(settings.output)
+    if prep_is_finished(layout):
+        err_console.print(f"prep: already done in {layout.prep}, resuming")
     else:
         _prep(settings)
+    if not no_profile and not layout.profile_summary.exists():
+        _profile(settings)
     _fetch(settings, retry_errors)
+
+
+def print_profile_summary(summary: dict[str, Any], output: Path) -> None:
+    parts = [f"{status} {count:,}" for status, count in sorted(summary["by_status"].items())]
+    if summary["excluded"]:
+        parts.append(f"excluded by hand {summary['excluded']:,}")
+    if summary["overridden"]:
+        parts.append(f"rates set by hand {summary['overridden']:,}")
+    console.print(f"profile: {summary['servers']:,} servers probed with "
+                  f"{summary['requests']:,} requests in {summary['seconds']:.1f} s "
+                  f"({', '.join(parts)})")
+    console.print(f"rates in [bold]{output / 'profiles' / 'servers.csv'}[/]")
+
+
+def _profile(settings: Settings) -> None:
+    from distributed_downloader.profile import run_profile
+
+    assert settings.output is not None
+    print_profile_summary(run_profile(settings), settings.output)
+
+
+@cli.command()
+@click.argument("output", type=click.Path(path_type=Path, file_okay=False))
+@setting_options(*PROFILE_SETTINGS)
+@config_option
+def profile(output: Path, config_file: Path | None, **flags: Any) -> None:
+    """Probe every server of OUTPUT (a few requests each, one a second at most) for a safe
+    starting rate; writes OUTPUT/profiles/servers.csv."""
+    _profile(gather_settings(config_file, {"output": output, **flags}))
 
 
 def _not_implemented(name: str, summary: str) -> None:
@@ -266,7 +305,6 @@ def _not_implemented(name: str, summary: str) -> None:
 
 
 for _name, _summary in (
-    ("profile", "Probe every server for a safe request rate."),
     ("status", "Show where a run stands."),
     ("verify", "Check every finished batch of a run."),
     ("tools", "Post-process downloaded images (resize, verification, duplicates, size)."),

@@ -86,6 +86,10 @@ class Settings(BaseModel):
     max_retries: int = Field(
         3, ge=1, description="Most attempts per URL, the first included."
     )
+    profile_requests: int = Field(
+        5, ge=1, le=20, description="Requests the profile stage sends to each server (one a "
+        "second at most)."
+    )
     server_down_after: float = Field(
         300.0,
         gt=0,
@@ -124,6 +128,10 @@ class Settings(BaseModel):
     log_level: LogLevel = Field("INFO", description="Least severe log messages shown.")
 
     # cluster (Slurm and MPI)
+    executor: Literal["local", "mpi"] = Field(
+        "local", description="local: worker processes on this machine; mpi: under mpirun/srun, "
+        "rank 0 schedules and the other ranks fetch."
+    )
     account: str | None = Field(None, description="Slurm account to charge.")
     num_downloads: int = Field(
         1, gt=0, description="Download periods (Slurm jobs) to chain before giving up."

@@ -60,6 +60,7 @@ class ErrorCode(StrEnum):
     INVALID_REDIRECT = "invalid_redirect"  # a Location that is not an http(s) URL
     BLOCKED_ADDRESS = "blocked_address"  # private, loopback, link-local, ... not allowed
     SERVER_UNAVAILABLE = "server_unavailable"  # the server stayed down; not requested again
+    SERVER_EXCLUDED = "server_excluded"  # excluded by the user's rates file; never requested
     TOO_LARGE = "too_large"  # body over max_body_size
     NOT_AN_IMAGE = "not_an_image"
     TRUNCATED_IMAGE = "truncated_image"
@@ -86,6 +87,7 @@ RETRYABLE = frozenset(
         ErrorCode.CONNECTION_ERROR,
         ErrorCode.DNS_ERROR,
         ErrorCode.SERVER_UNAVAILABLE,
+        ErrorCode.SERVER_EXCLUDED,  # once the user lifts the exclusion
     }
 )
 # Answers that say "slow down": they lower the server's rate, not just retry the URL.

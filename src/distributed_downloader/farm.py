@@ -85,8 +85,9 @@ class ServerSpec:
 
     host: str  # a loopback address, e.g. 127.0.0.2
     port: int = 0  # 0: any free port
-    rate_limit: float | None = None  # requests/s over any 1 s; beyond it: 429
+    rate_limit: float | None = None  # requests/s in any 1 s (under 1/s: 1 per 1/rate s); then 429
     retry_after: float = 1.0
+    advertise_limit: bool = False  # send the limit as a RateLimit-Policy header
     latency: float = 0.0  # seconds before every answer
     down: bool = False  # answer 503 to everything
     flaky_failures: int = 2  # /flaky/ paths fail this many times before they answer
@@ -130,11 +131,13 @@ class FarmServer:
         return sum(1 for record in self.log if record.status == status)
 
     def _over_limit(self, now: float) -> bool:
-        if self.spec.rate_limit is None:
+        limit = self.spec.rate_limit
+        if limit is None:
             return False
-        while self._recent and now - self._recent[0] >= 1.0:
+        window = 1.0 if limit >= 1 else 1.0 / limit  # below 1/s: one request per 1/limit s
+        while self._recent and now - self._recent[0] >= window:
             self._recent.popleft()
-        if len(self._recent) >= self.spec.rate_limit:
+        if len(self._recent) >= limit * window:
             return True
         self._recent.append(now)
         return False
@@ -153,6 +156,9 @@ class FarmServer:
         now = time.time()
         path = request.path
         response = await self._answer(request, path, now)
+        if response is not None and self.spec.advertise_limit and self.spec.rate_limit \
+                and not response.prepared:
+            response.headers["RateLimit-Policy"] = f'"limit";q={self.spec.rate_limit:g};w=1'
         self.log.append(RequestRecord(now, path, response.status if response else 0))
         if response is None:  # a reset: no answer at all
             assert request.transport is not None

@@ -1,20 +1,51 @@
-"""Server profiles: the rate each server tolerates, in `OUT/profiles/servers.csv`.
+"""The profile stage: a safe starting rate for every server, in `OUT/profiles/servers.csv`.
 
-Fetch writes what it learned (rates lowered by throttling, servers that stayed down) and the next
-run starts from it. The columns are those of the profile stage, so a profile file can be written
-by probing, by a previous download, or by hand.
+Each server is probed politely (a handful of GETs of its own URLs, at most one a second, all
+servers at once): latency, status codes, throttling (429/503 with `Retry-After`), an advertised
+limit (`RateLimit-Policy`), keep-alive. A server's starting rate is the lower of
+`default_rate_limit` and what the probe showed it tolerates; a server that never answers is
+marked `down` and fetch writes its rows as retryable errors instead of requesting them.
+
+Fetch writes what it learned to the same file, so a profile can come from probing, from a
+previous download, or from a person. Hand-set rates and exclusions (`--rates`) live beside it in
+`OUT/profiles/rates.csv` and win over both, re-profiling included.
 """
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
+import json
+import re
+import statistics
+import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-from distributed_downloader.storage import atomic_write_text
+import pyarrow.parquet as pq
+
+from distributed_downloader.config import Settings, save_settings
+from distributed_downloader.errors import (
+    SERVER_FAILURES,
+    THROTTLING,
+    ErrorCode,
+    InputError,
+    UserError,
+)
+from distributed_downloader.storage import RunLayout, atomic_write_json, atomic_write_text, \
+    batch_folder
 
 PROFILE_COLUMNS = ("server_name", "rate_limit", "max_connections", "latency_ms", "status", "notes")
+# Seconds between two probe requests to one server: never more than one a second, with a
+# margin so that network jitter cannot bring two arrivals within the same second.
+PROBE_INTERVAL = 1.05
+PROBE_SERVERS_AT_ONCE = 256
+# A server that throttles one request a second is given this share of that rate.
+THROTTLED_PROBE_SHARE = 0.5
+TRUE_WORDS = frozenset({"1", "true", "yes", "y", "x", "exclude", "excluded"})
 
 
 @dataclass
@@ -23,8 +54,20 @@ class ServerProfile:
     rate_limit: float
     max_connections: int
     latency_ms: float | None = None
-    status: str = "ok"  # ok | throttled (rate drew 429s) | probed | down
+    # ok: answers, rate may grow | throttled: a rate that drew 429s | probed: an advertised or
+    # measured limit | down: no answer | manual: set by hand
+    status: str = "ok"
     notes: str = ""
+
+
+@dataclass
+class RateOverride:
+    """One line of the user's rates file: what to force for one server."""
+
+    server_name: str
+    rate_limit: float | None = None
+    max_connections: int | None = None
+    exclude: bool = False
 
 
 def read_profiles(path: Path) -> dict[str, ServerProfile]:
@@ -58,3 +101,239 @@ def write_profiles(path: Path, profiles: list[ServerProfile]) -> None:
         row["latency_ms"] = "" if profile.latency_ms is None else f"{profile.latency_ms:.0f}"
         writer.writerow(row)
     atomic_write_text(path, buffer.getvalue())
+
+
+# --- hand-set rates ---------------------------------------------------------------------------
+
+
+def parse_rate_overrides(text: str, where: str) -> dict[str, RateOverride]:
+    """Read a rates CSV: ours (server_name, rate_limit, max_connections, exclude) or the
+    original's servers_profiles.csv (server_name, total_batches, ..., rate_limit)."""
+    reader = csv.DictReader(io.StringIO(text))
+    columns = [name.strip() for name in reader.fieldnames or []]
+    if "server_name" not in columns:
+        raise InputError(f"{where}: a rates file needs a server_name column (found: "
+                         f"{', '.join(columns) or 'nothing'})")
+    overrides: dict[str, RateOverride] = {}
+    for line, raw in enumerate(reader, start=2):
+        row = {(key or "").strip(): (value or "").strip() for key, value in raw.items()
+               if isinstance(value, str)}
+        name = row.get("server_name", "").lower()
+        if not name:
+            continue
+        try:
+            rate = float(row["rate_limit"]) if row.get("rate_limit") else None
+            connections = int(row["max_connections"]) if row.get("max_connections") else None
+        except ValueError:
+            raise InputError(f"{where}:{line}: rate_limit and max_connections must be numbers "
+                             f"(server {name})") from None
+        if (rate is not None and rate <= 0) or (connections is not None and connections <= 0):
+            raise InputError(f"{where}:{line}: rate_limit and max_connections must be positive "
+                             f"(server {name}); use exclude to skip a server")
+        exclude = row.get("exclude", "").lower() in TRUE_WORDS
+        overrides[name] = RateOverride(name, rate, connections, exclude)
+    return overrides
+
+
+def load_rate_overrides(layout: RunLayout, settings: Settings) -> dict[str, RateOverride]:
+    """The run's hand-set rates: the `rates` file when given (copied into the run), else the
+    copy a previous command kept."""
+    if settings.rates is not None:
+        try:
+            text = settings.rates.read_text(encoding="utf-8-sig")
+        except FileNotFoundError:
+            if not layout.rate_overrides.exists():
+                raise InputError(f"{settings.rates}: rates file not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"{settings.rates}: cannot read rates file ({exc})") from None
+        else:
+            overrides = parse_rate_overrides(text, str(settings.rates))
+            atomic_write_text(layout.rate_overrides, text)
+            return overrides
+    if layout.rate_overrides.exists():
+        return parse_rate_overrides(layout.rate_overrides.read_text(encoding="utf-8-sig"),
+                                    str(layout.rate_overrides))
+    return {}
+
+
+# --- probing ----------------------------------------------------------------------------------
+
+
+def advertised_rate(headers: Any) -> float | None:
+    """Requests/s a server advertises in `RateLimit-Policy` (IETF draft; both the older
+    `10;w=1` and the newer `"name";q=10;w=1` forms), the strictest policy first."""
+    value = headers.get("RateLimit-Policy") if headers else None
+    if not value:
+        return None
+    rates = []
+    for policy in value.split(","):
+        quota = re.search(r"(?:^|;)\s*q\s*=\s*(\d+(?:\.\d+)?)", policy) or \
+            re.match(r"\s*(\d+(?:\.\d+)?)\s*(?:;|$)", policy)
+        window = re.search(r";\s*w\s*=\s*(\d+(?:\.\d+)?)", policy)
+        if quota and window and float(window.group(1)) > 0:
+            rates.append(float(quota.group(1)) / float(window.group(1)))
+    return min(rates) if rates else None
+
+
+@dataclass
+class ProbeResult:
+    server_name: str
+    statuses: Counter
+    latencies: list[float]
+    throttled: int = 0
+    failures: int = 0
+    retry_after: float | None = None
+    advertised: float | None = None
+    closes_connection: int = 0
+    requests: int = 0
+
+
+def sample_urls(layout: RunLayout, server_name: str, count: int) -> list[str]:
+    folder = batch_folder(layout.batches, server_name, 0)
+    urls: list[str] = []
+    for path in sorted(folder.glob("*.parquet")):
+        urls += pq.read_table(path, columns=["identifier"]).column(0).to_pylist()[:count]
+        if len(urls) >= count:
+            break
+    return urls[:count]
+
+
+async def probe_server(client: Any, server_name: str, urls: list[str]) -> ProbeResult:
+    """GET each URL in turn, one request a second at most (redirect hops included)."""
+    from distributed_downloader.fetch.client import Body
+
+    result = ProbeResult(server_name, Counter(), [])
+    last_request = [-PROBE_INTERVAL]
+
+    async def pace() -> None:
+        wait = last_request[0] + PROBE_INTERVAL - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        last_request[0] = time.monotonic()
+        result.requests += 1
+
+    for url in urls:
+        await pace()
+        started = time.monotonic()
+        outcome = await client.get(url, pace=pace)
+        seconds = time.monotonic() - started
+        if isinstance(outcome, Body):
+            result.statuses[str(outcome.status)] += 1
+            client.budget.release(outcome.reserved)
+        else:
+            result.statuses[str(outcome.http_status or outcome.code)] += 1
+            # A 503 without Retry-After is a server that is down, not one that throttles.
+            if outcome.code == ErrorCode.HTTP_429 or \
+                    (outcome.code in THROTTLING and outcome.retry_after is not None):
+                result.throttled += 1
+                if outcome.retry_after is not None:
+                    result.retry_after = max(result.retry_after or 0.0, outcome.retry_after)
+                    if outcome.retry_after > PROBE_INTERVAL:
+                        break  # asked to pause: that is all we need to know
+            elif outcome.code in SERVER_FAILURES:
+                result.failures += 1
+        if isinstance(outcome, Body) or outcome.code not in SERVER_FAILURES | THROTTLING:
+            result.latencies.append(seconds)
+        headers = outcome.headers
+        result.advertised = advertised_rate(headers) or result.advertised
+        if headers and headers.get("Connection", "").lower() == "close":
+            result.closes_connection += 1
+        if result.failures >= 2 and not result.latencies:
+            break  # two failures and no answer: down, no need to insist
+    return result
+
+
+def profile_from_probe(result: ProbeResult, settings: Settings) -> ServerProfile:
+    default = settings.default_rate_limit
+    connections = settings.max_connections_per_server
+    latency = statistics.median(result.latencies) * 1000 if result.latencies else None
+    seen = ", ".join(f"{code}×{count}" for code, count in sorted(result.statuses.items()))
+    notes = [f"probe: {seen}"] if seen else ["probe: no URL"]
+    if result.closes_connection:
+        notes.append("no keep-alive")
+        connections = max(1, connections // 2)
+    if not result.latencies and not result.throttled and result.failures:
+        return ServerProfile(result.server_name, default, connections, None, "down",
+                             "; ".join(notes))
+    if result.throttled:
+        rate = THROTTLED_PROBE_SHARE  # of the one request a second that drew it
+        if result.retry_after:
+            rate = min(rate, 1.0 / result.retry_after)
+            notes.append(f"Retry-After {result.retry_after:g} s")
+        return ServerProfile(result.server_name, min(default, rate), 1, latency, "throttled",
+                             "; ".join(notes))
+    if result.advertised is not None:
+        notes.append(f"advertises {result.advertised:g} requests/s")
+        if result.advertised <= settings.effective_max_rate:
+            return ServerProfile(result.server_name, min(default, result.advertised),
+                                 connections, latency, "probed", "; ".join(notes))
+    return ServerProfile(result.server_name, default, connections, latency, "ok",
+                         "; ".join(notes))
+
+
+async def _probe_all(layout: RunLayout, settings: Settings,
+                     servers: list[str]) -> list[ProbeResult]:
+    from distributed_downloader.fetch.client import HttpClient
+
+    client = HttpClient(settings)
+    gate = asyncio.Semaphore(PROBE_SERVERS_AT_ONCE)
+
+    async def one(name: str) -> ProbeResult:
+        async with gate:
+            return await probe_server(client, name,
+                                      sample_urls(layout, name, settings.profile_requests))
+
+    try:
+        return list(await asyncio.gather(*(one(name) for name in servers)))
+    finally:
+        await client.close()
+
+
+def apply_overrides(profiles: dict[str, ServerProfile],
+                    overrides: dict[str, RateOverride], settings: Settings) -> None:
+    """Hand-set rates win: the profile of an overridden server says so."""
+    for name, override in overrides.items():
+        if override.exclude or (override.rate_limit is None and override.max_connections is None):
+            continue
+        current = profiles.get(name)
+        rate = override.rate_limit or (current.rate_limit if current else
+                                       settings.default_rate_limit)
+        connections = override.max_connections or (
+            current.max_connections if current else settings.max_connections_per_server)
+        profiles[name] = ServerProfile(name, rate, connections,
+                                       current.latency_ms if current else None, "manual",
+                                       "set by the rates file")
+
+
+def run_profile(settings: Settings) -> dict[str, Any]:
+    """Probe every prepared server; write `OUT/profiles/servers.csv` and a summary."""
+    if settings.output is None:
+        raise UserError("profile needs the run's folder OUT")
+    layout = RunLayout(settings.output)
+    if not layout.prep_summary.exists():
+        raise UserError(f"{layout.root} has no finished prep; run `distributed-downloader prep` "
+                        "(or `download`) first")
+    started = time.monotonic()
+    overrides = load_rate_overrides(layout, settings)
+    save_settings(settings)
+    servers = [name for name in
+               pq.read_table(layout.servers, columns=["server_name"]).column(0).to_pylist()
+               if not (name in overrides and overrides[name].exclude)]
+    results = asyncio.run(_probe_all(layout, settings, servers))
+    probed = [profile_from_probe(result, settings) for result in results]
+    profiles = read_profiles(layout.server_profiles)
+    profiles.update({profile.server_name: profile for profile in probed})
+    apply_overrides(profiles, overrides, settings)
+    write_profiles(layout.server_profiles, list(profiles.values()))
+    by_status = Counter(profile.status for profile in probed)
+    summary = {
+        "servers": len(servers),
+        "excluded": sum(1 for o in overrides.values() if o.exclude),
+        "overridden": sum(1 for o in overrides.values()
+                          if not o.exclude and (o.rate_limit or o.max_connections)),
+        "by_status": dict(by_status),
+        "requests": sum(result.requests for result in results),
+        "seconds": round(time.monotonic() - started, 3),
+    }
+    atomic_write_json(layout.profile_summary, summary)
+    return summary

@@ -68,10 +68,18 @@ class WorkerStopped:
 # --- scheduler -> worker --------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class GiveUp:
+    """Why a server's rows are written as errors without being requested."""
+
+    code: str  # an ErrorCode value
+    message: str
+
+
 @dataclass
 class Assign:
     batch: BatchRef
-    give_up: bool = False  # the server is dead: write every remaining row as an error
+    give_up: GiveUp | None = None  # set: write every remaining row as this error, no request
 
 
 @dataclass

@@ -18,11 +18,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from distributed_downloader.config import Settings
+from distributed_downloader.errors import ErrorCode
 from distributed_downloader.protocol import (
     Assign,
     BatchFinished,
     BatchRef,
     Budget,
+    GiveUp,
     NoWorkYet,
     Report,
     ServerNews,
@@ -47,6 +49,8 @@ BREAKER_MAX_PAUSE = 60.0
 MIN_SHARE_RATE = 20.0
 
 Outgoing = list[tuple[int, object]]
+SERVER_KEPT_FAILING = GiveUp(ErrorCode.SERVER_UNAVAILABLE,
+                             "server kept failing; gave up on it for this run")
 
 
 @dataclass
@@ -63,6 +67,7 @@ class ServerState:
     workers: set[int] = field(default_factory=set)
     paused_until: float = 0.0
     dead: bool = False
+    give_up: GiveUp = SERVER_KEPT_FAILING  # what the rows of a dead server become
     last_decrease: float = -math.inf
     last_throttle: float = -math.inf
     last_increase: float = 0.0
@@ -214,7 +219,7 @@ class Scheduler:
         if not give_up:
             server.workers.add(worker)
             out += self._budgets(server)  # smaller shares for the others first
-        return out + [(worker, Assign(batch, give_up=give_up))]
+        return out + [(worker, Assign(batch, give_up=server.give_up if give_up else None))]
 
     def _want_work(self, worker: int, now: float) -> Outgoing:
         if worker not in self.active_workers:

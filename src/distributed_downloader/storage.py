@@ -61,6 +61,16 @@ class RunLayout:
         return self.root / "profiles" / "servers.csv"
 
     @property
+    def rate_overrides(self) -> Path:
+        """The user's hand-set rates and exclusions (`--rates`), kept with the run."""
+        return self.root / "profiles" / "rates.csv"
+
+    @property
+    def profile_summary(self) -> Path:
+        """Written by the profile stage: its presence means the servers were probed."""
+        return self.root / "profiles" / "summary.json"
+
+    @property
     def prep_summary(self) -> Path:
         """Written last: its presence is what marks a prep as finished."""
         return self.prep / "summary.json"

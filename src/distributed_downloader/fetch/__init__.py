@@ -19,16 +19,25 @@ import duckdb
 import pyarrow.parquet as pq
 
 from distributed_downloader.config import Settings, save_settings
-from distributed_downloader.errors import UserError
-from distributed_downloader.profile import ServerProfile, read_profiles, write_profiles
-from distributed_downloader.protocol import BatchRef
-from distributed_downloader.schedule import Scheduler, ServerState
+from distributed_downloader.errors import ErrorCode, UserError
+from distributed_downloader.profile import (
+    RateOverride,
+    ServerProfile,
+    load_rate_overrides,
+    read_profiles,
+    write_profiles,
+)
+from distributed_downloader.protocol import BatchRef, GiveUp
+from distributed_downloader.schedule import SERVER_KEPT_FAILING, Scheduler, ServerState
 from distributed_downloader.storage import RunLayout, atomic_write_json, batch_folder
 from distributed_downloader.writers import COMPLETED_MARKER, reopen_for_retry
 
 PROFILE_SAVE_SECONDS = 60.0
 # Profile statuses whose rate is a ceiling, not just a starting point ("ok" rates may grow).
-CEILING_STATUSES = ("throttled", "probed")
+CEILING_STATUSES = ("throttled", "probed", "manual")
+EXCLUDED = GiveUp(ErrorCode.SERVER_EXCLUDED, "server excluded by the rates file")
+DOWN_AT_PROFILE = GiveUp(ErrorCode.SERVER_UNAVAILABLE,
+                         "server did not answer the profile probe; run `profile` again to retry")
 
 
 @dataclass
@@ -59,6 +68,7 @@ def build_plan(layout: RunLayout, settings: Settings, retry_errors: bool) -> Fet
     """Which batches are left, by server, with each server's starting budget."""
     batch_size = _prep_summary(layout)["batch_size"]
     learned = read_profiles(layout.server_profiles)
+    overrides = load_rate_overrides(layout, settings)
     max_rate = settings.effective_max_rate * settings.rate_multiplier
     default_rate = settings.default_rate_limit * settings.rate_multiplier
     servers = []
@@ -69,13 +79,7 @@ def build_plan(layout: RunLayout, settings: Settings, retry_errors: bool) -> Fet
         server = ServerState(name=name, rate=min(default_rate, max_rate), max_rate=max_rate,
                              connections=settings.max_connections_per_server,
                              total_batches=batches)
-        profile = learned.get(name)
-        if profile is not None and profile.status != "down":
-            server.rate = min(profile.rate_limit, max_rate)
-            if profile.status in CEILING_STATUSES:
-                # A rate that drew 429s before, or that a probe vouches for: no growth past it
-                # until the run has been quiet for a long while.
-                server.ceiling, server.last_throttle = server.rate, now
+        _starting_budget(server, learned.get(name), overrides.get(name), now, retry_errors)
         for partition in range(batches):
             size = min(batch_size, rows - partition * batch_size)
             folder = batch_folder(layout.downloaded, name, partition)
@@ -98,14 +102,50 @@ def build_plan(layout: RunLayout, settings: Settings, retry_errors: bool) -> Fet
                      totals["rows_done"], totals["reopened"])
 
 
+def _starting_budget(server: ServerState, profile: ServerProfile | None,
+                     override: RateOverride | None, now: float, retry_errors: bool) -> None:
+    """Hand-set rates first, then what a probe or an earlier run learned, else the defaults.
+
+    A server the probe found down is skipped, except when retrying errors: then it gets
+    another chance, with the circuit breaker to stop it costing more than a few requests.
+    """
+    if override is not None and override.exclude:
+        server.dead, server.give_up = True, EXCLUDED
+        return
+    if override is not None and (override.rate_limit or override.max_connections):
+        if override.rate_limit:
+            server.rate = server.max_rate = override.rate_limit
+        if override.max_connections:
+            server.connections = override.max_connections
+        return
+    if profile is None or (profile.status == "down" and retry_errors):
+        return
+    if profile.status == "down":
+        server.dead, server.give_up = True, DOWN_AT_PROFILE
+        return
+    server.rate = min(profile.rate_limit, server.max_rate)
+    server.connections = min(server.connections, profile.max_connections)
+    if profile.status in CEILING_STATUSES:
+        # A rate that drew 429s before, or that a probe vouches for: no growth past it
+        # until the run has been quiet for a long while.
+        server.ceiling, server.last_throttle = server.rate, now
+
+
 def learned_profiles(layout: RunLayout, scheduler: Scheduler) -> list[ServerProfile]:
     """Previous profiles, updated with what this run saw of its servers."""
     profiles = read_profiles(layout.server_profiles)
     for server in scheduler.servers.values():
-        status = "down" if server.dead else ("throttled" if server.throttled else "ok")
+        previous = profiles.get(server.name)
+        if server.give_up is not SERVER_KEPT_FAILING and server.dead:
+            continue  # excluded, or down at profile time: nothing learned
+        if previous is not None and previous.status == "manual":
+            continue
+        # "gave_up", unlike the profile's "down", does not keep the next run from trying.
+        status = "gave_up" if server.dead else ("throttled" if server.throttled else "ok")
         latency = (server.latency_sum / server.latency_count * 1000
                    if server.latency_count else None)
-        notes = f"{server.throttled} throttled answers" if server.throttled else ""
+        notes = f"{server.throttled} throttled answers" if server.throttled else \
+            (previous.notes if previous is not None else "")
         profiles[server.name] = ServerProfile(server.name, server.rate, server.connections,
                                               latency, status, notes)
     return list(profiles.values())

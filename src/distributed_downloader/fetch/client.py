@@ -8,8 +8,8 @@ errors table. Nothing here decides whether to retry (see retry.py) or how fast t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 
 import aiohttp
 from yarl import URL
@@ -32,6 +32,7 @@ class Body:
     final_url: str
     content_type: str
     reserved: int = 0  # bytes held in the worker's body budget until the body is let go
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 class BodyBudget:
@@ -68,6 +69,7 @@ class FetchFailure:
     message: str
     http_status: int | None = None
     retry_after: float | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 Pace = Callable[[], Awaitable[None]]
@@ -161,6 +163,7 @@ class HttpClient:
                         f"HTTP {status} {response.reason or ''}".strip(),
                         status,
                         parse_retry_after(response.headers.get("Retry-After")),
+                        response.headers,
                     )
                 if (response.content_length or 0) > self.max_body_size:
                     return FetchFailure(
@@ -179,7 +182,7 @@ class HttpClient:
                         ErrorCode.TOO_LARGE, f"body over max_body_size {self.max_body_size:,}",
                         status)
                 return Body(data, status, str(response.url),
-                            response.headers.get("Content-Type", ""), reserved)
+                            response.headers.get("Content-Type", ""), reserved, response.headers)
         except asyncio.TimeoutError:
             return FetchFailure(ErrorCode.TIMEOUT, "no complete answer in time")
         except aiohttp.ClientConnectorError as exc:

@@ -35,6 +35,7 @@ from distributed_downloader.protocol import (
     BatchFinished,
     BatchRef,
     Budget,
+    GiveUp,
     NoWorkYet,
     Report,
     ServerNews,
@@ -42,7 +43,7 @@ from distributed_downloader.protocol import (
     WantWork,
     WorkerStopped,
 )
-from distributed_downloader.schedule import BREAKER_THRESHOLD
+from distributed_downloader.schedule import BREAKER_THRESHOLD, SERVER_KEPT_FAILING
 from distributed_downloader.storage import RunLayout, batch_folder
 from distributed_downloader.writers import (
     BatchWriter,
@@ -230,7 +231,7 @@ class Worker:
 
     # --- batches ------------------------------------------------------------------------------
 
-    async def _run_batch(self, batch: BatchRef, give_up: bool) -> None:
+    async def _run_batch(self, batch: BatchRef, give_up: GiveUp | None) -> None:
         folder = batch_folder(self.layout.downloaded, batch.server_name, batch.partition_id)
         writer = BatchWriter(folder, self.settings.keep_columns, self.budget)
         try:
@@ -239,9 +240,9 @@ class Worker:
             source = batch_folder(self.layout.batches, batch.server_name, batch.partition_id)
             rows = [row for path in sorted(source.glob("*.parquet"))
                     for row in pq.read_table(path).to_pylist() if row["uuid"] not in done]
-            if give_up:
+            if give_up is not None:
                 for row in rows:
-                    self._give_up_row(row, batch.server_name, writer, 0)
+                    self._give_up_row(row, batch.server_name, writer, 0, give_up)
             else:
                 queue = deque(rows)
                 slot = self._slot(batch.server_name)
@@ -263,9 +264,8 @@ class Worker:
             self.tasks.pop(batch.key, None)
 
     def _give_up_row(self, row: dict[str, Any], server: str, writer: BatchWriter,
-                     attempts: int) -> None:
-        writer.add_error(error_row(row, ErrorCode.SERVER_UNAVAILABLE,
-                                   "server kept failing; gave up on it for this run", attempts))
+                     attempts: int, reason: GiveUp = SERVER_KEPT_FAILING) -> None:
+        writer.add_error(error_row(row, ErrorCode(reason.code), reason.message, attempts))
         self._news(server).errors += 1
 
     async def _consume(self, queue: deque, slot: ServerSlot, writer: BatchWriter) -> None:
