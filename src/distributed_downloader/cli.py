@@ -26,6 +26,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 PROGRESS_LOG_SECONDS = 5.0
+ON_ERROR: list[Callable[[], None]] = []  # run before exiting on a user error (MPI: end all ranks)
 
 
 def _click_type(annotation: Any) -> tuple[Any, bool]:
@@ -80,7 +81,7 @@ FETCH_SETTINGS = (
     "workers", "image_size", "output_image_format", "image_quality", "default_rate_limit",
     "max_rate_limit", "rate_multiplier", "max_connections_per_server", "max_retries",
     "server_down_after", "timeout", "connect_timeout", "max_body_size", "max_image_pixels",
-    "user_agent", "allow_network", "cpu_per_worker", "rates", "executor",
+    "user_agent", "allow_network", "cpu_per_worker", "rates", "executor", "min_worker_rate",
 )
 PROFILE_SETTINGS = ("default_rate_limit", "max_rate_limit", "max_connections_per_server",
                     "profile_requests", "timeout", "connect_timeout", "user_agent",
@@ -207,11 +208,30 @@ def print_fetch_summary(summary: dict[str, Any], output: Path) -> None:
         err_console.print("[yellow]not finished:[/] run the same command again to resume")
 
 
+def _mpi_rank() -> int:
+    from distributed_downloader.executors import mpi
+
+    return mpi.world().Get_rank()
+
+
+def _mpi_executor(settings: Settings) -> Any:
+    """Rank 0's executor; any other rank fetches here and exits when rank 0 says so."""
+    from distributed_downloader.executors import mpi
+
+    comm = mpi.world()
+    ON_ERROR.append(lambda: mpi.abort_world(2))
+    if comm.Get_rank() != mpi.SCHEDULER_RANK:
+        interrupted = mpi.run_worker_rank(comm)
+        sys.exit(130 if interrupted else 0)
+    return mpi.MpiExecutor(comm, settings)
+
+
 def _fetch(settings: Settings, retry_errors: bool) -> None:
     from distributed_downloader.fetch import FetchPlan, run_fetch
     from distributed_downloader.progress import FetchProgress
 
     assert settings.output is not None
+    executor = _mpi_executor(settings) if settings.executor == "mpi" else None
     progress: list[FetchProgress] = []
 
     def on_plan(plan: FetchPlan) -> None:
@@ -221,7 +241,7 @@ def _fetch(settings: Settings, retry_errors: bool) -> None:
 
     try:
         summary = run_fetch(settings, retry_errors, on_tick=lambda s: progress[0](s),
-                            on_plan=on_plan)
+                            on_plan=on_plan, executor=executor)
     finally:
         if progress:
             progress[0].stop()
@@ -259,6 +279,8 @@ def download(input: Path, config_file: Path | None, retry_errors: bool, no_profi
     settings = gather_settings(config_file, {"input": input, **flags})
     assert settings.output is not None
     layout = RunLayout(settings.output)
+    if settings.executor == "mpi" and _mpi_rank() != 0:
+        _fetch(settings, retry_errors)  # a worker rank: rank 0 alone preps and profiles
     if prep_is_finished(layout):
         err_console.print(f"prep: already done in {layout.prep}, resuming")
     else:
@@ -308,9 +330,93 @@ for _name, _summary in (
     ("status", "Show where a run stands."),
     ("verify", "Check every finished batch of a run."),
     ("tools", "Post-process downloaded images (resize, verification, duplicates, size)."),
-    ("slurm", "Submit, watch or cancel a chain of Slurm jobs for a run."),
 ):
     _not_implemented(_name, _summary)
+
+
+CLUSTER_SETTINGS = ("account", "partition", "time_limit", "stop_margin", "max_nodes",
+                    "workers_per_node", "num_downloads", "launcher", "srun_mpi")
+
+
+@cli.group()
+def slurm() -> None:
+    """Run a download as a chain of time-limited Slurm jobs: submit, status, cancel."""
+
+
+@slurm.command()
+@click.argument("input", type=click.Path(path_type=Path), required=False)
+@click.option("--output", "-o", "output", type=click.Path(path_type=Path),
+              help=Settings.model_fields["output"].description)
+@setting_options(*CLUSTER_SETTINGS, *PREP_SETTINGS, *FETCH_SETTINGS, "profile_requests")
+@config_option
+def submit(input: Path | None, config_file: Path | None, **flags: Any) -> None:
+    """Write the job scripts into OUT/slurm/ and submit prep → profile → download periods,
+    each after the last; periods chain until every batch is done."""
+    from distributed_downloader.executors.slurm import submit_chain
+
+    settings = gather_settings(config_file, {"input": input, **flags})
+    chain = submit_chain(settings)
+    assert settings.output is not None
+    for job in chain.jobs[-3:]:
+        label = f"download period {job.period}" if job.kind == "download" else job.kind
+        console.print(f"submitted {label}: job {job.id}")
+    console.print(f"scripts and logs in [bold]{settings.output.resolve() / 'slurm'}[/]; watch "
+                  f"with `distributed-downloader slurm status {settings.output}`")
+
+
+@slurm.command(name="status")
+@click.argument("output", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def slurm_status(output: Path, as_json: bool) -> None:
+    """Show the chain's jobs and the run's progress."""
+    import json
+
+    from distributed_downloader.executors.slurm import chain_status
+
+    status = chain_status(gather_settings(None, {"output": output}))
+    if as_json:
+        click.echo(json.dumps(status, indent=2))
+        return
+    rows, batches = status["rows"], status["batches"]
+    console.print(f"chain: [bold]{status['state']}[/] {status['reason']}")
+    if rows is not None:
+        console.print(f"progress: {status['rows_done']:,} / {rows:,} rows, "
+                      f"{status['batches_done']:,} / {batches:,} batches")
+    table = Table(show_header=True, title_justify="left")
+    for column in ("job", "step", "Slurm state", "started", "rows at start"):
+        table.add_column(column)
+    for job in status["jobs"]:
+        step = f"download {job['period']}" if job["kind"] == "download" else job["kind"]
+        started = time.strftime("%H:%M:%S", time.localtime(job["started"])) \
+            if job["started"] else ""
+        at_start = "" if job["rows_at_start"] is None else f"{job['rows_at_start']:,}"
+        table.add_row(job["id"], step, job["slurm_state"], started, at_start)
+    console.print(table)
+
+
+@slurm.command()
+@click.argument("output", type=click.Path(path_type=Path, file_okay=False))
+def cancel(output: Path) -> None:
+    """Stop the chain: cancel its queued and running jobs (committed chunks stay)."""
+    from distributed_downloader.executors.slurm import cancel_chain
+
+    cancelled = cancel_chain(gather_settings(None, {"output": output}))
+    console.print(f"cancelled jobs: {', '.join(cancelled) or 'none was active'}")
+
+
+@slurm.command(hidden=True)
+@click.argument("output", type=click.Path(path_type=Path, file_okay=False))
+def period(output: Path) -> None:
+    """Inside a download job: queue the next period and go on, or end the chain."""
+    import os
+
+    from distributed_downloader.executors.slurm import STOP_CHAIN, start_period
+
+    fetch, reason = start_period(gather_settings(None, {"output": output}),
+                                 os.environ.get("SLURM_JOB_ID", "manual"))
+    console.print(f"slurm period: {reason}")
+    if not fetch:
+        sys.exit(STOP_CHAIN)
 
 
 def main() -> None:
@@ -324,6 +430,8 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except UserError as exc:
         err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        for action in ON_ERROR:
+            action()
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted")

@@ -134,11 +134,28 @@ class Settings(BaseModel):
     )
     account: str | None = Field(None, description="Slurm account to charge.")
     num_downloads: int = Field(
-        1, gt=0, description="Download periods (Slurm jobs) to chain before giving up."
+        20, gt=0, description="Most download periods (Slurm jobs) one chain submits."
     )
+    partition: str | None = Field(None, description="Slurm partition (default: the cluster's).")
+    time_limit: str = Field(
+        "01:00:00", description="Time limit of each Slurm download period (Slurm's format: "
+        "minutes, HH:MM:SS or D-HH:MM:SS)."
+    )
+    stop_margin: int = Field(
+        120, ge=10, description="Seconds before a period's time limit when Slurm asks it to "
+        "stop; it flushes its chunks and exits, and the next period resumes."
+    )
+    launcher: Literal["srun", "mpirun"] = Field(
+        "srun", description="How a Slurm job starts its MPI ranks."
+    )
+    srun_mpi: str = Field("pmix", description="srun's --mpi plugin (pmix or pmi2).")
     max_nodes: int = Field(1, gt=0, description="Most nodes one download job uses.")
     workers_per_node: int = Field(1, gt=0, description="Download workers on each node.")
     cpu_per_worker: int = Field(1, gt=0, description="CPU cores given to each worker.")
+    min_worker_rate: float = Field(
+        20.0, gt=0, description="A server gets one more worker only while each of its workers "
+        "would still have this many requests/s (one worker easily handles a slow server)."
+    )
     schedule_rules: dict[int, int] = Field(
         default_factory=dict,
         description="Most workers a server may get, keyed by its number of batches (a server "

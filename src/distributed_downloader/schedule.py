@@ -45,8 +45,6 @@ CEILING_SHARE = 0.9
 CEILING_PROBE_INTERVAL = 300.0
 BREAKER_THRESHOLD = 5  # server failures in a row that open the breaker
 BREAKER_MAX_PAUSE = 60.0
-# A share below this is not worth a worker of its own: one worker easily handles that rate.
-MIN_SHARE_RATE = 20.0
 
 Outgoing = list[tuple[int, object]]
 SERVER_KEPT_FAILING = GiveUp(ErrorCode.SERVER_UNAVAILABLE,
@@ -99,7 +97,7 @@ class ServerState:
 def workers_allowed(rules: dict[int, int], total_batches: int) -> int | None:
     """The original's schedule_rules: a server with more than KEY batches may get VALUE workers.
 
-    No rules: no cap (the share floor, MIN_SHARE_RATE, still keeps slow servers to one worker).
+    No rules: no cap (the `min_worker_rate` floor still keeps slow servers to one worker).
     """
     if not rules:
         return None
@@ -194,7 +192,7 @@ class Scheduler:
         allowed = workers_allowed(self.settings.schedule_rules, server.total_batches)
         if allowed is not None and count >= allowed:
             return False
-        return server.rate / (count + 1) >= MIN_SHARE_RATE
+        return server.rate / (count + 1) >= self.settings.min_worker_rate
 
     def _next_for(self, worker: int) -> tuple[ServerState, bool] | None:
         """The server whose batch this worker should take next, and whether to give it up."""

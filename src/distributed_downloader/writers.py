@@ -205,3 +205,17 @@ class BatchWriter:
         counts = {"rows": batch_rows, "successes": successes, "errors": errors}
         atomic_write_json(self.folder / COMPLETED_MARKER, {**counts, "finished_at": time.time()})
         return counts
+
+
+def committed_rows(downloaded: Path) -> int:
+    """Rows committed so far over a whole run: finished batches by their marker, the others by
+    their chunks' Parquet footers (no data is read)."""
+    total = 0
+    for folder in downloaded.glob("*/*"):
+        marker = folder / COMPLETED_MARKER
+        if marker.exists():
+            total += json.loads(marker.read_text())["rows"]
+            continue
+        for prefix in (SUCCESS_PREFIX, ERROR_PREFIX):
+            total += sum(pq.read_metadata(path).num_rows for path in chunk_files(folder, prefix))
+    return total

@@ -55,10 +55,18 @@ def _worker_entry(worker_id: int, settings: Settings, connection: Connection) ->
 
 
 class LocalExecutor:
-    def __init__(self, settings: Settings, workers: int) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.count = workers
+        self.count = 0
         self.stop_requested = False
+
+    def worker_ids(self, limit: int) -> list[int]:
+        """One worker per core by default, never more than there are batches to fetch."""
+        self.count = max(1, min(self.settings.workers or os.cpu_count() or 1, limit))
+        return list(range(self.count))
+
+    def close(self) -> None:
+        pass  # run() already waited for its processes
 
     def _request_stop(self, signum: int, frame: object) -> None:
         self.stop_requested = True

@@ -9,11 +9,10 @@ what it learned about the servers for the next run.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import duckdb
 import pyarrow.parquet as pq
@@ -38,6 +37,16 @@ CEILING_STATUSES = ("throttled", "probed", "manual")
 EXCLUDED = GiveUp(ErrorCode.SERVER_EXCLUDED, "server excluded by the rates file")
 DOWN_AT_PROFILE = GiveUp(ErrorCode.SERVER_UNAVAILABLE,
                          "server did not answer the profile probe; run `profile` again to retry")
+
+
+class Executor(Protocol):
+    """Runs the workers and carries their messages to and from the scheduler."""
+
+    def worker_ids(self, limit: int) -> list[int]: ...
+
+    def run(self, scheduler: Scheduler, on_tick: Callable[[Scheduler], None]) -> bool: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -176,8 +185,10 @@ def run_fetch(
     retry_errors: bool = False,
     on_tick: Callable[[Scheduler], None] | None = None,
     on_plan: Callable[[FetchPlan], None] | None = None,
+    executor: Executor | None = None,
 ) -> dict[str, Any]:
-    """Download what is left of the run in `settings.output`; returns the run's summary."""
+    """Download what is left of the run in `settings.output` on `executor` (default: local
+    processes); returns the run's summary."""
     from distributed_downloader.executors.local import LocalExecutor
 
     if settings.output is None:
@@ -191,10 +202,10 @@ def run_fetch(
         on_plan(plan)
     interrupted = False
     scheduler = None
+    executor = executor or LocalExecutor(settings)
     if plan.servers:
-        workers = settings.workers or os.cpu_count() or 1
-        workers = max(1, min(workers, plan.batches_total - plan.batches_done))
-        scheduler = Scheduler(plan.servers, settings, range(workers), time.time())
+        workers = executor.worker_ids(plan.batches_total - plan.batches_done)
+        scheduler = Scheduler(plan.servers, settings, workers, time.time())
         last_save = [time.monotonic()]
 
         def tick(current: Scheduler) -> None:
@@ -204,8 +215,9 @@ def run_fetch(
                 last_save[0] = time.monotonic()
                 write_profiles(layout.server_profiles, learned_profiles(layout, current))
 
-        interrupted = LocalExecutor(settings, workers).run(scheduler, tick)
+        interrupted = executor.run(scheduler, tick)
         write_profiles(layout.server_profiles, learned_profiles(layout, scheduler))
+    executor.close()
     seconds = time.monotonic() - started
     after = output_counts(layout)
     fetched_now = after["successes"] + after["errors"] - before["successes"] - before["errors"]

@@ -14,6 +14,7 @@ import asyncio
 import ctypes
 import logging
 import resource
+import secrets
 import signal
 import time
 from collections import deque
@@ -233,7 +234,9 @@ class Worker:
 
     async def _run_batch(self, batch: BatchRef, give_up: GiveUp | None) -> None:
         folder = batch_folder(self.layout.downloaded, batch.server_name, batch.partition_id)
-        writer = BatchWriter(folder, self.settings.keep_columns, self.budget)
+        # Chunk names say which worker wrote them: successes-w{worker}.{random}-{seq}.parquet
+        writer = BatchWriter(folder, self.settings.keep_columns, self.budget,
+                             f"w{self.id}.{secrets.token_hex(3)}")
         try:
             remove_stale_temporaries(folder)
             done = committed_uuids(folder)

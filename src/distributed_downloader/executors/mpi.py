@@ -1,0 +1,157 @@
+"""The MPI executor: under `mpirun` or `srun`, rank 0 schedules and every other rank fetches.
+
+The worker code and the messages are those of the local executor; only the carrier changes.
+Rank 0 sends its effective settings to every rank first, so all ranks work on the same run
+whatever each one's environment. Both sides poll with `iprobe` and sleep between polls: a
+blocking MPI receive spins a core, and here the cores belong to the decoders (and, while rank 0
+prepares the input, to prep).
+
+When a rank dies, `mpirun` ends the whole job; what the ranks committed stays, and the next run
+resumes from it (each batch's chunks are written by the rank that fetched it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+from distributed_downloader.config import Settings
+from distributed_downloader.protocol import Stop, WorkerStopped
+from distributed_downloader.schedule import Scheduler
+
+SCHEDULER_RANK = 0
+POLL_SECONDS = 0.005  # rank 0, idle: how long to sleep between two polls
+WORKER_POLL_SECONDS = 0.02
+STOP_GRACE_SECONDS = 60.0
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+log = logging.getLogger(__name__)
+
+
+def world() -> Any:
+    """MPI's world communicator; a clear error when mpi4py or an MPI library is missing."""
+    from distributed_downloader.errors import UserError
+
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:
+        raise UserError(f"--executor mpi needs mpi4py and an MPI library ({exc}); "
+                        "install them with `bash scripts/setup-cluster.sh`") from None
+    return MPI.COMM_WORLD
+
+
+def abort_world(code: int) -> None:
+    """End every rank (a rank-0 error would otherwise leave the others waiting forever)."""
+    comm = world()
+    if comm.Get_size() > 1:
+        comm.Abort(code)
+
+
+class MpiChannel:
+    """A worker rank's line to rank 0, polled from the worker's event loop."""
+
+    def __init__(self, comm: Any) -> None:
+        self.comm = comm
+
+    def send(self, message: object) -> None:
+        self.comm.send(message, dest=SCHEDULER_RANK)
+
+    def listen(self, loop: asyncio.AbstractEventLoop, deliver: Callable[[object], None],
+               closed: Callable[[], None]) -> None:
+        def poll() -> None:
+            while self.comm.iprobe(source=SCHEDULER_RANK):
+                deliver(self.comm.recv(source=SCHEDULER_RANK))
+            loop.call_later(WORKER_POLL_SECONDS, poll)
+
+        loop.call_soon(poll)
+
+
+def run_worker_rank(comm: Any) -> bool:
+    """A fetching rank: take the run's settings from rank 0, then work until told to stop."""
+    from distributed_downloader.fetch.worker import run_worker
+
+    while not comm.iprobe(source=SCHEDULER_RANK):  # rank 0 may still be preparing
+        time.sleep(WORKER_POLL_SECONDS)
+    settings: Settings = comm.recv(source=SCHEDULER_RANK)
+    logging.basicConfig(level=settings.log_level,
+                        format=f"%(asctime)s rank {comm.Get_rank()}: %(message)s")
+    return run_worker(comm.Get_rank(), settings, MpiChannel(comm))
+
+
+class MpiExecutor:
+    """Rank 0's side: carries messages between the scheduler and the worker ranks."""
+
+    def __init__(self, comm: Any, settings: Settings) -> None:
+        self.comm = comm
+        self.settings = settings
+        self.worker_ranks = list(range(1, comm.Get_size()))
+        if not self.worker_ranks:
+            from distributed_downloader.errors import UserError
+
+            raise UserError("--executor mpi needs at least 2 ranks (rank 0 schedules), "
+                            "e.g. `mpirun -n 3 distributed-downloader fetch OUT --executor mpi`")
+        self.stop_requested = False
+        self.stopped: set[int] = set()
+        for rank in self.worker_ranks:
+            comm.send(settings, dest=rank)
+
+    def worker_ids(self, limit: int) -> list[int]:
+        return self.worker_ranks
+
+    def _request_stop(self, signum: int, frame: object) -> None:
+        self.stop_requested = True
+
+    def _send(self, outgoing: list[tuple[int, object]]) -> None:
+        for rank, message in outgoing:
+            if rank not in self.stopped:
+                self.comm.send(message, dest=rank)
+
+    def run(self, scheduler: Scheduler, on_tick: Callable[[Scheduler], None]) -> bool:
+        """Run until every worker rank stopped; True when interrupted before the end."""
+        previous = {signum: signal.signal(signum, self._request_stop) for signum in STOP_SIGNALS}
+        stop_sent = False
+        deadline = None
+        last_tick = 0.0
+        try:
+            while len(self.stopped) < len(self.worker_ranks):
+                if self.stop_requested and not stop_sent:
+                    stop_sent = True
+                    deadline = time.monotonic() + STOP_GRACE_SECONDS
+                    self._send([(rank, Stop()) for rank in self.worker_ranks])
+                busy = False
+                while self.comm.iprobe():
+                    busy = True
+                    message = self.comm.recv()
+                    if isinstance(message, WorkerStopped):
+                        self.stopped.add(message.worker)
+                        self._send(scheduler.worker_lost(message.worker, time.time()))
+                    self._send(scheduler.handle(message, time.time()))
+                now = time.monotonic()
+                if now - last_tick >= 0.1:
+                    last_tick = now
+                    if not self.stop_requested:
+                        self._send(scheduler.tick(time.time()))
+                    on_tick(scheduler)
+                if deadline and now > deadline:
+                    log.warning("worker ranks did not stop in %.0f s", STOP_GRACE_SECONDS)
+                    break
+                if not busy:
+                    time.sleep(POLL_SECONDS)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        return self.stop_requested or not scheduler.finished
+
+    def close(self) -> None:
+        """Tell every rank still waiting for work that there is none (e.g. nothing was left)."""
+        self._send([(rank, Stop()) for rank in self.worker_ranks])
+        while len(self.stopped) < len(self.worker_ranks):
+            if self.comm.iprobe():
+                message = self.comm.recv()
+                if isinstance(message, WorkerStopped):
+                    self.stopped.add(message.worker)
+            else:
+                time.sleep(POLL_SECONDS)

@@ -1,0 +1,303 @@
+"""The Slurm executor: a chain of time-limited jobs that prepares, profiles and downloads a run.
+
+`slurm submit` writes the job scripts into `OUT/slurm/` and submits prep → profile → the first
+download period, each depending on the one before. Every download period, as it starts, queues
+its successor behind itself (`afterany`), so a period killed at its time limit still has one;
+a period that finds nothing left to do, or that follows a period which made no progress, ends the
+chain instead of fetching. Slurm signals each period `stop_margin` seconds before its limit; the
+ranks flush their chunks and exit, and the next period resumes from them.
+
+Each period runs `fetch --executor mpi` under `srun` or `mpirun`: one scheduler rank plus
+`workers_per_node` fetching ranks on each node. The chain's history is kept in
+`OUT/slurm/chain.json`, since small clusters often run without Slurm's accounting.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distributed_downloader.config import Settings, save_settings
+from distributed_downloader.errors import UserError
+from distributed_downloader.storage import RunLayout, atomic_write_json, atomic_write_text
+from distributed_downloader.writers import COMPLETED_MARKER, committed_rows
+
+CHAIN_FILE = "chain.json"
+STOP_CHAIN = 3  # exit code of `slurm period` when the chain is over: the job does not fetch
+ACTIVE_STATES = frozenset({"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED",
+                           "REQUEUED", "RESIZING"})
+
+
+@dataclass
+class ChainJob:
+    id: str
+    kind: str  # prep | profile | download
+    period: int = 0  # download periods count from 1
+    submitted: float = 0.0
+    started: float | None = None
+    rows_at_start: int | None = None
+
+
+@dataclass
+class Chain:
+    state: str = "running"  # running | finished | stalled | cancelled | period_limit
+    reason: str = ""
+    jobs: list[ChainJob] = field(default_factory=list)
+
+    @property
+    def downloads(self) -> list[ChainJob]:
+        return [job for job in self.jobs if job.kind == "download"]
+
+
+def slurm_folder(layout: RunLayout) -> Path:
+    return layout.root / "slurm"
+
+
+def read_chain(layout: RunLayout) -> Chain:
+    path = slurm_folder(layout) / CHAIN_FILE
+    if not path.exists():
+        raise UserError(f"{layout.root} has no Slurm chain; start one with "
+                        "`distributed-downloader slurm submit`")
+    data = json.loads(path.read_text())
+    return Chain(data["state"], data.get("reason", ""),
+                 [ChainJob(**job) for job in data["jobs"]])
+
+
+def write_chain(layout: RunLayout, chain: Chain) -> None:
+    atomic_write_json(slurm_folder(layout) / CHAIN_FILE, asdict(chain))
+
+
+def time_limit_seconds(limit: str) -> int:
+    """Slurm's time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", limit.strip())
+    if not match:
+        raise UserError(f"time_limit '{limit}' is not a Slurm time (e.g. 60, 02:00:00, 1-00:00)")
+    days, first, second, third = match.groups()
+    if days is not None:  # D-H[:M[:S]]
+        hours, minutes, seconds = int(first), int(second or 0), int(third or 0)
+        return ((int(days) * 24 + hours) * 60 + minutes) * 60 + seconds
+    if third is not None:
+        return int(first) * 3600 + int(second) * 60 + int(third)
+    return int(first) * 60 + int(second or 0)
+
+
+# --- job scripts ------------------------------------------------------------------------------
+
+
+def _command(*args: object) -> str:
+    return " ".join(shlex.quote(str(arg)) for arg in
+                    (sys.executable, "-m", "distributed_downloader", *args))
+
+
+def _header(settings: Settings, layout: RunLayout, kind: str, lines: list[str]) -> list[str]:
+    logs = slurm_folder(layout) / "logs"
+    header = ["#!/bin/bash", f"#SBATCH --job-name=dd-{kind}",
+              f"#SBATCH --output={logs}/%x-%j.out", "#SBATCH --open-mode=append"]
+    if settings.account:
+        header.append(f"#SBATCH --account={settings.account}")
+    if settings.partition:
+        header.append(f"#SBATCH --partition={settings.partition}")
+    header += [f"#SBATCH {line}" for line in lines]
+    return header + ["set -u", "# Written by `distributed-downloader slurm submit`; settings in "
+                     f"{layout.config}", ""]
+
+
+def _launcher(settings: Settings) -> str:
+    if settings.launcher == "mpirun":
+        return "mpirun --oversubscribe -n $ranks"
+    # --overcommit: the scheduling rank shares a core with a fetching rank.
+    return f"srun --mpi={shlex.quote(settings.srun_mpi)} --overcommit --kill-on-bad-exit=1 " \
+           "-n $ranks"
+
+
+def job_scripts(settings: Settings, layout: RunLayout) -> dict[str, str]:
+    """The three job scripts of a chain, by kind."""
+    out = layout.root
+    cores = settings.workers_per_node * settings.cpu_per_worker
+    prep = _header(settings, layout, "prep", [
+        "--nodes=1", "--ntasks=1", f"--cpus-per-task={cores}",
+        f"--time={settings.time_limit}"]) + [f"exec {_command('prep', settings.input, '--output', out)}"]
+    profile = _header(settings, layout, "profile", [
+        "--nodes=1", "--ntasks=1", "--cpus-per-task=1", f"--time={settings.time_limit}"]) + [
+        f"exec {_command('profile', out)}"]
+    download = _header(settings, layout, "download", [
+        f"--nodes={settings.max_nodes}", f"--ntasks-per-node={settings.workers_per_node}",
+        f"--cpus-per-task={settings.cpu_per_worker}", f"--time={settings.time_limit}",
+        f"--signal=B:USR1@{settings.stop_margin}"]) + [
+        'if [ "$(id -u)" = 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 '
+        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi",
+        "# Queue the next period behind this one, or end the chain when nothing is left.",
+        f"{_command('slurm', 'period', out)} || exit 0",
+        f"ranks=$(( SLURM_JOB_NUM_NODES * {settings.workers_per_node} + 1 ))",
+        f"{_launcher(settings)} {_command('fetch', out, '--executor', 'mpi')} &",
+        "launched=$!",
+        "# Slurm's warning before the time limit: pass it on, the ranks flush and exit.",
+        "stopping=0",
+        "trap 'stopping=1; kill -USR1 $launched 2>/dev/null' USR1",
+        "while true; do",
+        "    wait $launched; status=$?",
+        "    kill -0 $launched 2>/dev/null || break",
+        "done",
+        "# Stopped at the limit as asked: a success; the next period resumes.",
+        'if [ $stopping = 1 ] && [ $status -ge 128 ]; then exit 0; fi',
+        "exit $status",
+    ]
+    return {"prep": "\n".join(prep) + "\n", "profile": "\n".join(profile) + "\n",
+            "download": "\n".join(download) + "\n"}
+
+
+def sbatch(script: Path, after: str | None = None) -> str:
+    command = ["sbatch", "--parsable"]
+    if after:
+        command.append(f"--dependency=afterany:{after}")
+    try:
+        completed = subprocess.run([*command, str(script)], capture_output=True, text=True,
+                                   timeout=60)
+    except FileNotFoundError:
+        raise UserError("sbatch not found: is this a Slurm cluster? (on one machine, "
+                        "`bash scripts/setup-cluster.sh` installs a single-node Slurm)") from None
+    if completed.returncode != 0:
+        raise UserError(f"sbatch {script.name} failed: {completed.stderr.strip()}")
+    return completed.stdout.strip().split(";")[0]
+
+
+# --- the chain --------------------------------------------------------------------------------
+
+
+def submit_chain(settings: Settings) -> Chain:
+    """Write the job scripts and submit prep (unless done) → profile (unless done) → download."""
+    from distributed_downloader.prep import prep_is_finished
+
+    if settings.output is None:
+        raise UserError("slurm submit needs the run's folder (--output or path_to_output_folder)")
+    layout = RunLayout(settings.output.resolve())
+    settings = settings.model_copy(update={"output": layout.root})
+    if time_limit_seconds(settings.time_limit) <= settings.stop_margin:
+        raise UserError(f"stop_margin ({settings.stop_margin} s) must be shorter than "
+                        f"time_limit ({settings.time_limit})")
+    if not prep_is_finished(layout) and settings.input is None:
+        raise UserError("slurm submit needs the input (INPUT or path_to_input) to prepare")
+    try:
+        current = read_chain(layout)
+    except UserError:
+        current = None
+    if current is not None and current.state == "running" and any(
+            state in ACTIVE_STATES for state in job_states(current).values()):
+        raise UserError(f"a chain is already running for {layout.root}; see `slurm status`, "
+                        "or `slurm cancel` it first")
+    folder = slurm_folder(layout)
+    (folder / "logs").mkdir(parents=True, exist_ok=True)
+    save_settings(settings)
+    scripts = {}
+    for kind, text in job_scripts(settings, layout).items():
+        scripts[kind] = folder / f"{kind}.sbatch"
+        atomic_write_text(scripts[kind], text)
+    chain = Chain(jobs=list(current.jobs) if current else [])
+    previous = None
+    steps = []
+    if not prep_is_finished(layout):
+        steps.append("prep")
+    if not layout.profile_summary.exists():
+        steps.append("profile")
+    for kind in steps:
+        previous = sbatch(scripts[kind], previous)
+        chain.jobs.append(ChainJob(previous, kind, submitted=time.time()))
+    period = len(chain.downloads) + 1
+    job = sbatch(scripts["download"], previous)
+    chain.jobs.append(ChainJob(job, "download", period, submitted=time.time()))
+    chain.state, chain.reason = "running", ""
+    write_chain(layout, chain)
+    return chain
+
+
+def _batches_total(layout: RunLayout) -> int:
+    return json.loads(layout.prep_summary.read_text())["batches"]
+
+
+def start_period(settings: Settings, job_id: str) -> tuple[bool, str]:
+    """At a download period's start: fetch (and queue the next period), or end the chain."""
+    assert settings.output is not None
+    layout = RunLayout(settings.output)
+    chain = read_chain(layout)
+    if chain.state != "running":
+        return False, f"the chain is {chain.state}"
+    done = committed_rows(layout.downloaded)
+    finished = sum(1 for _ in layout.downloaded.glob(f"*/*/{COMPLETED_MARKER}"))
+    started = [job for job in chain.downloads if job.started is not None and job.id != job_id]
+    if finished >= _batches_total(layout):
+        chain.state, chain.reason = "finished", f"all {finished:,} batches done"
+    elif started and started[-1].rows_at_start == done:
+        chain.state = "stalled"
+        chain.reason = f"period {started[-1].period} committed no row; see its log"
+    elif len(chain.downloads) > settings.num_downloads:
+        chain.state, chain.reason = "period_limit", f"num_downloads ({settings.num_downloads})"
+    if chain.state != "running":
+        write_chain(layout, chain)
+        return False, chain.reason
+    job = next((job for job in chain.downloads if job.id == job_id), None)
+    if job is None:  # started by hand with sbatch: adopt it
+        job = ChainJob(job_id, "download", len(chain.downloads) + 1, submitted=time.time())
+        chain.jobs.append(job)
+    job.started, job.rows_at_start = time.time(), done
+    if len(chain.downloads) <= settings.num_downloads:
+        script = slurm_folder(layout) / "download.sbatch"
+        successor = sbatch(script, after=job_id)
+        chain.jobs.append(ChainJob(successor, "download", job.period + 1, submitted=time.time()))
+    write_chain(layout, chain)
+    return True, f"period {job.period}: {done:,} rows committed so far"
+
+
+def job_states(chain: Chain) -> dict[str, str]:
+    """Slurm's state of each job it still knows (finished jobs are forgotten after a while)."""
+    ids = [job.id for job in chain.jobs]
+    states: dict[str, str] = {}
+    if not ids or shutil.which("squeue") is None:
+        return states
+    listed = subprocess.run(["squeue", "-h", "-t", "all", "-j", ",".join(ids), "-o", "%i|%T"],
+                            capture_output=True, text=True, timeout=60)
+    for line in listed.stdout.splitlines():
+        job_id, _, state = line.partition("|")
+        states[job_id.strip()] = state.strip()
+    return states
+
+
+def chain_status(settings: Settings) -> dict[str, Any]:
+    assert settings.output is not None
+    layout = RunLayout(settings.output)
+    chain = read_chain(layout)
+    states = job_states(chain)
+    total_rows = json.loads(layout.prep_summary.read_text())["download_rows"] \
+        if layout.prep_summary.exists() else None
+    batches = _batches_total(layout) if layout.prep_summary.exists() else None
+    return {
+        "state": chain.state,
+        "reason": chain.reason,
+        "rows_done": committed_rows(layout.downloaded),
+        "rows": total_rows,
+        "batches_done": sum(1 for _ in layout.downloaded.glob(f"*/*/{COMPLETED_MARKER}")),
+        "batches": batches,
+        "jobs": [{**asdict(job), "slurm_state": states.get(job.id, "ENDED")}
+                 for job in chain.jobs],
+    }
+
+
+def cancel_chain(settings: Settings) -> list[str]:
+    """Stop the chain: no period starts any more, queued and running jobs are cancelled."""
+    assert settings.output is not None
+    layout = RunLayout(settings.output)
+    chain = read_chain(layout)
+    if chain.state == "running":
+        chain.state, chain.reason = "cancelled", "by `slurm cancel`"
+        write_chain(layout, chain)  # first: a period starting now sees it and does not fetch
+    active = [job_id for job_id, state in job_states(chain).items() if state in ACTIVE_STATES]
+    if active:
+        subprocess.run(["scancel", *active], capture_output=True, text=True, timeout=60)
+    return active
