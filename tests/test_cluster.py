@@ -151,3 +151,30 @@ def test_slurm_chain_of_one_minute_periods_finishes_the_download(tmp_path: Path)
     assert len(logs) >= len(periods)
     text = run_cli("slurm", "status", out).stdout
     assert "finished" in text and periods[0]["id"] in text
+
+
+def test_slurm_cancel_stops_the_chain_and_keeps_what_was_committed(tmp_path: Path) -> None:
+    cluster_piece("sbatch")
+    cluster_piece("mpirun")
+    with Farm([ServerSpec("127.0.0.3", rate_limit=2)]) as farm:
+        urls = add_images(farm["127.0.0.3"], 200)
+        out = tmp_path / "out"
+        run_cli("slurm", "submit", write_lines(tmp_path / "u.txt", urls), "--output", out,
+                "--time-limit", "10", "--batch-size", 10, "--default-rate-limit", 2,
+                "--allow-network", "127.0.0.0/25", "--workers-per-node", 1)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            status = json.loads(run_cli("slurm", "status", out, "--json").stdout)
+            if status["rows_done"] >= 20:  # period 1 is fetching and has committed batches
+                break
+            time.sleep(2)
+        cancelled = run_cli("slurm", "cancel", out).stdout
+        time.sleep(3)
+        status = json.loads(run_cli("slurm", "status", out, "--json").stdout)
+    assert "cancelled jobs:" in cancelled
+    assert status["state"] == "cancelled"
+    assert not [job for job in status["jobs"]
+                if job["slurm_state"] in ("PENDING", "RUNNING", "CONFIGURING")]
+    assert 20 <= status["rows_done"] < 200
+    successes = read_successes(out).to_pylist()
+    assert len(successes) == len({r["uuid"] for r in successes}) == status["rows_done"]

@@ -334,6 +334,53 @@ for _name, _summary in (
     _not_implemented(_name, _summary)
 
 
+@cli.command()
+@click.argument("output", type=click.Path(path_type=Path, file_okay=False))
+@setting_option("max_nodes", "--nodes")
+@setting_options("workers_per_node", "cpu_per_worker", "default_rate_limit", "min_worker_rate",
+                 "rates")
+@click.option("--worker-speed", type=float, default=None,
+              help="Images/s one worker core decodes and encodes [default: 35, measured by "
+              "benchmarks/throughput.py].")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@config_option
+def plan(output: Path, config_file: Path | None, worker_speed: float | None, as_json: bool,
+         **flags: Any) -> None:
+    """Expected duration of OUTPUT's download on a cluster, and which servers bound it."""
+    import json
+
+    from distributed_downloader.plan import DEFAULT_WORKER_SPEED, duration, make_plan
+
+    settings = gather_settings(config_file, {"output": output, **flags})
+    result = make_plan(settings, settings.max_nodes, settings.workers_per_node,
+                       worker_speed or DEFAULT_WORKER_SPEED)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    console.print(
+        f"plan: {result['rows']:,} rows on {result['servers']:,} servers; {result['nodes']} "
+        f"nodes × {result['workers_per_node']} workers = {result['workers']} workers "
+        f"(decode capacity {result['capacity']:,.0f} images/s)")
+    console.print(
+        f"expected duration: [bold]{duration(result['seconds'])}[/] "
+        f"(average {result['average_rate']:,.0f} images/s; the cores alone would need "
+        f"{duration(result['capacity_bound_seconds'])})")
+    if result["skipped_rows"]:
+        console.print(f"not fetched (servers excluded or down): {result['skipped_rows']:,} rows")
+    table = Table(title="servers that bound the run", title_justify="left")
+    for column in ("server", "rows", "rate/s", "workers", "alone needs", "share of run"):
+        table.add_column(column, justify="left" if column == "server" else "right")
+    for row in result["largest"]:
+        table.add_row(row["server"], f"{row['rows']:,}", f"{row['rate']:g}",
+                      str(row["workers"]), duration(row["alone_seconds"]),
+                      f"{row['share_of_run']:.0%}")
+    console.print(table)
+    console.print(
+        f"the original downloader's nominal ceiling (42 ranks × 10 requests/s = 420/s) would "
+        f"claim {duration(result['original_nominal_seconds'])}; no schedule can beat the "
+        f"largest server's rows ÷ its rate")
+
+
 CLUSTER_SETTINGS = ("account", "partition", "time_limit", "stop_margin", "max_nodes",
                     "workers_per_node", "num_downloads", "launcher", "srun_mpi")
 

@@ -135,9 +135,10 @@ def parse_rate_overrides(text: str, where: str) -> dict[str, RateOverride]:
     return overrides
 
 
-def load_rate_overrides(layout: RunLayout, settings: Settings) -> dict[str, RateOverride]:
-    """The run's hand-set rates: the `rates` file when given (copied into the run), else the
-    copy a previous command kept."""
+def load_rate_overrides(layout: RunLayout, settings: Settings,
+                        keep: bool = True) -> dict[str, RateOverride]:
+    """The run's hand-set rates: the `rates` file when given (with `keep`, copied into the run
+    for the next commands), else the copy a previous command kept."""
     if settings.rates is not None:
         try:
             text = settings.rates.read_text(encoding="utf-8-sig")
@@ -148,7 +149,8 @@ def load_rate_overrides(layout: RunLayout, settings: Settings) -> dict[str, Rate
             raise InputError(f"{settings.rates}: cannot read rates file ({exc})") from None
         else:
             overrides = parse_rate_overrides(text, str(settings.rates))
-            atomic_write_text(layout.rate_overrides, text)
+            if keep:
+                atomic_write_text(layout.rate_overrides, text)
             return overrides
     if layout.rate_overrides.exists():
         return parse_rate_overrides(layout.rate_overrides.read_text(encoding="utf-8-sig"),

@@ -73,22 +73,33 @@ def _prep_summary(layout: RunLayout) -> dict[str, Any]:
         ) from None
 
 
+def starting_servers(layout: RunLayout, settings: Settings, retry_errors: bool = False,
+                     keep_rates: bool = True) -> list[tuple[ServerState, int]]:
+    """Every prepared server with its starting budget, and its number of rows."""
+    _prep_summary(layout)
+    learned = read_profiles(layout.server_profiles)
+    overrides = load_rate_overrides(layout, settings, keep=keep_rates)
+    max_rate = settings.effective_max_rate * settings.rate_multiplier
+    default_rate = settings.default_rate_limit * settings.rate_multiplier
+    now = time.time()
+    servers = []
+    for row in pq.read_table(layout.servers).to_pylist():
+        name = row["server_name"]
+        server = ServerState(name=name, rate=min(default_rate, max_rate), max_rate=max_rate,
+                             connections=settings.max_connections_per_server,
+                             total_batches=row["batches"])
+        _starting_budget(server, learned.get(name), overrides.get(name), now, retry_errors)
+        servers.append((server, row["rows"]))
+    return servers
+
+
 def build_plan(layout: RunLayout, settings: Settings, retry_errors: bool) -> FetchPlan:
     """Which batches are left, by server, with each server's starting budget."""
     batch_size = _prep_summary(layout)["batch_size"]
-    learned = read_profiles(layout.server_profiles)
-    overrides = load_rate_overrides(layout, settings)
-    max_rate = settings.effective_max_rate * settings.rate_multiplier
-    default_rate = settings.default_rate_limit * settings.rate_multiplier
     servers = []
     totals = {"batches": 0, "done": 0, "rows": 0, "rows_done": 0, "reopened": 0}
-    now = time.time()
-    for row in pq.read_table(layout.servers).to_pylist():
-        name, rows, batches = row["server_name"], row["rows"], row["batches"]
-        server = ServerState(name=name, rate=min(default_rate, max_rate), max_rate=max_rate,
-                             connections=settings.max_connections_per_server,
-                             total_batches=batches)
-        _starting_budget(server, learned.get(name), overrides.get(name), now, retry_errors)
+    for server, rows in starting_servers(layout, settings, retry_errors):
+        name, batches = server.name, server.total_batches
         for partition in range(batches):
             size = min(batch_size, rows - partition * batch_size)
             folder = batch_folder(layout.downloaded, name, partition)
