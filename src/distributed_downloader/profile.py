@@ -38,7 +38,8 @@ from distributed_downloader.errors import (
 from distributed_downloader.storage import RunLayout, atomic_write_json, atomic_write_text, \
     batch_folder
 
-PROFILE_COLUMNS = ("server_name", "rate_limit", "max_connections", "latency_ms", "status", "notes")
+PROFILE_COLUMNS = ("server_name", "rate_limit", "max_connections", "latency_ms", "status", "notes",
+                   "max_rate_limit")
 # Seconds between two probe requests to one server: never more than one a second, with a
 # margin so that network jitter cannot bring two arrivals within the same second.
 PROBE_INTERVAL = 1.05
@@ -58,6 +59,9 @@ class ServerProfile:
     # measured limit | down: no answer | manual: set by hand
     status: str = "ok"
     notes: str = ""
+    # The most this server may be grown to (an advertised limit, 90% of a rate that drew a
+    # 429); None: the run's max_rate_limit.
+    max_rate_limit: float | None = None
 
 
 @dataclass
@@ -84,6 +88,8 @@ def read_profiles(path: Path) -> dict[str, ServerProfile]:
                     latency_ms=float(row["latency_ms"]) if row.get("latency_ms") else None,
                     status=row.get("status") or "ok",
                     notes=row.get("notes") or "",
+                    max_rate_limit=float(row["max_rate_limit"]) if row.get("max_rate_limit")
+                    else None,
                 )
             except (KeyError, ValueError):
                 continue  # a damaged line: that server starts from the defaults
@@ -99,6 +105,8 @@ def write_profiles(path: Path, profiles: list[ServerProfile]) -> None:
         row = asdict(profile)
         row["rate_limit"] = f"{profile.rate_limit:.4g}"
         row["latency_ms"] = "" if profile.latency_ms is None else f"{profile.latency_ms:.0f}"
+        row["max_rate_limit"] = "" if profile.max_rate_limit is None else \
+            f"{profile.max_rate_limit:.4g}"
         writer.writerow(row)
     atomic_write_text(path, buffer.getvalue())
 
@@ -263,12 +271,13 @@ def profile_from_probe(result: ProbeResult, settings: Settings) -> ServerProfile
             rate = min(rate, 1.0 / result.retry_after)
             notes.append(f"Retry-After {result.retry_after:g} s")
         return ServerProfile(result.server_name, min(default, rate), 1, latency, "throttled",
-                             "; ".join(notes))
+                             "; ".join(notes), min(default, rate))
     if result.advertised is not None:
+        # Start at the lower of the default and the advertised limit; grow up to the latter.
         notes.append(f"advertises {result.advertised:g} requests/s")
-        if result.advertised <= settings.effective_max_rate:
-            return ServerProfile(result.server_name, min(default, result.advertised),
-                                 connections, latency, "probed", "; ".join(notes))
+        return ServerProfile(result.server_name, min(default, result.advertised),
+                             connections, latency, "probed", "; ".join(notes),
+                             result.advertised)
     return ServerProfile(result.server_name, default, connections, latency, "ok",
                          "; ".join(notes))
 
@@ -304,7 +313,7 @@ def apply_overrides(profiles: dict[str, ServerProfile],
             current.max_connections if current else settings.max_connections_per_server)
         profiles[name] = ServerProfile(name, rate, connections,
                                        current.latency_ms if current else None, "manual",
-                                       "set by the rates file")
+                                       "set by the rates file", rate)
 
 
 def run_profile(settings: Settings) -> dict[str, Any]:

@@ -37,6 +37,7 @@ DECREASE_FACTOR = 0.5
 DECREASE_COOLDOWN = 1.0  # seconds: one burst of 429s seen by several workers halves once
 INCREASE_INTERVAL = 5.0  # seconds without throttling before each additive increase
 INCREASE_STEP_SHARE = 0.1  # of max_rate
+SLOW_START_FACTOR = 1.5  # growth per step while below a known-safe ceiling
 MIN_RATE = 0.05  # requests/s: even a very touchy server keeps being asked, slowly
 # A server's ceiling is the rate believed safe: 90% of a rate that drew a 429/503, or a rate a
 # profile vouches for. Growth stops there, and only probes past it after a long quiet spell,
@@ -172,7 +173,11 @@ class Scheduler:
                         now - server.last_throttle < CEILING_PROBE_INTERVAL:
                     limit = min(limit, server.ceiling)
                 if server.rate < limit:
-                    server.rate = min(limit, server.rate + server.max_rate * INCREASE_STEP_SHARE)
+                    step = server.max_rate * INCREASE_STEP_SHARE
+                    if server.ceiling is not None and server.rate < server.ceiling:
+                        # Below a limit known to be safe: climb fast (TCP's slow start).
+                        step = max(step, server.rate * (SLOW_START_FACTOR - 1))
+                    server.rate = min(limit, server.rate + step)
                     server.last_increase = now
                     out += self._budgets(server)
         out += self._feed_hungry(now)

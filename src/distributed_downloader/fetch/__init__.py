@@ -146,9 +146,10 @@ def _starting_budget(server: ServerState, profile: ServerProfile | None,
     server.rate = min(profile.rate_limit, server.max_rate)
     server.connections = min(server.connections, profile.max_connections)
     if profile.status in CEILING_STATUSES:
-        # A rate that drew 429s before, or that a probe vouches for: no growth past it
+        # A limit the server advertised, or a rate that drew 429s before: growth stops there
         # until the run has been quiet for a long while.
-        server.ceiling, server.last_throttle = server.rate, now
+        ceiling = profile.max_rate_limit or profile.rate_limit
+        server.ceiling, server.last_throttle = min(ceiling, server.max_rate), now
 
 
 def learned_profiles(layout: RunLayout, scheduler: Scheduler) -> list[ServerProfile]:
@@ -161,13 +162,16 @@ def learned_profiles(layout: RunLayout, scheduler: Scheduler) -> list[ServerProf
         if previous is not None and previous.status == "manual":
             continue
         # "gave_up", unlike the profile's "down", does not keep the next run from trying.
-        status = "gave_up" if server.dead else ("throttled" if server.throttled else "ok")
+        status = "gave_up" if server.dead else "throttled" if server.throttled else \
+            "probed" if previous is not None and previous.status == "probed" else "ok"
         latency = (server.latency_sum / server.latency_count * 1000
                    if server.latency_count else None)
         notes = f"{server.throttled} throttled answers" if server.throttled else \
             (previous.notes if previous is not None else "")
+        ceiling = server.ceiling if server.ceiling is not None else \
+            (previous.max_rate_limit if previous is not None else None)
         profiles[server.name] = ServerProfile(server.name, server.rate, server.connections,
-                                              latency, status, notes)
+                                              latency, status, notes, ceiling)
     return list(profiles.values())
 
 
