@@ -326,8 +326,54 @@ def _not_implemented(name: str, summary: str) -> None:
         raise UserError(f"'{name}' is not implemented yet")
 
 
+@cli.command()
+@click.argument("output", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON (for scripts).")
+@click.option("--report", "report_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="Also write an HTML page with plots (and the plots as PNG beside it).")
+def status(output: Path, as_json: bool, report_path: Path | None) -> None:
+    """Where the run in OUTPUT stands: done, failed by code, speed, ETA, servers; works while
+    a fetch runs and after."""
+    import json
+
+    from distributed_downloader.plan import duration
+    from distributed_downloader.status import run_status
+
+    result = run_status(output)
+    if report_path is not None:
+        from distributed_downloader.report import write_report
+
+        written = write_report(result, report_path)
+        err_console.print(f"report: {', '.join(str(path) for path in written)}")
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
+        return
+    share = result["done"] / result["rows"] if result["rows"] else 1.0
+    console.print(f"{output}: [bold]{result['phase']}[/]")
+    console.print(f"rows: {result['done']:,} / {result['rows']:,} done ({share:.1%}); "
+                  f"{result['successes']:,} images, {result['errors']:,} errors; batches "
+                  f"{result['batches_done']:,} / {result['batches']:,}; servers done "
+                  f"{result['servers_done']:,} / {result['servers']:,}")
+    if result["errors_by_code"]:
+        console.print("errors: " + ", ".join(f"{code} {count:,}" for code, count
+                                             in result["errors_by_code"].items()))
+    eta = duration(result["eta_seconds"]) if result["eta_seconds"] else "—"
+    bound = f" (bound by {result['bound_by']})" if result["bound_by"] else ""
+    console.print(f"speed: {result['images_per_second']:.1f} images/s over the last minutes; "
+                  f"ETA {eta}{bound}")
+    table = Table(title="busiest and slowest servers", title_justify="left")
+    for column in ("server", "done / rows", "rate/s", "429s", "state", "time left"):
+        table.add_column(column, justify="left" if column in ("server", "state") else "right")
+    for row in result["busiest"] + result["slowest"]:
+        table.add_row(row["server"], f"{row['done']:,} / {row['rows']:,}",
+                      "—" if row["rate"] is None else f"{row['rate']:.3g}",
+                      f"{row['throttled']:,}", row["state"],
+                      duration(row["remaining_seconds"]) if row["remaining_seconds"] else "—")
+    if result["busiest"]:
+        console.print(table)
+
+
 for _name, _summary in (
-    ("status", "Show where a run stands."),
     ("verify", "Check every finished batch of a run."),
     ("tools", "Post-process downloaded images (resize, verification, duplicates, size)."),
 ):

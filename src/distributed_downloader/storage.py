@@ -71,6 +71,16 @@ class RunLayout:
         return self.root / "profiles" / "summary.json"
 
     @property
+    def fetch_state(self) -> Path:
+        """Rewritten every few seconds by a running fetch: each server's live budget."""
+        return self.root / "fetch_state.json"
+
+    @property
+    def fetch_log(self) -> Path:
+        """One JSON line every few seconds of every fetch: the run's history, for status."""
+        return self.root / "fetch_progress.jsonl"
+
+    @property
     def prep_summary(self) -> Path:
         """Written last: its presence is what marks a prep as finished."""
         return self.prep / "summary.json"

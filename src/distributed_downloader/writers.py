@@ -203,7 +203,9 @@ class BatchWriter:
                 f"{self.folder}: {successes} successes + {errors} errors != {batch_rows} rows"
             )
         counts = {"rows": batch_rows, "successes": successes, "errors": errors}
-        atomic_write_json(self.folder / COMPLETED_MARKER, {**counts, "finished_at": time.time()})
+        atomic_write_json(self.folder / COMPLETED_MARKER,
+                          {**counts, "errors_by_code": errors_by_code(self.folder),
+                           "finished_at": time.time()})
         return counts
 
 
@@ -219,3 +221,12 @@ def committed_rows(downloaded: Path) -> int:
         for prefix in (SUCCESS_PREFIX, ERROR_PREFIX):
             total += sum(pq.read_metadata(path).num_rows for path in chunk_files(folder, prefix))
     return total
+
+
+def errors_by_code(folder: Path) -> dict[str, int]:
+    """A batch folder's committed errors, counted by error code."""
+    counts: dict[str, int] = {}
+    for path in chunk_files(folder, ERROR_PREFIX):
+        for code in pq.read_table(path, columns=["error_code"]).column(0).to_pylist():
+            counts[code] = counts.get(code, 0) + 1
+    return counts

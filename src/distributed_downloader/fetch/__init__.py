@@ -9,6 +9,7 @@ what it learned about the servers for the next run.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from distributed_downloader.storage import RunLayout, atomic_write_json, batch_f
 from distributed_downloader.writers import COMPLETED_MARKER, reopen_for_retry
 
 PROFILE_SAVE_SECONDS = 60.0
+STATE_SECONDS = 5.0  # how often a running fetch records its state for `status`
 # Profile statuses whose rate is a ceiling, not just a starting point ("ok" rates may grow).
 CEILING_STATUSES = ("throttled", "probed", "manual")
 EXCLUDED = GiveUp(ErrorCode.SERVER_EXCLUDED, "server excluded by the rates file")
@@ -152,6 +154,28 @@ def _starting_budget(server: ServerState, profile: ServerProfile | None,
         server.ceiling, server.last_throttle = min(ceiling, server.max_rate), now
 
 
+def record_state(layout: RunLayout, scheduler: Scheduler, plan: FetchPlan,
+                 running: bool) -> None:
+    """For `status`: each server's live budget (rewritten), and a line of the run's history."""
+    now = time.time()
+    done = plan.rows_done + scheduler.successes + scheduler.errors
+    atomic_write_json(layout.fetch_state, {
+        "updated": now,
+        "running": running,
+        "pid": os.getpid(),
+        "servers": {
+            server.name: {"rate": server.rate, "workers": len(server.workers),
+                          "paused": server.paused_until > now, "dead": server.dead,
+                          "throttled": server.throttled, "remaining_rows": server.remaining_rows}
+            for server in scheduler.servers.values()
+        },
+    })
+    line = {"time": round(now, 1), "rows_done": done, "successes": scheduler.successes,
+            "errors": scheduler.errors, "throttled": scheduler.throttled, "running": running}
+    with open(layout.fetch_log, "a", encoding="utf-8") as log:
+        log.write(json.dumps(line) + "\n")
+
+
 def learned_profiles(layout: RunLayout, scheduler: Scheduler) -> list[ServerProfile]:
     """Previous profiles, updated with what this run saw of its servers."""
     profiles = read_profiles(layout.server_profiles)
@@ -222,15 +246,20 @@ def run_fetch(
         workers = executor.worker_ids(plan.batches_total - plan.batches_done)
         scheduler = Scheduler(plan.servers, settings, workers, time.time())
         last_save = [time.monotonic()]
+        last_state = [0.0]
 
         def tick(current: Scheduler) -> None:
             if on_tick:
                 on_tick(current)
+            if time.monotonic() - last_state[0] > STATE_SECONDS:
+                last_state[0] = time.monotonic()
+                record_state(layout, current, plan, running=True)
             if time.monotonic() - last_save[0] > PROFILE_SAVE_SECONDS:
                 last_save[0] = time.monotonic()
                 write_profiles(layout.server_profiles, learned_profiles(layout, current))
 
         interrupted = executor.run(scheduler, tick)
+        record_state(layout, scheduler, plan, running=False)
         write_profiles(layout.server_profiles, learned_profiles(layout, scheduler))
     executor.close()
     seconds = time.monotonic() - started

@@ -1,0 +1,125 @@
+"""`status --report`: a self-contained HTML page of plots, and the same plots as PNG files.
+
+Plots from matplotlib (Agg, no screen): images/s over time, per-server progress, errors by
+code, and the servers that bound the ETA. The PNGs sit beside the page (`NAME-*.png`); the page
+embeds them too, so it can be mailed or archived alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+from typing import Any
+
+from distributed_downloader.errors import UserError
+from distributed_downloader.storage import atomic_write_bytes, atomic_write_text
+
+TOP_SERVERS = 20
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("the report needs matplotlib: pip install "
+                        "'distributed-downloader[report]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(figure: Any) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _speed_plot(plt: Any, status: dict[str, Any]) -> Any:
+    figure, axes = plt.subplots(figsize=(8, 3))
+    history = status["history"]
+    points = []
+    for before, after in zip(history, history[1:]):
+        if after["time"] > before["time"] and after["rows_done"] >= before["rows_done"] \
+                and before.get("running", True):
+            points.append((after["time"], (after["rows_done"] - before["rows_done"])
+                           / (after["time"] - before["time"])))
+    if points:
+        start = points[0][0]
+        axes.plot([(t - start) / 60 for t, _ in points], [v for _, v in points])
+    axes.set_xlabel("minutes since the first fetch")
+    axes.set_ylabel("images/s")
+    axes.set_title("download speed")
+    return figure
+
+
+def _servers_plot(plt: Any, status: dict[str, Any]) -> Any:
+    servers = sorted(status["all_servers"], key=lambda s: -s["rows"])[:TOP_SERVERS]
+    figure, axes = plt.subplots(figsize=(8, 0.35 * len(servers) + 1))
+    names = [s["server"] for s in servers][::-1]
+    axes.barh(names, [s["rows"] for s in servers][::-1], color="#dddddd", label="rows")
+    axes.barh(names, [s["done"] for s in servers][::-1], color="#3b7dd8", label="done")
+    axes.set_xlabel("rows")
+    axes.set_title(f"progress of the {len(servers)} largest servers")
+    axes.legend(loc="lower right")
+    return figure
+
+
+def _errors_plot(plt: Any, status: dict[str, Any]) -> Any:
+    codes = status["errors_by_code"]
+    figure, axes = plt.subplots(figsize=(8, 0.35 * max(1, len(codes)) + 1))
+    axes.barh(list(codes)[::-1], list(codes.values())[::-1], color="#d8573b")
+    axes.set_xlabel("rows")
+    axes.set_title(f"errors by code ({status['errors']:,} in all)")
+    return figure
+
+
+def _bound_plot(plt: Any, status: dict[str, Any]) -> Any:
+    servers = sorted((s for s in status["all_servers"] if s["remaining_seconds"]),
+                     key=lambda s: -s["remaining_seconds"])[:10]
+    figure, axes = plt.subplots(figsize=(8, 0.35 * max(1, len(servers)) + 1))
+    axes.barh([s["server"] for s in servers][::-1],
+              [s["remaining_seconds"] / 3600 for s in servers][::-1], color="#8a5bd8")
+    axes.set_xlabel("hours left at the current rate")
+    axes.set_title("servers that bound the ETA")
+    return figure
+
+
+def write_report(status: dict[str, Any], path: Path) -> list[Path]:
+    """Write the page and its PNGs; returns every file written."""
+    plt = _pyplot()
+    plots = {"speed": _speed_plot, "servers": _servers_plot, "errors": _errors_plot,
+             "bound": _bound_plot}
+    written, images = [], []
+    for name, draw in plots.items():
+        figure = draw(plt, status)
+        data = _png(figure)
+        plt.close(figure)
+        png = path.with_name(f"{path.stem}-{name}.png")
+        atomic_write_bytes(png, data)
+        written.append(png)
+        images.append(f'<img alt="{name}" src="data:image/png;base64,'
+                      f'{base64.b64encode(data).decode()}">')
+    share = status["done"] / status["rows"] if status["rows"] else 1.0
+    facts = [
+        ("phase", status["phase"]),
+        ("rows done", f"{status['done']:,} / {status['rows']:,} ({share:.1%})"),
+        ("successes", f"{status['successes']:,}"),
+        ("errors", f"{status['errors']:,}"),
+        ("batches done", f"{status['batches_done']:,} / {status['batches']:,}"),
+        ("images/s (last minutes)", f"{status['images_per_second']:.1f}"),
+        ("ETA", "—" if status["eta_seconds"] is None else f"{status['eta_seconds'] / 3600:.1f} h"),
+        ("bound by", status["bound_by"] or "—"),
+    ]
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
+                   for k, v in facts)
+    page = (f"<!doctype html><meta charset='utf-8'><title>distributed-downloader: "
+            f"{html.escape(status['output'])}</title><style>body{{font-family:sans-serif;"
+            f"max-width:60em;margin:2em auto}}th{{text-align:left;padding-right:2em}}"
+            f"img{{max-width:100%;display:block;margin:1.5em 0}}</style>"
+            f"<h1>{html.escape(status['output'])}</h1><table>{rows}</table>{''.join(images)}")
+    atomic_write_text(path, page)
+    return [path, *written]

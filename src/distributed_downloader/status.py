@@ -1,0 +1,182 @@
+"""Where a run stands: counts, speed, ETA and the servers that bound it, during a run and after.
+
+Everything comes from small files, so status answers in a second or two at any scale: the
+prep summary and servers table, each finished batch's `completed` marker (its counts, errors
+by code), the chunk footers of unfinished batches only, the live `fetch_state.json` a running
+fetch rewrites every few seconds, and `fetch_progress.jsonl`, its history.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from distributed_downloader.errors import UserError
+from distributed_downloader.profile import read_profiles
+from distributed_downloader.storage import RunLayout, batch_folder
+from distributed_downloader.writers import (
+    COMPLETED_MARKER,
+    ERROR_PREFIX,
+    SUCCESS_PREFIX,
+    chunk_files,
+    errors_by_code,
+)
+
+SPEED_WINDOW_SECONDS = 300.0  # "images/s over the last minutes"
+LIVE_SECONDS = 30.0  # a state older than this belongs to a fetch that is not running any more
+
+
+@dataclass
+class ServerProgress:
+    name: str
+    rows: int
+    batches: int
+    done: int = 0
+    successes: int = 0
+    errors: int = 0
+    batches_done: int = 0
+    rate: float | None = None
+    throttled: int = 0
+    state: str = "waiting"  # waiting | fetching | paused | down | done
+
+    @property
+    def remaining(self) -> int:
+        return self.rows - self.done
+
+    @property
+    def remaining_seconds(self) -> float:
+        return self.remaining / self.rate if self.rate else 0.0
+
+
+def _batch_counts(folder: Path) -> tuple[bool, int, int, dict[str, int]]:
+    """(finished, successes, errors, errors by code) of one batch's output folder."""
+    marker = folder / COMPLETED_MARKER
+    if marker.exists():
+        data = json.loads(marker.read_text())
+        by_code = data.get("errors_by_code")
+        if by_code is None:  # a marker from before codes were recorded
+            by_code = errors_by_code(folder)
+        return True, data["successes"], data["errors"], by_code
+    if not folder.exists():
+        return False, 0, 0, {}
+    successes = sum(pq.read_metadata(p).num_rows for p in chunk_files(folder, SUCCESS_PREFIX))
+    errors = sum(pq.read_metadata(p).num_rows for p in chunk_files(folder, ERROR_PREFIX))
+    return False, successes, errors, errors_by_code(folder) if errors else {}
+
+
+def read_history(layout: RunLayout) -> list[dict[str, Any]]:
+    if not layout.fetch_log.exists():
+        return []
+    lines = []
+    for line in layout.fetch_log.read_text().splitlines():
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+    return lines
+
+
+def recent_speed(history: list[dict[str, Any]], now: float, running: bool) -> float:
+    """Images/s over the last few minutes of the latest fetch (its last minutes, when no fetch
+    is running). Each fetch's lines end with one whose `running` is false."""
+    fetches: list[list[dict[str, Any]]] = [[]]
+    for line in history:
+        fetches[-1].append(line)
+        if not line.get("running", True):
+            fetches.append([])
+    latest = fetches[-1] or (fetches[-2] if len(fetches) > 1 else [])
+    if not latest:
+        return 0.0
+    end = now if running else latest[-1]["time"]
+    window = [line for line in latest if end - line["time"] <= SPEED_WINDOW_SECONDS]
+    if len(window) < 2 or window[-1]["time"] <= window[0]["time"]:
+        return 0.0
+    return (window[-1]["rows_done"] - window[0]["rows_done"]) / \
+        (window[-1]["time"] - window[0]["time"])
+
+
+def run_status(output: Path) -> dict[str, Any]:
+    layout = RunLayout(output)
+    if not layout.prep_summary.exists():
+        raise UserError(f"{output} has no finished prep: nothing to report yet")
+    prep = json.loads(layout.prep_summary.read_text())
+    now = time.time()
+    state = json.loads(layout.fetch_state.read_text()) if layout.fetch_state.exists() else {}
+    running = bool(state.get("running")) and now - state.get("updated", 0) < LIVE_SECONDS
+    live = state.get("servers", {}) if running else {}
+    profiles = read_profiles(layout.server_profiles)
+    servers: list[ServerProgress] = []
+    by_code: Counter = Counter()
+    for row in pq.read_table(layout.servers).to_pylist():
+        server = ServerProgress(row["server_name"], row["rows"], row["batches"])
+        for partition in range(server.batches):
+            finished, successes, errors, codes = _batch_counts(
+                batch_folder(layout.downloaded, server.name, partition))
+            server.batches_done += finished
+            server.successes += successes
+            server.errors += errors
+            by_code.update(codes)
+        server.done = server.successes + server.errors
+        now_state = live.get(server.name)
+        profile = profiles.get(server.name)
+        if now_state is not None:
+            server.rate, server.throttled = now_state["rate"], now_state["throttled"]
+        elif profile is not None:
+            server.rate = profile.rate_limit
+        if server.batches_done == server.batches:
+            server.state = "done"
+        elif now_state is not None and now_state["dead"]:
+            server.state = "down"
+        elif now_state is not None and now_state["paused"]:
+            server.state = "paused"
+        elif now_state is not None and now_state["workers"]:
+            server.state = "fetching"
+        servers.append(server)
+    history = read_history(layout)
+    speed = recent_speed(history, now, running)
+    done = sum(s.done for s in servers)
+    total = prep["download_rows"]
+    left = [s for s in servers if s.remaining > 0]
+    bound = max(left, key=lambda s: s.remaining_seconds, default=None)
+    eta = None
+    if total > done:
+        by_speed = (total - done) / speed if speed else 0.0
+        eta = max(by_speed, bound.remaining_seconds if bound else 0.0) or None
+    phase = "finished" if done >= total and all(s.state == "done" for s in servers) else \
+        "fetching" if running else "stopped" if history else "prepared"
+    busiest = sorted(left, key=lambda s: -s.remaining_seconds)[:5]
+    slowest = sorted((s for s in left if s.rate), key=lambda s: s.rate or 0)[:5]
+    return {
+        "output": str(output),
+        "phase": phase,
+        "updated": state.get("updated"),
+        "rows": total,
+        "done": done,
+        "successes": sum(s.successes for s in servers),
+        "errors": sum(s.errors for s in servers),
+        "errors_by_code": dict(by_code.most_common()),
+        "batches": prep["batches"],
+        "batches_done": sum(s.batches_done for s in servers),
+        "servers": len(servers),
+        "servers_done": sum(1 for s in servers if s.state == "done"),
+        "images_per_second": round(speed, 2),
+        "eta_seconds": round(eta, 1) if eta is not None else None,
+        "bound_by": bound.name if bound is not None and bound.remaining_seconds else None,
+        "busiest": [_server_json(s) for s in busiest],
+        "slowest": [_server_json(s) for s in slowest if s not in busiest],
+        "all_servers": [_server_json(s) for s in servers],
+        "history": history,
+    }
+
+
+def _server_json(server: ServerProgress) -> dict[str, Any]:
+    return {"server": server.name, "done": server.done, "rows": server.rows,
+            "successes": server.successes, "errors": server.errors,
+            "rate": server.rate, "throttled": server.throttled, "state": server.state,
+            "remaining_seconds": round(server.remaining_seconds, 1)}

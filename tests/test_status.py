@@ -1,0 +1,82 @@
+"""`status`: counts, speed, ETA and servers, while a fetch runs and after; the HTML report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from PIL import Image
+
+from conftest import FAST_FETCH, read_errors, read_successes, run_cli, write_lines
+from distributed_downloader.farm import Farm, ServerSpec, make_small_image
+
+
+def status_json(out: Path) -> dict:
+    return json.loads(run_cli("status", out, "--json").stdout)
+
+
+def test_status_during_and_after_a_run_matches_the_parquet(tmp_path: Path) -> None:
+    specs = [ServerSpec("127.0.0.2", rate_limit=4), ServerSpec("127.0.0.3", rate_limit=50)]
+    with Farm(specs) as farm:
+        slow, fast = farm.servers
+        urls = []
+        for server, count in ((slow, 60), (fast, 40)):
+            for i in range(count):
+                server.images[f"{i}.jpg"] = make_small_image(i)
+                urls.append(server.url(f"/img/{i}.jpg"))
+        urls += [fast.url(f"/missing/{i}") for i in range(5)] + [fast.url("/html/x")]
+        out = tmp_path / "out"
+        source = write_lines(tmp_path / "u.txt", urls)
+        command = [sys.executable, "-m", "distributed_downloader", "download", str(source),
+                   "--output", str(out), "--batch-size", 10, "--default-rate-limit", 4,
+                   "--no-profile", *FAST_FETCH]
+        rates = tmp_path / "rates.csv"
+        rates.write_text(f"server_name,rate_limit\n{fast.address},50\n")
+        running = subprocess.Popen([*map(str, command), "--rates", str(rates)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 60
+            during = None
+            while time.monotonic() < deadline:
+                if (out / "fetch_state.json").exists():
+                    during = status_json(out)
+                    if during["done"] >= 50 and during["images_per_second"] > 0:
+                        break
+                time.sleep(1)
+            assert during is not None and during["phase"] == "fetching"
+            assert 0 < during["done"] < 106
+            assert during["bound_by"] == slow.address  # 60 images at 4/s
+            assert during["eta_seconds"] and during["eta_seconds"] > 1
+            rows = {row["server"]: row for row in during["busiest"]}
+            assert rows[slow.address]["rate"] <= 4 and rows[slow.address]["state"] in (
+                "fetching", "paused")
+            assert running.wait(timeout=120) == 0
+        finally:
+            running.kill()
+
+    after = status_json(out)
+    successes, errors = read_successes(out), read_errors(out)
+    assert after["phase"] == "finished"
+    assert after["successes"] == successes.num_rows == 100
+    assert after["errors"] == errors.num_rows == 6
+    assert after["errors_by_code"] == dict(Counter(errors.column("error_code").to_pylist()))
+    assert after["done"] == after["rows"] == 106
+    assert after["batches_done"] == after["batches"]
+    assert after["eta_seconds"] is None
+
+    report = tmp_path / "report" / "run.html"
+    printed = run_cli("status", out, "--report", report)
+    assert "finished" in printed.stdout
+    page = report.read_text()
+    assert page.count("data:image/png;base64,") == 4 and "106" in page
+    pngs = sorted(report.parent.glob("run-*.png"))
+    assert [p.name for p in pngs] == ["run-bound.png", "run-errors.png", "run-servers.png",
+                                      "run-speed.png"]
+    for png in pngs:
+        with Image.open(png) as image:
+            image.verify()
+            assert image.format == "PNG" and image.size[0] > 200
