@@ -373,8 +373,36 @@ def status(output: Path, as_json: bool, report_path: Path | None) -> None:
         console.print(table)
 
 
+@cli.command()
+@click.argument("output", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.option("--fix", is_flag=True,
+              help="Move broken batches aside (OUT/verify/quarantine/) so fetch redoes them.")
+@click.option("--workers", type=int, default=None, help="Checking processes [default: cores].")
+def verify(output: Path, fix: bool, workers: int | None) -> None:
+    """Check every finished batch of OUTPUT: files readable, counts, images decode and match
+    their hashes, each prepared UUID exactly once. Exit code 1 when something is broken."""
+    from distributed_downloader.verify import run_verify
+
+    summary = run_verify(output, fix, workers)
+    console.print(f"verify: {summary['batches_checked']:,} finished batches, "
+                  f"{summary['rows_checked']:,} rows, {summary['images_decoded']:,} images "
+                  f"decoded in {summary['seconds']:.1f} s; {summary['batches_unfinished']:,} "
+                  f"batches not finished (not checked)")
+    for batch in summary["broken"]:
+        more = f" (+{batch['more_problems']} more)" if batch["more_problems"] else ""
+        console.print(f"[red]broken[/] {batch['batch']}: {'; '.join(batch['problems'])}{more}",
+                      highlight=False, soft_wrap=True)
+    if summary["moved_aside"]:
+        console.print(f"moved {len(summary['moved_aside'])} broken batches aside; run fetch "
+                      "to download them again")
+    elif summary["broken"]:
+        console.print("run `verify --fix`, then fetch, to download them again")
+        sys.exit(1)
+    else:
+        console.print("[green]every finished batch is sound[/]")
+
+
 for _name, _summary in (
-    ("verify", "Check every finished batch of a run."),
     ("tools", "Post-process downloaded images (resize, verification, duplicates, size)."),
 ):
     _not_implemented(_name, _summary)

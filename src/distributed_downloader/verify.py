@@ -1,0 +1,152 @@
+"""`verify`: is what the download wrote sound? Every finished batch, checked against its prep.
+
+A batch is sound when every chunk reads, the counts match its `completed` marker, every stored
+image decodes and hashes to its `hashsum_resized`, and its output holds each prepared UUID
+exactly once, in successes or in errors. Batches are checked in parallel processes (decoding
+is the cost). `--fix` moves broken batches aside, under `OUT/verify/quarantine/`, so that the
+next fetch downloads them again; nothing is deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from PIL import Image
+
+from distributed_downloader.errors import UserError
+from distributed_downloader.storage import RunLayout, atomic_write_json, batch_folder
+from distributed_downloader.writers import COMPLETED_MARKER, ERROR_PREFIX, SUCCESS_PREFIX, \
+    chunk_files
+
+MAX_PROBLEMS_LISTED = 5  # per batch; the count says how many more
+
+
+@dataclass
+class BatchCheck:
+    server_name: str
+    partition_id: int
+    rows: int = 0
+    images: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def folder_name(self) -> str:
+        return f"server_name={self.server_name}/partition_id={self.partition_id}"
+
+
+def _image_problem(data: bytes, expected_md5: str) -> str | None:
+    if hashlib.md5(data).hexdigest() != expected_md5:
+        return "hashsum_resized does not match the stored bytes"
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is the finding
+        return f"stored image does not decode ({type(exc).__name__})"
+    return None
+
+
+def check_batch(root: str, server_name: str, partition_id: int) -> BatchCheck:
+    """Check one finished batch; problems are plain sentences."""
+    layout = RunLayout(Path(root))
+    check = BatchCheck(server_name, partition_id)
+    folder = batch_folder(layout.downloaded, server_name, partition_id)
+    problems = check.problems
+    try:
+        marker = json.loads((folder / COMPLETED_MARKER).read_text())
+    except (OSError, ValueError) as exc:
+        problems.append(f"unreadable completed marker ({exc})")
+        return check
+    prepared = set()
+    for path in sorted(batch_folder(layout.batches, server_name, partition_id).glob("*.parquet")):
+        prepared.update(pq.read_table(path, columns=["uuid"]).column(0).to_pylist())
+    seen: Counter = Counter()
+    successes = errors = 0
+    for prefix in (SUCCESS_PREFIX, ERROR_PREFIX):
+        for path in chunk_files(folder, prefix):
+            try:
+                columns = ["uuid", "image", "hashsum_resized"] if prefix == SUCCESS_PREFIX \
+                    else ["uuid"]
+                table = pq.read_table(path, columns=columns)
+            except Exception as exc:  # noqa: BLE001 - a damaged file is the finding
+                problems.append(f"{path.name} is unreadable ({type(exc).__name__}: {exc})")
+                continue
+            uuids = table.column("uuid").to_pylist()
+            seen.update(uuids)
+            if prefix == ERROR_PREFIX:
+                errors += len(uuids)
+                continue
+            successes += len(uuids)
+            for uuid, image, md5 in zip(uuids, table.column("image").to_pylist(),
+                                        table.column("hashsum_resized").to_pylist()):
+                problem = _image_problem(image or b"", md5)
+                if problem:
+                    problems.append(f"uuid {uuid}: {problem}")
+            check.images += len(uuids)
+    check.rows = successes + errors
+    if (successes, errors) != (marker.get("successes"), marker.get("errors")):
+        problems.append(f"chunks hold {successes} successes and {errors} errors, the marker "
+                        f"says {marker.get('successes')} and {marker.get('errors')}")
+    twice = [uuid for uuid, count in seen.items() if count > 1]
+    missing = prepared - set(seen)
+    unknown = set(seen) - prepared
+    if twice:
+        problems.append(f"{len(twice)} UUIDs written more than once (e.g. {twice[0]})")
+    if missing:
+        problems.append(f"{len(missing)} prepared UUIDs are in neither successes nor errors "
+                        f"(e.g. {sorted(missing)[0]})")
+    if unknown:
+        problems.append(f"{len(unknown)} UUIDs that this batch never had (e.g. "
+                        f"{sorted(unknown)[0]})")
+    return check
+
+
+def run_verify(output: Path, fix: bool = False, workers: int | None = None) -> dict[str, Any]:
+    layout = RunLayout(output)
+    if not layout.prep_summary.exists():
+        raise UserError(f"{output} has no finished prep: nothing to verify")
+    started = time.monotonic()
+    finished, unfinished = [], 0
+    for row in pq.read_table(layout.servers).to_pylist():
+        for partition in range(row["batches"]):
+            folder = batch_folder(layout.downloaded, row["server_name"], partition)
+            if (folder / COMPLETED_MARKER).exists():
+                finished.append((str(output), row["server_name"], partition))
+            else:
+                unfinished += 1
+    with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        checks = list(pool.map(check_batch, *zip(*finished), chunksize=4)) if finished else []
+    broken = [check for check in checks if check.problems]
+    moved = []
+    if fix:
+        quarantine = layout.root / "verify" / "quarantine" / time.strftime("%Y%m%d-%H%M%S")
+        for check in broken:
+            target = quarantine / check.folder_name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(batch_folder(layout.downloaded, check.server_name,
+                                         check.partition_id)), target)
+            moved.append(str(target))
+    summary = {
+        "batches_checked": len(checks),
+        "batches_unfinished": unfinished,
+        "rows_checked": sum(check.rows for check in checks),
+        "images_decoded": sum(check.images for check in checks),
+        "broken": [{"batch": check.folder_name, "problems": check.problems[:MAX_PROBLEMS_LISTED],
+                    "more_problems": max(0, len(check.problems) - MAX_PROBLEMS_LISTED)}
+                   for check in broken],
+        "moved_aside": moved,
+        "seconds": round(time.monotonic() - started, 2),
+    }
+    atomic_write_json(layout.root / "verify" / "summary.json", summary)
+    return summary
+
