@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import FAST_FETCH, read_errors, read_successes, run_cli, write_lines
@@ -178,3 +179,31 @@ def test_slurm_cancel_stops_the_chain_and_keeps_what_was_committed(tmp_path: Pat
     assert 20 <= status["rows_done"] < 200
     successes = read_successes(out).to_pylist()
     assert len(successes) == len({r["uuid"] for r in successes}) == status["rows_done"]
+
+
+def test_tools_on_mpi_ranks_give_the_local_result(tmp_path: Path) -> None:
+    with Farm([ServerSpec("127.0.0.2"), ServerSpec("127.0.0.3")]) as farm:
+        urls = []
+        for server in farm.servers:
+            for i in range(12):
+                server.images[f"{i}.png"] = make_small_image(i, (120, 90), image_format="PNG")
+                urls.append(server.url(f"/img/{i}.png"))
+        out = tmp_path / "out"
+        run_cli("download", write_lines(tmp_path / "u.txt", urls), "--output", out,
+                "--batch-size", 4, "--no-profile", *FAST_FETCH, timeout=300)
+    run_mpi(3, "tools", "resize", out, "--image-size", 40, "--executor", "mpi")
+    local = tmp_path / "local"
+    shutil.copytree(out, local)
+    shutil.rmtree(local / "tools")
+    run_cli("tools", "resize", local, "--image-size", 40)
+
+    def resized(root: Path) -> set[tuple[str, str]]:
+        rows = []
+        for path in root.glob("tools/resize/*/*/successes-*.parquet"):
+            rows += pq.read_table(path, columns=["uuid", "hashsum_resized"]).to_pylist()
+        return {(r["uuid"], r["hashsum_resized"]) for r in rows}
+
+    assert len(resized(out)) == 24
+    assert resized(out) == resized(local)
+    summary = json.loads((out / "tools" / "resize" / "summary.json").read_text())
+    assert summary["batches_done"] == 6 and summary["resized"] == 24

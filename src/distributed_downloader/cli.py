@@ -319,13 +319,6 @@ def profile(output: Path, config_file: Path | None, **flags: Any) -> None:
     _profile(gather_settings(config_file, {"output": output, **flags}))
 
 
-def _not_implemented(name: str, summary: str) -> None:
-    @cli.command(name=name, help=summary, context_settings={"ignore_unknown_options": True})
-    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-    def command(args: tuple[str, ...]) -> None:
-        raise UserError(f"'{name}' is not implemented yet")
-
-
 @cli.command()
 @click.argument("output", type=click.Path(path_type=Path, file_okay=False, exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON (for scripts).")
@@ -402,10 +395,71 @@ def verify(output: Path, fix: bool, workers: int | None) -> None:
         console.print("[green]every finished batch is sound[/]")
 
 
-for _name, _summary in (
-    ("tools", "Post-process downloaded images (resize, verification, duplicates, size)."),
-):
-    _not_implemented(_name, _summary)
+TOOL_NAMES = ("resize", "image_verification", "duplication_based", "size_based")
+
+
+def tool_options(command: Callable) -> Callable:
+    """What a tool run takes: its own options, and where it runs."""
+    for option in reversed([
+        click.option("--image-size", type=int, default=None,
+                     help="resize: the new longest side [default: new_resize_size, 720]."),
+        click.option("--min-side", type=int, default=None,
+                     help="size_based: smallest side an original must have [default: "
+                     "threshold_size, 224]."),
+        click.option("--restart", is_flag=True, help="Start the tool over (drop its results)."),
+        click.option("--workers", type=int, default=None, help="Local processes [default: "
+                     "tools_num_workers, or one per core when that is 1]."),
+        click.option("--executor", type=click.Choice(["local", "mpi"]), default="local",
+                     help="local processes, or MPI ranks (under mpirun/srun)."),
+        config_option,
+    ]):
+        command = option(command)
+    return command
+
+
+def _tool_settings(name: str, output: Path, config_file: Path | None, image_size: int | None,
+                   min_side: int | None) -> tuple[Settings, dict[str, Any]]:
+    settings = gather_settings(config_file, {"output": output})
+    options: dict[str, Any] = {}
+    if name == "resize":
+        options = {"image_size": image_size or settings.new_resize_size,
+                   "image_quality": settings.image_quality}
+    elif name == "size_based":
+        options = {"min_side": settings.threshold_size if min_side is None else min_side}
+    return settings, options
+
+
+@cli.command()
+@click.argument("name", type=click.Choice(TOOL_NAMES))
+@click.argument("output", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@tool_options
+def tools(name: str, output: Path, config_file: Path | None, image_size: int | None,
+          min_side: int | None, restart: bool, workers: int | None, executor: str) -> None:
+    """Post-process a download: resize, image_verification, duplication_based, size_based.
+    Results go to OUTPUT/tools/NAME/; a re-run resumes."""
+    from distributed_downloader.tools import run_tool
+
+    settings, options = _tool_settings(name, output, config_file, image_size, min_side)
+    if executor == "mpi":
+        from distributed_downloader.executors import mpi
+
+        comm = mpi.world()
+        ON_ERROR.append(lambda: mpi.abort_world(2))
+        if comm.Get_rank() != mpi.SCHEDULER_RANK:
+            mpi.serve_tasks(comm)
+            return
+        try:
+            summary = run_tool(name, output, options, restart, executor="mpi")
+        finally:
+            mpi.release_task_ranks()
+    else:
+        if workers is None and settings.tools_num_workers > 1:
+            workers = settings.tools_num_workers
+        summary = run_tool(name, output, options, restart, workers)
+    details = ", ".join(f"{key.replace('_', ' ')} {value:,}" for key, value in summary.items()
+                        if isinstance(value, int) and key != "finished_at")
+    console.print(f"tools {name}: {details} in {summary['seconds']:.1f} s")
+    console.print(f"results in [bold]{output / 'tools' / name}[/]")
 
 
 @cli.command()
@@ -538,6 +592,25 @@ def period(output: Path) -> None:
     console.print(f"slurm period: {reason}")
     if not fetch:
         sys.exit(STOP_CHAIN)
+
+
+@slurm.command(name="tool")
+@click.argument("name", type=click.Choice(TOOL_NAMES))
+@click.argument("output", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.option("--image-size", type=int, default=None, help="resize: the new longest side.")
+@click.option("--min-side", type=int, default=None, help="size_based: smallest side.")
+@config_option
+def slurm_tool(name: str, output: Path, image_size: int | None, min_side: int | None,
+               config_file: Path | None) -> None:
+    """Submit a post-processing tool as one MPI job (tools_max_nodes × tools_workers_per_node);
+    submit it again to resume after a time limit."""
+    from distributed_downloader.executors.slurm import submit_tool
+
+    settings = gather_settings(config_file, {"output": output})
+    options = [*(["--image-size", str(image_size)] if image_size else []),
+               *(["--min-side", str(min_side)] if min_side is not None else [])]
+    job = submit_tool(settings, name, options)
+    console.print(f"submitted tools {name}: job {job}; log in {output / 'slurm' / 'logs'}")
 
 
 def main() -> None:

@@ -155,3 +155,60 @@ class MpiExecutor:
                     self.stopped.add(message.worker)
             else:
                 time.sleep(POLL_SECONDS)
+
+
+# --- a task farm, for the post-processing tools ------------------------------------------------
+
+
+def run_tasks(function: Callable[..., Any], arguments: list[tuple]) -> list[Any]:
+    """Rank 0: run `function(*args)` for each args on the other ranks, as each becomes free;
+    the results in the order of `arguments`. The ranks serve until `release_task_ranks`."""
+    comm = world()
+    if comm.Get_size() == 1:
+        return [function(*args) for args in arguments]
+    results: list[Any] = [None] * len(arguments)
+    pending = list(enumerate(arguments))[::-1]
+    busy: set[int] = set()
+    failure = None
+    while pending or busy:
+        if not comm.iprobe():
+            time.sleep(POLL_SECONDS)
+            continue
+        rank, reply = comm.recv()
+        busy.discard(rank)
+        if reply is not None:
+            index, ok, value = reply
+            if ok:
+                results[index] = value
+            else:
+                failure = failure or value
+        if pending and failure is None:
+            index, args = pending.pop()
+            comm.send((index, function, args), dest=rank)
+            busy.add(rank)
+    if failure is not None:
+        raise RuntimeError(f"a task failed on a worker rank: {failure}")
+    return results
+
+
+def serve_tasks(comm: Any) -> None:
+    """A worker rank: run what rank 0 sends until it sends None."""
+    comm.send((comm.Get_rank(), None), dest=SCHEDULER_RANK)
+    while True:
+        while not comm.iprobe(source=SCHEDULER_RANK):
+            time.sleep(WORKER_POLL_SECONDS)
+        task = comm.recv(source=SCHEDULER_RANK)
+        if task is None:
+            return
+        index, function, args = task
+        try:
+            reply = (index, True, function(*args))
+        except Exception as exc:  # noqa: BLE001 - reported to rank 0, which stops the run
+            reply = (index, False, f"{type(exc).__name__}: {exc}")
+        comm.send((comm.Get_rank(), reply), dest=SCHEDULER_RANK)
+
+
+def release_task_ranks() -> None:
+    comm = world()
+    for rank in range(1, comm.Get_size()):
+        comm.send(None, dest=rank)

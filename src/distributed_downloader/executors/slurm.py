@@ -301,3 +301,25 @@ def cancel_chain(settings: Settings) -> list[str]:
     if active:
         subprocess.run(["scancel", *active], capture_output=True, text=True, timeout=60)
     return active
+
+
+def submit_tool(settings: Settings, name: str, options: list[str]) -> str:
+    """One job running a post-processing tool on `tools_max_nodes` nodes under MPI; the tool
+    resumes where it stopped, so submitting it again after a time limit goes on."""
+    if settings.output is None:
+        raise UserError("slurm tool needs the run's folder OUT")
+    layout = RunLayout(settings.output.resolve())
+    ranks = f"$(( SLURM_JOB_NUM_NODES * {settings.tools_workers_per_node} + 1 ))"
+    lines = _header(settings, layout, f"tool-{name}", [
+        f"--nodes={settings.tools_max_nodes}",
+        f"--ntasks-per-node={settings.tools_workers_per_node}",
+        f"--cpus-per-task={settings.tools_cpu_per_worker}", f"--time={settings.time_limit}"]) + [
+        'if [ "$(id -u)" = 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 '
+        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi",
+        f"ranks={ranks}",
+        f"exec {_launcher(settings)} "
+        f"{_command('tools', name, layout.root, '--executor', 'mpi', *options)}"]
+    script = slurm_folder(layout) / f"tool-{name}.sbatch"
+    (slurm_folder(layout) / "logs").mkdir(parents=True, exist_ok=True)
+    atomic_write_text(script, "\n".join(lines) + "\n")
+    return sbatch(script)

@@ -1,0 +1,140 @@
+"""Post-processing tools (the original's `distributed_downloader_tools`), run over a download.
+
+`tools NAME OUT` runs one tool. Tools that work batch by batch (`resize`,
+`image_verification`) write each batch's result into a hidden folder and rename it into place
+under `OUT/tools/NAME/`, so a batch's result is there whole or not at all; a re-run skips the
+batches already done, which is the whole of resuming after a kill. Tools over the whole run
+(`duplication_based`, `size_based`) are one DuckDB query each, written to a temporary file and
+renamed. Nothing a reader may hold is rewritten in place: the download itself is never touched.
+
+Each tool records its options and what it did in `OUT/tools/NAME/summary.json`; resuming with
+other options is refused (`--restart` starts over).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from distributed_downloader.errors import UserError
+from distributed_downloader.storage import RunLayout, atomic_write_json, batch_folder, fsync_dir
+from distributed_downloader.writers import COMPLETED_MARKER
+
+BatchWork = Callable[[Path, Path, dict[str, Any]], dict[str, int]]
+RunWork = Callable[[RunLayout, Path, dict[str, Any]], dict[str, Any]]
+TOOL_DONE = "done"  # written last in a batch's result folder, with its counts
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    summary: str
+    per_batch: BatchWork | None = None  # (downloaded batch folder, result folder, options)
+    whole_run: RunWork | None = None  # (layout, tool folder, options)
+
+
+def registry() -> dict[str, Tool]:
+    from distributed_downloader.tools import duplication_based, image_verification, resize, \
+        size_based
+
+    tools = [resize.TOOL, image_verification.TOOL, duplication_based.TOOL, size_based.TOOL]
+    return {tool.name: tool for tool in tools}
+
+
+def finished_batches(layout: RunLayout) -> list[tuple[str, int]]:
+    batches = []
+    for row in pq.read_table(layout.servers).to_pylist():
+        for partition in range(row["batches"]):
+            folder = batch_folder(layout.downloaded, row["server_name"], partition)
+            if (folder / COMPLETED_MARKER).exists():
+                batches.append((row["server_name"], partition))
+    return batches
+
+
+def run_batch(name: str, root: str, server_name: str, partition_id: int,
+              options: dict[str, Any]) -> dict[str, int]:
+    """One batch of a per-batch tool: work in a hidden folder, then rename it into place."""
+    layout = RunLayout(Path(root))
+    tool = registry()[name]
+    assert tool.per_batch is not None
+    final = batch_folder(layout.root / "tools" / name, server_name, partition_id)
+    scratch = final.parent / f".{final.name}.{secrets.token_hex(4)}"
+    scratch.mkdir(parents=True)
+    counts = tool.per_batch(batch_folder(layout.downloaded, server_name, partition_id),
+                            scratch, options)
+    atomic_write_json(scratch / TOOL_DONE, {**counts, "finished_at": time.time()})
+    os.rename(scratch, final)
+    fsync_dir(final.parent)
+    return counts
+
+
+def _start(layout: RunLayout, name: str, options: dict[str, Any], restart: bool) -> Path:
+    folder = layout.root / "tools" / name
+    recorded = folder / "options.json"
+    if restart and folder.exists():
+        shutil.rmtree(folder)
+    if recorded.exists():
+        before = json.loads(recorded.read_text())
+        if before != options:
+            raise UserError(f"{folder} was started with {before}, not {options}; run with "
+                            "--restart to start over")
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(recorded, options)
+    for scratch in folder.glob("*/.partition_id=*"):  # a batch in progress when killed
+        shutil.rmtree(scratch, ignore_errors=True)
+    return folder
+
+
+def run_tool(name: str, output: Path, options: dict[str, Any], restart: bool = False,
+             workers: int | None = None, executor: str = "local") -> dict[str, Any]:
+    tools = registry()
+    if name not in tools:
+        raise UserError(f"unknown tool '{name}'; tools: {', '.join(tools)}")
+    tool = tools[name]
+    layout = RunLayout(output)
+    if not layout.prep_summary.exists():
+        raise UserError(f"{output} has no finished prep: nothing to post-process")
+    folder = _start(layout, name, options, restart)
+    started = time.monotonic()
+    totals: dict[str, Any] = {}
+    if tool.per_batch is not None:
+        todo = [(s, p) for s, p in finished_batches(layout)
+                if not (batch_folder(folder, s, p) / TOOL_DONE).exists()]
+        results = _run_batches(name, layout, todo, options, workers, executor)
+        for counts in results:
+            for key, value in counts.items():
+                totals[key] = totals.get(key, 0) + value
+        totals["batches_this_run"] = len(todo)
+        totals["batches_done"] = sum(1 for _ in folder.glob(f"*/*/{TOOL_DONE}"))
+    else:
+        assert tool.whole_run is not None
+        totals = tool.whole_run(layout, folder, options)
+    summary = {"tool": name, "options": options, **totals,
+               "seconds": round(time.monotonic() - started, 2), "finished_at": time.time()}
+    atomic_write_json(folder / "summary.json", summary)
+    return summary
+
+
+def _run_batches(name: str, layout: RunLayout, todo: list[tuple[str, int]],
+                 options: dict[str, Any], workers: int | None,
+                 executor: str) -> list[dict[str, int]]:
+    if not todo:
+        return []
+    if executor == "mpi":
+        from distributed_downloader.executors.mpi import run_tasks
+
+        return run_tasks(run_batch, [(name, str(layout.root), s, p, options) for s, p in todo])
+    with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        futures = [pool.submit(run_batch, name, str(layout.root), s, p, options)
+                   for s, p in todo]
+        return [future.result() for future in futures]
