@@ -594,6 +594,25 @@ def period(output: Path) -> None:
         sys.exit(STOP_CHAIN)
 
 
+@cli.command()
+@click.argument("output", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.option("--to", "to_format", type=click.Choice(["webdataset", "files", "hdf5"]),
+              required=True, help="The format to write, under OUTPUT/export/FORMAT/.")
+@click.option("--restart", is_flag=True, help="Start the export over.")
+@click.option("--workers", type=int, default=None, help="Processes [default: one per core].")
+def export(output: Path, to_format: str, restart: bool, workers: int | None) -> None:
+    """Convert the finished batches of a Parquet download into WebDataset shards, image files
+    or HDF5, without downloading again; a re-run resumes."""
+    from distributed_downloader.tools import run_tool
+
+    summary = run_tool(to_format, output, {}, restart, workers)
+    console.print(f"export {to_format}: {summary.get('images', 0):,} images, "
+                  f"{summary.get('errors', 0):,} errors in {summary['batches_this_run']:,} "
+                  f"batches this run ({summary['batches_done']:,} in all), "
+                  f"{summary['seconds']:.1f} s")
+    console.print(f"in [bold]{output / 'export' / to_format}[/]")
+
+
 @slurm.command(name="tool")
 @click.argument("name", type=click.Choice(TOOL_NAMES))
 @click.argument("output", type=click.Path(path_type=Path, file_okay=False, exists=True))

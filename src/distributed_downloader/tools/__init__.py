@@ -41,13 +41,16 @@ class Tool:
     summary: str
     per_batch: BatchWork | None = None  # (downloaded batch folder, result folder, options)
     whole_run: RunWork | None = None  # (layout, tool folder, options)
+    home: str = "tools"  # results go to OUT/{home}/{name}/ (exports: OUT/export/FORMAT/)
 
 
 def registry() -> dict[str, Tool]:
+    from distributed_downloader import export
     from distributed_downloader.tools import duplication_based, image_verification, resize, \
         size_based
 
-    tools = [resize.TOOL, image_verification.TOOL, duplication_based.TOOL, size_based.TOOL]
+    tools = [resize.TOOL, image_verification.TOOL, duplication_based.TOOL, size_based.TOOL,
+             *export.FORMATS]
     return {tool.name: tool for tool in tools}
 
 
@@ -67,7 +70,7 @@ def run_batch(name: str, root: str, server_name: str, partition_id: int,
     layout = RunLayout(Path(root))
     tool = registry()[name]
     assert tool.per_batch is not None
-    final = batch_folder(layout.root / "tools" / name, server_name, partition_id)
+    final = batch_folder(layout.root / tool.home / name, server_name, partition_id)
     scratch = final.parent / f".{final.name}.{secrets.token_hex(4)}"
     scratch.mkdir(parents=True)
     counts = tool.per_batch(batch_folder(layout.downloaded, server_name, partition_id),
@@ -78,8 +81,8 @@ def run_batch(name: str, root: str, server_name: str, partition_id: int,
     return counts
 
 
-def _start(layout: RunLayout, name: str, options: dict[str, Any], restart: bool) -> Path:
-    folder = layout.root / "tools" / name
+def _start(layout: RunLayout, tool: Tool, options: dict[str, Any], restart: bool) -> Path:
+    folder = layout.root / tool.home / tool.name
     recorded = folder / "options.json"
     if restart and folder.exists():
         shutil.rmtree(folder)
@@ -104,7 +107,7 @@ def run_tool(name: str, output: Path, options: dict[str, Any], restart: bool = F
     layout = RunLayout(output)
     if not layout.prep_summary.exists():
         raise UserError(f"{output} has no finished prep: nothing to post-process")
-    folder = _start(layout, name, options, restart)
+    folder = _start(layout, tool, options, restart)
     started = time.monotonic()
     totals: dict[str, Any] = {}
     if tool.per_batch is not None:
