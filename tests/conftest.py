@@ -67,8 +67,9 @@ def read_successes(out: Path) -> pa.Table:
     pattern = out / "downloaded_images" / "*" / "*" / "successes-*.parquet"
     if not list(out.glob("downloaded_images/*/*/successes-*.parquet")):
         return pa.table({"uuid": pa.array([], pa.string())})
-    return duckdb.sql(
-        f"SELECT * FROM read_parquet('{pattern}', hive_partitioning = true)"
+    return duckdb.sql(  # union_by_name: in other output formats, chunks drop `image`
+        f"SELECT * FROM read_parquet('{pattern}', hive_partitioning = true, "
+        "union_by_name = true)"
     ).to_arrow_table()
 
 

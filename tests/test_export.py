@@ -69,6 +69,7 @@ def test_files_export_has_one_file_per_uuid_and_its_metadata(downloaded: Path) -
     seen = {}
     for metadata in root.glob("*/*/metadata.parquet"):
         for row in pq.read_table(metadata).to_pylist():
+            assert row["file"].startswith("images/")
             data = (metadata.parent / row["file"]).read_bytes()
             seen[row["uuid"]] = (hashlib.md5(data).hexdigest(), row["hashsum_original"])
     assert seen == expected(downloaded)
@@ -90,3 +91,39 @@ def test_hdf5_export_reads_back_with_h5py_alone(downloaded: Path) -> None:
                               store["hashsum_original"][index].decode())
     assert seen == expected(downloaded)
     assert len(exported_errors(root)) == 2
+
+
+@pytest.mark.parametrize("output_format", ["webdataset", "files", "hdf5"])
+def test_download_in_each_output_format(output_format: str, downloaded: Path,
+                                        tmp_path: Path) -> None:
+    from distributed_downloader.formats import ARTIFACTS, read_successes as batch_successes
+
+    with Farm([ServerSpec("127.0.0.2"), ServerSpec("127.0.0.3")]) as farm:
+        urls = []
+        for server in farm.servers:
+            for i in range(9):
+                server.images[f"{i}.jpg"] = make_small_image(i + len(urls))
+                urls.append(server.url(f"/img/{i}.jpg"))
+            urls.append(server.url("/missing/x"))
+        out = tmp_path / output_format
+        run_cli("download", write_lines(tmp_path / "u.txt", urls), "--output", out,
+                "--batch-size", 4, "--no-profile", "--output-format", output_format,
+                *FAST_FETCH, timeout=300)
+    batches = sorted(p.parent for p in out.glob("downloaded_images/*/*/completed"))
+    assert len(batches) == 6
+    seen = {}
+    for folder in batches:
+        assert (folder / ARTIFACTS[output_format]).exists()
+        for chunk in folder.glob("successes-*.parquet"):
+            assert "image" not in pq.read_schema(chunk).names  # images live in the artifact
+        for row in batch_successes(folder):
+            seen[row["uuid"]] = (hashlib.md5(row["image"]).hexdigest(), row["hashsum_original"])
+            assert seen[row["uuid"]][0] == row["hashsum_resized"]
+    # The same images as the Parquet download of the same pictures (on other ports: the URLs,
+    # and so the UUIDs, differ).
+    assert sorted(seen.values()) == sorted(expected(downloaded).values())
+    assert "every finished batch is sound" in run_cli("verify", out).stdout
+    status = json.loads(run_cli("status", out, "--json").stdout)
+    assert (status["successes"], status["errors"]) == (18, 2)
+    run_cli("tools", "resize", out, "--image-size", 16)
+    assert len(list(out.glob("tools/resize/*/*/done"))) == 6

@@ -117,3 +117,31 @@ def read_count(out: Path) -> int:
         return read_successes(out).num_rows
     except Exception:  # a chunk appearing while DuckDB lists the folder
         return 0
+
+
+def test_kill_9_then_resume_in_webdataset_format(farm_and_urls, tmp_path: Path) -> None:
+    """Images move into images.tar when a batch finishes: a kill at any point of that move
+    loses nothing either."""
+    from distributed_downloader.formats import read_successes as batch_successes
+
+    farm, expected = farm_and_urls
+    source = write_lines(tmp_path / "urls.txt", list(expected))
+    out = tmp_path / "out"
+    command = [*download_command(source, out), "--output-format", "webdataset"]
+    for rows_before_kill in (30, 110):
+        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 start_new_session=True)
+        deadline = time.monotonic() + 60
+        while read_count(out) < rows_before_kill and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+        assert_nothing_duplicated(out)
+    run_cli(*command[3:], timeout=300)
+    assert_complete(out, expected)
+    images = {}
+    for marker in out.glob("downloaded_images/*/*/completed"):
+        assert (marker.parent / "images.tar").exists()
+        for row in batch_successes(marker.parent):
+            images[row["uuid"]] = hashlib.md5(row["image"]).hexdigest() == row["hashsum_resized"]
+    assert len(images) == len(expected) - len(HOSTS) and all(images.values())

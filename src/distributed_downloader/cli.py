@@ -78,7 +78,8 @@ config_option = click.option(
 
 
 FETCH_SETTINGS = (
-    "workers", "image_size", "output_image_format", "image_quality", "default_rate_limit",
+    "workers", "image_size", "output_image_format", "output_format", "image_quality",
+    "default_rate_limit",
     "max_rate_limit", "rate_multiplier", "max_connections_per_server", "max_retries",
     "server_down_after", "timeout", "connect_timeout", "max_body_size", "max_image_pixels",
     "user_agent", "allow_network", "cpu_per_worker", "rates", "executor", "min_worker_rate",

@@ -117,6 +117,11 @@ class Settings(BaseModel):
     output_image_format: Literal["jpeg", "webp", "original"] = Field(
         "jpeg", description="Encoding of stored images (original: as downloaded when not resized)."
     )
+    output_format: Literal["parquet", "webdataset", "files", "hdf5"] = Field(
+        "parquet", description="Where stored images go: in the successes Parquet (parquet), or "
+        "per batch in images.tar (webdataset), images/{uuid}.jpg (files) or images.h5 (hdf5), "
+        "the Parquet keeping every other column."
+    )
     image_quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality of stored images.")
     max_image_pixels: int = Field(
         89_478_485, gt=0, description="Images with more pixels are refused (decompression bombs)."

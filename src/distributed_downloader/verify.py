@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from distributed_downloader.errors import UserError
+from distributed_downloader.formats import read_artifact
 from distributed_downloader.storage import RunLayout, atomic_write_json, batch_folder
 from distributed_downloader.writers import COMPLETED_MARKER, ERROR_PREFIX, SUCCESS_PREFIX, \
     chunk_files
@@ -72,12 +73,11 @@ def check_batch(root: str, server_name: str, partition_id: int) -> BatchCheck:
         prepared.update(pq.read_table(path, columns=["uuid"]).column(0).to_pylist())
     seen: Counter = Counter()
     successes = errors = 0
+    images: dict[str, bytes] | None = None  # from the format's artifact, when not in chunks
     for prefix in (SUCCESS_PREFIX, ERROR_PREFIX):
         for path in chunk_files(folder, prefix):
             try:
-                columns = ["uuid", "image", "hashsum_resized"] if prefix == SUCCESS_PREFIX \
-                    else ["uuid"]
-                table = pq.read_table(path, columns=columns)
+                table = pq.read_table(path)
             except Exception as exc:  # noqa: BLE001 - a damaged file is the finding
                 problems.append(f"{path.name} is unreadable ({type(exc).__name__}: {exc})")
                 continue
@@ -87,9 +87,15 @@ def check_batch(root: str, server_name: str, partition_id: int) -> BatchCheck:
                 errors += len(uuids)
                 continue
             successes += len(uuids)
-            for uuid, image, md5 in zip(uuids, table.column("image").to_pylist(),
+            if "image" in table.column_names:
+                stored = table.column("image").to_pylist()
+            else:
+                images = read_artifact(folder) if images is None else images
+                stored = [images.get(uuid) for uuid in uuids]
+            for uuid, image, md5 in zip(uuids, stored,
                                         table.column("hashsum_resized").to_pylist()):
-                problem = _image_problem(image or b"", md5)
+                problem = _image_problem(image, md5) if image is not None else \
+                    "stored image missing from the batch's images"
                 if problem:
                     problems.append(f"uuid {uuid}: {problem}")
             check.images += len(uuids)

@@ -88,14 +88,14 @@ def reopen_for_retry(folder: Path) -> int:
     fsync_dir(folder)
     for path, kept in plans:
         if kept.num_rows:
-            _write_chunk(kept, path)
+            write_chunk(kept, path)
         else:
             path.unlink()
     fsync_dir(folder)
     return reopened
 
 
-def _write_chunk(table: pa.Table, path: Path) -> None:
+def write_chunk(table: pa.Table, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     # Encoded images do not compress: storing them as they are saves a copy and the CPU.
     compression = {name: "none" if name == "image" else PARQUET_COMPRESSION
@@ -125,8 +125,9 @@ class BatchWriter:
     """Collects one batch's final rows and commits them in chunks."""
 
     def __init__(self, folder: Path, keep_columns: list[str], budget: BufferBudget,
-                 writer_token: str | None = None) -> None:
+                 writer_token: str | None = None, output_format: str = "parquet") -> None:
         self.folder = folder
+        self.output_format = output_format
         self.successes_schema = successes_schema(keep_columns)
         self.budget = budget
         self.token = writer_token or secrets.token_hex(4)
@@ -175,11 +176,11 @@ class BatchWriter:
         self.sequence += 1
         if self._successes:
             table = pa.Table.from_pylist(self._successes, schema=self.successes_schema)
-            _write_chunk(table, self.folder / (SUCCESS_PREFIX + name))
+            write_chunk(table, self.folder / (SUCCESS_PREFIX + name))
             self.written_successes += len(self._successes)
         if self._errors:
             table = pa.Table.from_pylist(self._errors, schema=ERRORS)
-            _write_chunk(table, self.folder / (ERROR_PREFIX + name))
+            write_chunk(table, self.folder / (ERROR_PREFIX + name))
             self.written_errors += len(self._errors)
         fsync_dir(self.folder)
         self.budget.used -= self.buffered_bytes
@@ -203,9 +204,13 @@ class BatchWriter:
                 f"{self.folder}: {successes} successes + {errors} errors != {batch_rows} rows"
             )
         counts = {"rows": batch_rows, "successes": successes, "errors": errors}
+        if self.output_format != "parquet":
+            from distributed_downloader.formats import convert_batch
+
+            convert_batch(self.folder, self.output_format)
         atomic_write_json(self.folder / COMPLETED_MARKER,
                           {**counts, "errors_by_code": errors_by_code(self.folder),
-                           "finished_at": time.time()})
+                           "output_format": self.output_format, "finished_at": time.time()})
         return counts
 
 

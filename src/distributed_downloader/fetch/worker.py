@@ -236,7 +236,7 @@ class Worker:
         folder = batch_folder(self.layout.downloaded, batch.server_name, batch.partition_id)
         # Chunk names say which worker wrote them: successes-w{worker}.{random}-{seq}.parquet
         writer = BatchWriter(folder, self.settings.keep_columns, self.budget,
-                             f"w{self.id}.{secrets.token_hex(3)}")
+                             f"w{self.id}.{secrets.token_hex(3)}", self.settings.output_format)
         try:
             remove_stale_temporaries(folder)
             done = committed_uuids(folder)
