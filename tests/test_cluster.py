@@ -207,3 +207,16 @@ def test_tools_on_mpi_ranks_give_the_local_result(tmp_path: Path) -> None:
     assert resized(out) == resized(local)
     summary = json.loads((out / "tools" / "resize" / "summary.json").read_text())
     assert summary["batches_done"] == 6 and summary["resized"] == 24
+
+
+def test_an_error_on_rank_0_ends_every_rank(tmp_path: Path) -> None:
+    cluster_piece("mpirun")
+    started = time.monotonic()
+    completed = subprocess.run(
+        ["mpirun", "--oversubscribe", "-n", "3", sys.executable, "-m", "distributed_downloader",
+         "download", str(tmp_path / "missing.txt"), "--output", str(tmp_path / "out"),
+         "--executor", "mpi"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, **MPI_ENV})
+    assert completed.returncode != 0
+    assert "missing.txt" in completed.stderr + completed.stdout
+    assert time.monotonic() - started < 60  # the waiting ranks did not hang

@@ -14,16 +14,22 @@ from conftest import FAST_FETCH, read_errors, read_successes, run_cli, write_lin
 from distributed_downloader.farm import Farm, ServerSpec, make_small_image
 
 
+def serve_pictures(farm: Farm) -> list[str]:
+    """9 distinct pictures and a 404 on each server; their URLs."""
+    urls = []
+    for server in farm.servers:
+        for i in range(9):
+            server.images[f"{i}.jpg"] = make_small_image(i + len(urls))
+            urls.append(server.url(f"/img/{i}.jpg"))
+        urls.append(server.url("/missing/x"))
+    return urls
+
+
 @pytest.fixture(scope="module")
 def downloaded(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("export")
     with Farm([ServerSpec("127.0.0.2"), ServerSpec("127.0.0.3")]) as farm:
-        urls = []
-        for server in farm.servers:
-            for i in range(9):
-                server.images[f"{i}.jpg"] = make_small_image(i + len(urls))
-                urls.append(server.url(f"/img/{i}.jpg"))
-            urls.append(server.url("/missing/x"))
+        urls = serve_pictures(farm)
         out = tmp / "out"
         run_cli("download", write_lines(tmp / "u.txt", urls), "--output", out, "--batch-size", 4,
                 "--no-profile", *FAST_FETCH, timeout=300)
@@ -99,12 +105,7 @@ def test_download_in_each_output_format(output_format: str, downloaded: Path,
     from distributed_downloader.formats import ARTIFACTS, read_successes as batch_successes
 
     with Farm([ServerSpec("127.0.0.2"), ServerSpec("127.0.0.3")]) as farm:
-        urls = []
-        for server in farm.servers:
-            for i in range(9):
-                server.images[f"{i}.jpg"] = make_small_image(i + len(urls))
-                urls.append(server.url(f"/img/{i}.jpg"))
-            urls.append(server.url("/missing/x"))
+        urls = serve_pictures(farm)
         out = tmp_path / output_format
         run_cli("download", write_lines(tmp_path / "u.txt", urls), "--output", out,
                 "--batch-size", 4, "--no-profile", "--output-format", output_format,

@@ -159,7 +159,8 @@ def test_images_are_resized_oriented_and_flattened(farm_run) -> None:
 
 def test_learned_rates_are_saved_for_the_next_run(farm_run) -> None:
     profiles = (farm_run["out"] / "profiles" / "servers.csv").read_text().splitlines()
-    assert profiles[0] == "server_name,rate_limit,max_connections,latency_ms,status,notes"
+    assert profiles[0] == \
+        "server_name,rate_limit,max_connections,latency_ms,status,notes,max_rate_limit"
     assert len(profiles) == 4
 
 

@@ -209,22 +209,26 @@ def print_fetch_summary(summary: dict[str, Any], output: Path) -> None:
         err_console.print("[yellow]not finished:[/] run the same command again to resume")
 
 
-def _mpi_rank() -> int:
+def _mpi_prelude() -> None:
+    """First thing under --executor mpi: every rank but 0 becomes a worker here (and exits
+    when rank 0 says so); on rank 0, any error from now on ends every rank."""
     from distributed_downloader.executors import mpi
 
-    return mpi.world().Get_rank()
-
-
-def _mpi_executor(settings: Settings) -> Any:
-    """Rank 0's executor; any other rank fetches here and exits when rank 0 says so."""
-    from distributed_downloader.executors import mpi
-
+    if ON_ERROR:
+        return  # already done (download, then its fetch)
     comm = mpi.world()
     ON_ERROR.append(lambda: mpi.abort_world(2))
     if comm.Get_rank() != mpi.SCHEDULER_RANK:
         interrupted = mpi.run_worker_rank(comm)
         sys.exit(130 if interrupted else 0)
-    return mpi.MpiExecutor(comm, settings)
+    mpi.stop_on_signals()
+
+
+def _mpi_executor(settings: Settings) -> Any:
+    from distributed_downloader.executors import mpi
+
+    _mpi_prelude()
+    return mpi.MpiExecutor(mpi.world(), settings)
 
 
 def _fetch(settings: Settings, retry_errors: bool) -> None:
@@ -280,8 +284,8 @@ def download(input: Path, config_file: Path | None, retry_errors: bool, no_profi
     settings = gather_settings(config_file, {"input": input, **flags})
     assert settings.output is not None
     layout = RunLayout(settings.output)
-    if settings.executor == "mpi" and _mpi_rank() != 0:
-        _fetch(settings, retry_errors)  # a worker rank: rank 0 alone preps and profiles
+    if settings.executor == "mpi":
+        _mpi_prelude()  # the other ranks fetch; rank 0 alone preps and profiles
     if prep_is_finished(layout):
         err_console.print(f"prep: already done in {layout.prep}, resuming")
     else:
@@ -649,4 +653,10 @@ def main() -> None:
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted")
+        for action in ON_ERROR:
+            action()
         sys.exit(130)
+    except Exception:
+        for action in ON_ERROR:  # under MPI: the other ranks must not wait for rank 0
+            action()
+        raise

@@ -147,7 +147,7 @@ class Settings(BaseModel):
         "minutes, HH:MM:SS or D-HH:MM:SS)."
     )
     stop_margin: int = Field(
-        120, ge=10, description="Seconds before a period's time limit when Slurm asks it to "
+        120, ge=30, description="Seconds before a period's time limit when Slurm asks it to "
         "stop; it flushes its chunks and exits, and the next period resumes."
     )
     launcher: Literal["srun", "mpirun"] = Field(

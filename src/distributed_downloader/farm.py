@@ -77,6 +77,7 @@ class RequestRecord:
     time: float  # time.time() when the request arrived
     path: str
     status: int
+    user_agent: str = ""
 
 
 @dataclass
@@ -88,6 +89,7 @@ class ServerSpec:
     rate_limit: float | None = None  # requests/s in any 1 s (under 1/s: 1 per 1/rate s); then 429
     retry_after: float = 1.0
     advertise_limit: bool = False  # send the limit as a RateLimit-Policy header
+    robots_tag: str | None = None  # an X-Robots-Tag header on every image (e.g. "noai")
     latency: float = 0.0  # seconds before every answer
     down: bool = False  # answer 503 to everything
     flaky_failures: int = 2  # /flaky/ paths fail this many times before they answer
@@ -159,7 +161,8 @@ class FarmServer:
         if response is not None and self.spec.advertise_limit and self.spec.rate_limit \
                 and not response.prepared:
             response.headers["RateLimit-Policy"] = f'"limit";q={self.spec.rate_limit:g};w=1'
-        self.log.append(RequestRecord(now, path, response.status if response else 0))
+        self.log.append(RequestRecord(now, path, response.status if response else 0,
+                                      request.headers.get("User-Agent", "")))
         if response is None:  # a reset: no answer at all
             assert request.transport is not None
             request.transport.abort()
@@ -177,8 +180,12 @@ class FarmServer:
         kind, _, name = path.lstrip("/").partition("/")
         if kind == "img":
             body = self.image_named(name)
-            return web.Response(body=body, content_type="image/jpeg") if body else \
-                web.Response(status=404)
+            headers = {"X-Robots-Tag": spec.robots_tag} if spec.robots_tag else {}
+            return web.Response(body=body, content_type="image/jpeg", headers=headers) \
+                if body else web.Response(status=404)
+        if kind == "optout":  # this one image opts out, whatever the server does
+            return web.Response(body=self.image_named(name), content_type="image/jpeg",
+                                headers={"X-Robots-Tag": request.query.get("tag", "noai")})
         if kind == "missing":
             return web.Response(status=404, text="not found")
         if kind == "forbidden":

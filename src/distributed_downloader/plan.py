@@ -1,8 +1,9 @@
 """Planning on paper: how long a prepared run should take on a given cluster, and why.
 
-The whole prepared run (finished or not) in a fluid simulation of the scheduler's policy. Each server is fetched at most at its rate budget
-(from the profile, the rates file or the defaults), and by at most as many workers as the
-scheduler would give it (`min_worker_rate`, `schedule_rules`); each worker decodes at most
+The whole prepared run (finished or not), in a fluid simulation of the scheduler's policy.
+Each server is fetched at most at the rate it may climb to (an advertised or hand-set limit,
+else `max_rate_limit`), by at most as many workers as the scheduler would give it
+(`min_worker_rate`, `schedule_rules`, its number of batches); each worker decodes at most
 `worker_speed` images/s. The cluster's decode capacity is shared max-min fairly among the
 servers with work left, as workers taking batches from every server do. The run ends when the
 last server does, so the answer is usually "the largest servers, at their polite rates", which
@@ -77,10 +78,12 @@ def make_plan(settings: Settings, nodes: int, workers_per_node: int,
     speed = worker_speed * settings.cpu_per_worker
     servers = []
     for state, rows in starting_servers(layout, settings, keep_rates=False):  # read-only
+        # The rate the run climbs to: a known ceiling, else max_rate_limit.
+        rate = state.ceiling if state.ceiling is not None else state.max_rate
         allowed = workers_allowed(settings.schedule_rules, state.total_batches) or workers
-        by_rate = max(1, math.floor(state.rate / settings.min_worker_rate))
-        count = max(1, min(allowed, by_rate, workers))
-        server = ServerPlan(state.name, rows, state.rate, count, skipped=state.dead)
+        by_rate = max(1, math.floor(rate / settings.min_worker_rate))
+        count = max(1, min(allowed, by_rate, workers, state.total_batches))
+        server = ServerPlan(state.name, rows, rate, count, skipped=state.dead)
         server.cap = min(server.rate, count * speed)
         server.alone_seconds = server.rows / server.cap if not server.skipped else 0.0
         servers.append(server)

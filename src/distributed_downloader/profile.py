@@ -93,6 +93,9 @@ def read_profiles(path: Path) -> dict[str, ServerProfile]:
                 )
             except (KeyError, ValueError):
                 continue  # a damaged line: that server starts from the defaults
+            if not profile.rate_limit > 0 or (profile.max_rate_limit is not None
+                                              and not profile.max_rate_limit > 0):
+                continue  # 0, negative or NaN (a hand edit): the defaults again
             profiles[profile.server_name] = profile
     return profiles
 

@@ -71,6 +71,9 @@ class ServerState:
     last_throttle: float = -math.inf
     last_increase: float = 0.0
     ceiling: float | None = None  # the highest rate believed safe (see CEILING_SHARE)
+    # The ceiling is a limit the server advertised (or a person set), not one a 429 taught:
+    # the rate may climb to it fast. Off at the first throttle.
+    ceiling_advertised: bool = False
     successes: int = 0
     errors: int = 0
     throttled: int = 0
@@ -174,7 +177,7 @@ class Scheduler:
                     limit = min(limit, server.ceiling)
                 if server.rate < limit:
                     step = server.max_rate * INCREASE_STEP_SHARE
-                    if server.ceiling is not None and server.rate < server.ceiling:
+                    if server.ceiling_advertised and server.rate < (server.ceiling or 0):
                         # Below a limit known to be safe: climb fast (TCP's slow start).
                         step = max(step, server.rate * (SLOW_START_FACTOR - 1))
                     server.rate = min(limit, server.rate + step)
@@ -302,6 +305,7 @@ class Scheduler:
         changed = False
         if news.throttled:
             server.last_throttle = now
+            server.ceiling_advertised = False
             if now - server.last_decrease >= DECREASE_COOLDOWN:
                 lowered = server.rate * CEILING_SHARE
                 server.ceiling = lowered if server.ceiling is None else min(server.ceiling,

@@ -43,6 +43,13 @@ def world() -> Any:
     return MPI.COMM_WORLD
 
 
+def stop_on_signals() -> None:
+    """Rank 0, before its executor runs (prep, profile, planning): a stop signal interrupts it
+    like Ctrl-C, instead of killing the rank and leaving the job to the launcher."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.default_int_handler)
+
+
 def abort_world(code: int) -> None:
     """End every rank (a rank-0 error would otherwise leave the others waiting forever)."""
     comm = world()
@@ -73,7 +80,12 @@ def run_worker_rank(comm: Any) -> bool:
     """A fetching rank: take the run's settings from rank 0, then work until told to stop."""
     from distributed_downloader.fetch.worker import run_worker
 
+    signalled = []  # until the worker's loop has its own handlers: a stop is not a crash
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, lambda number, frame: signalled.append(number))
     while not comm.iprobe(source=SCHEDULER_RANK):  # rank 0 may still be preparing
+        if signalled:
+            return True
         time.sleep(WORKER_POLL_SECONDS)
     settings: Settings = comm.recv(source=SCHEDULER_RANK)
     logging.basicConfig(level=settings.log_level,
@@ -95,6 +107,8 @@ class MpiExecutor:
                             "e.g. `mpirun -n 3 distributed-downloader fetch OUT --executor mpi`")
         self.stop_requested = False
         self.stopped: set[int] = set()
+        # Under Slurm the whole stop must fit in the warning before the time limit.
+        self.grace = min(STOP_GRACE_SECONDS, max(5.0, settings.stop_margin - 10.0))
         for rank in self.worker_ranks:
             comm.send(settings, dest=rank)
 
@@ -119,7 +133,7 @@ class MpiExecutor:
             while len(self.stopped) < len(self.worker_ranks):
                 if self.stop_requested and not stop_sent:
                     stop_sent = True
-                    deadline = time.monotonic() + STOP_GRACE_SECONDS
+                    deadline = time.monotonic() + self.grace
                     self._send([(rank, Stop()) for rank in self.worker_ranks])
                 busy = False
                 while self.comm.iprobe():
@@ -136,7 +150,7 @@ class MpiExecutor:
                         self._send(scheduler.tick(time.time()))
                     on_tick(scheduler)
                 if deadline and now > deadline:
-                    log.warning("worker ranks did not stop in %.0f s", STOP_GRACE_SECONDS)
+                    log.warning("worker ranks did not stop in %.0f s", self.grace)
                     break
                 if not busy:
                     time.sleep(POLL_SECONDS)
@@ -146,9 +160,15 @@ class MpiExecutor:
         return self.stop_requested or not scheduler.finished
 
     def close(self) -> None:
-        """Tell every rank still waiting for work that there is none (e.g. nothing was left)."""
+        """Tell every rank still running to stop, and wait for them a while; a rank that does
+        not answer in time ends the job (its committed chunks stay)."""
         self._send([(rank, Stop()) for rank in self.worker_ranks])
+        deadline = time.monotonic() + self.grace
         while len(self.stopped) < len(self.worker_ranks):
+            if time.monotonic() > deadline:
+                log.warning("ranks %s did not stop; ending the job",
+                            sorted(set(self.worker_ranks) - self.stopped))
+                self.comm.Abort(1)
             if self.comm.iprobe():
                 message = self.comm.recv()
                 if isinstance(message, WorkerStopped):

@@ -14,6 +14,7 @@ Each period runs `fetch --executor mpi` under `srun` or `mpirun`: one scheduler 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import re
 import shlex
@@ -21,6 +22,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +47,7 @@ class ChainJob:
     submitted: float = 0.0
     started: float | None = None
     rows_at_start: int | None = None
+    submission: int = 1  # each `slurm submit` of the run starts a new one
 
 
 @dataclass
@@ -54,7 +58,9 @@ class Chain:
 
     @property
     def downloads(self) -> list[ChainJob]:
-        return [job for job in self.jobs if job.kind == "download"]
+        """The download periods of the latest submission."""
+        latest = max((job.submission for job in self.jobs), default=1)
+        return [job for job in self.jobs if job.kind == "download" and job.submission == latest]
 
 
 def slurm_folder(layout: RunLayout) -> Path:
@@ -111,11 +117,12 @@ def _header(settings: Settings, layout: RunLayout, kind: str, lines: list[str]) 
 
 
 def _launcher(settings: Settings) -> str:
+    # No binding to one core: a worker's decode threads use all of its cpus_per_worker.
     if settings.launcher == "mpirun":
-        return "mpirun --oversubscribe -n $ranks"
+        return "mpirun --oversubscribe --bind-to none -n $ranks"
     # --overcommit: the scheduling rank shares a core with a fetching rank.
-    return f"srun --mpi={shlex.quote(settings.srun_mpi)} --overcommit --kill-on-bad-exit=1 " \
-           "-n $ranks"
+    return f"srun --mpi={shlex.quote(settings.srun_mpi)} --overcommit --cpu-bind=none " \
+           "--kill-on-bad-exit=1 -n $ranks"
 
 
 def job_scripts(settings: Settings, layout: RunLayout) -> dict[str, str]:
@@ -135,7 +142,9 @@ def job_scripts(settings: Settings, layout: RunLayout) -> dict[str, str]:
         'if [ "$(id -u)" = 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 '
         "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi",
         "# Queue the next period behind this one, or end the chain when nothing is left.",
-        f"{_command('slurm', 'period', out)} || exit 0",
+        f"{_command('slurm', 'period', out)}",
+        f"decision=$?; if [ $decision = {STOP_CHAIN} ]; then exit 0; fi",
+        "if [ $decision != 0 ]; then exit $decision; fi  # a real error: see above",
         f"ranks=$(( SLURM_JOB_NUM_NODES * {settings.workers_per_node} + 1 ))",
         f"{_launcher(settings)} {_command('fetch', out, '--executor', 'mpi')} &",
         "launched=$!",
@@ -185,6 +194,13 @@ def submit_chain(settings: Settings) -> Chain:
                         f"time_limit ({settings.time_limit})")
     if not prep_is_finished(layout) and settings.input is None:
         raise UserError("slurm submit needs the input (INPUT or path_to_input) to prepare")
+    with chain_lock(layout):
+        return _submit(layout, settings)
+
+
+def _submit(layout: RunLayout, settings: Settings) -> Chain:
+    from distributed_downloader.prep import prep_is_finished
+
     try:
         current = read_chain(layout)
     except UserError:
@@ -201,6 +217,7 @@ def submit_chain(settings: Settings) -> Chain:
         scripts[kind] = folder / f"{kind}.sbatch"
         atomic_write_text(scripts[kind], text)
     chain = Chain(jobs=list(current.jobs) if current else [])
+    submission = max((job.submission for job in chain.jobs), default=0) + 1
     previous = None
     steps = []
     if not prep_is_finished(layout):
@@ -209,10 +226,10 @@ def submit_chain(settings: Settings) -> Chain:
         steps.append("profile")
     for kind in steps:
         previous = sbatch(scripts[kind], previous)
-        chain.jobs.append(ChainJob(previous, kind, submitted=time.time()))
-    period = len(chain.downloads) + 1
+        chain.jobs.append(ChainJob(previous, kind, submitted=time.time(),
+                                   submission=submission))
     job = sbatch(scripts["download"], previous)
-    chain.jobs.append(ChainJob(job, "download", period, submitted=time.time()))
+    chain.jobs.append(ChainJob(job, "download", 1, submitted=time.time(), submission=submission))
     chain.state, chain.reason = "running", ""
     write_chain(layout, chain)
     return chain
@@ -222,10 +239,28 @@ def _batches_total(layout: RunLayout) -> int:
     return json.loads(layout.prep_summary.read_text())["batches"]
 
 
+@contextmanager
+def chain_lock(layout: RunLayout) -> Iterator[None]:
+    """One reader-writer of chain.json at a time: a period starting, `submit`, `cancel`."""
+    folder = slurm_folder(layout)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "chain.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def start_period(settings: Settings, job_id: str) -> tuple[bool, str]:
     """At a download period's start: fetch (and queue the next period), or end the chain."""
     assert settings.output is not None
     layout = RunLayout(settings.output)
+    with chain_lock(layout):
+        return _start_period(layout, settings, job_id)
+
+
+def _start_period(layout: RunLayout, settings: Settings, job_id: str) -> tuple[bool, str]:
     chain = read_chain(layout)
     if chain.state != "running":
         return False, f"the chain is {chain.state}"
@@ -244,13 +279,16 @@ def start_period(settings: Settings, job_id: str) -> tuple[bool, str]:
         return False, chain.reason
     job = next((job for job in chain.downloads if job.id == job_id), None)
     if job is None:  # started by hand with sbatch: adopt it
-        job = ChainJob(job_id, "download", len(chain.downloads) + 1, submitted=time.time())
+        submission = max((j.submission for j in chain.jobs), default=1)
+        job = ChainJob(job_id, "download", len(chain.downloads) + 1, submitted=time.time(),
+                       submission=submission)
         chain.jobs.append(job)
     job.started, job.rows_at_start = time.time(), done
     if len(chain.downloads) <= settings.num_downloads:
         script = slurm_folder(layout) / "download.sbatch"
         successor = sbatch(script, after=job_id)
-        chain.jobs.append(ChainJob(successor, "download", job.period + 1, submitted=time.time()))
+        chain.jobs.append(ChainJob(successor, "download", job.period + 1, submitted=time.time(),
+                                   submission=job.submission))
     write_chain(layout, chain)
     return True, f"period {job.period}: {done:,} rows committed so far"
 
@@ -293,10 +331,11 @@ def cancel_chain(settings: Settings) -> list[str]:
     """Stop the chain: no period starts any more, queued and running jobs are cancelled."""
     assert settings.output is not None
     layout = RunLayout(settings.output)
-    chain = read_chain(layout)
-    if chain.state == "running":
-        chain.state, chain.reason = "cancelled", "by `slurm cancel`"
-        write_chain(layout, chain)  # first: a period starting now sees it and does not fetch
+    with chain_lock(layout):  # no period can queue a successor behind our back
+        chain = read_chain(layout)
+        if chain.state == "running":
+            chain.state, chain.reason = "cancelled", "by `slurm cancel`"
+            write_chain(layout, chain)  # a period starting after this does not fetch
     active = [job_id for job_id, state in job_states(chain).items() if state in ACTIVE_STATES]
     if active:
         subprocess.run(["scancel", *active], capture_output=True, text=True, timeout=60)

@@ -152,6 +152,7 @@ def _starting_budget(server: ServerState, profile: ServerProfile | None,
         # until the run has been quiet for a long while.
         ceiling = profile.max_rate_limit or profile.rate_limit
         server.ceiling, server.last_throttle = min(ceiling, server.max_rate), now
+        server.ceiling_advertised = profile.status in ("probed", "manual")
 
 
 def record_state(layout: RunLayout, scheduler: Scheduler, plan: FetchPlan,
@@ -258,10 +259,14 @@ def run_fetch(
                 last_save[0] = time.monotonic()
                 write_profiles(layout.server_profiles, learned_profiles(layout, current))
 
-        interrupted = executor.run(scheduler, tick)
+        try:
+            interrupted = executor.run(scheduler, tick)
+        finally:
+            executor.close()
         record_state(layout, scheduler, plan, running=False)
         write_profiles(layout.server_profiles, learned_profiles(layout, scheduler))
-    executor.close()
+    else:
+        executor.close()
     seconds = time.monotonic() - started
     after = output_counts(layout)
     fetched_now = after["successes"] + after["errors"] - before["successes"] - before["errors"]

@@ -54,6 +54,24 @@ def registry() -> dict[str, Tool]:
     return {tool.name: tool for tool in tools}
 
 
+def query_successes(layout: RunLayout, target: Path, select: str) -> Any:
+    """Write `select` (over a view `successes` of every committed success) to the Parquet file
+    `target`, atomically; returns the DuckDB connection (None: no success yet, no file)."""
+    import duckdb
+
+    if not any(layout.downloaded.glob("*/*/successes-*.parquet")):
+        return None
+    pattern = layout.downloaded / "*" / "*" / "successes-*.parquet"
+    temporary = target.with_name(f".{target.name}.tmp")
+    con = duckdb.connect()
+    # union_by_name: chunks of other output formats have no `image` column.
+    con.execute(f"CREATE VIEW successes AS SELECT * FROM read_parquet('{pattern}', "
+                "union_by_name = true)")
+    con.execute(f"COPY ({select}) TO '{temporary}' (FORMAT parquet, COMPRESSION zstd)")
+    os.replace(temporary, target)
+    return con
+
+
 def finished_batches(layout: RunLayout) -> list[tuple[str, int]]:
     batches = []
     for row in pq.read_table(layout.servers).to_pylist():
