@@ -83,9 +83,10 @@ FETCH_SETTINGS = (
     "max_rate_limit", "rate_multiplier", "max_connections_per_server", "max_retries",
     "server_down_after", "timeout", "connect_timeout", "max_body_size", "max_image_pixels",
     "user_agent", "allow_network", "cpu_per_worker", "rates", "executor", "min_worker_rate",
+    "contact", "opt_out_directives", "opt_out_server_after", "ignore_opt_out",
 )
 PROFILE_SETTINGS = ("default_rate_limit", "max_rate_limit", "max_connections_per_server",
-                    "profile_requests", "timeout", "connect_timeout", "user_agent",
+                    "profile_requests", "timeout", "connect_timeout", "user_agent", "contact",
                     "allow_network", "rates")
 PREP_SETTINGS = ("url_column", "id_column", "keep_columns", "batch_size", "keep_duplicates",
                  "uuid", "memory_limit")
@@ -251,6 +252,9 @@ def _fetch(settings: Settings, retry_errors: bool) -> None:
         if progress:
             progress[0].stop()
     print_fetch_summary(summary, settings.output)
+    if summary["opt_outs_ignored"]:
+        err_console.print(f"[yellow]warning:[/] ignored the opt-out (X-Robots-Tag) of "
+                          f"{summary['opt_outs_ignored']:,} images (--ignore-opt-out)")
     if summary["interrupted"]:
         sys.exit(130)
 
@@ -286,6 +290,9 @@ def download(input: Path, config_file: Path | None, retry_errors: bool, no_profi
     layout = RunLayout(settings.output)
     if settings.executor == "mpi":
         _mpi_prelude()  # the other ranks fetch; rank 0 alone preps and profiles
+    if not settings.contact:
+        err_console.print("[yellow]note:[/] no contact in the User-Agent; set --contact "
+                          "EMAIL_OR_URL so that hosts can reach you before they block you")
     if prep_is_finished(layout):
         err_console.print(f"prep: already done in {layout.prep}, resuming")
     else:

@@ -105,6 +105,21 @@ class Settings(BaseModel):
     user_agent: str = Field(
         DEFAULT_USER_AGENT, description="User-Agent header sent with every request."
     )
+    contact: str | None = Field(
+        None, description="An e-mail or URL where hosts can reach you; added to the "
+        "User-Agent, as Wikimedia's and many museums' policies ask."
+    )
+    opt_out_directives: list[str] = Field(
+        default_factory=lambda: ["noai", "noimageai", "noml", "noindex", "noimageindex"],
+        description="X-Robots-Tag values that make an image an `opted_out` error, not stored."
+    )
+    opt_out_server_after: int = Field(
+        10, ge=1, description="A server whose first N answers all opt out is not asked again "
+        "(its rows become `opted_out_server` errors)."
+    )
+    ignore_opt_out: bool = Field(
+        False, description="Store images whatever their X-Robots-Tag says (reported)."
+    )
     allow_network: list[str] = Field(
         default_factory=list,
         description="Networks (CIDR) that may be contacted although private, loopback or "
@@ -186,6 +201,20 @@ class Settings(BaseModel):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("opt_out_directives", mode="before")
+    @classmethod
+    def _split_directives(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip().lower() for part in value.split(",") if part.strip()]
+        return value
+
+    @property
+    def effective_user_agent(self) -> str:
+        """The User-Agent sent: the tool and its version, and the contact when there is one."""
+        if self.contact and self.contact not in self.user_agent:
+            return f"{self.user_agent} (+{self.contact})"
+        return self.user_agent
 
     @field_validator("allow_network", mode="before")
     @classmethod

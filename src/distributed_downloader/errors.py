@@ -61,6 +61,8 @@ class ErrorCode(StrEnum):
     BLOCKED_ADDRESS = "blocked_address"  # private, loopback, link-local, ... not allowed
     SERVER_UNAVAILABLE = "server_unavailable"  # the server stayed down; not requested again
     SERVER_EXCLUDED = "server_excluded"  # excluded by the user's rates file; never requested
+    OPTED_OUT = "opted_out"  # X-Robots-Tag asked not to be used (noai, ...); nothing stored
+    OPTED_OUT_SERVER = "opted_out_server"  # the server opted out of everything; not requested
     TOO_LARGE = "too_large"  # body over max_body_size
     NOT_AN_IMAGE = "not_an_image"
     TRUNCATED_IMAGE = "truncated_image"

@@ -48,6 +48,9 @@ class ServerNews:
     failures: int = 0  # server failures (refused, timeouts, 5xx) in a row, at report time
     latency_sum: float = 0.0
     latency_count: int = 0
+    opted_out: int = 0  # images whose X-Robots-Tag opted out
+    opt_in: int = 0  # images without such a header
+    opt_outs_ignored: int = 0  # opted out, stored anyway (--ignore-opt-out)
 
 
 @dataclass
@@ -91,6 +94,7 @@ class Budget:
     connections: int
     paused_until: float = 0.0
     dead: bool = False
+    give_up: GiveUp | None = None  # with dead: what the server's remaining rows become
 
 
 @dataclass

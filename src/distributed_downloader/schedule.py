@@ -50,6 +50,8 @@ BREAKER_MAX_PAUSE = 60.0
 Outgoing = list[tuple[int, object]]
 SERVER_KEPT_FAILING = GiveUp(ErrorCode.SERVER_UNAVAILABLE,
                              "server kept failing; gave up on it for this run")
+SERVER_OPTED_OUT = GiveUp(ErrorCode.OPTED_OUT_SERVER,
+                          "every answer of the server opted out (X-Robots-Tag); not asked again")
 
 
 @dataclass
@@ -82,6 +84,8 @@ class ServerState:
     breaker_opens: int = 0
     latency_sum: float = 0.0
     latency_count: int = 0
+    opted_out: int = 0
+    opt_in: int = 0
 
     @property
     def remaining_seconds(self) -> float:
@@ -125,6 +129,7 @@ class Scheduler:
         self.successes = 0
         self.errors = 0
         self.throttled = 0
+        self.opt_outs_ignored = 0
         self.bytes = 0
         self.stopped = False
         self.worker_peak_rss_mib = 0.0
@@ -270,7 +275,8 @@ class Scheduler:
     def _budgets(self, server: ServerState) -> Outgoing:
         rate, connections = server.share()
         return [
-            (worker, Budget(server.name, rate, connections, server.paused_until, server.dead))
+            (worker, Budget(server.name, rate, connections, server.paused_until, server.dead,
+                            server.give_up if server.dead else None))
             for worker in sorted(server.workers)
         ]
 
@@ -300,8 +306,14 @@ class Scheduler:
         server.throttled += news.throttled
         server.latency_sum += news.latency_sum
         server.latency_count += news.latency_count
+        server.opted_out += news.opted_out
+        server.opt_in += news.opt_in
+        self.opt_outs_ignored += news.opt_outs_ignored
         if server.dead:
             return False
+        if not server.opt_in and server.opted_out >= self.settings.opt_out_server_after:
+            server.dead, server.give_up = True, SERVER_OPTED_OUT
+            return True
         changed = False
         if news.throttled:
             server.last_throttle = now

@@ -280,6 +280,7 @@ def run_fetch(
         **after,
         "fetched_this_run": fetched_now,
         "throttled_this_run": scheduler.throttled if scheduler else 0,
+        "opt_outs_ignored": scheduler.opt_outs_ignored if scheduler else 0,
         "retried_rows": plan.reopened_rows,
         "seconds": round(seconds, 3),
         "images_per_second": round(fetched_now / seconds, 2) if seconds else 0.0,

@@ -99,7 +99,7 @@ class HttpClient:
             timeout=aiohttp.ClientTimeout(
                 total=settings.timeout, sock_connect=settings.connect_timeout
             ),
-            headers={"User-Agent": settings.user_agent, "Accept": ACCEPT},
+            headers={"User-Agent": settings.effective_user_agent, "Accept": ACCEPT},
             cookie_jar=aiohttp.DummyCookieJar(),
             trust_env=False,
         )

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+from distributed_downloader.protocol import GiveUp
+
 # Requests leave a little slower than the share allows: network jitter can bunch evenly paced
 # requests together, and a server counting strictly per second would see one too many.
 PACING_MARGIN = 1.05
@@ -28,11 +30,14 @@ class ServerSlot:
         self.connections = connections
         self.paused_until = 0.0  # wall-clock time (shared with other processes and nodes)
         self.dead = False
+        self.give_up: GiveUp | None = None  # why, when dead (default: it kept failing)
         self.open = 0
         self._next_send = 0.0  # monotonic
         self._changed = asyncio.Event()  # set (and replaced) whenever the share changes
 
-    def update(self, rate: float, connections: int, paused_until: float, dead: bool) -> None:
+    def update(self, rate: float, connections: int, paused_until: float, dead: bool,
+               give_up: GiveUp | None = None) -> None:
+        self.give_up = give_up
         self.rate = rate
         self.connections = connections
         self.paused_until = max(self.paused_until, paused_until)

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from distributed_downloader.config import Settings
 from distributed_downloader.errors import SERVER_FAILURES, THROTTLING, ErrorCode
 from distributed_downloader.fetch.client import Body, BodyBudget, FetchFailure, HttpClient
+from distributed_downloader.fetch.opt_out import opted_out
 from distributed_downloader.fetch.politeness import ServerDead, ServerSlot
 from distributed_downloader.fetch.retry import RetryPolicy
 from distributed_downloader.images import ImageFailure, StoredImage, process_image
@@ -44,7 +45,11 @@ from distributed_downloader.protocol import (
     WantWork,
     WorkerStopped,
 )
-from distributed_downloader.schedule import BREAKER_THRESHOLD, SERVER_KEPT_FAILING
+from distributed_downloader.schedule import (
+    BREAKER_THRESHOLD,
+    SERVER_KEPT_FAILING,
+    SERVER_OPTED_OUT,
+)
 from distributed_downloader.storage import RunLayout, batch_folder
 from distributed_downloader.writers import (
     BatchWriter,
@@ -115,6 +120,8 @@ class Worker:
         self.slots: dict[str, ServerSlot] = {}
         self.news: dict[str, ServerNews] = {}
         self.failures: dict[str, int] = {}  # server -> server failures in a row
+        self.opt_outs: dict[str, int] = {}  # server -> images that opted out, here
+        self.opt_ins: set[str] = set()  # servers that sent an image without opting out
         self.tasks: dict[tuple[str, int], asyncio.Task] = {}
         self.budget = BufferBudget(BUFFER_BUDGET)
         # One thread more than the worker's cores: Pillow releases the GIL while it decodes, so
@@ -175,7 +182,8 @@ class Worker:
             self.tasks[message.batch.key] = task
         elif isinstance(message, Budget):
             self._slot(message.server_name).update(
-                message.rate, message.connections, message.paused_until, message.dead)
+                message.rate, message.connections, message.paused_until, message.dead,
+                message.give_up)
         elif isinstance(message, NoWorkYet):
             pass  # the scheduler keeps us as hungry and assigns when it can
         elif isinstance(message, Stop):
@@ -266,6 +274,18 @@ class Worker:
         finally:
             self.tasks.pop(batch.key, None)
 
+    def _opt_out_seen(self, slot: ServerSlot) -> None:
+        """Count an opted-out image; a server whose every answer here opted out is dropped at
+        once (the scheduler tells the other workers)."""
+        news = self._news(slot.name)
+        news.opted_out += 1
+        news.errors += 1
+        self.opt_outs[slot.name] = self.opt_outs.get(slot.name, 0) + 1
+        if slot.name not in self.opt_ins and \
+                self.opt_outs[slot.name] >= self.settings.opt_out_server_after:
+            slot.update(slot.rate, slot.connections, 0.0, True, SERVER_OPTED_OUT)
+            self.urgent = True
+
     def _give_up_row(self, row: dict[str, Any], server: str, writer: BatchWriter,
                      attempts: int, reason: GiveUp = SERVER_KEPT_FAILING) -> None:
         writer.add_error(error_row(row, ErrorCode(reason.code), reason.message, attempts))
@@ -282,12 +302,26 @@ class Worker:
             outcome, attempts = await self._fetch(row, slot)
             if isinstance(outcome, FetchFailure):
                 if outcome.code == ErrorCode.SERVER_UNAVAILABLE:
-                    self._give_up_row(row, slot.name, writer, attempts)
+                    self._give_up_row(row, slot.name, writer, attempts,
+                                      slot.give_up or SERVER_KEPT_FAILING)
                     continue
                 writer.add_error(error_row(row, outcome.code, outcome.message, attempts,
                                            outcome.http_status))
                 self._news(slot.name).errors += 1
                 continue
+            tag = opted_out(outcome.headers, settings.opt_out_directives)
+            if tag is not None and not settings.ignore_opt_out:
+                self.client.budget.release(outcome.reserved)
+                writer.add_error(error_row(row, ErrorCode.OPTED_OUT, f"X-Robots-Tag: {tag}",
+                                           attempts, outcome.status))
+                self._opt_out_seen(slot)
+                continue
+            news = self._news(slot.name)
+            if tag is None:
+                news.opt_in += 1
+                self.opt_ins.add(slot.name)
+            else:
+                news.opt_outs_ignored += 1
             self.decoding += 1
             try:
                 image = await loop.run_in_executor(
