@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
 from conftest import FAST_FETCH, read_errors, read_successes, run_cli, write_lines
+from distributed_downloader.config import Settings
 from distributed_downloader.farm import Farm, ServerSpec, make_small_image
+from distributed_downloader.fetch import starting_servers
+from distributed_downloader.storage import RunLayout
 
 
 def add_images(server, count: int) -> list[str]:
@@ -58,6 +62,15 @@ def test_a_server_that_opts_out_of_everything_stops_being_asked(tmp_path: Path) 
         assert len(errors) == 200
         assert sum(r["error_code"] == "opted_out_server" for r in errors) >= 180
         assert read_successes(out).num_rows == 10
+        # Remembered: the next run over this folder does not ask that server again.
+        with open(out / "profiles" / "servers.csv") as handle:
+            statuses = {row["server_name"]: row["status"] for row in csv.DictReader(handle)}
+        assert statuses[opted.address] == "opted_out"
+        states = {state.name: state for state, _ in
+                  starting_servers(RunLayout(out), Settings(output=out))}
+        assert states[opted.address].dead
+        assert states[opted.address].give_up.code == "opted_out_server"
+        assert not states[normal.address].dead
 
         # --ignore-opt-out fetches them, and says what it overrode.
         ignored = tmp_path / "ignored"

@@ -28,7 +28,12 @@ from distributed_downloader.profile import (
     write_profiles,
 )
 from distributed_downloader.protocol import BatchRef, GiveUp
-from distributed_downloader.schedule import SERVER_KEPT_FAILING, Scheduler, ServerState
+from distributed_downloader.schedule import (
+    SERVER_KEPT_FAILING,
+    SERVER_OPTED_OUT,
+    Scheduler,
+    ServerState,
+)
 from distributed_downloader.storage import RunLayout, atomic_write_json, batch_folder
 from distributed_downloader.writers import COMPLETED_MARKER, reopen_for_retry
 
@@ -90,7 +95,8 @@ def starting_servers(layout: RunLayout, settings: Settings, retry_errors: bool =
         server = ServerState(name=name, rate=min(default_rate, max_rate), max_rate=max_rate,
                              connections=settings.max_connections_per_server,
                              total_batches=row["batches"])
-        _starting_budget(server, learned.get(name), overrides.get(name), now, retry_errors)
+        _starting_budget(server, learned.get(name), overrides.get(name), now, retry_errors,
+                         settings.ignore_opt_out)
         servers.append((server, row["rows"]))
     return servers
 
@@ -125,11 +131,13 @@ def build_plan(layout: RunLayout, settings: Settings, retry_errors: bool) -> Fet
 
 
 def _starting_budget(server: ServerState, profile: ServerProfile | None,
-                     override: RateOverride | None, now: float, retry_errors: bool) -> None:
+                     override: RateOverride | None, now: float, retry_errors: bool,
+                     ignore_opt_out: bool = False) -> None:
     """Hand-set rates first, then what a probe or an earlier run learned, else the defaults.
 
     A server the probe found down is skipped, except when retrying errors: then it gets
     another chance, with the circuit breaker to stop it costing more than a few requests.
+    A server that opted out of everything in an earlier run is not asked again.
     """
     if override is not None and override.exclude:
         server.dead, server.give_up = True, EXCLUDED
@@ -144,6 +152,9 @@ def _starting_budget(server: ServerState, profile: ServerProfile | None,
         return
     if profile.status == "down":
         server.dead, server.give_up = True, DOWN_AT_PROFILE
+        return
+    if profile.status == "opted_out" and not ignore_opt_out:
+        server.dead, server.give_up = True, SERVER_OPTED_OUT
         return
     server.rate = min(profile.rate_limit, server.max_rate)
     server.connections = min(server.connections, profile.max_connections)
@@ -182,6 +193,12 @@ def learned_profiles(layout: RunLayout, scheduler: Scheduler) -> list[ServerProf
     profiles = read_profiles(layout.server_profiles)
     for server in scheduler.servers.values():
         previous = profiles.get(server.name)
+        if server.dead and server.give_up is SERVER_OPTED_OUT:
+            rate = previous.rate_limit if previous is not None else server.rate
+            profiles[server.name] = ServerProfile(
+                server.name, rate, server.connections, None, "opted_out",
+                "every answer opted out (X-Robots-Tag); not asked again")
+            continue
         if server.give_up is not SERVER_KEPT_FAILING and server.dead:
             continue  # excluded, or down at profile time: nothing learned
         if previous is not None and previous.status == "manual":
