@@ -220,3 +220,25 @@ def test_an_error_on_rank_0_ends_every_rank(tmp_path: Path) -> None:
     assert completed.returncode != 0
     assert "missing.txt" in completed.stderr + completed.stdout
     assert time.monotonic() - started < 60  # the waiting ranks did not hang
+
+
+def test_slurm_tool_job_runs_a_tool_on_mpi_ranks(tmp_path: Path) -> None:
+    cluster_piece("sbatch")
+    cluster_piece("mpirun")
+    with Farm([ServerSpec("127.0.0.2")]) as farm:
+        urls = add_images(farm["127.0.0.2"], 12)
+        out = tmp_path / "out"
+        run_cli("download", write_lines(tmp_path / "u.txt", urls), "--output", out,
+                "--batch-size", 4, "--no-profile", *FAST_FETCH, timeout=300)
+    (out / "config.yaml").write_text((out / "config.yaml").read_text() +
+                                     "tools_workers_per_node: 2\n")
+    submitted = run_cli("slurm", "tool", "image_verification", out)
+    assert "submitted tools image_verification: job" in submitted.stdout
+    summary_path = out / "tools" / "image_verification" / "summary.json"
+    deadline = time.monotonic() + 180
+    while not summary_path.exists() and time.monotonic() < deadline:
+        time.sleep(2)
+    summary = json.loads(summary_path.read_text())
+    assert (summary["images"], summary["failed"], summary["batches_done"]) == (12, 0, 3)
+    log = next((out / "slurm" / "logs").glob("dd-tool-image_verification-*.out")).read_text()
+    assert "tools image_verification" in log
