@@ -6,7 +6,6 @@ import hashlib
 import io
 import json
 from collections import Counter
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest

@@ -9,7 +9,6 @@ from distributed_downloader.protocol import (
     BatchFinished,
     BatchRef,
     Budget,
-    NoWorkYet,
     Report,
     ServerNews,
     Stop,

@@ -32,8 +32,9 @@ def _export(output_format: str, source: Path, result: Path) -> dict[str, int]:
     rows = read_successes(source)
     write_artifact(result, output_format, rows)
     if output_format == "files" and rows:  # the images' metadata, with each image's file
+        folder = ARTIFACTS["files"]
         metadata = [{**{k: v for k, v in row.items() if k != "image"},
-                     "file": f"{ARTIFACTS['files']}/{row['uuid']}.{extension(row['image_format'])}"}
+                     "file": f"{folder}/{row['uuid']}.{extension(row['image_format'])}"}
                     for row in rows]
         pq.write_table(pa.Table.from_pylist(metadata), result / "metadata.parquet",
                        compression=PARQUET_COMPRESSION)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
-import json
 import re
 import statistics
 import time

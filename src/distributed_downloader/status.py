@@ -20,13 +20,7 @@ import pyarrow.parquet as pq
 from distributed_downloader.errors import UserError
 from distributed_downloader.profile import read_profiles
 from distributed_downloader.storage import RunLayout, batch_folder
-from distributed_downloader.writers import (
-    COMPLETED_MARKER,
-    ERROR_PREFIX,
-    SUCCESS_PREFIX,
-    chunk_files,
-    errors_by_code,
-)
+from distributed_downloader.writers import COMPLETED_MARKER, chunk_row_counts, errors_by_code
 
 SPEED_WINDOW_SECONDS = 300.0  # "images/s over the last minutes"
 LIVE_SECONDS = 30.0  # a state older than this belongs to a fetch that is not running any more
@@ -65,8 +59,7 @@ def _batch_counts(folder: Path) -> tuple[bool, int, int, dict[str, int]]:
         return True, data["successes"], data["errors"], by_code
     if not folder.exists():
         return False, 0, 0, {}
-    successes = sum(pq.read_metadata(p).num_rows for p in chunk_files(folder, SUCCESS_PREFIX))
-    errors = sum(pq.read_metadata(p).num_rows for p in chunk_files(folder, ERROR_PREFIX))
+    successes, errors = chunk_row_counts(folder)
     return False, successes, errors, errors_by_code(folder) if errors else {}
 
 

@@ -27,8 +27,13 @@ from PIL import Image
 from distributed_downloader.errors import UserError
 from distributed_downloader.formats import read_artifact
 from distributed_downloader.storage import RunLayout, atomic_write_json, batch_folder
-from distributed_downloader.writers import COMPLETED_MARKER, ERROR_PREFIX, SUCCESS_PREFIX, \
-    chunk_files
+from distributed_downloader.writers import (
+    COMPLETED_MARKER,
+    ERROR_PREFIX,
+    SUCCESS_PREFIX,
+    chunk_files,
+    finished_batches,
+)
 
 MAX_PROBLEMS_LISTED = 5  # per batch; the count says how many more
 
@@ -122,14 +127,9 @@ def run_verify(output: Path, fix: bool = False, workers: int | None = None) -> d
     if not layout.prep_summary.exists():
         raise UserError(f"{output} has no finished prep: nothing to verify")
     started = time.monotonic()
-    finished, unfinished = [], 0
-    for row in pq.read_table(layout.servers).to_pylist():
-        for partition in range(row["batches"]):
-            folder = batch_folder(layout.downloaded, row["server_name"], partition)
-            if (folder / COMPLETED_MARKER).exists():
-                finished.append((str(output), row["server_name"], partition))
-            else:
-                unfinished += 1
+    finished = [(str(output), server, partition)
+                for server, partition in finished_batches(layout)]
+    unfinished = json.loads(layout.prep_summary.read_text())["batches"] - len(finished)
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         checks = list(pool.map(check_batch, *zip(*finished), chunksize=4)) if finished else []
     broken = [check for check in checks if check.problems]

@@ -22,7 +22,13 @@ import pyarrow.parquet as pq
 
 from distributed_downloader.errors import RETRYABLE
 from distributed_downloader.schema import ERRORS, successes_schema
-from distributed_downloader.storage import PARQUET_COMPRESSION, atomic_write_json, fsync_dir
+from distributed_downloader.storage import (
+    PARQUET_COMPRESSION,
+    RunLayout,
+    atomic_write_json,
+    batch_folder,
+    fsync_dir,
+)
 
 COMPLETED_MARKER = "completed"
 SUCCESS_PREFIX = "successes-"
@@ -196,9 +202,7 @@ class BatchWriter:
     def complete(self, batch_rows: int) -> dict[str, int]:
         """Flush, check every row of the batch is committed once, and write the marker."""
         self.close()
-        successes = sum(pq.read_metadata(p).num_rows
-                        for p in chunk_files(self.folder, SUCCESS_PREFIX))
-        errors = sum(pq.read_metadata(p).num_rows for p in chunk_files(self.folder, ERROR_PREFIX))
+        successes, errors = chunk_row_counts(self.folder)
         if successes + errors != batch_rows:
             raise RuntimeError(
                 f"{self.folder}: {successes} successes + {errors} errors != {batch_rows} rows"
@@ -214,18 +218,35 @@ class BatchWriter:
         return counts
 
 
+def chunk_row_counts(folder: Path) -> tuple[int, int]:
+    """(successes, errors) committed in a batch folder, from the chunks' Parquet footers (no
+    data is read)."""
+    def rows(prefix: str) -> int:
+        return sum(pq.read_metadata(path).num_rows for path in chunk_files(folder, prefix))
+
+    return rows(SUCCESS_PREFIX), rows(ERROR_PREFIX)
+
+
 def committed_rows(downloaded: Path) -> int:
     """Rows committed so far over a whole run: finished batches by their marker, the others by
-    their chunks' Parquet footers (no data is read)."""
+    their chunks' footers."""
     total = 0
     for folder in downloaded.glob("*/*"):
         marker = folder / COMPLETED_MARKER
-        if marker.exists():
-            total += json.loads(marker.read_text())["rows"]
-            continue
-        for prefix in (SUCCESS_PREFIX, ERROR_PREFIX):
-            total += sum(pq.read_metadata(path).num_rows for path in chunk_files(folder, prefix))
+        total += json.loads(marker.read_text())["rows"] if marker.exists() else \
+            sum(chunk_row_counts(folder))
     return total
+
+
+def finished_batches(layout: RunLayout) -> list[tuple[str, int]]:
+    """(server_name, partition_id) of every prepared batch that has its `completed` marker."""
+    batches = []
+    for row in pq.read_table(layout.servers).to_pylist():
+        for partition in range(row["batches"]):
+            folder = batch_folder(layout.downloaded, row["server_name"], partition)
+            if (folder / COMPLETED_MARKER).exists():
+                batches.append((row["server_name"], partition))
+    return batches
 
 
 def errors_by_code(folder: Path) -> dict[str, int]:

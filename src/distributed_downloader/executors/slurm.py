@@ -131,7 +131,8 @@ def job_scripts(settings: Settings, layout: RunLayout) -> dict[str, str]:
     cores = settings.workers_per_node * settings.cpu_per_worker
     prep = _header(settings, layout, "prep", [
         "--nodes=1", "--ntasks=1", f"--cpus-per-task={cores}",
-        f"--time={settings.time_limit}"]) + [f"exec {_command('prep', settings.input, '--output', out)}"]
+        f"--time={settings.time_limit}"]) + [
+        f"exec {_command('prep', settings.input, '--output', out)}"]
     profile = _header(settings, layout, "profile", [
         "--nodes=1", "--ntasks=1", "--cpus-per-task=1", f"--time={settings.time_limit}"]) + [
         f"exec {_command('profile', out)}"]

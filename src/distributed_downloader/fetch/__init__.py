@@ -148,10 +148,11 @@ def _starting_budget(server: ServerState, profile: ServerProfile | None,
         if override.max_connections:
             server.connections = override.max_connections
         return
-    if profile is None or (profile.status == "down" and retry_errors):
+    if profile is None:
         return
     if profile.status == "down":
-        server.dead, server.give_up = True, DOWN_AT_PROFILE
+        if not retry_errors:
+            server.dead, server.give_up = True, DOWN_AT_PROFILE
         return
     if profile.status == "opted_out" and not ignore_opt_out:
         server.dead, server.give_up = True, SERVER_OPTED_OUT
@@ -237,6 +238,30 @@ def output_counts(layout: RunLayout) -> dict[str, Any]:
     return counts
 
 
+def _run_plan(layout: RunLayout, settings: Settings, plan: FetchPlan, executor: Executor,
+              on_tick: Callable[[Scheduler], None] | None) -> tuple[Scheduler, bool]:
+    """Run the workers over the plan; the scheduler, and whether the run was interrupted."""
+    workers = executor.worker_ids(plan.batches_total - plan.batches_done)
+    scheduler = Scheduler(plan.servers, settings, workers, time.time())
+    last_save = [time.monotonic()]
+    last_state = [0.0]
+
+    def tick(current: Scheduler) -> None:
+        if on_tick:
+            on_tick(current)
+        if time.monotonic() - last_state[0] > STATE_SECONDS:
+            last_state[0] = time.monotonic()
+            record_state(layout, current, plan, running=True)
+        if time.monotonic() - last_save[0] > PROFILE_SAVE_SECONDS:
+            last_save[0] = time.monotonic()
+            write_profiles(layout.server_profiles, learned_profiles(layout, current))
+
+    interrupted = executor.run(scheduler, tick)
+    record_state(layout, scheduler, plan, running=False)
+    write_profiles(layout.server_profiles, learned_profiles(layout, scheduler))
+    return scheduler, interrupted
+
+
 def run_fetch(
     settings: Settings,
     retry_errors: bool = False,
@@ -260,30 +285,11 @@ def run_fetch(
     interrupted = False
     scheduler = None
     executor = executor or LocalExecutor(settings)
-    if plan.servers:
-        workers = executor.worker_ids(plan.batches_total - plan.batches_done)
-        scheduler = Scheduler(plan.servers, settings, workers, time.time())
-        last_save = [time.monotonic()]
-        last_state = [0.0]
-
-        def tick(current: Scheduler) -> None:
-            if on_tick:
-                on_tick(current)
-            if time.monotonic() - last_state[0] > STATE_SECONDS:
-                last_state[0] = time.monotonic()
-                record_state(layout, current, plan, running=True)
-            if time.monotonic() - last_save[0] > PROFILE_SAVE_SECONDS:
-                last_save[0] = time.monotonic()
-                write_profiles(layout.server_profiles, learned_profiles(layout, current))
-
-        try:
-            interrupted = executor.run(scheduler, tick)
-        finally:
-            executor.close()
-        record_state(layout, scheduler, plan, running=False)
-        write_profiles(layout.server_profiles, learned_profiles(layout, scheduler))
-    else:
-        executor.close()
+    try:
+        if plan.servers:
+            scheduler, interrupted = _run_plan(layout, settings, plan, executor, on_tick)
+    finally:
+        executor.close()  # MPI: the ranks wait for word even when nothing was left to do
     seconds = time.monotonic() - started
     after = output_counts(layout)
     fetched_now = after["successes"] + after["errors"] - before["successes"] - before["errors"]

@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 
 from distributed_downloader.errors import UserError
 from distributed_downloader.storage import RunLayout, atomic_write_json, batch_folder, fsync_dir
-from distributed_downloader.writers import COMPLETED_MARKER
+from distributed_downloader.writers import finished_batches
 
 BatchWork = Callable[[Path, Path, dict[str, Any]], dict[str, int]]
 RunWork = Callable[[RunLayout, Path, dict[str, Any]], dict[str, Any]]
@@ -70,16 +69,6 @@ def query_successes(layout: RunLayout, target: Path, select: str) -> Any:
     con.execute(f"COPY ({select}) TO '{temporary}' (FORMAT parquet, COMPRESSION zstd)")
     os.replace(temporary, target)
     return con
-
-
-def finished_batches(layout: RunLayout) -> list[tuple[str, int]]:
-    batches = []
-    for row in pq.read_table(layout.servers).to_pylist():
-        for partition in range(row["batches"]):
-            folder = batch_folder(layout.downloaded, row["server_name"], partition)
-            if (folder / COMPLETED_MARKER).exists():
-                batches.append((row["server_name"], partition))
-    return batches
 
 
 def run_batch(name: str, root: str, server_name: str, partition_id: int,
