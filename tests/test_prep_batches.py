@@ -54,9 +54,9 @@ def test_batches_hold_at_most_batch_size_rows_numbered_from_zero(tmp_path: Path)
     assert first_server == [u for u in urls if "127.0.0.2:9001" in u]
     servers = read_parquet(out / "prep" / "servers.parquet").to_pylist()
     assert servers == [
-        {"server_name": "127.0.0.2:9001", "rows": 25, "batches": 3},
-        {"server_name": "127.0.0.3:9002", "rows": 10, "batches": 1},
-        {"server_name": "127.0.0.4:9003", "rows": 1, "batches": 1},
+        {"server_name": "127.0.0.2:9001", "rows": 25, "batches": 3, "reused_rows": 0},
+        {"server_name": "127.0.0.3:9002", "rows": 10, "batches": 1, "reused_rows": 0},
+        {"server_name": "127.0.0.4:9003", "rows": 1, "batches": 1, "reused_rows": 0},
     ]
     assert prep_summary(out)["batches"] == 5
 

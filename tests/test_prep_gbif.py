@@ -111,7 +111,8 @@ def test_duplicate_urls_download_once_and_map_to_their_carrier(gbif_out: Path) -
 
 def test_servers_table_counts_rows_and_batches(gbif_out: Path) -> None:
     servers = read_parquet(gbif_out / "prep" / "servers.parquet").to_pylist()
-    assert servers[0] == {"server_name": "127.0.0.2:8001", "rows": 4, "batches": 1}
+    assert servers[0] == {"server_name": "127.0.0.2:8001", "rows": 4, "batches": 1,
+                          "reused_rows": 0}
     assert sum(s["rows"] for s in servers) == 9
     assert {s["server_name"] for s in servers} == {v[1] for v in EXPECTED_DOWNLOADS.values()}
 

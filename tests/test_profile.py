@@ -38,7 +38,7 @@ def test_profile_probes_politely_and_sets_each_servers_rate(tmp_path: Path) -> N
         ServerSpec("127.0.0.2"),  # answers everything
         ServerSpec("127.0.0.3", rate_limit=3, advertise_limit=True),  # says its limit
         ServerSpec("127.0.0.4", rate_limit=0.5, retry_after=4),  # throttles 1 request/s
-        ServerSpec("127.0.0.5", down=True),  # 503 to everything, no Retry-After
+        ServerSpec("127.0.0.5", down=True, robots_txt=""),  # 503 to all but robots.txt
     ]
     with Farm(specs) as farm:
         # The throttling server holds few URLs: it is fetched at 1 request per 4 s.
@@ -54,7 +54,9 @@ def test_profile_probes_politely_and_sets_each_servers_rate(tmp_path: Path) -> N
         assert "5 servers probed" in result.stdout
 
         for server in farm.servers:
-            assert 1 <= len(server.log) <= 5
+            # robots.txt first (once), then at most profile_requests probes, 1 request/s.
+            assert server.requests_to("/robots.txt") == 1
+            assert len(server.log) <= 1 + 5
             assert server.peak_per_second() <= 1  # never faster than 1 request/s
         profiles = read_profile_rows(out)
         ok, advertised, throttled, down503 = (profiles[farm[s.host].address] for s in specs)

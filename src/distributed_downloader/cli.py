@@ -57,6 +57,10 @@ def setting_option(name: str, *extra_flags: str) -> Callable[[Callable], Callabl
         help_text += f" [default: {default}]"
     if is_flag:
         return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
+    if field.annotation == list[Path]:  # repeated: --previous A --previous B
+        return click.option(flag, name, type=click.Path(path_type=Path), multiple=True,
+                            callback=lambda ctx, param, value: list(value) or None,
+                            help=help_text + " Repeat for several.")
     return click.option(flag, *extra_flags, name, type=click_type, default=None, help=help_text)
 
 
@@ -83,13 +87,14 @@ FETCH_SETTINGS = (
     "max_rate_limit", "rate_multiplier", "max_connections_per_server", "max_retries",
     "server_down_after", "timeout", "connect_timeout", "max_body_size", "max_image_pixels",
     "user_agent", "allow_network", "cpu_per_worker", "rates", "executor", "min_worker_rate",
-    "contact", "opt_out_directives", "opt_out_server_after", "ignore_opt_out",
+    "contact", "opt_out_directives", "opt_out_server_after", "ignore_opt_out", "dns_servers",
+    "respect_robots", "previous_mode",
 )
 PROFILE_SETTINGS = ("default_rate_limit", "max_rate_limit", "max_connections_per_server",
                     "profile_requests", "timeout", "connect_timeout", "user_agent", "contact",
-                    "allow_network", "rates")
+                    "allow_network", "dns_servers", "rates", "respect_robots")
 PREP_SETTINGS = ("url_column", "id_column", "keep_columns", "batch_size", "keep_duplicates",
-                 "uuid", "memory_limit")
+                 "uuid", "memory_limit", "previous")
 
 
 def gather_settings(config_file: Path | None, flags: dict[str, Any]) -> Settings:
@@ -138,6 +143,14 @@ def print_prep_summary(summary: dict[str, Any], output: Path) -> None:
         table.add_row(f"  dropped: {reason}", f"{count:,}")
     table.add_row("duplicate URLs", f"{summary['duplicates']:,}")
     table.add_row("rows to download", f"{summary['download_rows']:,}")
+    overlap = summary.get("overlap")
+    if overlap is not None:
+        table.add_row("  of which in an earlier download", f"{summary['reused_rows']:,}")
+        table.add_row("URLs new", f"{overlap['new']:,}")
+        table.add_row("URLs reused (stored earlier)", f"{overlap['reused']:,}")
+        table.add_row("URLs carried as errors", f"{overlap['carried_errors']:,}")
+        table.add_row("URLs fetched again", f"{overlap['fetched_again']:,}")
+        table.add_row("URLs gone since", f"{overlap['gone']:,}")
     table.add_row("servers", f"{summary['servers']:,}")
     table.add_row("batches", f"{summary['batches']:,}")
     table.add_row("seconds", f"{summary['seconds']:.1f}")
@@ -146,6 +159,8 @@ def print_prep_summary(summary: dict[str, Any], output: Path) -> None:
     for warning in summary.get("warnings", []):
         err_console.print(f"[yellow]warning:[/] {warning}")
     console.print(f"batches in [bold]{output / 'prep' / 'batches'}[/]")
+    if overlap is not None:
+        console.print(f"overlap by server in [bold]{output / 'prep' / 'overlap.parquet'}[/]")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -232,7 +247,7 @@ def _mpi_executor(settings: Settings) -> Any:
     return mpi.MpiExecutor(mpi.world(), settings)
 
 
-def _fetch(settings: Settings, retry_errors: bool) -> None:
+def _fetch(settings: Settings, retry_errors: bool, started: float | None = None) -> None:
     from distributed_downloader.fetch import FetchPlan, run_fetch
     from distributed_downloader.progress import FetchProgress
 
@@ -247,7 +262,7 @@ def _fetch(settings: Settings, retry_errors: bool) -> None:
 
     try:
         summary = run_fetch(settings, retry_errors, on_tick=lambda s: progress[0](s),
-                            on_plan=on_plan, executor=executor)
+                            on_plan=on_plan, executor=executor, robots_fetched_since=started)
     finally:
         if progress:
             progress[0].stop()
@@ -285,6 +300,7 @@ def download(input: Path, config_file: Path | None, retry_errors: bool, no_profi
     from distributed_downloader.prep import prep_is_finished
     from distributed_downloader.storage import RunLayout
 
+    started = time.time()
     settings = gather_settings(config_file, {"input": input, **flags})
     assert settings.output is not None
     layout = RunLayout(settings.output)
@@ -299,7 +315,7 @@ def download(input: Path, config_file: Path | None, retry_errors: bool, no_profi
         _prep(settings)
     if not no_profile and not layout.profile_summary.exists():
         _profile(settings)
-    _fetch(settings, retry_errors)
+    _fetch(settings, retry_errors, started)  # robots.txt files fetched since: used as they are
 
 
 def print_profile_summary(summary: dict[str, Any], output: Path) -> None:
@@ -362,6 +378,13 @@ def status(output: Path, as_json: bool, report_path: Path | None) -> None:
     if result["errors_by_code"]:
         console.print("errors: " + ", ".join(f"{code} {count:,}" for code, count
                                              in result["errors_by_code"].items()))
+    reused = result["reused"]
+    if reused["previous"]:
+        overlap = reused["overlap"] or {}
+        console.print(f"reused: {reused['rows']:,} rows taken from earlier downloads (images "
+                      f"or final errors), not requested ({', '.join(reused['previous'])}); URLs "
+                      + ", ".join(f"{kind.replace('_', ' ')} {count:,}"
+                                  for kind, count in overlap.items()))
     eta = duration(result["eta_seconds"]) if result["eta_seconds"] else "—"
     bound = f" (bound by {result['bound_by']})" if result["bound_by"] else ""
     console.print(f"speed: {result['images_per_second']:.1f} images/s over the last minutes; "

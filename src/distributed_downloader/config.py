@@ -26,6 +26,25 @@ LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 DEFAULT_USER_AGENT = f"distributed-downloader/{__version__}"
 
 
+def _is_dns_server(server: str) -> bool:
+    """IP, IP:PORT or [IPv6]:PORT, the forms c-ares accepts."""
+    try:
+        ipaddress.ip_address(server)
+        return True
+    except ValueError:
+        pass
+    host, sep, port = server.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        return False
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        return False
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
 class Settings(BaseModel):
     """Every setting of a run. A setting has one name in YAML, as a flag and in code."""
 
@@ -55,6 +74,15 @@ class Settings(BaseModel):
         default_factory=list, description="Input columns to carry along into the batches."
     )
     batch_size: int = Field(10_000, gt=0, description="Most rows in one batch.")
+    previous: list[Path] = Field(
+        default_factory=list,
+        description="Earlier download folders (newest first): URLs they stored are not "
+        "requested again, nor those that failed for good there.",
+    )
+    previous_mode: Literal["link", "copy"] = Field(
+        "link", description="How reused images enter this download: link (a pointer to the "
+        "earlier download's files) or copy."
+    )
     keep_duplicates: bool = Field(
         False, description="Download a URL once per row instead of once per distinct URL."
     )
@@ -120,10 +148,19 @@ class Settings(BaseModel):
     ignore_opt_out: bool = Field(
         False, description="Store images whatever their X-Robots-Tag says (reported)."
     )
+    respect_robots: bool = Field(
+        True, description="Read each server's robots.txt (RFC 9309) once per run: disallowed "
+        "URLs become `robots_disallowed` errors, never requested; Crawl-delay caps the rate."
+    )
     allow_network: list[str] = Field(
         default_factory=list,
         description="Networks (CIDR) that may be contacted although private, loopback or "
         "otherwise non-public; everything else non-public is refused.",
+    )
+    dns_servers: list[str] = Field(
+        default_factory=list,
+        description="DNS servers to ask (IP or IP:PORT, IPv6 with a port as [IP]:PORT); "
+        "empty: the system's (/etc/resolv.conf).",
     )
     # fetch: images
     image_size: int = Field(
@@ -231,6 +268,22 @@ class Settings(BaseModel):
                 ipaddress.ip_network(network, strict=False)
             except ValueError:
                 raise ValueError(f"'{network}' is not a network such as 127.0.0.0/8") from None
+        return value
+
+    @field_validator("dns_servers", mode="before")
+    @classmethod
+    def _split_servers(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("dns_servers")
+    @classmethod
+    def _check_servers(cls, value: list[str]) -> list[str]:
+        for server in value:
+            if not _is_dns_server(server):
+                raise ValueError(f"'{server}' is not a server such as 192.0.2.53 or "
+                                 "192.0.2.53:5353")
         return value
 
     @property
@@ -468,5 +521,7 @@ def settings_as_yaml(settings: Settings) -> str:
     for name, value in data.items():
         if isinstance(value, Path):
             data[name] = str(value.resolve())
+        elif isinstance(value, list) and value and isinstance(value[0], Path):
+            data[name] = [str(path.resolve()) for path in value]
     header = "# Effective settings of this run (defaults < saved < --config < flags).\n"
     return header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)

@@ -63,6 +63,8 @@ class ErrorCode(StrEnum):
     SERVER_EXCLUDED = "server_excluded"  # excluded by the user's rates file; never requested
     OPTED_OUT = "opted_out"  # X-Robots-Tag asked not to be used (noai, ...); nothing stored
     OPTED_OUT_SERVER = "opted_out_server"  # the server opted out of everything; not requested
+    ROBOTS_DISALLOWED = "robots_disallowed"  # the server's robots.txt disallows it; not requested
+    ROBOTS_UNREACHABLE = "robots_unreachable"  # robots.txt stayed unreachable: not requested
     TOO_LARGE = "too_large"  # body over max_body_size
     NOT_AN_IMAGE = "not_an_image"
     TRUNCATED_IMAGE = "truncated_image"
@@ -90,8 +92,12 @@ RETRYABLE = frozenset(
         ErrorCode.DNS_ERROR,
         ErrorCode.SERVER_UNAVAILABLE,
         ErrorCode.SERVER_EXCLUDED,  # once the user lifts the exclusion
+        ErrorCode.ROBOTS_DISALLOWED,  # checked against the robots.txt of the day, no request
+        ErrorCode.ROBOTS_UNREACHABLE,
     }
 )
+# Retryable by a later run only: within a run the answer cannot change.
+RETRYABLE_LATER = frozenset({ErrorCode.ROBOTS_DISALLOWED})
 # Answers that say "slow down": they lower the server's rate, not just retry the URL.
 THROTTLING = frozenset({ErrorCode.HTTP_429, ErrorCode.HTTP_503})
 # Failures that count towards the circuit breaker: the server looks down, not the URL bad.

@@ -90,6 +90,9 @@ class ServerSpec:
     retry_after: float = 1.0
     advertise_limit: bool = False  # send the limit as a RateLimit-Policy header
     robots_tag: str | None = None  # an X-Robots-Tag header on every image (e.g. "noai")
+    robots_txt: str | None = None  # served at /robots.txt, even when down (None: 404, or 503)
+    robots_status: int = 200  # of /robots.txt when robots_txt is set (e.g. 503, with Retry-After)
+    robots_headers: dict[str, str] = field(default_factory=dict)  # e.g. Cache-Control
     latency: float = 0.0  # seconds before every answer
     down: bool = False  # answer 503 to everything
     flaky_failures: int = 2  # /flaky/ paths fail this many times before they answer
@@ -118,6 +121,10 @@ class FarmServer:
 
     def requests_to(self, prefix: str = "/") -> int:
         return sum(1 for record in self.log if record.path.startswith(prefix))
+
+    def image_requests(self) -> list[RequestRecord]:
+        """Every request but those for robots.txt."""
+        return [record for record in self.log if record.path != "/robots.txt"]
 
     def peak_per_second(self) -> int:
         """Most requests that arrived in any 1-second window [t, t + 1)."""
@@ -175,6 +182,12 @@ class FarmServer:
             return web.Response(status=429, headers={"Retry-After": f"{spec.retry_after:g}"})
         if spec.latency:
             await asyncio.sleep(spec.latency)
+        if path == "/robots.txt" and spec.robots_txt is not None:  # answered even when down
+            headers = dict(spec.robots_headers)
+            if spec.robots_status in (429, 503):
+                headers["Retry-After"] = f"{spec.retry_after:g}"
+            return web.Response(status=spec.robots_status, text=spec.robots_txt,
+                                headers=headers)
         if spec.down:
             return web.Response(status=503, text="down for maintenance")
         kind, _, name = path.lstrip("/").partition("/")

@@ -20,6 +20,8 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from distributed_downloader.storage import fsync_dir
@@ -100,41 +102,77 @@ def write_artifact(folder: Path, output_format: str, rows: list[dict[str, Any]])
     return final
 
 
-def read_artifact(folder: Path) -> dict[str, bytes]:
-    """uuid -> encoded image, from whichever artifact the folder holds (none: empty)."""
+def read_artifact(folder: Path, uuids: set[str] | None = None) -> dict[str, bytes]:
+    """uuid -> encoded image (only `uuids`, when given), from whichever artifact the folder
+    holds (none: empty)."""
     images: dict[str, bytes] = {}
     if (folder / ARTIFACTS["webdataset"]).exists():
         with tarfile.open(folder / ARTIFACTS["webdataset"]) as tar:
             for member in tar:
                 key, _, suffix = member.name.partition(".")
-                if suffix != "json":
+                if suffix != "json" and (uuids is None or key in uuids):
                     handle = tar.extractfile(member)
                     assert handle is not None
                     images[key] = handle.read()
     elif (folder / ARTIFACTS["files"]).is_dir():
         for path in (folder / ARTIFACTS["files"]).iterdir():
-            images[path.name.partition(".")[0]] = path.read_bytes()
+            key = path.name.partition(".")[0]
+            if uuids is None or key in uuids:
+                images[key] = path.read_bytes()
     elif (folder / ARTIFACTS["hdf5"]).exists():
         import h5py
 
         with h5py.File(folder / ARTIFACTS["hdf5"], "r") as store:
-            for uuid, image in zip(store["uuid"][:], store["image"]):
-                images[uuid.decode()] = bytes(image)
+            for index, uuid in enumerate(store["uuid"][:]):
+                key = uuid.decode()
+                if uuids is None or key in uuids:
+                    images[key] = bytes(store["image"][index])
     return images
 
 
-def read_successes(folder: Path) -> list[dict[str, Any]]:
-    """A batch's committed successes with their `image`, in any output format (a batch
-    converted halfway when a run was killed has some of each)."""
+def read_successes(folder: Path, uuids: set[str] | None = None, follow_links: bool = True,
+                   with_images: bool = True) -> list[dict[str, Any]]:
+    """A batch's committed successes (only `uuids`, when given) with their `image`, in any
+    output format (a batch converted halfway when a run was killed has some of each); rows
+    reused by link get theirs from the earlier download unless `follow_links` is off.
+    Without `with_images`: the other columns only."""
     rows = []
     for path in chunk_files(folder, SUCCESS_PREFIX):
-        rows += pq.read_table(path).to_pylist()
-    images: dict[str, bytes] | None = None
-    for row in rows:
-        if "image" not in row:
-            images = read_artifact(folder) if images is None else images
-            row["image"] = images.get(row["uuid"])
+        columns = None if with_images else \
+            [name for name in pq.read_schema(path).names if name != "image"]
+        table = pq.read_table(path, columns=columns)
+        if uuids is not None:
+            table = table.filter(pc.is_in(table["uuid"], value_set=pa.array(sorted(uuids),
+                                                                            pa.string())))
+        rows += table.to_pylist()
+    if not follow_links:
+        rows = [row for row in rows if not row.get("linked_from")]
+    if with_images:
+        in_artifact = uuids is not None and any(
+            row.get("image") is None and not row.get("linked_from") for row in rows)
+        fill_images(folder, rows, read_artifact(folder, uuids) if in_artifact else None)
     return rows
+
+
+def fill_images(folder: Path, rows: list[dict[str, Any]],
+                artifact: dict[str, bytes] | None = None) -> dict[str, bytes] | None:
+    """Give each success row of a batch its image: kept in its chunk, in the batch's artifact,
+    or, for a row reused by link, in the earlier download's batch. Returns the artifact's
+    images it read (pass them back in for the batch's next chunk)."""
+    linked: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row.get("linked_from"):
+            linked.setdefault(row["linked_from"], []).append(row)
+        elif row.get("image") is None:
+            artifact = read_artifact(folder) if artifact is None else artifact
+            row["image"] = artifact.get(row["uuid"])
+    for earlier, reused in linked.items():
+        wanted = {row["linked_uuid"] for row in reused}
+        images = {row["uuid"]: row["image"]
+                  for row in read_successes(Path(earlier), wanted, follow_links=False)}
+        for row in reused:
+            row["image"] = images.get(row["linked_uuid"])
+    return artifact
 
 
 def convert_batch(folder: Path, output_format: str) -> None:
@@ -142,7 +180,7 @@ def convert_batch(folder: Path, output_format: str) -> None:
     chunks keep every other column. Safe to run again after a kill at any point."""
     from distributed_downloader.writers import write_chunk
 
-    write_artifact(folder, output_format, read_successes(folder))
+    write_artifact(folder, output_format, read_successes(folder, follow_links=False))
     for path in chunk_files(folder, SUCCESS_PREFIX):
         table = pq.read_table(path)
         if "image" in table.column_names:

@@ -16,14 +16,16 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import itertools
 import re
 import statistics
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from distributed_downloader.config import Settings, save_settings
@@ -36,6 +38,9 @@ from distributed_downloader.errors import (
 )
 from distributed_downloader.storage import RunLayout, atomic_write_json, atomic_write_text, \
     batch_folder
+
+if TYPE_CHECKING:  # fetch imports this module: its parts are imported where they are used
+    from distributed_downloader.fetch.robots import RobotsFile
 
 PROFILE_COLUMNS = ("server_name", "rate_limit", "max_connections", "latency_ms", "status", "notes",
                    "max_rate_limit")
@@ -198,36 +203,70 @@ class ProbeResult:
     advertised: float | None = None
     closes_connection: int = 0
     requests: int = 0
+    robots: RobotsFile | None = None
 
 
 def sample_urls(layout: RunLayout, server_name: str, count: int) -> list[str]:
-    folder = batch_folder(layout.batches, server_name, 0)
+    """The server's first `count` URLs to fetch (rows an earlier download holds are not)."""
     urls: list[str] = []
-    for path in sorted(folder.glob("*.parquet")):
-        urls += pq.read_table(path, columns=["identifier"]).column(0).to_pylist()[:count]
-        if len(urls) >= count:
+    for partition in itertools.count():
+        folder = batch_folder(layout.batches, server_name, partition)
+        if not folder.is_dir():
             break
-    return urls[:count]
+        for path in sorted(folder.glob("*.parquet")):
+            wanted = [name for name in ("identifier", "reuse_from", "reuse_error_code")
+                      if name in pq.read_schema(path).names]
+            table = pq.read_table(path, columns=wanted)
+            if "reuse_from" in table.column_names:
+                table = table.filter(pc.and_(pc.is_null(table["reuse_from"]),
+                                             pc.is_null(table["reuse_error_code"])))
+            urls += table.column("identifier").to_pylist()[:count - len(urls)]
+            if len(urls) >= count:
+                return urls
+    return urls
 
 
-async def probe_server(client: Any, server_name: str, urls: list[str]) -> ProbeResult:
-    """GET each URL in turn, one request a second at most (redirect hops included)."""
+async def probe_server(client: Any, server_name: str, urls: list[str],
+                       robots: RobotsFile | None = None, robots_url: str | None = None,
+                       count: int | None = None) -> ProbeResult:
+    """GET each URL in turn, one request a second at most (redirect hops included).
+
+    With `robots_url`, the server's robots.txt is asked for first (the first paced request);
+    with it or a cached `robots`, only URLs it allows are probed, no faster than its
+    Crawl-delay, and a server whose robots.txt is unreachable is not probed at all.
+    """
     from distributed_downloader.fetch.client import Body
+    from distributed_downloader.fetch.politeness import PACING_MARGIN
+    from distributed_downloader.fetch.robots import fetch_robots
 
-    result = ProbeResult(server_name, Counter(), [])
+    result = ProbeResult(server_name, Counter(), [], robots=robots)
     last_request = [-PROBE_INTERVAL]
+    interval = [PROBE_INTERVAL]
 
     async def pace() -> None:
-        wait = last_request[0] + PROBE_INTERVAL - time.monotonic()
+        wait = last_request[0] + interval[0] - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
         last_request[0] = time.monotonic()
         result.requests += 1
 
+    if robots_url is not None:
+        await pace()
+        result.robots = await fetch_robots(client, server_name, robots_url, robots, pace)
+    if result.robots is not None:
+        if result.robots.state == "unreachable":
+            return result
+        urls = [url for url in urls if result.robots.allows(url)]
+        cap = result.robots.rate_cap()
+        if cap:
+            interval[0] = max(PROBE_INTERVAL, PACING_MARGIN / cap)
+    urls = urls[:count]
     for url in urls:
         await pace()
         started = time.monotonic()
-        outcome = await client.get(url, pace=pace)
+        permitted = result.robots.permits_redirect(server_name) \
+            if result.robots is not None else None
+        outcome = await client.get(url, pace=pace, permitted=permitted)
         seconds = time.monotonic() - started
         if isinstance(outcome, Body):
             result.statuses[str(outcome.status)] += 1
@@ -256,6 +295,30 @@ async def probe_server(client: Any, server_name: str, urls: list[str]) -> ProbeR
 
 
 def profile_from_probe(result: ProbeResult, settings: Settings) -> ServerProfile:
+    """The probe's profile, within what the server's robots.txt allows."""
+    robots = result.robots
+    if robots is not None and robots.state == "unreachable":
+        # RFC 9309: an unreachable robots.txt disallows everything, for now: not probed.
+        # A server that cannot be reached at all is down; one that answers, but not with its
+        # robots.txt (5xx, 429), is left to fetch, which asks again and pauses it meanwhile.
+        from distributed_downloader.fetch.robots import NETWORK_FAILURES
+
+        status = "down" if robots.failure in NETWORK_FAILURES else "ok"
+        return ServerProfile(result.server_name, settings.default_rate_limit,
+                             settings.max_connections_per_server, None, status,
+                             f"{robots.message}: not probed")
+    profile = _profile_from_answers(result, settings)
+    cap = robots.rate_cap() if robots is not None else None
+    if cap is not None and profile.status != "down":
+        profile.rate_limit = min(profile.rate_limit, cap)
+        profile.max_rate_limit = min(profile.max_rate_limit or cap, cap)
+        if profile.status == "ok":
+            profile.status = "probed"
+        profile.notes += f"; robots.txt: at most {cap:g} requests/s"
+    return profile
+
+
+def _profile_from_answers(result: ProbeResult, settings: Settings) -> ServerProfile:
     default = settings.default_rate_limit
     connections = settings.max_connections_per_server
     latency = statistics.median(result.latencies) * 1000 if result.latencies else None
@@ -287,14 +350,25 @@ def profile_from_probe(result: ProbeResult, settings: Settings) -> ServerProfile
 async def _probe_all(layout: RunLayout, settings: Settings,
                      servers: list[str]) -> list[ProbeResult]:
     from distributed_downloader.fetch.client import HttpClient
+    from distributed_downloader.fetch.robots import load_robots, robots_url, save_robots
 
     client = HttpClient(settings)
     gate = asyncio.Semaphore(PROBE_SERVERS_AT_ONCE)
 
     async def one(name: str) -> ProbeResult:
         async with gate:
-            return await probe_server(client, name,
-                                      sample_urls(layout, name, settings.profile_requests))
+            # More URLs than needed, in case robots.txt disallows some.
+            urls = sample_urls(layout, name, settings.profile_requests * 4)
+            if not settings.respect_robots or not urls:
+                return await probe_server(client, name, urls[:settings.profile_requests])
+            cached = load_robots(layout, name)
+            fresh = cached is not None and cached.usable(time.time())
+            result = await probe_server(client, name, urls, cached,
+                                        None if fresh else robots_url(urls[0]),
+                                        settings.profile_requests)
+            if result.robots is not None and not fresh:
+                save_robots(layout, result.robots)
+            return result
 
     try:
         return list(await asyncio.gather(*(one(name) for name in servers)))

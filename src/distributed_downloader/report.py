@@ -114,6 +114,13 @@ def write_report(status: dict[str, Any], path: Path) -> list[Path]:
         ("ETA", "—" if status["eta_seconds"] is None else f"{status['eta_seconds'] / 3600:.1f} h"),
         ("bound by", status["bound_by"] or "—"),
     ]
+    reused = status.get("reused") or {}
+    if reused.get("previous"):
+        facts.append(("reused from earlier downloads",
+                      f"{reused['rows']:,} rows (images or final errors), not requested "
+                      f"({', '.join(reused['previous'])})"))
+        facts += [(f"URLs {kind.replace('_', ' ')}", f"{count:,}")
+                  for kind, count in (reused.get("overlap") or {}).items()]
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
                    for k, v in facts)
     page = (f"<!doctype html><meta charset='utf-8'><title>distributed-downloader: "

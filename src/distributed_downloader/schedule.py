@@ -86,6 +86,10 @@ class ServerState:
     latency_count: int = 0
     opted_out: int = 0
     opt_in: int = 0
+    held: str | None = None  # why no batch of it may start yet (its robots.txt is unknown)
+    # When the next worker to join may send its first request: joiners start one interval
+    # (1/rate) apart, so K workers at rate/K each interleave instead of sending together.
+    next_start: float = 0.0
 
     @property
     def remaining_seconds(self) -> float:
@@ -194,10 +198,34 @@ class Scheduler:
             out += [(worker, Stop()) for worker in sorted(self.active_workers)]
         return out
 
+    # --- holds (robots.txt) ------------------------------------------------------------------
+
+    def hold(self, name: str, reason: str) -> None:
+        """No batch of this server starts until it is released (or left)."""
+        self.servers[name].held = reason
+
+    def release(self, name: str, rate_cap: float | None, last_request: float) -> None:
+        """Let a held server go, at most at `rate_cap` requests/s; its first batch request
+        keeps a full interval after `last_request` (robots.txt's)."""
+        server = self.servers[name]
+        server.held = None
+        if rate_cap is not None:
+            server.max_rate = min(server.max_rate, rate_cap)
+            server.rate = min(server.rate, server.max_rate)
+            if server.ceiling is not None:
+                server.ceiling = min(server.ceiling, server.max_rate)
+        server.next_start = max(server.next_start, last_request + 1.0 / server.rate)
+
+    def give_up_held(self, name: str, reason: GiveUp) -> None:
+        """A held server that will not be released this run: its rows become `reason` errors."""
+        server = self.servers[name]
+        server.held = None
+        server.dead, server.give_up = True, reason
+
     # --- work -------------------------------------------------------------------------------
 
     def _can_join(self, server: ServerState, worker: int) -> bool:
-        if server.dead or not server.pending or worker in server.workers:
+        if server.dead or server.held or not server.pending or worker in server.workers:
             return False
         count = len(server.workers)
         if count == 0:
@@ -230,6 +258,10 @@ class Scheduler:
         if not give_up:
             server.workers.add(worker)
             out += self._budgets(server)  # smaller shares for the others first
+            start = max(now, server.paused_until, server.next_start)
+            server.next_start = start + 1.0 / server.rate
+            rate, connections = server.share()
+            out.append((worker, Budget(server.name, rate, connections, start, False, None)))
         return out + [(worker, Assign(batch, give_up=server.give_up if give_up else None))]
 
     def _want_work(self, worker: int, now: float) -> Outgoing:

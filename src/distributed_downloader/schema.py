@@ -23,6 +23,18 @@ BATCH = pa.schema(
     ]
 )
 
+# Added to the batch rows when earlier downloads are given (`--previous`): where an earlier
+# download stored the URL's image (its batch folder and the row's uuid there), or the error
+# it ended with; null for the rows to fetch.
+REUSE = [
+    ("reuse_from", pa.string()),
+    ("reuse_uuid", pa.string()),
+    ("reuse_error_code", pa.string()),
+    ("reuse_error_msg", pa.string()),
+    ("reuse_http_status", pa.int32()),
+]
+REUSE_NAMES = tuple(name for name, _ in REUSE)
+
 # Rows prep could not use: `prep/rejected.parquet`.
 REJECTED = pa.schema(
     [
@@ -42,6 +54,19 @@ SERVERS = pa.schema(
         ("server_name", pa.string()),
         ("rows", pa.int64()),
         ("batches", pa.int64()),
+        ("reused_rows", pa.int64()),  # rows an earlier download already holds (--previous)
+    ]
+)
+
+# Overlap with earlier downloads, in distinct URLs by server: `prep/overlap.parquet`.
+OVERLAP = pa.schema(
+    [
+        ("server_name", pa.string()),
+        ("new", pa.int64()),  # in no earlier snapshot
+        ("reused", pa.int64()),  # stored by an earlier download: not requested
+        ("carried_errors", pa.int64()),  # failed for good earlier (404, ...): not requested
+        ("fetched_again", pa.int64()),  # earlier: a retryable error, or never fetched
+        ("gone", pa.int64()),  # in an earlier snapshot, not in this one (link rot)
     ]
 )
 
@@ -52,7 +77,11 @@ SUCCESSES = BATCH.append(pa.field("original_size", SIZE)) \
     .append(pa.field("hashsum_original", pa.string())) \
     .append(pa.field("hashsum_resized", pa.string())) \
     .append(pa.field("image", pa.binary())) \
-    .append(pa.field("image_format", pa.string()))
+    .append(pa.field("image_format", pa.string())) \
+    .append(pa.field("linked_from", pa.string())) \
+    .append(pa.field("linked_uuid", pa.string()))
+# linked_from / linked_uuid: set on a row reused by link (`--previous-mode link`); its image is
+# not in this download but in the earlier one's batch folder `linked_from`, under `linked_uuid`.
 
 # URLs without an image: `downloaded_images/.../errors-*.parquet`.
 ERRORS = pa.schema(
@@ -77,8 +106,11 @@ def with_kept_columns(schema: pa.Schema, keep_columns: list[str]) -> pa.Schema:
     return schema
 
 
-def batch_schema(keep_columns: list[str]) -> pa.Schema:
-    return with_kept_columns(BATCH, keep_columns)
+def batch_schema(keep_columns: list[str], reuse: bool = False) -> pa.Schema:
+    schema = with_kept_columns(BATCH, keep_columns)
+    for name, type_ in REUSE if reuse else []:
+        schema = schema.append(pa.field(name, type_))
+    return schema
 
 
 def duplicates_schema(keep_columns: list[str]) -> pa.Schema:

@@ -38,6 +38,7 @@ class ServerProgress:
     rate: float | None = None
     throttled: int = 0
     state: str = "waiting"  # waiting | fetching | paused | down | done
+    reused: int = 0  # rows an earlier download holds: written without a request
 
     @property
     def remaining(self) -> int:
@@ -45,7 +46,9 @@ class ServerProgress:
 
     @property
     def remaining_seconds(self) -> float:
-        return self.remaining / self.rate if self.rate else 0.0
+        """Time to fetch what is left; reused rows take none (counted pro rata)."""
+        to_fetch = self.remaining * (1 - self.reused / self.rows) if self.rows else 0
+        return to_fetch / self.rate if self.rate else 0.0
 
 
 def _batch_counts(folder: Path) -> tuple[bool, int, int, dict[str, int]]:
@@ -107,7 +110,8 @@ def run_status(output: Path) -> dict[str, Any]:
     servers: list[ServerProgress] = []
     by_code: Counter = Counter()
     for row in pq.read_table(layout.servers).to_pylist():
-        server = ServerProgress(row["server_name"], row["rows"], row["batches"])
+        server = ServerProgress(row["server_name"], row["rows"], row["batches"],
+                                reused=row.get("reused_rows") or 0)
         for partition in range(server.batches):
             finished, successes, errors, codes = _batch_counts(
                 batch_folder(layout.downloaded, server.name, partition))
@@ -158,6 +162,8 @@ def run_status(output: Path) -> dict[str, Any]:
         "batches_done": sum(s.batches_done for s in servers),
         "servers": len(servers),
         "servers_done": sum(1 for s in servers if s.state == "done"),
+        "reused": {"rows": prep.get("reused_rows", 0), "previous": prep.get("previous", []),
+                   "overlap": prep.get("overlap")},
         "images_per_second": round(speed, 2),
         "eta_seconds": round(eta, 1) if eta is not None else None,
         "bound_by": bound.name if bound is not None and bound.remaining_seconds else None,

@@ -66,6 +66,11 @@ class RunLayout:
         return self.root / "profiles" / "rates.csv"
 
     @property
+    def robots(self) -> Path:
+        """Each server's robots.txt as last fetched, with when it expires (one JSON each)."""
+        return self.root / "profiles" / "robots"
+
+    @property
     def profile_summary(self) -> Path:
         """Written by the profile stage: its presence means the servers were probed."""
         return self.root / "profiles" / "summary.json"

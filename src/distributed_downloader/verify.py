@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from distributed_downloader.errors import UserError
-from distributed_downloader.formats import read_artifact
+from distributed_downloader.formats import fill_images
 from distributed_downloader.storage import RunLayout, atomic_write_json, batch_folder
 from distributed_downloader.writers import (
     COMPLETED_MARKER,
@@ -78,7 +78,7 @@ def check_batch(root: str, server_name: str, partition_id: int) -> BatchCheck:
         prepared.update(pq.read_table(path, columns=["uuid"]).column(0).to_pylist())
     seen: Counter = Counter()
     successes = errors = 0
-    images: dict[str, bytes] | None = None  # from the format's artifact, when not in chunks
+    artifact: dict[str, bytes] | None = None
     for prefix in (SUCCESS_PREFIX, ERROR_PREFIX):
         for path in chunk_files(folder, prefix):
             try:
@@ -92,11 +92,10 @@ def check_batch(root: str, server_name: str, partition_id: int) -> BatchCheck:
                 errors += len(uuids)
                 continue
             successes += len(uuids)
-            if "image" in table.column_names:
-                stored = table.column("image").to_pylist()
-            else:
-                images = read_artifact(folder) if images is None else images
-                stored = [images.get(uuid) for uuid in uuids]
+            rows = table.to_pylist()
+            # From the chunk, the batch's artifact (read once), or an earlier download.
+            artifact = fill_images(folder, rows, artifact)
+            stored = [row["image"] for row in rows]
             for uuid, image, md5 in zip(uuids, stored,
                                         table.column("hashsum_resized").to_pylist()):
                 problem = _image_problem(image, md5) if image is not None else \

@@ -149,7 +149,7 @@ class BatchWriter:
 
     def add_success(self, row: dict[str, Any]) -> None:
         self._successes.append(row)
-        size = len(row["image"])
+        size = len(row["image"] or b"")  # nothing held for a row reused by link
         self.buffered_bytes += size
         self.budget.used += size
         self._added()

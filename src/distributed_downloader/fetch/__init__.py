@@ -25,8 +25,10 @@ from distributed_downloader.profile import (
     ServerProfile,
     load_rate_overrides,
     read_profiles,
+    sample_urls,
     write_profiles,
 )
+from distributed_downloader.fetch.robots import RobotsGate
 from distributed_downloader.protocol import BatchRef, GiveUp
 from distributed_downloader.schedule import (
     SERVER_KEPT_FAILING,
@@ -179,6 +181,7 @@ def record_state(layout: RunLayout, scheduler: Scheduler, plan: FetchPlan,
         "servers": {
             server.name: {"rate": server.rate, "workers": len(server.workers),
                           "paused": server.paused_until > now, "dead": server.dead,
+                          "held": server.held,
                           "throttled": server.throttled, "remaining_rows": server.remaining_rows}
             for server in scheduler.servers.values()
         },
@@ -239,14 +242,21 @@ def output_counts(layout: RunLayout) -> dict[str, Any]:
 
 
 def _run_plan(layout: RunLayout, settings: Settings, plan: FetchPlan, executor: Executor,
-              on_tick: Callable[[Scheduler], None] | None) -> tuple[Scheduler, bool]:
+              on_tick: Callable[[Scheduler], None] | None,
+              robots_fetched_since: float | None = None) -> tuple[Scheduler, bool]:
     """Run the workers over the plan; the scheduler, and whether the run was interrupted."""
     workers = executor.worker_ids(plan.batches_total - plan.batches_done)
     scheduler = Scheduler(plan.servers, settings, workers, time.time())
+    robots = RobotsGate(layout, settings, lambda name: next(
+        iter(sample_urls(layout, name, 1)), None)) if settings.respect_robots else None
+    if robots is not None:
+        robots.start(scheduler, time.time(), robots_fetched_since)
     last_save = [time.monotonic()]
     last_state = [0.0]
 
     def tick(current: Scheduler) -> None:
+        if robots is not None:
+            robots.apply(current, time.time())
         if on_tick:
             on_tick(current)
         if time.monotonic() - last_state[0] > STATE_SECONDS:
@@ -256,7 +266,11 @@ def _run_plan(layout: RunLayout, settings: Settings, plan: FetchPlan, executor: 
             last_save[0] = time.monotonic()
             write_profiles(layout.server_profiles, learned_profiles(layout, current))
 
-    interrupted = executor.run(scheduler, tick)
+    try:
+        interrupted = executor.run(scheduler, tick)
+    finally:
+        if robots is not None:
+            robots.close()
     record_state(layout, scheduler, plan, running=False)
     write_profiles(layout.server_profiles, learned_profiles(layout, scheduler))
     return scheduler, interrupted
@@ -268,9 +282,11 @@ def run_fetch(
     on_tick: Callable[[Scheduler], None] | None = None,
     on_plan: Callable[[FetchPlan], None] | None = None,
     executor: Executor | None = None,
+    robots_fetched_since: float | None = None,
 ) -> dict[str, Any]:
     """Download what is left of the run in `settings.output` on `executor` (default: local
-    processes); returns the run's summary."""
+    processes); returns the run's summary. robots.txt files fetched after
+    `robots_fetched_since` (by this `download`'s profile) are used whatever their cache time."""
     from distributed_downloader.executors.local import LocalExecutor
 
     if settings.output is None:
@@ -287,7 +303,8 @@ def run_fetch(
     executor = executor or LocalExecutor(settings)
     try:
         if plan.servers:
-            scheduler, interrupted = _run_plan(layout, settings, plan, executor, on_tick)
+            scheduler, interrupted = _run_plan(layout, settings, plan, executor, on_tick,
+                                               robots_fetched_since)
     finally:
         executor.close()  # MPI: the ranks wait for word even when nothing was left to do
     seconds = time.monotonic() - started

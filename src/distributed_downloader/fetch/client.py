@@ -16,6 +16,7 @@ from yarl import URL
 
 from distributed_downloader.config import Settings
 from distributed_downloader.errors import ErrorCode
+from distributed_downloader.fetch.dns import CachingResolver
 from distributed_downloader.fetch.retry import parse_retry_after
 from distributed_downloader.fetch.safety import AddressPolicy, BlockedAddress, SafeResolver
 
@@ -91,8 +92,10 @@ class HttpClient:
         self.policy = AddressPolicy(settings.allow_network)
         self.budget = budget or BodyBudget(1 << 62)
         self.max_body_size = settings.max_body_size
+        # The resolver caches by the records' TTL itself, so aiohttp's fixed-time cache is off.
+        self.resolver = SafeResolver(self.policy, CachingResolver(settings.dns_servers))
         connector = aiohttp.TCPConnector(
-            limit=0, limit_per_host=0, ttl_dns_cache=300, resolver=SafeResolver(self.policy)
+            limit=0, limit_per_host=0, use_dns_cache=False, resolver=self.resolver
         )
         self.session = aiohttp.ClientSession(
             connector=connector,
@@ -110,8 +113,11 @@ class HttpClient:
 
     async def close(self) -> None:
         await self.session.close()
+        await self.resolver.close()  # not the connector's to close: it did not make it
 
-    async def get(self, url: str, pace: Pace | None = None) -> Body | FetchFailure:
+    async def get(self, url: str, pace: Pace | None = None,
+                  permitted: Callable[[str], bool] | None = None) -> Body | FetchFailure:
+        """GET `url`; `permitted` (robots.txt) is asked about every redirect target."""
         try:
             current = URL(url, encoded=True)
         except ValueError as exc:
@@ -123,6 +129,9 @@ class HttpClient:
                 self.policy.check_literal(current.host)
             except BlockedAddress as exc:
                 return FetchFailure(ErrorCode.BLOCKED_ADDRESS, str(exc))
+            if hop > 0 and permitted is not None and not permitted(str(current)):
+                return FetchFailure(ErrorCode.ROBOTS_DISALLOWED,
+                                    f"redirected to {current}, which robots.txt disallows")
             if pace is not None and hop > 0:
                 await pace()
             outcome = await self._one_hop(current)

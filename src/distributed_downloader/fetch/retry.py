@@ -6,7 +6,7 @@ import random
 import time
 from email.utils import parsedate_to_datetime
 
-from distributed_downloader.errors import RETRYABLE, ErrorCode
+from distributed_downloader.errors import RETRYABLE, RETRYABLE_LATER, ErrorCode
 
 BACKOFF_BASE_SECONDS = 1.0
 BACKOFF_CAP_SECONDS = 30.0
@@ -38,7 +38,7 @@ class RetryPolicy:
         self.rng = rng or random.Random()
 
     def should_retry(self, code: ErrorCode, attempts: int) -> bool:
-        return code in RETRYABLE and attempts < self.max_attempts
+        return code in RETRYABLE and code not in RETRYABLE_LATER and attempts < self.max_attempts
 
     def delay(self, attempts: int, retry_after: float | None) -> float:
         if retry_after is not None:

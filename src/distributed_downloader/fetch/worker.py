@@ -20,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Protocol
 
 import pyarrow as pa
@@ -28,9 +29,11 @@ import pyarrow.parquet as pq
 from distributed_downloader.config import Settings
 from distributed_downloader.errors import SERVER_FAILURES, THROTTLING, ErrorCode
 from distributed_downloader.fetch.client import Body, BodyBudget, FetchFailure, HttpClient
-from distributed_downloader.fetch.opt_out import opted_out
+from distributed_downloader.fetch.opt_out import PRODUCT_TOKEN, opted_out
 from distributed_downloader.fetch.politeness import ServerDead, ServerSlot
 from distributed_downloader.fetch.retry import RetryPolicy
+from distributed_downloader.fetch.robots import RobotsFile, load_robots
+from distributed_downloader.formats import read_successes
 from distributed_downloader.images import ImageFailure, StoredImage, process_image
 from distributed_downloader.protocol import (
     Assign,
@@ -50,6 +53,7 @@ from distributed_downloader.schedule import (
     SERVER_KEPT_FAILING,
     SERVER_OPTED_OUT,
 )
+from distributed_downloader.schema import REUSE_NAMES
 from distributed_downloader.storage import RunLayout, batch_folder
 from distributed_downloader.writers import (
     BatchWriter,
@@ -122,6 +126,7 @@ class Worker:
         self.failures: dict[str, int] = {}  # server -> server failures in a row
         self.opt_outs: dict[str, int] = {}  # server -> images that opted out, here
         self.opt_ins: set[str] = set()  # servers that sent an image without opting out
+        self.robots: dict[str, RobotsFile | None] = {}
         self.tasks: dict[tuple[str, int], asyncio.Task] = {}
         self.budget = BufferBudget(BUFFER_BUDGET)
         # One thread more than the worker's cores: Pillow releases the GIL while it decodes, so
@@ -251,10 +256,12 @@ class Worker:
             source = batch_folder(self.layout.batches, batch.server_name, batch.partition_id)
             rows = [row for path in sorted(source.glob("*.parquet"))
                     for row in pq.read_table(path).to_pylist() if row["uuid"] not in done]
+            rows = await self._reuse_earlier(rows, batch.server_name, writer)
             if give_up is not None:
                 for row in rows:
                     self._give_up_row(row, batch.server_name, writer, 0, give_up)
             else:
+                rows = self._robots_filter(rows, batch.server_name, writer)
                 queue = deque(rows)
                 slot = self._slot(batch.server_name)
                 consumers = min(len(rows), self.settings.max_connections_per_server)
@@ -273,6 +280,76 @@ class Worker:
             raise
         finally:
             self.tasks.pop(batch.key, None)
+
+    async def _reuse_earlier(self, rows: list[dict[str, Any]], server: str,
+                             writer: BatchWriter) -> list[dict[str, Any]]:
+        """Write the rows an earlier download already holds (`--previous`), without a request;
+        returns the rows left to fetch."""
+        to_fetch, reused = [], []
+        for row in rows:
+            earlier = {name: row.pop(name, None) for name in REUSE_NAMES}
+            if earlier["reuse_error_code"]:
+                writer.add_error(error_row(row, earlier["reuse_error_code"],
+                                           earlier["reuse_error_msg"] or "",
+                                           0, earlier["reuse_http_status"]))
+                self._news(server).errors += 1
+            elif earlier["reuse_from"]:
+                reused.append((row, earlier["reuse_from"], earlier["reuse_uuid"]))
+            else:
+                to_fetch.append(row)
+        if not reused:
+            return to_fetch
+        copy = self.settings.previous_mode == "copy"
+        wanted: dict[str, set[str]] = {}
+        for _, folder, uuid in reused:
+            wanted.setdefault(folder, set()).add(uuid)
+        stored = await asyncio.get_running_loop().run_in_executor(
+            self.pool, _read_earlier, wanted, copy)
+        for row, folder, uuid in reused:
+            before = stored.get((folder, uuid))
+            if before is None:  # the earlier download lost it since prep: fetch it after all
+                to_fetch.append(row)
+                continue
+            writer.add_success({
+                **row, **{name: before[name] for name in REUSED_COLUMNS},
+                "image": before["image"] if copy else None,
+                "linked_from": None if copy else folder, "linked_uuid": None if copy else uuid,
+            })
+            self._news(server).successes += 1
+        return to_fetch
+
+    def _robots(self, server: str) -> RobotsFile | None:
+        """The server's robots.txt, as the coordinator fetched it before releasing the server."""
+        if not self.settings.respect_robots:
+            return None
+        if server not in self.robots:
+            self.robots[server] = load_robots(self.layout, server)
+            if self.robots[server] is None:
+                log.warning("worker %s: no robots.txt on record for %s", self.id, server)
+        return self.robots[server]
+
+    def _robots_filter(self, rows: list[dict[str, Any]], server: str,
+                       writer: BatchWriter) -> list[dict[str, Any]]:
+        """The rows robots.txt allows; the others become errors, never requested."""
+        robots = self._robots(server) if rows else None
+        if robots is None:
+            return rows
+        allowed = []
+        for row in rows:
+            if robots.allows(row["identifier"]):
+                allowed.append(row)
+            else:
+                writer.add_error(error_row(row, ErrorCode.ROBOTS_DISALLOWED,
+                                           f"{robots.url} disallows it for {PRODUCT_TOKEN}", 0))
+                self._news(server).errors += 1
+        return allowed
+
+    def _permitted(self, server: str) -> Callable[[str], bool] | None:
+        """For redirects: may this URL be fetched, as far as its server's robots.txt says?"""
+        robots = self._robots(server)
+        if robots is None:
+            return None
+        return robots.permits_redirect(server)
 
     def _opt_out_seen(self, slot: ServerSlot) -> None:
         """Count an opted-out image; a server whose every answer here opted out is dropped at
@@ -352,7 +429,8 @@ class Worker:
             attempts += 1
             started = time.monotonic()
             try:
-                outcome = await self.client.get(row["identifier"], pace=slot.pace)
+                outcome = await self.client.get(row["identifier"], pace=slot.pace,
+                                                permitted=self._permitted(slot.name))
             except ServerDead:
                 outcome = FetchFailure(ErrorCode.SERVER_UNAVAILABLE, "server given up")
             finally:
@@ -386,6 +464,21 @@ class Worker:
             news.answered += 1
             news.latency_sum += seconds
             news.latency_count += 1
+
+
+# What a reused row takes from the earlier download's row (the rest is this input's).
+REUSED_COLUMNS = ("original_size", "resized_size", "hashsum_original", "hashsum_resized",
+                  "image_format")
+
+
+def _read_earlier(wanted: dict[str, set[str]], with_images: bool,
+                  ) -> dict[tuple[str, str], dict[str, Any]]:
+    """(earlier batch folder, uuid) -> that success row; its image only when copying."""
+    found = {}
+    for folder, uuids in wanted.items():
+        rows = read_successes(Path(folder), uuids, follow_links=False, with_images=with_images)
+        found.update({(folder, row["uuid"]): row for row in rows})
+    return found
 
 
 def run_worker(worker_id: int, settings: Settings, channel: Channel) -> bool:

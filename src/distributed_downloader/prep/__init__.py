@@ -27,6 +27,7 @@ from distributed_downloader import __version__
 from distributed_downloader.config import Settings, save_settings
 from distributed_downloader.errors import InputError, UserError
 from distributed_downloader.prep.partition import build_batches
+from distributed_downloader.prep.previous import check_previous
 from distributed_downloader.prep.rows import ChunkCleaner, RejectedRow, Tally, resolve_roles
 from distributed_downloader.prep.sources import Source, discover
 from distributed_downloader.schema import REJECTED, staging_schema
@@ -151,6 +152,7 @@ def run_prep(
             )
         shutil.rmtree(layout.prep)
     sources, warnings = discover(settings.input, settings.input_format)
+    previous = check_previous(settings.previous, settings.output)
 
     work = layout.prep_work
     if work.exists():
@@ -169,10 +171,12 @@ def run_prep(
         raise InputError(f"{settings.input}: no data rows (only a header, or empty)")
     if progress:
         progress(PrepProgress("", tally.rows_read, tally.rows_kept, "batching"))
-    result = build_batches(staging_path, work, settings, settings.keep_columns)
+    result = build_batches(staging_path, work, settings, settings.keep_columns, previous)
 
-    for name in ("batches", "rejected.parquet", "duplicates.parquet", "servers.parquet"):
-        publish(work / name, layout.prep / name)
+    for name in ("batches", "rejected.parquet", "duplicates.parquet", "servers.parquet",
+                 "overlap.parquet"):
+        if (work / name).exists():
+            publish(work / name, layout.prep / name)
     summary = {
         "input": str(settings.input.resolve()),
         "formats": sorted(set(formats)),
@@ -184,6 +188,9 @@ def run_prep(
         "servers": len(result.servers),
         "batches": result.batches,
         "batch_size": settings.batch_size,
+        "previous": [str(earlier.root) for earlier in previous],
+        "overlap": result.overlap,
+        "reused_rows": sum(server.reused_rows for server in result.servers),
         "seconds": round(time.monotonic() - started, 3),
         "peak_memory_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "warnings": warnings,

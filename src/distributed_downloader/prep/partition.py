@@ -10,6 +10,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -17,13 +18,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from distributed_downloader.config import Settings
+from distributed_downloader.prep.previous import (
+    create_previous_tables,
+    overlap_by_server,
+    overlap_totals,
+)
 from distributed_downloader.schema import (
     BATCH,
+    REUSE_NAMES,
     SERVERS,
     batch_schema,
     duplicates_schema,
 )
-from distributed_downloader.storage import PARQUET_COMPRESSION, batch_folder
+from distributed_downloader.storage import PARQUET_COMPRESSION, RunLayout, batch_folder
 
 # Deterministic UUIDs are version 5 in this namespace, of "source_id\nURL" (with "\nK" added for
 # the K-th repeat of the same pair), so the same input always gets the same UUIDs.
@@ -54,6 +61,7 @@ class ServerBatches:
     server_name: str
     rows: int = 0
     batches: int = 0
+    reused_rows: int = 0
 
 
 @dataclass
@@ -61,6 +69,7 @@ class PartitionResult:
     download_rows: int
     duplicates: int
     servers: list[ServerBatches] = field(default_factory=list)
+    overlap: dict[str, Any] | None = None  # with --previous: distinct URLs by kind
 
     @property
     def batches(self) -> int:
@@ -116,6 +125,10 @@ class BatchCutter:
         pq.write_table(table, folder / BATCH_FILE_NAME, compression=PARQUET_COMPRESSION)
         server.rows += len(rows)
         server.batches += 1
+        if "reuse_from" in table.column_names:
+            reused = pc.or_(pc.is_valid(table["reuse_from"]),
+                            pc.is_valid(table["reuse_error_code"]))
+            server.reused_rows += pc.sum(reused).as_py() or 0
 
     def finish(self) -> list[ServerBatches]:
         self._flush(final=True)
@@ -131,10 +144,13 @@ def _connect(work: Path, settings: Settings) -> duckdb.DuckDBPyConnection:
 
 
 def build_batches(
-    staging: Path, work: Path, settings: Settings, keep_columns: list[str]
+    staging: Path, work: Path, settings: Settings, keep_columns: list[str],
+    previous: list[RunLayout] | None = None,
 ) -> PartitionResult:
-    """Write `work/batches/`, `work/duplicates.parquet` and `work/servers.parquet`."""
+    """Write `work/batches/`, `work/duplicates.parquet` and `work/servers.parquet` (and, with
+    earlier downloads, `work/overlap.parquet`)."""
     con = _connect(work, settings)
+    overlap = None
     try:
         carried = ", ".join(f'"{name}"' for name in [*BATCH.names, *keep_columns])
         if settings.uuid == "random":
@@ -170,11 +186,20 @@ def build_batches(
                 out.write_table(pa.Table.from_batches([rows]).cast(dup_schema))
                 duplicate_count += rows.num_rows
 
-        cutter = BatchCutter(work / "batches", settings.batch_size, batch_schema(keep_columns))
+        reuse, joined = "", ""
+        if previous:
+            create_previous_tables(con, previous)
+            by_server = overlap_by_server(con)
+            pq.write_table(by_server, work / "overlap.parquet", compression=PARQUET_COMPRESSION)
+            overlap = overlap_totals(by_server)
+            reuse = ", " + ", ".join(f"previous_outcome.{name}" for name in REUSE_NAMES)
+            joined = "LEFT JOIN previous_outcome USING (identifier)"
+        cutter = BatchCutter(work / "batches", settings.batch_size,
+                             batch_schema(keep_columns, reuse=bool(previous)))
         (work / "batches").mkdir()
         download = con.sql(
-            f"SELECT server_name, {carried} FROM prepared WHERE uuid = carrier_uuid "
-            "ORDER BY server_name, row_index"
+            f"SELECT server_name, {carried}{reuse} FROM prepared {joined} "
+            "WHERE uuid = carrier_uuid ORDER BY server_name, row_index"
         ).fetch_arrow_reader(ROWS_PER_FETCH)
         for rows in download:
             cutter.add(rows)
@@ -188,10 +213,12 @@ def build_batches(
             "server_name": [s.server_name for s in servers],
             "rows": [s.rows for s in servers],
             "batches": [s.batches for s in servers],
+            "reused_rows": [s.reused_rows for s in servers],
         },
         schema=SERVERS,
     )
     pq.write_table(table, work / "servers.parquet", compression=PARQUET_COMPRESSION)
     return PartitionResult(
-        download_rows=sum(s.rows for s in servers), duplicates=duplicate_count, servers=servers
+        download_rows=sum(s.rows for s in servers), duplicates=duplicate_count, servers=servers,
+        overlap=overlap,
     )

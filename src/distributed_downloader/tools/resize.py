@@ -14,7 +14,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distributed_downloader.formats import read_artifact
+from distributed_downloader.formats import fill_images
 from distributed_downloader.images import ImageFailure, process_image
 from distributed_downloader.storage import PARQUET_COMPRESSION
 from distributed_downloader.tools import Tool
@@ -24,15 +24,17 @@ from distributed_downloader.writers import SUCCESS_PREFIX, chunk_files
 def resize_batch(source: Path, result: Path, options: dict[str, Any]) -> dict[str, int]:
     size, quality = options["image_size"], options["image_quality"]
     counts = {"images": 0, "resized": 0, "unchanged": 0, "failed": 0}
-    images = None
+    artifact = None
     for path in chunk_files(source, SUCCESS_PREFIX):
         table = pq.read_table(path)
         rows = table.to_pylist()
-        if "image" not in table.column_names:  # images in the output format's artifact
-            images = read_artifact(source) if images is None else images
-            table = table.append_column("image", pa.array([images.get(row["uuid"])
-                                                           for row in rows], pa.binary()))
-            rows = table.to_pylist()
+        # From the artifact (read once) or an earlier download, when not in the chunk: the
+        # result holds the bytes itself, so it no longer links anywhere.
+        artifact = fill_images(source, rows, artifact)
+        for row in rows:
+            row["linked_from"] = row["linked_uuid"] = None
+        if "image" not in table.column_names:
+            table = table.append_column("image", pa.array([None] * len(rows), pa.binary()))
         for row in rows:
             counts["images"] += 1
             if max(row["resized_size"]) <= size:
