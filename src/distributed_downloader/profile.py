@@ -206,8 +206,9 @@ class ProbeResult:
     robots: RobotsFile | None = None
 
 
-def sample_urls(layout: RunLayout, server_name: str, count: int) -> list[str]:
-    """The server's first `count` URLs to fetch (rows an earlier download holds are not)."""
+def sample_urls(layout: RunLayout, server_name: str, count: int,
+                to_fetch_only: bool = True) -> list[str]:
+    """The server's first `count` URLs (to fetch: rows an earlier download holds are not)."""
     urls: list[str] = []
     for partition in itertools.count():
         folder = batch_folder(layout.batches, server_name, partition)
@@ -217,7 +218,7 @@ def sample_urls(layout: RunLayout, server_name: str, count: int) -> list[str]:
             wanted = [name for name in ("identifier", "reuse_from", "reuse_error_code")
                       if name in pq.read_schema(path).names]
             table = pq.read_table(path, columns=wanted)
-            if "reuse_from" in table.column_names:
+            if to_fetch_only and "reuse_from" in table.column_names:
                 table = table.filter(pc.and_(pc.is_null(table["reuse_from"]),
                                              pc.is_null(table["reuse_error_code"])))
             urls += table.column("identifier").to_pylist()[:count - len(urls)]

@@ -247,8 +247,12 @@ def _run_plan(layout: RunLayout, settings: Settings, plan: FetchPlan, executor: 
     """Run the workers over the plan; the scheduler, and whether the run was interrupted."""
     workers = executor.worker_ids(plan.batches_total - plan.batches_done)
     scheduler = Scheduler(plan.servers, settings, workers, time.time())
+    # Any of the server's URLs gives robots.txt's address (its first batch's first row is
+    # the cheapest to read), even when every row is in an earlier download: a reused row
+    # whose image went missing since prep is fetched after all.
     robots = RobotsGate(layout, settings, lambda name: next(
-        iter(sample_urls(layout, name, 1)), None)) if settings.respect_robots else None
+        iter(sample_urls(layout, name, 1, to_fetch_only=False)), None)) \
+        if settings.respect_robots else None
     if robots is not None:
         robots.start(scheduler, time.time(), robots_fetched_since)
     last_save = [time.monotonic()]

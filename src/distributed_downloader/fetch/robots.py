@@ -233,7 +233,7 @@ class RobotsGate:
                 scheduler.release(name, cached.rate_cap(), now)
                 continue
             sample = self.sample_url(name)
-            if sample is None:  # nothing to request (every row is in an earlier download)
+            if sample is None:  # no URL at all: nothing will be requested
                 continue
             scheduler.hold(name, "waiting for robots.txt")
             self.held[name] = (now, cached)
