@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from distributed_downloader import __version__
 from distributed_downloader.errors import ConfigError
@@ -239,11 +246,14 @@ class Settings(BaseModel):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("opt_out_directives", mode="before")
+    @field_validator("opt_out_directives", "allow_network", "dns_servers", mode="before")
     @classmethod
-    def _split_directives(cls, value: Any) -> Any:
+    def _split_commas(cls, value: Any, info: ValidationInfo) -> Any:
+        """A flag's "a, b, c" is the list [a, b, c] (directives in lower case)."""
         if isinstance(value, str):
-            return [part.strip().lower() for part in value.split(",") if part.strip()]
+            parts = [part.strip() for part in value.split(",") if part.strip()]
+            return [part.lower() for part in parts] if info.field_name == "opt_out_directives" \
+                else parts
         return value
 
     @property
@@ -253,13 +263,6 @@ class Settings(BaseModel):
             return f"{self.user_agent} (+{self.contact})"
         return self.user_agent
 
-    @field_validator("allow_network", mode="before")
-    @classmethod
-    def _split_networks(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
-
     @field_validator("allow_network")
     @classmethod
     def _check_networks(cls, value: list[str]) -> list[str]:
@@ -268,13 +271,6 @@ class Settings(BaseModel):
                 ipaddress.ip_network(network, strict=False)
             except ValueError:
                 raise ValueError(f"'{network}' is not a network such as 127.0.0.0/8") from None
-        return value
-
-    @field_validator("dns_servers", mode="before")
-    @classmethod
-    def _split_servers(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
     @field_validator("dns_servers")

@@ -262,11 +262,11 @@ async def probe_server(client: Any, server_name: str, urls: list[str],
         if cap:
             interval[0] = max(PROBE_INTERVAL, PACING_MARGIN / cap)
     urls = urls[:count]
+    permitted = result.robots.permits_redirect(server_name) \
+        if result.robots is not None else None
     for url in urls:
         await pace()
         started = time.monotonic()
-        permitted = result.robots.permits_redirect(server_name) \
-            if result.robots is not None else None
         outcome = await client.get(url, pace=pace, permitted=permitted)
         seconds = time.monotonic() - started
         if isinstance(outcome, Body):

@@ -23,7 +23,8 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, urlsplit
@@ -33,6 +34,7 @@ from protego import Protego
 from distributed_downloader.config import Settings
 from distributed_downloader.errors import ErrorCode
 from distributed_downloader.fetch.opt_out import PRODUCT_TOKEN
+from distributed_downloader.prep.urls import normalise_one
 from distributed_downloader.protocol import GiveUp
 from distributed_downloader.storage import RunLayout, atomic_write_json
 
@@ -67,17 +69,15 @@ class RobotsFile:
     attempts: int = 0  # unreachable answers in a row
     unreachable_since: float | None = None
     failure: str | None = None  # unreachable: the ErrorCode of the last answer (or its lack)
-    _parsed: Protego | None = field(default=None, repr=False, compare=False)
 
     def usable(self, now: float) -> bool:
         """Rules (or their absence) that may be used without asking the server again."""
         return self.state != "unreachable" and now < self.expires_at
 
-    @property
+    @cached_property
     def rules(self) -> Protego:
-        if self._parsed is None:
-            self._parsed = Protego.parse(self.body if self.state == "rules" else "")
-        return self._parsed
+        """Parsed once, when first asked (not a field: never saved, never copied)."""
+        return Protego.parse(self.body if self.state == "rules" else "")
 
     def allows(self, url: str) -> bool:
         if self.state == "unreachable":
@@ -87,8 +87,6 @@ class RobotsFile:
     def permits_redirect(self, server_name: str) -> Callable[[str], bool]:
         """For redirect hops: a hop within this server must be allowed here; a hop to another
         server is taken (its robots.txt is not known to this run)."""
-        from distributed_downloader.prep.urls import normalise_one
-
         return lambda url: normalise_one(url)[1] != server_name or self.allows(url)
 
     def rate_cap(self) -> float | None:
@@ -122,9 +120,7 @@ def load_robots(layout: RunLayout, server_name: str) -> RobotsFile | None:
 
 
 def save_robots(layout: RunLayout, robots: RobotsFile) -> None:
-    data = asdict(robots)
-    data.pop("_parsed")
-    atomic_write_json(_cache_path(layout, robots.server_name), data)
+    atomic_write_json(_cache_path(layout, robots.server_name), asdict(robots))
 
 
 def robots_url(sample_url: str) -> str:

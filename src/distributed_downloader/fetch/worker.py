@@ -371,12 +371,13 @@ class Worker:
     async def _consume(self, queue: deque, slot: ServerSlot, writer: BatchWriter) -> None:
         loop = asyncio.get_running_loop()
         settings = self.settings
+        permitted = self._permitted(slot.name)
         while queue:
             await self._wait_for_decode_room()
             if not queue:
                 break
             row = queue.popleft()
-            outcome, attempts = await self._fetch(row, slot)
+            outcome, attempts = await self._fetch(row, slot, permitted)
             if isinstance(outcome, FetchFailure):
                 if outcome.code == ErrorCode.SERVER_UNAVAILABLE:
                     self._give_up_row(row, slot.name, writer, attempts,
@@ -418,8 +419,9 @@ class Worker:
                 writer.add_success(success_row(row, image))
                 self._news(slot.name).successes += 1
 
-    async def _fetch(self, row: dict[str, Any], slot: ServerSlot) -> tuple[Body | FetchFailure,
-                                                                          int]:
+    async def _fetch(self, row: dict[str, Any], slot: ServerSlot,
+                     permitted: Callable[[str], bool] | None = None,
+                     ) -> tuple[Body | FetchFailure, int]:
         attempts = 0
         while True:
             try:
@@ -430,7 +432,7 @@ class Worker:
             started = time.monotonic()
             try:
                 outcome = await self.client.get(row["identifier"], pace=slot.pace,
-                                                permitted=self._permitted(slot.name))
+                                                permitted=permitted)
             except ServerDead:
                 outcome = FetchFailure(ErrorCode.SERVER_UNAVAILABLE, "server given up")
             finally:
