@@ -14,7 +14,14 @@ from typing import Any
 
 import pytest
 
-from conftest import FAST_FETCH, read_errors, read_successes, run_cli, write_lines
+from conftest import (
+    FAST_FETCH,
+    FAST_REQUESTS,
+    read_errors,
+    read_successes,
+    run_cli,
+    write_lines,
+)
 from distributed_downloader.config import Settings
 from distributed_downloader.errors import RETRYABLE, ErrorCode
 from distributed_downloader.farm import Farm, FarmServer, ServerSpec, make_small_image
@@ -204,7 +211,7 @@ def test_dns_failures_are_retryable_error_rows(tmp_path: Path) -> None:
         urls = named_urls(server, 20)
         out = tmp_path / "out"
         run_cli("prep", write_lines(tmp_path / "u.txt", urls), "--output", out)
-        run_cli("profile", out, "--dns-servers", dns.address, *FAST_FETCH)
+        run_cli("profile", out, "--dns-servers", dns.address, *FAST_REQUESTS)
         # The name stops resolving between the profile (robots.txt known) and the fetch.
         dns.fail[NAME] = "SERVFAIL"
         requests_before = len(server.log)

@@ -9,9 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST_FETCH, read_errors, read_successes, run_cli, write_lines
+from conftest import (
+    FAST_FETCH,
+    FAST_REQUESTS,
+    read_errors,
+    read_successes,
+    run_cli,
+    write_lines,
+)
 from distributed_downloader.farm import Farm, ServerSpec, make_small_image
-from distributed_downloader.profile import advertised_rate, parse_rate_overrides
+from distributed_downloader.policy import advertised_rate
+from distributed_downloader.profile import parse_rate_overrides
 
 
 def add_images(server, count: int) -> list[str]:
@@ -50,7 +58,7 @@ def test_profile_probes_politely_and_sets_each_servers_rate(tmp_path: Path) -> N
         source = write_lines(tmp_path / "u.txt", [u for group in urls.values() for u in group]
                              + refused)
         run_cli("prep", source, "--output", out)
-        result = run_cli("profile", out, "--default-rate-limit", 8, *FAST_FETCH)
+        result = run_cli("profile", out, "--default-rate-limit", 8, *FAST_REQUESTS)
         assert "5 servers probed" in result.stdout
 
         for server in farm.servers:
@@ -113,7 +121,7 @@ def test_rates_file_overrides_and_excludes_and_survives_reprofiling(tmp_path: Pa
 
         # The rates were kept with the run: re-profiling without --rates keeps them.
         rates.unlink()
-        run_cli("profile", out, *FAST_FETCH)
+        run_cli("profile", out, *FAST_REQUESTS)
         assert excluded.log == []
         profiles = read_profile_rows(out)
         assert (profiles[slow.address]["status"], float(profiles[slow.address]["rate_limit"])) \

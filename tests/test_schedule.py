@@ -14,12 +14,14 @@ from distributed_downloader.protocol import (
     Stop,
     WantWork,
 )
+from distributed_downloader.policy import RatePolicy, ServerPolicy
 from distributed_downloader.schedule import Scheduler, ServerState, workers_allowed
 
 
-def server(name: str, batches: int, rate: float, rows: int = 100) -> ServerState:
-    state = ServerState(name=name, rate=rate, max_rate=rate, connections=8,
-                        total_batches=batches)
+def server(name: str, batches: int, rate: float, rows: int = 100,
+           settings: Settings | None = None) -> ServerState:
+    policy = ServerPolicy.start(RatePolicy.from_settings(settings or Settings()), rate, rate, 0)
+    state = ServerState(name=name, policy=policy, connections=8, total_batches=batches)
     for partition in range(batches):
         state.pending.append(BatchRef(name, partition, rows))
         state.remaining_rows += rows
@@ -73,20 +75,42 @@ def test_throttling_halves_once_per_burst_and_pauses_everyone() -> None:
     assert scheduler.servers["s"].rate == 20.0
 
 
-def test_rate_grows_back_but_stops_short_of_what_drew_the_429() -> None:
+def test_rate_grows_back_rests_below_the_429_then_tries_it_again() -> None:
     state = server("s", 4, rate=10)
     scheduler = Scheduler([state], Settings(), range(1), now=0)
     scheduler.handle(WantWork(0), now=0)
     scheduler.handle(Report(0, {"s": ServerNews(throttled=1)}), now=1)
     assert state.rate == 5.0
+    seen = {}
     for second in range(2, 200):
+        # The server answers every request: the rate is used, and it holds.
+        scheduler.handle(Report(0, {"s": ServerNews(answered=round(state.rate))}), now=second)
         scheduler.tick(now=second)
-    assert state.rate == 9.0  # 90% of the 10/s that was throttled, not 10
+        seen[second] = state.rate
+    assert seen[30] == 9.0  # 90% of the 10/s that was throttled, not 10, for a while
+    assert seen[199] == 10.0  # a quiet minute later that rate is tried again, and holds
+
+
+def test_a_failed_url_is_not_a_throttle_but_an_overload_is() -> None:
+    state = server("s", 4, rate=10)
+    scheduler = Scheduler([state], Settings(), range(1), now=0)
+    scheduler.handle(WantWork(0), now=0)
+    for second in range(1, 21):  # 2% of answers fail (a 503 without Retry-After)
+        scheduler.handle(Report(0, {"s": ServerNews(answered=49 if second % 2 else 50,
+                                                    failed=1 if second % 2 else 0)}), now=second)
+    assert state.rate == 10.0
+    # Then half of the answers fail: within seconds that is overload, the rate comes down.
+    for second in range(21, 40):
+        scheduler.handle(Report(0, {"s": ServerNews(answered=25, failed=25)}), now=second)
+        if state.rate < 10:
+            break
+    assert state.rate == 5.0 and second <= 35  # the 20-s window turns within ~10 s
 
 
 def test_breaker_opens_then_gives_up() -> None:
     settings = Settings(server_down_after=10)
-    scheduler = Scheduler([server("down", 2, rate=10)], settings, range(2), now=0)
+    scheduler = Scheduler([server("down", 2, rate=10, settings=settings)], settings, range(2),
+                          now=0)
     scheduler.handle(WantWork(0), now=0)
     out = scheduler.handle(Report(0, {"down": ServerNews(failures=5)}), now=1)
     budget = budgets(out, "down")[0]
@@ -106,7 +130,7 @@ def test_a_success_closes_the_breaker() -> None:
     scheduler.handle(Report(0, {"s": ServerNews(failures=5)}), now=1)
     out = scheduler.handle(Report(0, {"s": ServerNews(answered=1)}), now=3)
     assert budgets(out, "s")[0].connections == 8
-    assert scheduler.servers["s"].failing_since is None
+    assert scheduler.servers["s"].policy.breaker.failing_since is None
 
 
 def test_lost_worker_batches_go_back_and_the_run_ends() -> None:

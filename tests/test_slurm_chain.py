@@ -6,6 +6,8 @@ The real chain runs in test_cluster.py; this covers what a real run takes minute
 from __future__ import annotations
 
 import itertools
+import json
+import time
 from pathlib import Path
 
 import pytest
@@ -33,13 +35,133 @@ def test_a_stalled_chain_ends_and_a_new_submission_starts_afresh(prepared: Setti
     assert slurm.start_period(prepared, first)[0]  # period 1 fetches, queues period 2
     second = slurm.read_chain(slurm.RunLayout(prepared.output)).downloads[-1].id
     fetch, reason = slurm.start_period(prepared, second)  # nothing was committed meanwhile
-    assert not fetch and "committed no row" in reason
+    assert not fetch and "made no progress" in reason  # and no fetch summary: no request
     assert slurm.read_chain(slurm.RunLayout(prepared.output)).state == "stalled"
 
     # Submitted again: its first period fetches, whatever the old submission's history.
     chain = slurm.submit_chain(prepared)
     assert chain.state == "running" and len(chain.downloads) == 1
     assert slurm.start_period(prepared, chain.downloads[0].id)[0]
+
+
+def fetch_ended(settings: Settings, requests: int | None, waiting: list | None = None,
+                ended_at: float | None = None) -> None:
+    """What rank 0 writes at a fetch's end; None leaves a key out, as older versions did."""
+    summary: dict = {"finished": False, "fetched_this_run": 0}
+    if requests is not None:
+        summary["requests_this_run"] = requests
+    if waiting is not None:
+        summary["waiting"] = waiting
+    summary["ended_at"] = time.time() if ended_at is None else ended_at
+    (settings.output / "fetch_summary.json").write_text(json.dumps(summary))
+
+
+def next_period(settings: Settings) -> str:
+    return slurm.read_chain(slurm.RunLayout(settings.output)).downloads[-1].id
+
+
+def test_a_period_that_sent_requests_but_committed_nothing_does_not_stall(
+        prepared: Settings) -> None:
+    # Slow servers, all paused at the period's end: no row committed, but work went on.
+    chain = slurm.submit_chain(prepared)
+    assert slurm.start_period(prepared, chain.downloads[0].id)[0]
+    fetch_ended(prepared, requests=12, waiting=[
+        {"server": "a.example", "reason": "retry_after", "seconds_left": 41.6}])
+    fetch, reason = slurm.start_period(prepared, next_period(prepared))
+    assert fetch, reason
+    chain = slurm.read_chain(slurm.RunLayout(prepared.output))
+    assert chain.state == "running"
+    judged = chain.downloads[0]
+    assert (judged.rows_committed, judged.requests) == (0, 12)
+    assert judged.waiting == ["a.example (retry_after, 42 s left)"]
+    assert "period 1: 0 rows, 12 requests" in reason
+
+
+def test_a_period_that_sent_no_request_stalls_and_says_what_it_waited_on(
+        prepared: Settings) -> None:
+    chain = slurm.submit_chain(prepared)
+    assert slurm.start_period(prepared, chain.downloads[0].id)[0]
+    fetch_ended(prepared, requests=0, waiting=[
+        {"server": f"s{i}.example", "reason": "breaker_open", "seconds_left": None}
+        for i in range(5)])
+    fetch, reason = slurm.start_period(prepared, next_period(prepared))
+    assert not fetch
+    assert "period 1 made no progress" in reason and "sent no request" in reason
+    assert "waiting on s0.example (breaker_open), s1.example (breaker_open), " \
+        "s2.example (breaker_open), and 2 more" in reason
+    chain = slurm.read_chain(slurm.RunLayout(prepared.output))
+    assert chain.state == "stalled" and chain.reason == reason
+    assert chain.downloads[0].requests == 0 and len(chain.downloads[0].waiting) == 4
+
+
+def test_periods_that_send_requests_but_never_commit_a_row_stall_after_three(
+        prepared: Settings) -> None:
+    settings = prepared.model_copy(update={"num_downloads": 10})
+    job = slurm.submit_chain(settings).downloads[0].id
+    decisions = []
+    for _ in range(slurm.STALL_PERIODS + 2):
+        fetch, reason = slurm.start_period(settings, job)
+        decisions.append(fetch)
+        if not fetch:
+            break
+        fetch_ended(settings, requests=5, waiting=[
+            {"server": "a.example", "reason": "retry_delay", "seconds_left": 30}])
+        job = next_period(settings)
+    # Periods 1-3 fetch; period 4 finds three periods in a row without a committed row.
+    assert decisions == [True] * slurm.STALL_PERIODS + [False]
+    assert f"periods 1-3 committed no row in {slurm.STALL_PERIODS} periods in a row" in reason
+    assert "15 requests" in reason and "a.example (retry_delay, 30 s left)" in reason
+    assert slurm.read_chain(slurm.RunLayout(settings.output)).state == "stalled"
+
+
+def test_a_committed_row_resets_the_count_of_idle_periods(
+        prepared: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = prepared.model_copy(update={"num_downloads": 10})
+    job = slurm.submit_chain(settings).downloads[0].id
+    for period, rows in enumerate([0, 0, 7, 7, 7], start=1):  # period 2 commits 7 rows
+        monkeypatch.setattr(slurm, "committed_rows", lambda root, n=rows: n)
+        assert slurm.start_period(settings, job)[0], f"period {period}"
+        fetch_ended(settings, requests=5)
+        job = next_period(settings)
+    fetch, reason = slurm.start_period(settings, job)  # periods 3-5 committed nothing
+    assert not fetch and "periods 3-5 committed no row" in reason
+
+
+@pytest.mark.parametrize("summary", ["missing", "before the period", "without requests"])
+def test_a_missing_or_older_fetch_summary_counts_as_no_request(prepared: Settings,
+                                                               summary: str) -> None:
+    chain = slurm.submit_chain(prepared)
+    if summary == "before the period":  # the last period's fetch, not this one's
+        fetch_ended(prepared, requests=50, ended_at=time.time() - 3600)
+    assert slurm.start_period(prepared, chain.downloads[0].id)[0]
+    if summary == "without requests":  # written by a version without the key
+        fetch_ended(prepared, requests=None)
+    fetch, reason = slurm.start_period(prepared, next_period(prepared))
+    assert not fetch and "made no progress" in reason
+    assert slurm.read_chain(slurm.RunLayout(prepared.output)).downloads[0].requests == 0
+
+
+def test_an_old_chain_file_without_the_new_fields_still_loads(prepared: Settings) -> None:
+    layout = slurm.RunLayout(prepared.output)
+    (prepared.output / "slurm").mkdir()
+    started = time.time() - 600
+    old = {"state": "running", "reason": "", "jobs": [
+        {"id": "7", "kind": "download", "period": 1, "submitted": started - 10,
+         "started": started, "rows_at_start": 0, "submission": 1},
+        {"id": "8", "kind": "download", "period": 2, "submitted": started, "started": None,
+         "rows_at_start": None, "submission": 1}]}
+    (prepared.output / "slurm" / "chain.json").write_text(json.dumps(old))
+    chain = slurm.read_chain(layout)
+    assert [(job.id, job.requests, job.rows_committed, job.waiting) for job in chain.jobs] \
+        == [("7", None, None, []), ("8", None, None, [])]
+    fetch_ended(prepared, requests=3)
+    assert slurm.start_period(prepared, "8")[0]  # the old period is judged by the new rule
+    assert slurm.read_chain(layout).jobs[0].requests == 3
+    # A newer version's extra keys do not stop this one from reading the file.
+    newer = json.loads((prepared.output / "slurm" / "chain.json").read_text())
+    newer["jobs"][0]["some_future_field"] = 1
+    (prepared.output / "slurm" / "chain.json").write_text(json.dumps(newer))
+    assert slurm.read_chain(layout).jobs[0].id == "7"
 
 
 def test_the_chain_stops_after_num_downloads_periods(prepared: Settings,

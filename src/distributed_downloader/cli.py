@@ -85,7 +85,10 @@ FETCH_SETTINGS = (
     "workers", "image_size", "output_image_format", "output_format", "image_quality",
     "default_rate_limit",
     "max_rate_limit", "rate_multiplier", "max_connections_per_server", "max_retries",
-    "server_down_after", "timeout", "connect_timeout", "max_body_size", "max_image_pixels",
+    "server_down_after", "retry_delay", "retry_delay_max", "rate_increase_interval",
+    "rate_growth_factor", "rate_decrease_factor", "throttle_memory", "throttle_memory_max",
+    "overload_failure_share", "overload_min_failures", "breaker_failures", "breaker_max_pause",
+    "timeout", "connect_timeout", "max_body_size", "max_image_pixels",
     "user_agent", "allow_network", "cpu_per_worker", "rates", "executor", "min_worker_rate",
     "contact", "opt_out_directives", "opt_out_server_after", "ignore_opt_out", "dns_servers",
     "respect_robots", "previous_mode",
@@ -389,6 +392,9 @@ def status(output: Path, as_json: bool, report_path: Path | None) -> None:
     bound = f" (bound by {result['bound_by']})" if result["bound_by"] else ""
     console.print(f"speed: {result['images_per_second']:.1f} images/s over the last minutes; "
                   f"ETA {eta}{bound}")
+    for wait in result["waiting"][:10]:
+        left = "" if wait["seconds_left"] is None else f" {duration(wait['seconds_left'])}"
+        console.print(f"waiting: {wait['server']}: {wait['reason']}{left}", highlight=False)
     table = Table(title="busiest and slowest servers", title_justify="left")
     for column in ("server", "done / rows", "rate/s", "429s", "state", "time left"):
         table.add_column(column, justify="left" if column in ("server", "state") else "right")

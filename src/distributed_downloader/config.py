@@ -119,17 +119,58 @@ class Settings(BaseModel):
         8, gt=0, description="Most open requests to one server, for the whole run."
     )
     max_retries: int = Field(
-        3, ge=1, description="Most attempts per URL, the first included."
+        5, ge=1, description="Most attempts per URL that failed (5xx, timeout, reset), the "
+        "first included; answers that only said \"slow down\" (429) are not counted."
+    )
+    retry_delay: float = Field(
+        1.0, gt=0, description="Seconds before a failed URL is asked again; each later retry "
+        "waits four times longer (1, 4, 16, 64 s ...), other URLs going on meanwhile."
+    )
+    retry_delay_max: float = Field(
+        600.0, gt=0, description="Longest wait before a failed URL is asked again."
     )
     profile_requests: int = Field(
         5, ge=1, le=20, description="Requests the profile stage sends to each server (one a "
         "second at most)."
     )
     server_down_after: float = Field(
-        300.0,
+        120.0,
         gt=0,
-        description="Seconds a server may keep failing before its remaining URLs are written "
-        "as retryable errors instead of being requested.",
+        description="Seconds a server may keep failing every request before its remaining URLs "
+        "are written as retryable errors instead of being requested.",
+    )
+    # fetch: rate control (see policy.py)
+    rate_increase_interval: float = Field(
+        2.0, gt=0, description="Seconds of answers without a throttle before a server's rate "
+        "is raised a step (longer for slow servers: at least 4 requests' worth)."
+    )
+    rate_growth_factor: float = Field(
+        1.5, gt=1, description="How much a step raises a rate while no limit is known."
+    )
+    rate_decrease_factor: float = Field(
+        0.5, gt=0, lt=1, description="How much a throttle at a rate that once held lowers it "
+        "(above such a rate, the rate falls back to it instead)."
+    )
+    throttle_memory: float = Field(
+        60.0, gt=0, description="Quiet seconds after a 429 before the rate that drew it is "
+        "tried again; doubles while such tries keep drawing 429s, up to throttle_memory_max."
+    )
+    throttle_memory_max: float = Field(
+        240.0, gt=0, description="Longest wait before trying again a rate that drew a 429."
+    )
+    overload_failure_share: float = Field(
+        0.25, gt=0, le=1, description="Share of failed answers (5xx without Retry-After, "
+        "timeouts, resets) over 20 s that counts as overload and lowers the rate like a 429."
+    )
+    overload_min_failures: int = Field(
+        10, ge=1, description="Fewest failed answers in 20 s that can count as overload."
+    )
+    breaker_failures: int = Field(
+        5, ge=1, description="Different URLs failing in a row, with no good answer between, "
+        "that pause a server (circuit breaker) and then probe it one request at a time."
+    )
+    breaker_max_pause: float = Field(
+        60.0, gt=0, description="Longest pause between two probes of a failing server."
     )
     # fetch: requests
     timeout: float = Field(60.0, gt=0, description="Seconds one request may take, body included.")

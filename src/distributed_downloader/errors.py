@@ -98,9 +98,8 @@ RETRYABLE = frozenset(
 )
 # Retryable by a later run only: within a run the answer cannot change.
 RETRYABLE_LATER = frozenset({ErrorCode.ROBOTS_DISALLOWED})
-# Answers that say "slow down": they lower the server's rate, not just retry the URL.
-THROTTLING = frozenset({ErrorCode.HTTP_429, ErrorCode.HTTP_503})
-# Failures that count towards the circuit breaker: the server looks down, not the URL bad.
+# Failures of the server, not of the URL: retried later, counted by the circuit breaker (a 503
+# with Retry-After is a throttle instead: see policy.signal_of).
 SERVER_FAILURES = frozenset(
     {
         ErrorCode.TIMEOUT,

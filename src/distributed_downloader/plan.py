@@ -78,8 +78,10 @@ def make_plan(settings: Settings, nodes: int, workers_per_node: int,
     speed = worker_speed * settings.cpu_per_worker
     servers = []
     for state, rows in starting_servers(layout, settings, keep_rates=False):  # read-only
-        # The rate the run climbs to: a known ceiling, else max_rate_limit.
-        rate = state.ceiling if state.ceiling is not None else state.max_rate
+        # The rate the run climbs to: just below a rate that drew a 429, else the ceiling
+        # (max_rate_limit, or an advertised, hand-set or robots.txt limit).
+        control = state.policy.control
+        rate = control.ceiling if control.ceiling is not None else control.max_rate
         allowed = workers_allowed(settings.schedule_rules, state.total_batches) or workers
         by_rate = max(1, math.floor(rate / settings.min_worker_rate))
         count = max(1, min(allowed, by_rate, workers, state.total_batches))

@@ -22,6 +22,7 @@ import statistics
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,13 +30,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from distributed_downloader.config import Settings, save_settings
-from distributed_downloader.errors import (
-    SERVER_FAILURES,
-    THROTTLING,
-    ErrorCode,
-    InputError,
-    UserError,
-)
+from distributed_downloader.errors import InputError, UserError
+from distributed_downloader.policy import LearnedRate, Signal, advertised_rate, signal_of
 from distributed_downloader.storage import RunLayout, atomic_write_json, atomic_write_text, \
     batch_folder
 
@@ -43,7 +39,8 @@ if TYPE_CHECKING:  # fetch imports this module: its parts are imported where the
     from distributed_downloader.fetch.robots import RobotsFile
 
 PROFILE_COLUMNS = ("server_name", "rate_limit", "max_connections", "latency_ms", "status", "notes",
-                   "max_rate_limit")
+                   "max_rate_limit", "rate_held", "rate_throttled", "throttled_at",
+                   "failing_since", "last_request")
 # Seconds between two probe requests to one server: never more than one a second, with a
 # margin so that network jitter cannot bring two arrivals within the same second.
 PROBE_INTERVAL = 1.05
@@ -53,19 +50,44 @@ THROTTLED_PROBE_SHARE = 0.5
 TRUE_WORDS = frozenset({"1", "true", "yes", "y", "x", "exclude", "excluded"})
 
 
+class ProfileStatus(StrEnum):
+    """What servers.csv says of a server (the `status` column)."""
+
+    OK = "ok"  # answers; its rate may grow up to max_rate_limit
+    PROBED = "probed"  # advertises a limit (RateLimit-Policy) or robots.txt caps it: a ceiling
+    THROTTLED = "throttled"  # drew a 429 at `rate_throttled`; tried again after a quiet while
+    DOWN = "down"  # did not answer the profile: fetch skips it (but --retry-errors)
+    GAVE_UP = "gave_up"  # a fetch gave up on it; the next run tries again
+    MANUAL = "manual"  # set by the rates file: `rate_limit` is a ceiling
+    OPTED_OUT = "opted_out"  # every answer opted out (X-Robots-Tag): never asked again
+
+
 @dataclass
 class ServerProfile:
     server_name: str
-    rate_limit: float
+    rate_limit: float  # where the next run starts
     max_connections: int
     latency_ms: float | None = None
-    # ok: answers, rate may grow | throttled: a rate that drew 429s | probed: an advertised or
-    # measured limit | down: no answer | manual: set by hand
-    status: str = "ok"
+    status: ProfileStatus = ProfileStatus.OK
     notes: str = ""
-    # The most this server may be grown to (an advertised limit, 90% of a rate that drew a
-    # 429); None: the run's max_rate_limit.
+    # A hard ceiling: an advertised limit, robots.txt's Crawl-delay, a hand-set rate; None: the
+    # run's max_rate_limit.
     max_rate_limit: float | None = None
+    # What the server tolerated (policy.LearnedRate): the highest rate that held, the latest
+    # rate that drew a 429 and when (unix time): evidence with an age, not a cap.
+    rate_held: float | None = None
+    rate_throttled: float | None = None
+    throttled_at: float | None = None
+    failing_since: float | None = None  # failing every request since then (unix time)
+    last_request: float | None = None  # about when it was last asked (unix time)
+
+    @property
+    def learned(self) -> LearnedRate:
+        return LearnedRate(self.rate_held, self.rate_throttled, self.throttled_at)
+
+
+_OPTIONAL_FLOATS = ("latency_ms", "max_rate_limit", "rate_held", "rate_throttled",
+                    "throttled_at", "failing_since", "last_request")
 
 
 @dataclass
@@ -89,17 +111,23 @@ def read_profiles(path: Path) -> dict[str, ServerProfile]:
                     server_name=row["server_name"],
                     rate_limit=float(row["rate_limit"]),
                     max_connections=int(float(row.get("max_connections") or 0)) or 1,
-                    latency_ms=float(row["latency_ms"]) if row.get("latency_ms") else None,
-                    status=row.get("status") or "ok",
+                    status=ProfileStatus(row.get("status") or "ok"),
                     notes=row.get("notes") or "",
-                    max_rate_limit=float(row["max_rate_limit"]) if row.get("max_rate_limit")
-                    else None,
+                    **{name: float(row[name]) if row.get(name) else None
+                       for name in _OPTIONAL_FLOATS},
                 )
             except (KeyError, ValueError):
                 continue  # a damaged line: that server starts from the defaults
-            if not profile.rate_limit > 0 or (profile.max_rate_limit is not None
-                                              and not profile.max_rate_limit > 0):
+            rates = (profile.rate_limit, profile.max_rate_limit, profile.rate_held,
+                     profile.rate_throttled)
+            if not all(rate is None or rate > 0 for rate in rates):
                 continue  # 0, negative or NaN (a hand edit): the defaults again
+            if profile.status == ProfileStatus.THROTTLED and profile.rate_throttled is None \
+                    and profile.max_rate_limit is not None:
+                # Written before rates carried their evidence: its ceiling was 90% of the rate
+                # that drew the 429, and when is unknown (so it is tried again soon).
+                profile.rate_throttled = profile.max_rate_limit / 0.9
+                profile.throttled_at, profile.max_rate_limit = 0.0, None
             profiles[profile.server_name] = profile
     return profiles
 
@@ -110,10 +138,13 @@ def write_profiles(path: Path, profiles: list[ServerProfile]) -> None:
     writer.writeheader()
     for profile in sorted(profiles, key=lambda p: p.server_name):
         row = asdict(profile)
+        row["status"] = str(profile.status)
         row["rate_limit"] = f"{profile.rate_limit:.4g}"
-        row["latency_ms"] = "" if profile.latency_ms is None else f"{profile.latency_ms:.0f}"
-        row["max_rate_limit"] = "" if profile.max_rate_limit is None else \
-            f"{profile.max_rate_limit:.4g}"
+        for name in _OPTIONAL_FLOATS:
+            value = getattr(profile, name)
+            row[name] = "" if value is None else \
+                f"{value:.0f}" if name in ("latency_ms", "throttled_at", "failing_since",
+                                           "last_request") else f"{value:.4g}"
         writer.writerow(row)
     atomic_write_text(path, buffer.getvalue())
 
@@ -176,22 +207,6 @@ def load_rate_overrides(layout: RunLayout, settings: Settings,
 # --- probing ----------------------------------------------------------------------------------
 
 
-def advertised_rate(headers: Any) -> float | None:
-    """Requests/s a server advertises in `RateLimit-Policy` (IETF draft; both the older
-    `10;w=1` and the newer `"name";q=10;w=1` forms), the strictest policy first."""
-    value = headers.get("RateLimit-Policy") if headers else None
-    if not value:
-        return None
-    rates = []
-    for policy in value.split(","):
-        quota = re.search(r"(?:^|;)\s*q\s*=\s*(\d+(?:\.\d+)?)", policy) or \
-            re.match(r"\s*(\d+(?:\.\d+)?)\s*(?:;|$)", policy)
-        window = re.search(r";\s*w\s*=\s*(\d+(?:\.\d+)?)", policy)
-        if quota and window and float(window.group(1)) > 0:
-            rates.append(float(quota.group(1)) / float(window.group(1)))
-    return min(rates) if rates else None
-
-
 @dataclass
 class ProbeResult:
     server_name: str
@@ -229,8 +244,10 @@ def sample_urls(layout: RunLayout, server_name: str, count: int,
 
 async def probe_server(client: Any, server_name: str, urls: list[str],
                        robots: RobotsFile | None = None, robots_url: str | None = None,
-                       count: int | None = None) -> ProbeResult:
-    """GET each URL in turn, one request a second at most (redirect hops included).
+                       count: int | None = None,
+                       learned_rate: float | None = None) -> ProbeResult:
+    """GET each URL in turn, one request a second at most (redirect hops included), and no
+    faster than a rate an earlier run learned (`learned_rate`).
 
     With `robots_url`, the server's robots.txt is asked for first (the first paced request);
     with it or a cached `robots`, only URLs it allows are probed, no faster than its
@@ -241,8 +258,9 @@ async def probe_server(client: Any, server_name: str, urls: list[str],
     from distributed_downloader.fetch.robots import fetch_robots
 
     result = ProbeResult(server_name, Counter(), [], robots=robots)
-    last_request = [-PROBE_INTERVAL]
-    interval = [PROBE_INTERVAL]
+    interval = [PROBE_INTERVAL if not learned_rate else
+                max(PROBE_INTERVAL, PACING_MARGIN / learned_rate)]
+    last_request = [-interval[0]]
 
     async def pace() -> None:
         wait = last_request[0] + interval[0] - time.monotonic()
@@ -260,7 +278,7 @@ async def probe_server(client: Any, server_name: str, urls: list[str],
         urls = [url for url in urls if result.robots.allows(url)]
         cap = result.robots.rate_cap()
         if cap:
-            interval[0] = max(PROBE_INTERVAL, PACING_MARGIN / cap)
+            interval[0] = max(interval[0], PACING_MARGIN / cap)
     urls = urls[:count]
     permitted = result.robots.permits_redirect(server_name) \
         if result.robots is not None else None
@@ -274,17 +292,17 @@ async def probe_server(client: Any, server_name: str, urls: list[str],
             client.budget.release(outcome.reserved)
         else:
             result.statuses[str(outcome.http_status or outcome.code)] += 1
-            # A 503 without Retry-After is a server that is down, not one that throttles.
-            if outcome.code == ErrorCode.HTTP_429 or \
-                    (outcome.code in THROTTLING and outcome.retry_after is not None):
-                result.throttled += 1
-                if outcome.retry_after is not None:
-                    result.retry_after = max(result.retry_after or 0.0, outcome.retry_after)
-                    if outcome.retry_after > PROBE_INTERVAL:
-                        break  # asked to pause: that is all we need to know
-            elif outcome.code in SERVER_FAILURES:
-                result.failures += 1
-        if isinstance(outcome, Body) or outcome.code not in SERVER_FAILURES | THROTTLING:
+        signal = signal_of(None, None) if isinstance(outcome, Body) else \
+            signal_of(outcome.code, outcome.retry_after)
+        if signal is Signal.THROTTLED:
+            result.throttled += 1
+            if outcome.retry_after is not None:  # type: ignore[union-attr]
+                result.retry_after = max(result.retry_after or 0.0, outcome.retry_after)
+                if outcome.retry_after > interval[0]:
+                    break  # asked to pause: that is all we need to know
+        elif signal is Signal.FAILED:
+            result.failures += 1
+        elif signal is Signal.ANSWERED:
             result.latencies.append(seconds)
         headers = outcome.headers
         result.advertised = advertised_rate(headers) or result.advertised
@@ -304,17 +322,17 @@ def profile_from_probe(result: ProbeResult, settings: Settings) -> ServerProfile
         # robots.txt (5xx, 429), is left to fetch, which asks again and pauses it meanwhile.
         from distributed_downloader.fetch.robots import NETWORK_FAILURES
 
-        status = "down" if robots.failure in NETWORK_FAILURES else "ok"
+        status = ProfileStatus.DOWN if robots.failure in NETWORK_FAILURES else ProfileStatus.OK
         return ServerProfile(result.server_name, settings.default_rate_limit,
                              settings.max_connections_per_server, None, status,
                              f"{robots.message}: not probed")
     profile = _profile_from_answers(result, settings)
     cap = robots.rate_cap() if robots is not None else None
-    if cap is not None and profile.status != "down":
+    if cap is not None and profile.status != ProfileStatus.DOWN:
         profile.rate_limit = min(profile.rate_limit, cap)
         profile.max_rate_limit = min(profile.max_rate_limit or cap, cap)
-        if profile.status == "ok":
-            profile.status = "probed"
+        if profile.status == ProfileStatus.OK:
+            profile.status = ProfileStatus.PROBED
         profile.notes += f"; robots.txt: at most {cap:g} requests/s"
     return profile
 
@@ -329,22 +347,24 @@ def _profile_from_answers(result: ProbeResult, settings: Settings) -> ServerProf
         notes.append("no keep-alive")
         connections = max(1, connections // 2)
     if not result.latencies and not result.throttled and result.failures:
-        return ServerProfile(result.server_name, default, connections, None, "down",
-                             "; ".join(notes))
+        return ServerProfile(result.server_name, default, connections, None,
+                             ProfileStatus.DOWN, "; ".join(notes))
     if result.throttled:
-        rate = THROTTLED_PROBE_SHARE  # of the one request a second that drew it
+        throttled = 1.0 / PROBE_INTERVAL  # the probes' pace drew it
+        rate = throttled * THROTTLED_PROBE_SHARE
         if result.retry_after:
             rate = min(rate, 1.0 / result.retry_after)
             notes.append(f"Retry-After {result.retry_after:g} s")
-        return ServerProfile(result.server_name, min(default, rate), 1, latency, "throttled",
-                             "; ".join(notes), min(default, rate))
+        return ServerProfile(result.server_name, min(default, rate), 1, latency,
+                             ProfileStatus.THROTTLED, "; ".join(notes),
+                             rate_throttled=throttled, throttled_at=time.time())
     if result.advertised is not None:
         # Start at the lower of the default and the advertised limit; grow up to the latter.
         notes.append(f"advertises {result.advertised:g} requests/s")
         return ServerProfile(result.server_name, min(default, result.advertised),
-                             connections, latency, "probed", "; ".join(notes),
+                             connections, latency, ProfileStatus.PROBED, "; ".join(notes),
                              result.advertised)
-    return ServerProfile(result.server_name, default, connections, latency, "ok",
+    return ServerProfile(result.server_name, default, connections, latency, ProfileStatus.OK,
                          "; ".join(notes))
 
 
@@ -355,18 +375,21 @@ async def _probe_all(layout: RunLayout, settings: Settings,
 
     client = HttpClient(settings)
     gate = asyncio.Semaphore(PROBE_SERVERS_AT_ONCE)
+    earlier = read_profiles(layout.server_profiles)  # probes never go faster than it learned
 
     async def one(name: str) -> ProbeResult:
+        learned = earlier[name].rate_limit if name in earlier else None
         async with gate:
             # More URLs than needed, in case robots.txt disallows some.
             urls = sample_urls(layout, name, settings.profile_requests * 4)
             if not settings.respect_robots or not urls:
-                return await probe_server(client, name, urls[:settings.profile_requests])
+                return await probe_server(client, name, urls[:settings.profile_requests],
+                                          learned_rate=learned)
             cached = load_robots(layout, name)
             fresh = cached is not None and cached.usable(time.time())
             result = await probe_server(client, name, urls, cached,
                                         None if fresh else robots_url(urls[0]),
-                                        settings.profile_requests)
+                                        settings.profile_requests, learned)
             if result.robots is not None and not fresh:
                 save_robots(layout, result.robots)
             return result
@@ -389,7 +412,8 @@ def apply_overrides(profiles: dict[str, ServerProfile],
         connections = override.max_connections or (
             current.max_connections if current else settings.max_connections_per_server)
         profiles[name] = ServerProfile(name, rate, connections,
-                                       current.latency_ms if current else None, "manual",
+                                       current.latency_ms if current else None,
+                                       ProfileStatus.MANUAL,
                                        "set by the rates file", rate)
 
 

@@ -42,12 +42,13 @@ class FetchProgress:
     def __call__(self, scheduler: Scheduler) -> None:
         done = scheduler.successes + scheduler.errors
         speed = self.images_per_second(done)
-        busiest = ", ".join(
-            f"{s.name} {s.rate:.3g}/s" + (" paused" if s.paused_until > time.time() else "")
-            + (" down" if s.dead else "")
-            for s in scheduler.busiest(3)
-        )
-        detail = f"errors {scheduler.errors:,} · 429s {scheduler.throttled:,} · {busiest}"
+        waits = scheduler.waits(time.time())
+        if waits:  # say why the run is slowed: the largest server waited on, and how many
+            more = f" (+{len(waits) - 1} more)" if len(waits) > 1 else ""
+            detail = f"waiting: {waits[0]}{more}"
+        else:
+            detail = ", ".join(f"{s.name} {s.rate:.3g}/s" for s in scheduler.busiest(3))
+        detail = f"errors {scheduler.errors:,} · 429s {scheduler.throttled:,} · {detail}"
         if self.bar is not None:
             self.bar.update(self.task, completed=done, speed=f"{speed:.1f} img/s", detail=detail)
         elif time.monotonic() - self.last_log >= LOG_EVERY_SECONDS:

@@ -38,14 +38,16 @@ class BatchFinished:
 
 @dataclass
 class ServerNews:
-    """What one worker saw of one server since its last report."""
+    """What one worker saw of one server since its last report (policy.py judges it)."""
 
     successes: int = 0  # rows stored
     errors: int = 0  # rows given up on
-    answered: int = 0  # HTTP answers that show the server is up (any but 429 and 5xx)
-    throttled: int = 0  # 429/503 answers
-    retry_after_until: float = 0.0  # the latest pause a Retry-After asked for (wall clock)
-    failures: int = 0  # server failures (refused, timeouts, 5xx) in a row, at report time
+    answered: int = 0  # answers that show the server works (any but throttles and failures)
+    throttled: int = 0  # "slow down": 429, or 503 with Retry-After
+    failed: int = 0  # URL failures: 5xx without Retry-After, timeouts, resets
+    retry_after_until: float = 0.0  # the latest pause the server asked for (wall clock)
+    failures: int = 0  # different URLs failed in a row (no good answer between), at report
+    advertised: float | None = None  # requests/s in the latest RateLimit-Policy seen
     latency_sum: float = 0.0
     latency_count: int = 0
     opted_out: int = 0  # images whose X-Robots-Tag opted out
@@ -58,7 +60,7 @@ class Report:
     worker: int
     servers: dict[str, ServerNews] = field(default_factory=dict)
     bytes: int = 0
-    urgent: bool = False  # sent at once because of a throttle or failures
+    urgent: bool = False  # sent at once: a throttle, failures in a row, an opt-out
 
 
 @dataclass
@@ -95,6 +97,7 @@ class Budget:
     paused_until: float = 0.0
     dead: bool = False
     give_up: GiveUp | None = None  # with dead: what the server's remaining rows become
+    probing: bool = False  # the server keeps failing: one request at a time, new URLs first
 
 
 @dataclass

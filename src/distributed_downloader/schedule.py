@@ -3,22 +3,21 @@
 A server's budget (requests/s and open connections) holds for the whole run: it is split among
 the workers fetching that server at the moment, so their rates add up to the budget, never K
 times it. Batches are handed out as workers ask, the longest remaining servers first, so one
-slow server does not idle the others. Throttling (429/503, Retry-After) lowers a server's budget
-at once (multiplicative decrease, additive increase, as TCP does); a server that keeps failing is
-paused with growing back-off (circuit breaker) and, after `server_down_after`, given up.
+slow server does not idle the others. What each server's budget is (throttling, overload, the
+circuit breaker, advertised limits) is decided in one place, policy.py; the scheduler applies it.
 
 Pure logic: messages in, messages out. The executors carry them (processes, MPI ranks).
 """
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from distributed_downloader.config import Settings
 from distributed_downloader.errors import ErrorCode
+from distributed_downloader.policy import ServerPolicy
 from distributed_downloader.protocol import (
     Assign,
     BatchFinished,
@@ -33,20 +32,6 @@ from distributed_downloader.protocol import (
     WorkerStopped,
 )
 
-DECREASE_FACTOR = 0.5
-DECREASE_COOLDOWN = 1.0  # seconds: one burst of 429s seen by several workers halves once
-INCREASE_INTERVAL = 5.0  # seconds without throttling before each additive increase
-INCREASE_STEP_SHARE = 0.1  # of max_rate
-SLOW_START_FACTOR = 1.5  # growth per step while below a known-safe ceiling
-MIN_RATE = 0.05  # requests/s: even a very touchy server keeps being asked, slowly
-# A server's ceiling is the rate believed safe: 90% of a rate that drew a 429/503, or a rate a
-# profile vouches for. Growth stops there, and only probes past it after a long quiet spell,
-# since each probe costs a 429 and a server's limit rarely moves.
-CEILING_SHARE = 0.9
-CEILING_PROBE_INTERVAL = 300.0
-BREAKER_THRESHOLD = 5  # server failures in a row that open the breaker
-BREAKER_MAX_PAUSE = 60.0
-
 Outgoing = list[tuple[int, object]]
 SERVER_KEPT_FAILING = GiveUp(ErrorCode.SERVER_UNAVAILABLE,
                              "server kept failing; gave up on it for this run")
@@ -55,41 +40,52 @@ SERVER_OPTED_OUT = GiveUp(ErrorCode.OPTED_OUT_SERVER,
 
 
 @dataclass
+class Wait:
+    """Why a server with work left is not being asked (for the progress line and `status`)."""
+
+    server: str
+    reason: str
+    seconds_left: float | None = None
+
+    def __str__(self) -> str:
+        left = "" if self.seconds_left is None else f" {self.seconds_left:.0f} s"
+        return f"{self.server}: {self.reason}{left}"
+
+
+@dataclass
 class ServerState:
     """The scheduler's view of one server."""
 
     name: str
-    rate: float
-    max_rate: float
+    policy: ServerPolicy
     connections: int
     pending: deque[BatchRef] = field(default_factory=deque)
     total_batches: int = 0
     remaining_rows: int = 0
     workers: set[int] = field(default_factory=set)
-    paused_until: float = 0.0
     dead: bool = False
     give_up: GiveUp = SERVER_KEPT_FAILING  # what the rows of a dead server become
-    last_decrease: float = -math.inf
-    last_throttle: float = -math.inf
-    last_increase: float = 0.0
-    ceiling: float | None = None  # the highest rate believed safe (see CEILING_SHARE)
-    # The ceiling is a limit the server advertised (or a person set), not one a 429 taught:
-    # the rate may climb to it fast. Off at the first throttle.
-    ceiling_advertised: bool = False
     successes: int = 0
     errors: int = 0
     throttled: int = 0
-    failures: dict[int, int] = field(default_factory=dict)  # worker -> failures in a row
-    failing_since: float | None = None
-    breaker_opens: int = 0
+    requests: int = 0  # answered, throttled or failed: what the server saw of this run
     latency_sum: float = 0.0
     latency_count: int = 0
     opted_out: int = 0
     opt_in: int = 0
     held: str | None = None  # why no batch of it may start yet (its robots.txt is unknown)
+    held_until: float | None = None  # when it is asked for again, if known
     # When the next worker to join may send its first request: joiners start one interval
     # (1/rate) apart, so K workers at rate/K each interleave instead of sending together.
     next_start: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.policy.rate
+
+    @property
+    def paused_until(self) -> float:
+        return self.policy.pause_end()
 
     @property
     def remaining_seconds(self) -> float:
@@ -98,12 +94,22 @@ class ServerState:
     @property
     def probing(self) -> bool:
         """After the breaker opened: one request at a time until one succeeds."""
-        return self.breaker_opens > 0
+        return self.policy.breaker.open
 
     def share(self) -> tuple[float, int]:
         count = max(1, len(self.workers))
         connections = 1 if self.probing else max(1, self.connections // count)
         return self.rate / count, connections
+
+    def waiting(self, now: float) -> Wait | None:
+        if self.dead or not (self.pending or self.workers):
+            return None
+        if self.held:
+            left = None if self.held_until is None else max(0.0, self.held_until - now)
+            return Wait(self.name, self.held + ("; asked again in" if left is not None else ""),
+                        left)
+        why = self.policy.waiting(now)
+        return Wait(self.name, *why) if why else None
 
 
 def workers_allowed(rules: dict[int, int], total_batches: int) -> int | None:
@@ -137,8 +143,6 @@ class Scheduler:
         self.bytes = 0
         self.stopped = False
         self.worker_peak_rss_mib = 0.0
-        for server in self.servers.values():
-            server.last_increase = now
 
     @property
     def finished(self) -> bool:
@@ -174,24 +178,10 @@ class Scheduler:
         for server in self.servers.values():
             if server.dead:
                 continue
-            if server.failing_since is not None and \
-                    now - server.failing_since >= self.settings.server_down_after:
+            if server.policy.breaker.down(now):
                 out += self._give_up(server)
-                continue
-            quiet = min(now - server.last_throttle, now - server.last_increase)
-            if server.workers and quiet >= INCREASE_INTERVAL and not server.probing:
-                limit = server.max_rate
-                if server.ceiling is not None and \
-                        now - server.last_throttle < CEILING_PROBE_INTERVAL:
-                    limit = min(limit, server.ceiling)
-                if server.rate < limit:
-                    step = server.max_rate * INCREASE_STEP_SHARE
-                    if server.ceiling_advertised and server.rate < (server.ceiling or 0):
-                        # Below a limit known to be safe: climb fast (TCP's slow start).
-                        step = max(step, server.rate * (SLOW_START_FACTOR - 1))
-                    server.rate = min(limit, server.rate + step)
-                    server.last_increase = now
-                    out += self._budgets(server)
+            elif server.policy.tick(now):
+                out += self._budgets(server)
         out += self._feed_hungry(now)
         if self.finished and not self.stopped:
             self.stopped = True
@@ -200,20 +190,17 @@ class Scheduler:
 
     # --- holds (robots.txt) ------------------------------------------------------------------
 
-    def hold(self, name: str, reason: str) -> None:
+    def hold(self, name: str, reason: str, until: float | None = None) -> None:
         """No batch of this server starts until it is released (or left)."""
-        self.servers[name].held = reason
+        server = self.servers[name]
+        server.held, server.held_until = reason, until
 
     def release(self, name: str, rate_cap: float | None, last_request: float) -> None:
         """Let a held server go, at most at `rate_cap` requests/s; its first batch request
         keeps a full interval after `last_request` (robots.txt's)."""
         server = self.servers[name]
-        server.held = None
-        if rate_cap is not None:
-            server.max_rate = min(server.max_rate, rate_cap)
-            server.rate = min(server.rate, server.max_rate)
-            if server.ceiling is not None:
-                server.ceiling = min(server.ceiling, server.max_rate)
+        server.held, server.held_until = None, None
+        server.policy.control.set_cap("robots", rate_cap)
         server.next_start = max(server.next_start, last_request + 1.0 / server.rate)
 
     def give_up_held(self, name: str, reason: GiveUp) -> None:
@@ -308,14 +295,13 @@ class Scheduler:
         rate, connections = server.share()
         return [
             (worker, Budget(server.name, rate, connections, server.paused_until, server.dead,
-                            server.give_up if server.dead else None))
+                            server.give_up if server.dead else None, server.probing))
             for worker in sorted(server.workers)
         ]
 
     def _give_up(self, server: ServerState) -> Outgoing:
         server.dead = True
-        out = self._budgets(server)
-        return out
+        return self._budgets(server)
 
     def _report(self, report: Report, now: float) -> Outgoing:
         self.bytes += report.bytes
@@ -336,6 +322,7 @@ class Scheduler:
         server.successes += news.successes
         server.errors += news.errors
         server.throttled += news.throttled
+        server.requests += news.answered + news.throttled + news.failed
         server.latency_sum += news.latency_sum
         server.latency_count += news.latency_count
         server.opted_out += news.opted_out
@@ -346,36 +333,10 @@ class Scheduler:
         if not server.opt_in and server.opted_out >= self.settings.opt_out_server_after:
             server.dead, server.give_up = True, SERVER_OPTED_OUT
             return True
-        changed = False
-        if news.throttled:
-            server.last_throttle = now
-            server.ceiling_advertised = False
-            if now - server.last_decrease >= DECREASE_COOLDOWN:
-                lowered = server.rate * CEILING_SHARE
-                server.ceiling = lowered if server.ceiling is None else min(server.ceiling,
-                                                                           lowered)
-                server.rate = max(MIN_RATE, server.rate * DECREASE_FACTOR)
-                server.last_decrease = now
-                changed = True
-        if news.retry_after_until > server.paused_until:
-            server.paused_until = news.retry_after_until
-            changed = True
-        server.failures[worker] = news.failures
-        if news.failures == 0 and news.answered:
-            if server.probing or server.failing_since is not None:
-                server.failing_since = None
-                server.breaker_opens = 0
-                server.failures.clear()
-                changed = True
-        elif sum(server.failures.values()) >= BREAKER_THRESHOLD and now >= server.paused_until:
-            if server.failing_since is None:
-                server.failing_since = now
-            server.breaker_opens += 1
-            pause = min(BREAKER_MAX_PAUSE, 2.0 ** (server.breaker_opens - 1))
-            server.paused_until = max(server.paused_until, now + pause)
-            changed = True
-            if now - server.failing_since >= self.settings.server_down_after:
-                server.dead = True
+        changed = server.policy.observe(worker, news, now)
+        if server.policy.breaker.down(now):
+            server.dead = True
+            return True
         return changed
 
     # --- views ---------------------------------------------------------------------------------
@@ -383,3 +344,12 @@ class Scheduler:
     def busiest(self, count: int = 3) -> list[ServerState]:
         active = [s for s in self.servers.values() if s.workers or s.pending]
         return sorted(active, key=lambda s: -s.remaining_seconds)[:count]
+
+    def waits(self, now: float) -> list[Wait]:
+        """The servers with work left that are not being asked now, the largest first."""
+        by_size = sorted(self.servers.values(), key=lambda s: -s.remaining_rows)
+        return [wait for wait in (server.waiting(now) for server in by_size) if wait]
+
+    @property
+    def requests(self) -> int:
+        return sum(server.requests for server in self.servers.values())

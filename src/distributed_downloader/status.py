@@ -167,6 +167,8 @@ def run_status(output: Path) -> dict[str, Any]:
         "images_per_second": round(speed, 2),
         "eta_seconds": round(eta, 1) if eta is not None else None,
         "bound_by": bound.name if bound is not None and bound.remaining_seconds else None,
+        # Why the run is slowed, as the running fetch saw it: paused, held, failing servers.
+        "waiting": state.get("waiting", []) if running else [],
         "busiest": [_server_json(s) for s in busiest],
         "slowest": [_server_json(s) for s in slowest if s not in busiest],
         "all_servers": [_server_json(s) for s in servers],

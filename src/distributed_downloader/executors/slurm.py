@@ -3,8 +3,9 @@
 `slurm submit` writes the job scripts into `OUT/slurm/` and submits prep → profile → the first
 download period, each depending on the one before. Every download period, as it starts, queues
 its successor behind itself (`afterany`), so a period killed at its time limit still has one;
-a period that finds nothing left to do, or that follows a period which made no progress, ends the
-chain instead of fetching. Slurm signals each period `stop_margin` seconds before its limit; the
+a period that finds nothing left to do, or that follows a period which made no progress (no row
+committed and no request sent, or `STALL_PERIODS` periods in a row without a committed row), ends
+the chain instead of fetching. Slurm signals each period `stop_margin` seconds before its limit; the
 ranks flush their chunks and exit, and the next period resumes from them.
 
 Each period runs `fetch --executor mpi` under `srun` or `mpirun`: one scheduler rank plus
@@ -15,6 +16,7 @@ Each period runs `fetch --executor mpi` under `srun` or `mpirun`: one scheduler 
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import re
 import shlex
@@ -24,7 +26,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,12 @@ CHAIN_FILE = "chain.json"
 STOP_CHAIN = 3  # exit code of `slurm period` when the chain is over: the job does not fetch
 ACTIVE_STATES = frozenset({"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED",
                            "REQUEUED", "RESIZING"})
+# A period that sends requests but commits no row is normal when its servers are slow or paused
+# (Retry-After, a breaker probing, rows waiting out a retry delay); one or two such periods in a
+# row happen on healthy runs with short periods. Three in a row means something keeps failing
+# without ever being given up: the chain stops rather than spend periods on it for ever.
+STALL_PERIODS = 3
+WAITING_SHOWN = 3  # servers a period's record and a stall's reason name; the rest are counted
 
 
 @dataclass
@@ -48,6 +56,10 @@ class ChainJob:
     started: float | None = None
     rows_at_start: int | None = None
     submission: int = 1  # each `slurm submit` of the run starts a new one
+    # What the period did, judged when the next one starts (None: not judged yet).
+    rows_committed: int | None = None
+    requests: int | None = None  # sent to servers by its fetch; 0 when no summary says so
+    waiting: list[str] = field(default_factory=list)  # what its fetch waited on at its end
 
 
 @dataclass
@@ -73,8 +85,10 @@ def read_chain(layout: RunLayout) -> Chain:
         raise UserError(f"{layout.root} has no Slurm chain; start one with "
                         "`distributed-downloader slurm submit`")
     data = json.loads(path.read_text())
+    known = {f.name for f in fields(ChainJob)}  # a newer version's extra keys are skipped
     return Chain(data["state"], data.get("reason", ""),
-                 [ChainJob(**job) for job in data["jobs"]])
+                 [ChainJob(**{key: value for key, value in job.items() if key in known})
+                  for job in data["jobs"]])
 
 
 def write_chain(layout: RunLayout, chain: Chain) -> None:
@@ -261,6 +275,58 @@ def start_period(settings: Settings, job_id: str) -> tuple[bool, str]:
         return _start_period(layout, settings, job_id)
 
 
+def _fetch_since(layout: RunLayout, since: float) -> tuple[int, list[str]]:
+    """Requests sent and what was being waited on (the first few), by a fetch that ended at or
+    after `since`; (0, []) when no such summary says so (none, an older one, an earlier one)."""
+    try:
+        summary = json.loads((layout.root / "fetch_summary.json").read_text())
+        ended_at = float(summary.get("ended_at", float("-inf")))
+        requests = int(summary.get("requests_this_run", 0))
+        entries = summary.get("waiting") or []
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0, []
+    if ended_at < since:
+        return 0, []
+    waiting = []
+    for entry in entries if isinstance(entries, list) else []:
+        if not isinstance(entry, dict):
+            continue
+        left = entry.get("seconds_left")
+        detail = str(entry.get("reason", "?"))
+        if isinstance(left, (int, float)):
+            detail += f", {left:.0f} s left"
+        waiting.append(f"{entry.get('server', '?')} ({detail})")
+    if len(waiting) > WAITING_SHOWN:
+        waiting[WAITING_SHOWN:] = [f"and {len(waiting) - WAITING_SHOWN:,} more"]
+    return requests, waiting
+
+
+def _waiting_text(job: ChainJob) -> str:
+    return f"; it was waiting on {', '.join(job.waiting)}" if job.waiting else ""
+
+
+def _judge(layout: RunLayout, job: ChainJob, done: int) -> None:
+    """Record what a finished period did: rows committed, requests sent, what it waited on."""
+    assert job.started is not None
+    job.rows_committed = max(0, done - (job.rows_at_start or 0))
+    job.requests, job.waiting = _fetch_since(layout, job.started)
+
+
+def _stall_reason(started: list[ChainJob]) -> str:
+    """Why the chain stalls after the judged periods `started`, or "" when it goes on."""
+    last = started[-1]
+    if last.rows_committed == 0 and not last.requests:
+        return (f"period {last.period} made no progress: it committed no row and sent no "
+                f"request{_waiting_text(last)}; see its log")
+    idle = list(itertools.takewhile(lambda job: job.rows_committed == 0, reversed(started)))
+    if len(idle) >= STALL_PERIODS:
+        requests = sum(job.requests or 0 for job in idle)
+        return (f"periods {idle[-1].period}-{last.period} committed no row in {len(idle)} "
+                f"periods in a row though they sent {requests:,} requests"
+                f"{_waiting_text(last)}; see their logs")
+    return ""
+
+
 def _start_period(layout: RunLayout, settings: Settings, job_id: str) -> tuple[bool, str]:
     chain = read_chain(layout)
     if chain.state != "running":
@@ -268,11 +334,13 @@ def _start_period(layout: RunLayout, settings: Settings, job_id: str) -> tuple[b
     done = committed_rows(layout.downloaded)
     finished = sum(1 for _ in layout.downloaded.glob(f"*/*/{COMPLETED_MARKER}"))
     started = [job for job in chain.downloads if job.started is not None and job.id != job_id]
+    if started:
+        _judge(layout, started[-1], done)
+    stall = _stall_reason(started) if started else ""
     if finished >= _batches_total(layout):
         chain.state, chain.reason = "finished", f"all {finished:,} batches done"
-    elif started and started[-1].rows_at_start == done:
-        chain.state = "stalled"
-        chain.reason = f"period {started[-1].period} committed no row; see its log"
+    elif stall:
+        chain.state, chain.reason = "stalled", stall
     elif len(chain.downloads) > settings.num_downloads:
         chain.state, chain.reason = "period_limit", f"num_downloads ({settings.num_downloads})"
     if chain.state != "running":
@@ -291,7 +359,9 @@ def _start_period(layout: RunLayout, settings: Settings, job_id: str) -> tuple[b
         chain.jobs.append(ChainJob(successor, "download", job.period + 1, submitted=time.time(),
                                    submission=job.submission))
     write_chain(layout, chain)
-    return True, f"period {job.period}: {done:,} rows committed so far"
+    before = f" (period {started[-1].period}: {started[-1].rows_committed:,} rows, " \
+        f"{started[-1].requests:,} requests)" if started else ""
+    return True, f"period {job.period}: {done:,} rows committed so far{before}"
 
 
 def job_states(chain: Chain) -> dict[str, str]:

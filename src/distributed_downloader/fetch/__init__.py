@@ -20,7 +20,10 @@ import pyarrow.parquet as pq
 
 from distributed_downloader.config import Settings, save_settings
 from distributed_downloader.errors import ErrorCode, UserError
+from distributed_downloader.fetch.robots import RobotsGate
+from distributed_downloader.policy import RatePolicy, ServerPolicy
 from distributed_downloader.profile import (
+    ProfileStatus,
     RateOverride,
     ServerProfile,
     load_rate_overrides,
@@ -28,7 +31,6 @@ from distributed_downloader.profile import (
     sample_urls,
     write_profiles,
 )
-from distributed_downloader.fetch.robots import RobotsGate
 from distributed_downloader.protocol import BatchRef, GiveUp
 from distributed_downloader.schedule import (
     SERVER_KEPT_FAILING,
@@ -41,8 +43,8 @@ from distributed_downloader.writers import COMPLETED_MARKER, reopen_for_retry
 
 PROFILE_SAVE_SECONDS = 60.0
 STATE_SECONDS = 5.0  # how often a running fetch records its state for `status`
-# Profile statuses whose rate is a ceiling, not just a starting point ("ok" rates may grow).
-CEILING_STATUSES = ("throttled", "probed", "manual")
+# Profile statuses whose max_rate_limit is a hard ceiling (advertised, Crawl-delay, by hand).
+CEILING_STATUSES = (ProfileStatus.PROBED, ProfileStatus.MANUAL)
 EXCLUDED = GiveUp(ErrorCode.SERVER_EXCLUDED, "server excluded by the rates file")
 DOWN_AT_PROFILE = GiveUp(ErrorCode.SERVER_UNAVAILABLE,
                          "server did not answer the profile probe; run `profile` again to retry")
@@ -88,13 +90,15 @@ def starting_servers(layout: RunLayout, settings: Settings, retry_errors: bool =
     _prep_summary(layout)
     learned = read_profiles(layout.server_profiles)
     overrides = load_rate_overrides(layout, settings, keep=keep_rates)
+    rate_policy = RatePolicy.from_settings(settings)
     max_rate = settings.effective_max_rate * settings.rate_multiplier
     default_rate = settings.default_rate_limit * settings.rate_multiplier
     now = time.time()
     servers = []
     for row in pq.read_table(layout.servers).to_pylist():
         name = row["server_name"]
-        server = ServerState(name=name, rate=min(default_rate, max_rate), max_rate=max_rate,
+        policy = ServerPolicy.start(rate_policy, min(default_rate, max_rate), max_rate, now)
+        server = ServerState(name=name, policy=policy,
                              connections=settings.max_connections_per_server,
                              total_batches=row["batches"])
         _starting_budget(server, learned.get(name), overrides.get(name), now, retry_errors,
@@ -139,34 +143,37 @@ def _starting_budget(server: ServerState, profile: ServerProfile | None,
 
     A server the probe found down is skipped, except when retrying errors: then it gets
     another chance, with the circuit breaker to stop it costing more than a few requests.
-    A server that opted out of everything in an earlier run is not asked again.
+    A server that opted out of everything in an earlier run is not asked again. A server an
+    earlier run (Slurm period) left failing goes on being probed, one request at a time.
     """
+    policy = server.policy
     if override is not None and override.exclude:
         server.dead, server.give_up = True, EXCLUDED
         return
     if override is not None and (override.rate_limit or override.max_connections):
-        if override.rate_limit:
-            server.rate = server.max_rate = override.rate_limit
+        if override.rate_limit:  # the person's rate, instead of the run's ceiling
+            policy.control.run_max = policy.control.rate = override.rate_limit
         if override.max_connections:
             server.connections = override.max_connections
         return
     if profile is None:
         return
-    if profile.status == "down":
+    if profile.status == ProfileStatus.DOWN:
         if not retry_errors:
             server.dead, server.give_up = True, DOWN_AT_PROFILE
         return
-    if profile.status == "opted_out" and not ignore_opt_out:
+    if profile.status == ProfileStatus.OPTED_OUT and not ignore_opt_out:
         server.dead, server.give_up = True, SERVER_OPTED_OUT
         return
-    server.rate = min(profile.rate_limit, server.max_rate)
     server.connections = min(server.connections, profile.max_connections)
-    if profile.status in CEILING_STATUSES:
-        # A limit the server advertised, or a rate that drew 429s before: growth stops there
-        # until the run has been quiet for a long while.
-        ceiling = profile.max_rate_limit or profile.rate_limit
-        server.ceiling, server.last_throttle = min(ceiling, server.max_rate), now
-        server.ceiling_advertised = profile.status in ("probed", "manual")
+    if profile.status in CEILING_STATUSES and profile.max_rate_limit:
+        policy.control.set_cap("advertised", profile.max_rate_limit)
+    policy.control.remember(profile.learned, profile.rate_limit)
+    if profile.failing_since is not None and \
+            now - profile.failing_since < policy.control.policy.server_down_after:
+        policy.breaker.resume_failing(profile.failing_since)
+    if profile.last_request is not None:  # a restart sends no burst: one interval first
+        server.next_start = profile.last_request + 1.0 / server.rate
 
 
 def record_state(layout: RunLayout, scheduler: Scheduler, plan: FetchPlan,
@@ -185,6 +192,7 @@ def record_state(layout: RunLayout, scheduler: Scheduler, plan: FetchPlan,
                           "throttled": server.throttled, "remaining_rows": server.remaining_rows}
             for server in scheduler.servers.values()
         },
+        "waiting": waits_as_json(scheduler, now),
     })
     line = {"time": round(now, 1), "rows_done": done, "successes": scheduler.successes,
             "errors": scheduler.errors, "throttled": scheduler.throttled, "running": running}
@@ -192,33 +200,53 @@ def record_state(layout: RunLayout, scheduler: Scheduler, plan: FetchPlan,
         log.write(json.dumps(line) + "\n")
 
 
+def waits_as_json(scheduler: Scheduler, now: float, count: int = 20) -> list[dict[str, Any]]:
+    """What the run waits on (the largest servers first), for `status` and the Slurm chain."""
+    return [{"server": wait.server, "reason": wait.reason,
+             "seconds_left": None if wait.seconds_left is None else round(wait.seconds_left, 1)}
+            for wait in scheduler.waits(now)[:count]]
+
+
 def learned_profiles(layout: RunLayout, scheduler: Scheduler) -> list[ServerProfile]:
-    """Previous profiles, updated with what this run saw of its servers."""
+    """Previous profiles, updated with what this run saw of its servers: the rates they
+    tolerated, never a rate driven down by failures."""
     profiles = read_profiles(layout.server_profiles)
     for server in scheduler.servers.values():
         previous = profiles.get(server.name)
         if server.dead and server.give_up is SERVER_OPTED_OUT:
             rate = previous.rate_limit if previous is not None else server.rate
             profiles[server.name] = ServerProfile(
-                server.name, rate, server.connections, None, "opted_out",
+                server.name, rate, server.connections, None, ProfileStatus.OPTED_OUT,
                 "every answer opted out (X-Robots-Tag); not asked again")
             continue
         if server.give_up is not SERVER_KEPT_FAILING and server.dead:
             continue  # excluded, or down at profile time: nothing learned
-        if previous is not None and previous.status == "manual":
+        if previous is not None and previous.status == ProfileStatus.MANUAL:
             continue
-        # "gave_up", unlike the profile's "down", does not keep the next run from trying.
-        status = "gave_up" if server.dead else "throttled" if server.throttled else \
-            "probed" if previous is not None and previous.status == "probed" else "ok"
-        latency = (server.latency_sum / server.latency_count * 1000
-                   if server.latency_count else None)
-        notes = f"{server.throttled} throttled answers" if server.throttled else \
-            (previous.notes if previous is not None else "")
-        ceiling = server.ceiling if server.ceiling is not None else \
-            (previous.max_rate_limit if previous is not None else None)
-        profiles[server.name] = ServerProfile(server.name, server.rate, server.connections,
-                                              latency, status, notes, ceiling)
+        profiles[server.name] = _learned_profile(server, previous)
     return list(profiles.values())
+
+
+def _learned_profile(server: ServerState, previous: ServerProfile | None) -> ServerProfile:
+    control, breaker = server.policy.control, server.policy.breaker
+    learned = control.learned()
+    cap = control.caps.get("advertised") or control.caps.get("robots")
+    # "gave_up", unlike the profile's "down", does not keep the next run from trying.
+    status = ProfileStatus.GAVE_UP if server.dead else \
+        ProfileStatus.THROTTLED if learned.throttled is not None else \
+        ProfileStatus.PROBED if cap is not None else ProfileStatus.OK
+    latency = (server.latency_sum / server.latency_count * 1000
+               if server.latency_count else None)
+    notes = f"{server.throttled} throttled answers this run" if server.throttled else \
+        (previous.notes if previous is not None else "")
+    # The next run starts where this one would rest: what held, below a rate that drew a 429.
+    start = learned.held or control.rate
+    if control.ceiling is not None:
+        start = min(start, control.ceiling)
+    last_request = server.policy.last_asked or (previous.last_request if previous else None)
+    return ServerProfile(server.name, start, server.connections, latency, status, notes, cap,
+                         learned.held, learned.throttled, learned.throttled_at,
+                         breaker.failing_since, last_request)
 
 
 def output_counts(layout: RunLayout) -> dict[str, Any]:
@@ -324,11 +352,14 @@ def run_fetch(
         **after,
         "fetched_this_run": fetched_now,
         "throttled_this_run": scheduler.throttled if scheduler else 0,
+        "requests_this_run": scheduler.requests if scheduler else 0,
+        "waiting": waits_as_json(scheduler, time.time()) if scheduler else [],
         "opt_outs_ignored": scheduler.opt_outs_ignored if scheduler else 0,
         "retried_rows": plan.reopened_rows,
         "seconds": round(seconds, 3),
         "images_per_second": round(fetched_now / seconds, 2) if seconds else 0.0,
         "worker_peak_rss_mib": scheduler.worker_peak_rss_mib if scheduler else None,
+        "ended_at": round(time.time(), 3),
     }
     atomic_write_json(layout.root / "fetch_summary.json", summary)
     return summary

@@ -15,8 +15,6 @@ from distributed_downloader.protocol import GiveUp
 # Requests leave a little slower than the share allows: network jitter can bunch evenly paced
 # requests together, and a server counting strictly per second would see one too many.
 PACING_MARGIN = 1.05
-LOCAL_THROTTLE_FACTOR = 0.5  # applied at once on a 429/503, before the scheduler answers
-DEFAULT_THROTTLE_PAUSE = 1.0  # seconds, when a 429/503 names no Retry-After
 
 
 class ServerDead(Exception):
@@ -31,28 +29,25 @@ class ServerSlot:
         self.paused_until = 0.0  # wall-clock time (shared with other processes and nodes)
         self.dead = False
         self.give_up: GiveUp | None = None  # why, when dead (default: it kept failing)
+        self.probing = False  # failing: new URLs first, one request at a time
         self.open = 0
         self._next_send = 0.0  # monotonic
         self._changed = asyncio.Event()  # set (and replaced) whenever the share changes
 
     def update(self, rate: float, connections: int, paused_until: float, dead: bool,
-               give_up: GiveUp | None = None) -> None:
+               give_up: GiveUp | None = None, probing: bool = False) -> None:
         self.give_up = give_up
         self.rate = rate
         self.connections = connections
         self.paused_until = max(self.paused_until, paused_until)
         self.dead = dead
+        self.probing = probing
         self._notify()
 
-    def throttled(self, retry_after: float | None) -> float:
-        """React to a 429/503 at once; returns the pause end it set."""
-        pause = retry_after if retry_after is not None else DEFAULT_THROTTLE_PAUSE
-        self.paused_until = max(self.paused_until, time.time() + pause)
-        self.rate *= LOCAL_THROTTLE_FACTOR
-        return self.paused_until
-
-    def pause(self, seconds: float) -> None:
+    def pause(self, seconds: float) -> float:
+        """Pause at once (a pause the server asked for); returns when it ends."""
         self.paused_until = max(self.paused_until, time.time() + seconds)
+        return self.paused_until
 
     def _notify(self) -> None:
         """Wake every waiter; later waiters wait on a fresh event."""

@@ -1,4 +1,4 @@
-"""When to ask again, and how long to wait first."""
+"""Which failed URLs are asked again within the run, and when: seconds first, then minutes."""
 
 from __future__ import annotations
 
@@ -8,8 +8,13 @@ from email.utils import parsedate_to_datetime
 
 from distributed_downloader.errors import RETRYABLE, RETRYABLE_LATER, ErrorCode
 
-BACKOFF_BASE_SECONDS = 1.0
-BACKOFF_CAP_SECONDS = 30.0
+# Each retry of a failed URL waits this many times longer than the one before (Heritrix's
+# growing retry delay): a passing fault is retried within seconds, a bad spell within minutes.
+DELAY_GROWTH = 4.0
+# A URL told to slow down this many times is written as http_429 (retryable by a later run):
+# throttles are the server's business and are not counted as failures, but a server that
+# throttles everything for ever must not hold the run.
+MAX_THROTTLES = 10
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -31,17 +36,19 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 
 
 class RetryPolicy:
-    """Retries only what can succeed later, with exponential back-off and jitter."""
+    """Retries only what can succeed later, each wait longer than the last, with jitter."""
 
-    def __init__(self, max_attempts: int, rng: random.Random | None = None) -> None:
+    def __init__(self, max_attempts: int, first_delay: float = 1.0, max_delay: float = 600.0,
+                 rng: random.Random | None = None) -> None:
         self.max_attempts = max_attempts
+        self.first_delay = first_delay
+        self.max_delay = max_delay
         self.rng = rng or random.Random()
 
-    def should_retry(self, code: ErrorCode, attempts: int) -> bool:
-        return code in RETRYABLE and code not in RETRYABLE_LATER and attempts < self.max_attempts
+    def should_retry(self, code: ErrorCode, failures: int) -> bool:
+        """After `failures` failed attempts of a URL, the last one with `code`."""
+        return code in RETRYABLE and code not in RETRYABLE_LATER and failures < self.max_attempts
 
-    def delay(self, attempts: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            return retry_after
-        backoff = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2 ** (attempts - 1))
+    def delay(self, failures: int) -> float:
+        backoff = min(self.max_delay, self.first_delay * DELAY_GROWTH ** (failures - 1))
         return backoff * self.rng.uniform(0.5, 1.0)

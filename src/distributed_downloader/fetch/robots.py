@@ -43,7 +43,9 @@ log = logging.getLogger(__name__)
 MAX_AGE = 24 * 3600.0  # RFC 9309 §2.4: a cached robots.txt is used for 24 hours at most
 UNREACHABLE_GIVES_NONE_AFTER = 30 * 24 * 3600.0  # §2.3.1.4: "for example, 30 days"
 PARSED_BYTES = 500 * 1024  # §2.5: parse at least the first 500 KiB
-RETRY_PAUSES = (60.0, 120.0, 300.0, 600.0)  # before asking an unreachable robots.txt again
+# Before asking an unreachable robots.txt again (without Retry-After): seconds first, as a
+# passing fault is the common case, then minutes. The server is held meanwhile, and says so.
+RETRY_PAUSES = (10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 MIN_PAUSE = 1.0  # even after "Retry-After: 0"
 FETCHES_AT_ONCE = 128
 NETWORK_FAILURES = frozenset({ErrorCode.TIMEOUT, ErrorCode.CONNECTION_ERROR,
@@ -252,7 +254,7 @@ class RobotsGate:
                 continue
             if robots.state == "unreachable":
                 self.held[name] = (self.held[name][0], robots)
-                scheduler.hold(name, robots.message)
+                scheduler.hold(name, robots.message, robots.retry_at)
                 continue
             del self.held[name]
             scheduler.release(name, robots.rate_cap(), asked_at)

@@ -1,9 +1,11 @@
 """A fetch worker: one event loop for the network, a few threads for the images.
 
 The worker asks the scheduler for batches while its decode threads keep up, fetches each batch's
-rows under its share of the server's budget (see politeness.py), retries what can succeed later,
-decodes off the loop, and commits results in chunks. It reports what it sees of each server so the
-scheduler can adapt every worker's share. On SIGINT/SIGTERM/SIGUSR1, or when its scheduler
+rows under its share of the server's budget (see politeness.py), retries what can succeed later
+(see frontier.py and retry.py), decodes off the loop, and commits results in chunks. It reports
+what it sees of each server; every decision about a server (its rate, pauses, giving it up) is
+the scheduler's (see policy.py). The one thing the worker does at once is honour a pause the
+server itself asked for (Retry-After), until the scheduler's word arrives. On SIGINT/SIGTERM/SIGUSR1, or when its scheduler
 vanishes, it stops cleanly: finished rows are committed, requests in flight are dropped (a resumed
 run fetches them again).
 """
@@ -17,7 +19,6 @@ import resource
 import secrets
 import signal
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,14 +28,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distributed_downloader.config import Settings
-from distributed_downloader.errors import SERVER_FAILURES, THROTTLING, ErrorCode
+from distributed_downloader.errors import SERVER_FAILURES, ErrorCode
 from distributed_downloader.fetch.client import Body, BodyBudget, FetchFailure, HttpClient
+from distributed_downloader.fetch.frontier import Frontier, Pending
 from distributed_downloader.fetch.opt_out import PRODUCT_TOKEN, opted_out
 from distributed_downloader.fetch.politeness import ServerDead, ServerSlot
-from distributed_downloader.fetch.retry import RetryPolicy
+from distributed_downloader.fetch.retry import MAX_THROTTLES, RetryPolicy
 from distributed_downloader.fetch.robots import RobotsFile, load_robots
 from distributed_downloader.formats import read_successes
 from distributed_downloader.images import ImageFailure, StoredImage, process_image
+from distributed_downloader.policy import (
+    DEFAULT_THROTTLE_PAUSE,
+    Signal,
+    advertised_rate,
+    quota_pause,
+    signal_of,
+)
 from distributed_downloader.protocol import (
     Assign,
     BatchFinished,
@@ -48,11 +57,7 @@ from distributed_downloader.protocol import (
     WantWork,
     WorkerStopped,
 )
-from distributed_downloader.schedule import (
-    BREAKER_THRESHOLD,
-    SERVER_KEPT_FAILING,
-    SERVER_OPTED_OUT,
-)
+from distributed_downloader.schedule import SERVER_KEPT_FAILING
 from distributed_downloader.schema import REUSE_NAMES
 from distributed_downloader.storage import RunLayout, batch_folder
 from distributed_downloader.writers import (
@@ -72,7 +77,6 @@ BODY_BUDGET = 48 << 20  # downloaded bodies held at once (reading, or waiting to
 # Bodies waiting for a decode thread, per thread: beyond this no new request starts, so a
 # fast network cannot pile up bodies in memory faster than the cores decode them.
 DECODE_BACKLOG_PER_THREAD = 4
-LOCAL_BREAKER_PAUSE = 1.0  # until the scheduler's own pause arrives
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -120,12 +124,14 @@ class Worker:
         self.settings = settings
         self.layout = RunLayout(settings.output)
         self.channel = channel
-        self.retry = RetryPolicy(settings.max_retries)
+        self.retry = RetryPolicy(settings.max_retries, settings.retry_delay,
+                                 settings.retry_delay_max)
         self.slots: dict[str, ServerSlot] = {}
         self.news: dict[str, ServerNews] = {}
-        self.failures: dict[str, int] = {}  # server -> server failures in a row
-        self.opt_outs: dict[str, int] = {}  # server -> images that opted out, here
-        self.opt_ins: set[str] = set()  # servers that sent an image without opting out
+        # server -> the URLs that failed since its last good answer: how many different URLs
+        # failed in a row (a few bad URLs retried over and over are not a server down)
+        self.failing: dict[str, set[str]] = {}
+        self.advertised: dict[str, float] = {}  # server -> its latest RateLimit-Policy rate
         self.robots: dict[str, RobotsFile | None] = {}
         self.tasks: dict[tuple[str, int], asyncio.Task] = {}
         self.budget = BufferBudget(BUFFER_BUDGET)
@@ -138,7 +144,6 @@ class Worker:
         self._decode_room = asyncio.Event()
         self.asking = False  # a WantWork is unanswered, or the scheduler holds us as hungry
         self.bytes = 0
-        self.urgent = False
         self.interrupted = False
         self._stop = asyncio.Event()
 
@@ -188,7 +193,7 @@ class Worker:
         elif isinstance(message, Budget):
             self._slot(message.server_name).update(
                 message.rate, message.connections, message.paused_until, message.dead,
-                message.give_up)
+                message.give_up, message.probing)
         elif isinstance(message, NoWorkYet):
             pass  # the scheduler keeps us as hungry and assigns when it can
         elif isinstance(message, Stop):
@@ -201,7 +206,7 @@ class Worker:
                 self.asking = True
                 self.channel.send(WantWork(self.id))
             now = time.monotonic()
-            if self.urgent or now - last_report >= REPORT_SECONDS:
+            if now - last_report >= REPORT_SECONDS:
                 self._send_report()
                 last_report = now
             for writer in list(self.budget.writers):
@@ -222,13 +227,13 @@ class Worker:
             self._decode_room.clear()
             await self._decode_room.wait()
 
-    def _send_report(self) -> None:
-        for name, count in self.failures.items():
-            self.news.setdefault(name, ServerNews()).failures = count
+    def _send_report(self, urgent: bool = False) -> None:
+        for name, urls in self.failing.items():
+            self.news.setdefault(name, ServerNews()).failures = len(urls)
         if not self.news and not self.bytes:
             return
-        report = Report(self.id, self.news, self.bytes, self.urgent)
-        self.news, self.bytes, self.urgent = {}, 0, False
+        report = Report(self.id, self.news, self.bytes, urgent)
+        self.news, self.bytes = {}, 0
         try:
             self.channel.send(report)
         except (OSError, EOFError, BrokenPipeError):
@@ -262,10 +267,11 @@ class Worker:
                     self._give_up_row(row, batch.server_name, writer, 0, give_up)
             else:
                 rows = self._robots_filter(rows, batch.server_name, writer)
-                queue = deque(rows)
+                frontier = Frontier.of(rows)
                 slot = self._slot(batch.server_name)
+                permitted = self._permitted(slot.name)
                 consumers = min(len(rows), self.settings.max_connections_per_server)
-                await asyncio.gather(*(self._consume(queue, slot, writer)
+                await asyncio.gather(*(self._consume(frontier, slot, writer, permitted)
                                        for _ in range(consumers)))
             counts = writer.complete(batch.rows)
             self.channel.send(BatchFinished(self.id, batch, counts["successes"],
@@ -352,120 +358,143 @@ class Worker:
         return robots.permits_redirect(server)
 
     def _opt_out_seen(self, slot: ServerSlot) -> None:
-        """Count an opted-out image; a server whose every answer here opted out is dropped at
-        once (the scheduler tells the other workers)."""
+        """Count an opted-out image, and say so at once: the scheduler decides whether the
+        whole server opted out."""
         news = self._news(slot.name)
         news.opted_out += 1
         news.errors += 1
-        self.opt_outs[slot.name] = self.opt_outs.get(slot.name, 0) + 1
-        if slot.name not in self.opt_ins and \
-                self.opt_outs[slot.name] >= self.settings.opt_out_server_after:
-            slot.update(slot.rate, slot.connections, 0.0, True, SERVER_OPTED_OUT)
-            self.urgent = True
+        self._send_report(urgent=True)
 
     def _give_up_row(self, row: dict[str, Any], server: str, writer: BatchWriter,
                      attempts: int, reason: GiveUp = SERVER_KEPT_FAILING) -> None:
         writer.add_error(error_row(row, ErrorCode(reason.code), reason.message, attempts))
         self._news(server).errors += 1
 
-    async def _consume(self, queue: deque, slot: ServerSlot, writer: BatchWriter) -> None:
-        loop = asyncio.get_running_loop()
-        settings = self.settings
-        permitted = self._permitted(slot.name)
-        while queue:
-            await self._wait_for_decode_room()
-            if not queue:
-                break
-            row = queue.popleft()
-            outcome, attempts = await self._fetch(row, slot, permitted)
-            if isinstance(outcome, FetchFailure):
-                if outcome.code == ErrorCode.SERVER_UNAVAILABLE:
-                    self._give_up_row(row, slot.name, writer, attempts,
-                                      slot.give_up or SERVER_KEPT_FAILING)
-                    continue
-                writer.add_error(error_row(row, outcome.code, outcome.message, attempts,
-                                           outcome.http_status))
-                self._news(slot.name).errors += 1
-                continue
-            tag = opted_out(outcome.headers, settings.opt_out_directives)
-            if tag is not None and not settings.ignore_opt_out:
-                self.client.budget.release(outcome.reserved)
-                writer.add_error(error_row(row, ErrorCode.OPTED_OUT, f"X-Robots-Tag: {tag}",
-                                           attempts, outcome.status))
-                self._opt_out_seen(slot)
-                continue
-            news = self._news(slot.name)
-            if tag is None:
-                news.opt_in += 1
-                self.opt_ins.add(slot.name)
-            else:
-                news.opt_outs_ignored += 1
-            self.decoding += 1
-            try:
-                image = await loop.run_in_executor(
-                    self.pool, process_image, outcome.data, settings.image_size,
-                    settings.output_image_format, settings.image_quality,
-                    settings.max_image_pixels)
-            finally:
-                self.decoding -= 1
-                self._decode_room.set()
-                self.client.budget.release(outcome.reserved)
-            # News objects are handed over at every report: look it up after the await.
-            if isinstance(image, ImageFailure):
-                writer.add_error(error_row(row, image.code, image.message, attempts,
-                                           outcome.status))
-                self._news(slot.name).errors += 1
-            else:
-                writer.add_success(success_row(row, image))
-                self._news(slot.name).successes += 1
-
-    async def _fetch(self, row: dict[str, Any], slot: ServerSlot,
-                     permitted: Callable[[str], bool] | None = None,
-                     ) -> tuple[Body | FetchFailure, int]:
-        attempts = 0
+    async def _consume(self, frontier: Frontier, slot: ServerSlot, writer: BatchWriter,
+                       permitted: Callable[[str], bool] | None) -> None:
         while True:
+            await self._wait_for_decode_room()
+            item = await frontier.take(slot)
+            if item is None:
+                return
+            outcome = await self._request(item, slot, permitted)
+            if outcome is None:
+                frontier.retry_later(item, self._retry_delay(item))
+                continue
             try:
-                await slot.acquire()
-            except ServerDead:
-                return FetchFailure(ErrorCode.SERVER_UNAVAILABLE, "server given up"), attempts
-            attempts += 1
-            started = time.monotonic()
-            try:
-                outcome = await self.client.get(row["identifier"], pace=slot.pace,
-                                                permitted=permitted)
-            except ServerDead:
-                outcome = FetchFailure(ErrorCode.SERVER_UNAVAILABLE, "server given up")
+                await self._record(item, outcome, slot, writer)
             finally:
-                slot.release()
-            self._observe(slot, outcome, time.monotonic() - started)
-            if isinstance(outcome, Body) or outcome.code == ErrorCode.SERVER_UNAVAILABLE \
-                    or not self.retry.should_retry(outcome.code, attempts):
-                return outcome, attempts
-            if outcome.code not in THROTTLING:  # throttles wait in the slot's pause instead
-                await asyncio.sleep(self.retry.delay(attempts, outcome.retry_after))
+                frontier.done()
 
-    def _observe(self, slot: ServerSlot, outcome: Body | FetchFailure, seconds: float) -> None:
-        """Count what an answer says about the server, and react locally at once."""
+    def _retry_delay(self, item: Pending) -> float:
+        # A throttled URL waits in the slot's pause, not here.
+        return self.retry.delay(item.failures) if item.failures and not item.throttles else 0.0
+
+    async def _request(self, item: Pending, slot: ServerSlot,
+                       permitted: Callable[[str], bool] | None) -> Body | FetchFailure | None:
+        """One attempt at a row's URL: its outcome, or None when it should be retried later."""
+        try:
+            await slot.acquire()
+        except ServerDead:
+            return FetchFailure(ErrorCode.SERVER_UNAVAILABLE, "server given up")
+        item.attempts += 1
+        started = time.monotonic()
+        try:
+            outcome = await self.client.get(item.row["identifier"], pace=slot.pace,
+                                            permitted=permitted)
+        except ServerDead:
+            outcome = FetchFailure(ErrorCode.SERVER_UNAVAILABLE, "server given up")
+        finally:
+            slot.release()
+        signal = self._observe(slot, outcome, time.monotonic() - started, item.row["identifier"])
+        if isinstance(outcome, Body):
+            return outcome
+        if signal is Signal.THROTTLED:
+            item.throttles += 1
+            return None if item.throttles < MAX_THROTTLES else outcome
+        item.throttles = 0
+        item.failures += 1
+        if outcome.code != ErrorCode.SERVER_UNAVAILABLE and \
+                self.retry.should_retry(outcome.code, item.failures):
+            return None
+        return outcome
+
+    async def _record(self, item: Pending, outcome: Body | FetchFailure, slot: ServerSlot,
+                      writer: BatchWriter) -> None:
+        """Write a row's final outcome: an error, or the image once decoded."""
+        row, attempts, settings = item.row, item.attempts, self.settings
+        if isinstance(outcome, FetchFailure):
+            if outcome.code == ErrorCode.SERVER_UNAVAILABLE:
+                self._give_up_row(row, slot.name, writer, attempts,
+                                  slot.give_up or SERVER_KEPT_FAILING)
+                return
+            writer.add_error(error_row(row, outcome.code, outcome.message, attempts,
+                                       outcome.http_status))
+            self._news(slot.name).errors += 1
+            return
+        tag = opted_out(outcome.headers, settings.opt_out_directives)
+        if tag is not None and not settings.ignore_opt_out:
+            self.client.budget.release(outcome.reserved)
+            writer.add_error(error_row(row, ErrorCode.OPTED_OUT, f"X-Robots-Tag: {tag}",
+                                       attempts, outcome.status))
+            self._opt_out_seen(slot)
+            return
+        news = self._news(slot.name)
+        if tag is None:
+            news.opt_in += 1
+        else:
+            news.opt_outs_ignored += 1
+        self.decoding += 1
+        try:
+            image = await asyncio.get_running_loop().run_in_executor(
+                self.pool, process_image, outcome.data, settings.image_size,
+                settings.output_image_format, settings.image_quality, settings.max_image_pixels)
+        finally:
+            self.decoding -= 1
+            self._decode_room.set()
+            self.client.budget.release(outcome.reserved)
+        # News objects are handed over at every report: look it up after the await.
+        if isinstance(image, ImageFailure):
+            writer.add_error(error_row(row, image.code, image.message, attempts, outcome.status))
+            self._news(slot.name).errors += 1
+        else:
+            writer.add_success(success_row(row, image))
+            self._news(slot.name).successes += 1
+
+    def _observe(self, slot: ServerSlot, outcome: Body | FetchFailure, seconds: float,
+                 url: str) -> Signal:
+        """Count what an answer says about the server; honour a pause it asked for at once."""
         news = self._news(slot.name)
         if isinstance(outcome, Body):
             self.bytes += len(outcome.data)
-        code = outcome.code if isinstance(outcome, FetchFailure) else None
-        if code in THROTTLING:
+            signal = signal_of(None, None)
+        else:
+            signal = signal_of(outcome.code, outcome.retry_after)
+        advertised = advertised_rate(outcome.headers)
+        news_of_limit = advertised is not None and self.advertised.get(slot.name) != advertised
+        if advertised is not None:
+            news.advertised = self.advertised[slot.name] = advertised
+        pause = quota_pause(outcome.headers)
+        if signal is Signal.THROTTLED:
             news.throttled += 1
-            until = slot.throttled(outcome.retry_after)  # type: ignore[union-attr]
-            news.retry_after_until = max(news.retry_after_until, until)
-            self.urgent = True
-        if code in SERVER_FAILURES:
-            count = self.failures.get(slot.name, 0) + 1
-            self.failures[slot.name] = count
-            if count >= BREAKER_THRESHOLD:
-                slot.pause(LOCAL_BREAKER_PAUSE)
-                self.urgent = True
-        elif code not in THROTTLING and code != ErrorCode.SERVER_UNAVAILABLE:
-            self.failures[slot.name] = 0
+            retry_after = outcome.retry_after  # type: ignore[union-attr]
+            pause = max(pause or 0.0, DEFAULT_THROTTLE_PAUSE if retry_after is None
+                        else retry_after)
+        if pause is not None:
+            news.retry_after_until = max(news.retry_after_until, slot.pause(pause))
+        failing = self.failing.setdefault(slot.name, set())
+        if signal is Signal.FAILED:
+            news.failed += 1
+            failing.add(url)
+        elif signal is Signal.ANSWERED:
+            failing.clear()
             news.answered += 1
             news.latency_sum += seconds
             news.latency_count += 1
+        if signal is Signal.THROTTLED or pause is not None or news_of_limit or (
+                signal is Signal.FAILED and len(failing) >= self.settings.breaker_failures):
+            self._send_report(urgent=True)
+        return signal
 
 
 # What a reused row takes from the earlier download's row (the rest is this input's).

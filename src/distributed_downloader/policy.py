@@ -1,0 +1,431 @@
+"""How fast each server may be asked, and when it counts as down: pure logic on a given clock.
+
+One `ServerPolicy` per server, fed what the workers saw (`ServerNews`) and the time; the
+scheduler turns its state into every worker's budget. No I/O, no sleeping: the tests run hours
+of simulated time in milliseconds. The rules:
+
+- **Throttling is the server's signal.** A 429, or a 503 with `Retry-After`, pauses the server
+  for the time asked and lowers its rate. A `RateLimit` field with no quota left pauses it too.
+- **A failed URL is not.** A 5xx without `Retry-After`, a timeout or a reset is retried later by
+  the worker and leaves the rate alone, unless the server looks overloaded: at least
+  `overload_failure_share` of its answers of the last `OVERLOAD_WINDOW` seconds failed, and at
+  least `overload_min_failures` of them. A server answering 98% of requests well is not.
+- **The rate searches the limit, and every decrease can be undone** (`RateController`): it grows
+  while nothing is known, bisects between the highest rate that held and the lowest recent rate
+  that drew a throttle, and rests just below the latter. That evidence has an age: after
+  `throttle_memory` quiet seconds the throttled rate is tried again (the wait doubling while
+  tries keep drawing 429s, at most `throttle_memory_max`), so a limit that rises is found again.
+  A throttle above a rate that held falls back to that rate instead of halving.
+- **A server failing everything is down** (`Breaker`): `breaker_failures` failures in a row open
+  the breaker: the server is paused with growing back-off and probed one request at a time;
+  a good answer closes it; after `server_down_after` seconds of failing it is given up.
+- **Advertised limits** (`RateLimit-Policy`), hand-set rates and robots.txt's Crawl-delay are
+  hard caps (`RateController.caps`): the rate never exceeds them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+
+from distributed_downloader.errors import SERVER_FAILURES, ErrorCode
+from distributed_downloader.protocol import ServerNews
+
+# Failures are judged over this many seconds: long enough to hold a few dozen answers of a
+# slow server, short enough that a past bad spell does not count against a recovered one.
+OVERLOAD_WINDOW = 20.0
+# An interval counts as "held" only if the server was really asked at about that rate: a rate
+# nobody used says nothing about the server (TCP's congestion-window validation, RFC 7661).
+USED_SHARE = 0.5
+# An interval spans at least this many requests, so slow servers are judged on enough answers.
+REQUESTS_PER_INTERVAL = 4
+# A probe of a throttled rate rests this far below it after the probe fails.
+CEILING_SHARE = 0.9
+DECREASE_COOLDOWN = 1.0  # seconds: one burst of 429s, seen by several workers, lowers once
+DEFAULT_THROTTLE_PAUSE = 1.0  # seconds, for a 429 without Retry-After
+MIN_RATE = 0.02  # requests/s: even a very touchy server keeps being asked, slowly
+RECENT_THROTTLE = 30.0  # seconds during which a lowered rate is named as a reason for waiting
+
+
+@dataclass(frozen=True)
+class RatePolicy:
+    """The named settings of rate control (see config.py for each one's meaning)."""
+
+    increase_interval: float = 2.0
+    growth_factor: float = 1.5
+    decrease_factor: float = 0.5
+    throttle_memory: float = 60.0
+    throttle_memory_max: float = 240.0
+    overload_failure_share: float = 0.25
+    overload_min_failures: int = 10
+    breaker_failures: int = 5
+    breaker_max_pause: float = 60.0
+    server_down_after: float = 120.0
+
+    @classmethod
+    def from_settings(cls, settings: object) -> RatePolicy:
+        return cls(**{name: getattr(settings, name if name in _SAME_NAME else f"rate_{name}")
+                      for name in cls.__dataclass_fields__})
+
+
+_SAME_NAME = frozenset({"throttle_memory", "throttle_memory_max", "overload_failure_share",
+                        "overload_min_failures", "breaker_failures", "breaker_max_pause",
+                        "server_down_after"})
+
+
+# --- what an answer says about its server ---------------------------------------------------
+
+
+class Signal(Enum):
+    ANSWERED = "answered"  # the server works (an image, a 404, an HTML page ...)
+    THROTTLED = "throttled"  # slow down: 429, or 503 with Retry-After
+    FAILED = "failed"  # this URL failed for now: 5xx without Retry-After, timeout, reset
+    NONE = "none"  # nothing about the server (refused before sending, given up)
+
+
+NOT_ASKED = frozenset({ErrorCode.SERVER_UNAVAILABLE, ErrorCode.BLOCKED_ADDRESS,
+                       ErrorCode.ROBOTS_DISALLOWED, ErrorCode.INVALID_REDIRECT})
+
+
+def signal_of(code: ErrorCode | None, retry_after: float | None) -> Signal:
+    """Classify one answer: `code` None for a body, else its error code."""
+    if code is None:
+        return Signal.ANSWERED
+    if code == ErrorCode.HTTP_429 or (code == ErrorCode.HTTP_503 and retry_after is not None):
+        return Signal.THROTTLED
+    if code in SERVER_FAILURES:
+        return Signal.FAILED
+    if code in NOT_ASKED:
+        return Signal.NONE
+    return Signal.ANSWERED
+
+
+# --- advertised limits (IETF httpapi-ratelimit-headers draft) -------------------------------
+
+_PARAM = re.compile(r";\s*([A-Za-z][A-Za-z0-9_-]*)\s*=\s*(\"[^\"]*\"|[^;,\s]+)")
+_NUMBER = re.compile(r"\s*\d+(?:\.\d+)?\s*")
+
+
+def _items(value: str) -> list[dict[str, str]]:
+    """A structured-field list, read loosely: each item's parameters. A bare number leading an
+    item is its quota `q` (the draft's older form `10;w=1`)."""
+    items = []
+    for item in value.split(","):
+        head, _, rest = item.partition(";")
+        params = {key.lower(): raw.strip('"') for key, raw in _PARAM.findall(";" + rest)}
+        if "q" not in params and _NUMBER.fullmatch(head):
+            params["q"] = head.strip()
+        items.append(params)
+    return items
+
+
+def advertised_rate(headers: Mapping[str, str] | None) -> float | None:
+    """Requests/s a server advertises in `RateLimit-Policy`: the strictest of its policies
+    counted in requests (`qu` absent or "requests"); `w` defaults to one second."""
+    value = headers.get("RateLimit-Policy") if headers else None
+    if not value:
+        return None
+    rates = []
+    for params in _items(value):
+        if params.get("qu", "requests") != "requests":
+            continue  # a quota of bytes says nothing about requests/s
+        try:
+            quota, window = float(params["q"]), float(params.get("w", "1"))
+        except (KeyError, ValueError):
+            continue
+        if quota >= 0 and window > 0:
+            rates.append(quota / window)
+    return min(rates) if rates else None
+
+
+def quota_pause(headers: Mapping[str, str] | None) -> float | None:
+    """Seconds to wait when the server says no quota is left: `RateLimit: "p";r=0;t=5` (or
+    the older `RateLimit-Remaining: 0` with `RateLimit-Reset: 5`)."""
+    if not headers:
+        return None
+    pairs = [(params.get("r"), params.get("t")) for params in
+             _items(headers.get("RateLimit") or "")]
+    pairs.append((headers.get("RateLimit-Remaining"), headers.get("RateLimit-Reset")))
+    waits = []
+    for remaining, reset in pairs:
+        try:
+            if remaining is not None and float(remaining) <= 0:
+                waits.append(max(0.0, float(reset or DEFAULT_THROTTLE_PAUSE)))
+        except ValueError:
+            continue
+    return max(waits) if waits else None
+
+
+# --- the rate controller --------------------------------------------------------------------
+
+
+@dataclass
+class LearnedRate:
+    """What a server tolerated, kept in servers.csv for the next run."""
+
+    held: float | None  # the highest rate answered well for a whole interval
+    throttled: float | None  # the latest rate that drew a throttle
+    throttled_at: float | None  # when (wall clock)
+
+
+@dataclass
+class RateController:
+    """One server's rate: grows, searches the limit, rests below it, probes it again later.
+
+    Invariant: `rate` never exceeds `max_rate` (the run's ceiling and every hard cap).
+    """
+
+    policy: RatePolicy
+    rate: float
+    run_max: float  # max_rate_limit of the run
+    now: float  # when the run started (a restart waits a quiet while before trying a rate)
+    caps: dict[str, float] = field(default_factory=dict)  # advertised, manual, robots
+    held: float | None = None
+    throttled_rate: float | None = None
+    throttled_at: float = -math.inf
+    memory: float = 0.0  # current quiet time before a throttled rate is tried again
+    probing: bool = False  # the rate is a try of the throttled rate
+    interval_start: float = 0.0
+    asked_in_interval: int = 0
+    last_decrease: float = -math.inf
+
+    def __post_init__(self) -> None:
+        self.memory = self.memory or self.policy.throttle_memory
+        self.interval_start = self.now
+        self.rate = max(MIN_RATE, min(self.rate, self.max_rate))
+
+    @property
+    def max_rate(self) -> float:
+        return min([self.run_max, *self.caps.values()])
+
+    @property
+    def ceiling(self) -> float | None:
+        """Where the rate rests: just below the latest rate that drew a throttle."""
+        if self.throttled_rate is None:
+            return None
+        return min(self.max_rate, CEILING_SHARE * self.throttled_rate)
+
+    def remember(self, learned: LearnedRate, start_rate: float) -> None:
+        """Start from what an earlier run learned: the rate that held, the one that drew a
+        throttle (with its age: it is tried again after `throttle_memory`)."""
+        self.held = learned.held
+        if learned.throttled is not None and learned.throttled_at is not None:
+            self.throttled_rate, self.throttled_at = learned.throttled, learned.throttled_at
+        start = learned.held or start_rate
+        if self.ceiling is not None:
+            start = min(start, self.ceiling)
+        self.rate = max(MIN_RATE, min(start, self.max_rate))
+
+    def learned(self) -> LearnedRate:
+        at = self.throttled_at if self.throttled_rate is not None else None
+        return LearnedRate(self.held, self.throttled_rate, at)
+
+    def set_cap(self, name: str, rate: float | None) -> bool:
+        """A hard cap (an advertised limit, ...): the rate never exceeds it. True if the
+        rate changed."""
+        if rate is None or rate <= 0:
+            return False
+        rate = max(MIN_RATE, rate)
+        if self.caps.get(name) == rate:
+            return False
+        self.caps[name] = rate
+        if self.rate > self.max_rate:
+            self.rate = self.max_rate
+            return True
+        return False
+
+    def asked(self, requests: int) -> None:
+        """Requests the server answered (or failed) since the last report."""
+        self.asked_in_interval += requests
+
+    def interval(self) -> float:
+        return max(self.policy.increase_interval, REQUESTS_PER_INTERVAL / self.rate)
+
+    def tick(self, now: float) -> bool:
+        """At the end of a quiet interval in which the rate was used: it held, step up."""
+        elapsed = now - self.interval_start
+        if elapsed < self.interval():
+            return False
+        used = self.asked_in_interval >= USED_SHARE * self.rate * elapsed
+        self._new_interval(now)
+        if not used:
+            return False
+        self.held = max(self.held or 0.0, self.rate)
+        self.probing = False
+        if self.throttled_rate is not None and self.rate >= self.throttled_rate:
+            # A rate that drew a throttle is answered well now: the limit rose.
+            self.throttled_rate, self.memory = None, self.policy.throttle_memory
+        new = self._next_rate(now)
+        if new <= self.rate:
+            return False
+        self.rate = new
+        return True
+
+    def _next_rate(self, now: float) -> float:
+        ceiling = self.ceiling
+        if ceiling is None:  # no limit known: grow (TCP's slow start)
+            new = self.rate * self.policy.growth_factor
+        elif self.rate < ceiling:  # the limit lies between: bisect towards it
+            new = min(ceiling, (self.rate + self.throttled_rate) / 2)  # type: ignore[operator]
+        elif now - max(self.throttled_at, self.now) >= self.memory:
+            # Quiet long enough (in this run too: a restart does not try it at once): try again.
+            new, self.probing = self.throttled_rate, True  # type: ignore[assignment]
+        else:
+            return self.rate
+        return min(new, self.max_rate)
+
+    def throttled(self, now: float) -> bool:
+        """A throttle (or an overload) at the current rate. True if the rate changed."""
+        self.throttled_at = now
+        if now - self.last_decrease < DECREASE_COOLDOWN:
+            return False  # the same burst, seen by another worker
+        if self.probing:  # trying the throttled rate again failed: wait longer next time
+            self.memory = min(self.policy.throttle_memory_max, self.memory * 2)
+            self.probing = False
+        rate = self.rate
+        self.throttled_rate = rate
+        if self.held is not None and rate > self.held:
+            self.rate = self.held  # above what held: back to it, the limit is in between
+        else:  # at or below a rate that held: the limit fell
+            self.rate = max(MIN_RATE, rate * self.policy.decrease_factor)
+            self.held = None
+        self.last_decrease = now
+        self._new_interval(now)
+        return True
+
+    def _new_interval(self, now: float) -> None:
+        self.interval_start, self.asked_in_interval = now, 0
+
+
+# --- the breaker ----------------------------------------------------------------------------
+
+
+@dataclass
+class Breaker:
+    """A server that fails every request is paused, then probed one request at a time."""
+
+    policy: RatePolicy
+    streaks: dict[int, int] = field(default_factory=dict)  # worker -> failures in a row
+    failing_since: float | None = None
+    opens: int = 0
+    paused_until: float = 0.0
+
+    @property
+    def open(self) -> bool:
+        return self.opens > 0
+
+    def observe(self, worker: int, answered: int, streak: int, now: float) -> bool:
+        """One worker's answers and failures in a row; True when the breaker changed."""
+        self.streaks[worker] = streak
+        if answered and streak == 0:
+            changed = self.open or self.failing_since is not None
+            self.failing_since, self.opens = None, 0
+            self.streaks.clear()
+            return changed
+        if sum(self.streaks.values()) < self.policy.breaker_failures or now < self.paused_until:
+            return False
+        if self.failing_since is None:
+            self.failing_since = now
+        self.opens += 1
+        pause = min(self.policy.breaker_max_pause, 2.0 ** (self.opens - 1))
+        self.paused_until = max(self.paused_until, now + pause)
+        return True
+
+    def resume_failing(self, since: float) -> None:
+        """An earlier run (Slurm period) left the server failing since `since`."""
+        self.failing_since, self.opens = since, 1
+
+    def down(self, now: float) -> bool:
+        return self.failing_since is not None and \
+            now - self.failing_since >= self.policy.server_down_after
+
+
+# --- one server's policy ----------------------------------------------------------------------
+
+
+@dataclass
+class Outcomes:
+    """Answers and failures of the last OVERLOAD_WINDOW seconds."""
+
+    samples: deque[tuple[float, int, int]] = field(default_factory=deque)
+
+    def add(self, now: float, answered: int, failed: int) -> None:
+        if answered or failed:
+            self.samples.append((now, answered, failed))
+        while self.samples and now - self.samples[0][0] > OVERLOAD_WINDOW:
+            self.samples.popleft()
+
+    def overloaded(self, policy: RatePolicy) -> bool:
+        answered = sum(sample[1] for sample in self.samples)
+        failed = sum(sample[2] for sample in self.samples)
+        return failed >= policy.overload_min_failures and \
+            failed >= policy.overload_failure_share * (answered + failed)
+
+
+@dataclass
+class ServerPolicy:
+    """Everything the run decides about one server's pace, in one place."""
+
+    control: RateController
+    breaker: Breaker
+    outcomes: Outcomes = field(default_factory=Outcomes)
+    paused_until: float = 0.0  # Retry-After, or an exhausted RateLimit quota (wall clock)
+    pause_reason: str = ""
+    last_asked: float | None = None  # when it was last seen asked (a report with answers)
+
+    @classmethod
+    def start(cls, policy: RatePolicy, rate: float, run_max: float, now: float) -> ServerPolicy:
+        return cls(RateController(policy, rate, run_max, now), Breaker(policy))
+
+    @property
+    def rate(self) -> float:
+        return self.control.rate
+
+    def pause_end(self) -> float:
+        return max(self.paused_until, self.breaker.paused_until)
+
+    def observe(self, worker: int, news: ServerNews, now: float) -> bool:
+        """One worker's news of this server; True when the budget changed."""
+        changed = False
+        asked = news.answered + news.failed + news.throttled
+        self.control.asked(asked)
+        if asked:
+            self.last_asked = now
+        if news.advertised is not None:
+            changed |= self.control.set_cap("advertised", news.advertised)
+        if news.retry_after_until > self.paused_until:
+            self.paused_until = news.retry_after_until
+            self.pause_reason = "Retry-After" if news.throttled else "no RateLimit quota left"
+            changed = True
+        if news.throttled:
+            changed |= self.control.throttled(now)
+        self.outcomes.add(now, news.answered, news.failed)
+        if self.outcomes.overloaded(self.control.policy):
+            self.outcomes.samples.clear()  # the next decision needs fresh evidence
+            changed |= self.control.throttled(now)
+        changed |= self.breaker.observe(worker, news.answered, news.failures, now)
+        return changed
+
+    def tick(self, now: float) -> bool:
+        """Time passing: the rate may step up (never while paused or failing)."""
+        if now < self.pause_end() or self.breaker.open:
+            self.control._new_interval(now)
+            return False
+        return self.control.tick(now)
+
+    def waiting(self, now: float) -> tuple[str, float | None] | None:
+        """Why this server is not being asked now, and for how many seconds more."""
+        if self.breaker.open and self.breaker.failing_since is not None:
+            left = self.breaker.failing_since + self.control.policy.server_down_after - now
+            return f"failing since {now - self.breaker.failing_since:.0f} s, " \
+                   f"probed one request at a time; given up in", max(0.0, left)
+        if now < self.paused_until:
+            return f"paused by {self.pause_reason or 'Retry-After'}", self.paused_until - now
+        if now - self.control.throttled_at < RECENT_THROTTLE:
+            return f"slowed to {self.rate:.3g}/s by a throttle " \
+                   f"{now - self.control.throttled_at:.0f} s ago", None
+        return None
