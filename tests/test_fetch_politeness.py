@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import csv
+import json
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from conftest import FAST_FETCH, read_errors, read_successes, run_cli, write_lines
@@ -133,3 +137,100 @@ def test_image_settings_reach_the_workers(tmp_path: Path) -> None:
         assert rows["s.png"]["image"] == server.images["s.png"]
         assert rows["p.jpg"]["image"] == server.images["p.jpg"]
         assert rows["p.jpg"]["hashsum_resized"] == rows["p.jpg"]["hashsum_original"]
+
+
+def test_a_mix_of_faults_ends_with_every_image_stored_and_no_server_overloaded(
+        tmp_path: Path) -> None:
+    """Servers as real ones are: hidden limits, transient 503s without Retry-After (1-3 in a
+    row per URL), 404s, slow answers, HTML pages, redirects, one host answering 500 to
+    everything, one refusing connections, one advertising its limit only in its answers."""
+    specs = [ServerSpec("127.0.0.2", rate_limit=20, flaky_retry_after=None, slow_seconds=1),
+             ServerSpec("127.0.0.3", rate_limit=8, flaky_retry_after=None),
+             ServerSpec("127.0.0.4", fail_status=500),
+             ServerSpec("127.0.0.5", rate_limit=4, advertise_limit=True)]
+    with Farm(specs) as farm:
+        big, small, broken, advertising = farm.servers
+        stored = add_images(big, 120) + add_images(small, 40) + add_images(advertising, 16)
+        flaky = []
+        for server, count in ((big, 6), (small, 3)):
+            for i in range(count):
+                server.images[f"f{i}.jpg"] = make_small_image(1000 + i)
+                flaky.append(server.url(f"/flaky/f{i}.jpg?fails={1 + i % 3}"))
+        for i in range(2):
+            big.images[f"s{i}.jpg"] = make_small_image(2000 + i)
+            big.images[f"r{i}.jpg"] = make_small_image(3000 + i)
+            stored += [big.url(f"/slow/s{i}.jpg"), big.url(f"/redirect/r{i}.jpg")]
+        final = [big.url(f"/missing/{i}") for i in range(4)] + \
+            [big.url(f"/html/{i}") for i in range(2)]
+        failing = [broken.url(f"/img/{i}.jpg") for i in range(20)]
+        refused = [f"http://127.0.0.6:{free_port()}/img/{i}.jpg" for i in range(10)]
+        out = tmp_path / "out"
+        source = write_lines(tmp_path / "u.txt", stored + flaky + final + failing + refused)
+        run_cli("download", source, "--output", out, "--no-profile", "--default-rate-limit", 10,
+                "--max-rate-limit", 40, "--server-down-after", 10, *FAST_FETCH, timeout=300)
+
+        # Every URL that can succeed was stored in this one run, flaky ones included.
+        successes = {r["identifier"] for r in read_successes(out).to_pylist()}
+        assert successes == set(stored + flaky)
+        for url in flaky:  # each asked exactly as often as it failed, plus once
+            fails = int(url.rsplit("=", 1)[1])
+            path = url.split(big.address if big.address in url else small.address)[1]
+            server = big if big.address in url else small
+            assert server.requests_to(path.split("?")[0]) == fails + 1
+        errors = {r["identifier"]: r for r in read_errors(out).to_pylist()}
+        assert set(errors) == set(final + failing + refused)
+        # The server failing everything cost at most 3 requests per URL.
+        per_url: dict[str, int] = {}
+        for record in broken.image_requests():
+            per_url[record.path] = per_url.get(record.path, 0) + 1
+        assert max(per_url.values()) <= 3
+        # No server was pushed past its limit for long; few 429s in all.
+        requests = sum(len(server.log) for server in farm.servers)
+        throttled = sum(server.status_count(429) for server in farm.servers)
+        assert throttled <= 0.05 * requests
+        for server in (big, small):
+            assert server.peak_per_second() <= server.spec.rate_limit + 2
+        # The advertised limit was read from the answers (no profile ran) and kept.
+        start = advertising.log[0].time
+        later = [r.time for r in advertising.log if r.time > start + 1.5]
+        assert max(sum(1 for t in later if s <= t < s + 1) for s in later) <= 4
+        assert advertising.status_count(429) <= 1
+        with open(out / "profiles" / "servers.csv") as handle:
+            profiles = {row["server_name"]: row for row in csv.DictReader(handle)}
+        assert float(profiles[advertising.address]["max_rate_limit"]) == 4
+        for server in (big, small):  # what held is kept, not a rate driven down by failures
+            assert 0.5 * server.spec.rate_limit <= float(
+                profiles[server.address]["rate_held"]) <= server.spec.rate_limit
+
+
+def test_status_says_what_the_run_waits_for(tmp_path: Path) -> None:
+    """A server whose robots.txt answers 503 holds only itself, and says so."""
+    specs = [ServerSpec("127.0.0.2"),
+             ServerSpec("127.0.0.3", robots_txt="", robots_status=503, retry_after=4)]
+    with Farm(specs) as farm:
+        good, held = farm.servers
+        urls = add_images(good, 30) + add_images(held, 5)
+        out = tmp_path / "out"
+        run_cli("prep", write_lines(tmp_path / "u.txt", urls), "--output", out)
+        fetch = subprocess.Popen(
+            [sys.executable, "-m", "distributed_downloader", "fetch", str(out),
+             "--default-rate-limit", "5", "--server-down-after", "12", *FAST_FETCH],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        seen = []
+        try:
+            while fetch.poll() is None and not seen:
+                result = json.loads(run_cli("status", out, "--json").stdout)
+                seen = [w for w in result["waiting"]
+                        if w["server"] == held.address and "503" in w["reason"]]
+                time.sleep(0.5)
+            assert seen, "status never named the held server"
+            assert "robots.txt" in seen[0]["reason"] and seen[0]["seconds_left"] is not None
+            text = run_cli("status", out).stdout
+            assert f"waiting: {held.address}: robots.txt" in text
+        finally:
+            output, _ = fetch.communicate(timeout=120)
+        assert fetch.returncode == 0, output
+        assert held.image_requests() == []
+        codes = {r["error_code"] for r in read_errors(out).to_pylist()}
+        assert codes == {"robots_unreachable"}
+        assert read_successes(out).num_rows == 30

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from distributed_downloader.config import Settings
 from distributed_downloader.policy import (
     LearnedRate,
     RatePolicy,
@@ -119,7 +120,8 @@ def simulate(server: ServerPolicy, seconds: float, limit: Callable[[float], floa
 
 
 def fresh(rate: float = 10.0, run_max: float = 1000.0, **settings: float) -> ServerPolicy:
-    return ServerPolicy.start(RatePolicy(**settings), rate, run_max, now=0.0)
+    """A server's policy with the default settings (or `settings`), at time 0."""
+    return ServerPolicy.start(RatePolicy.from_settings(Settings(**settings)), rate, run_max, 0.0)
 
 
 def test_transient_failures_leave_the_rate_alone() -> None:
@@ -175,7 +177,7 @@ def test_a_restart_from_saved_state_sends_no_burst() -> None:
     again.control.now = 930.0
     again.control.remember(LearnedRate(learned.held, learned.throttled,
                                        learned.throttled_at), start)
-    again.control._new_interval(930.0)
+    again.control.start_interval(930.0)
     run = simulate(again, 120, limit=lambda t: 100, start=930.0, fail_share=0.02)
     assert run.count(429, 930, 960) == 0
     assert run.peak(930, 960) <= 100
@@ -187,7 +189,7 @@ def test_old_evidence_is_tried_again_soon() -> None:
     not a permanent cap."""
     server = fresh(rate=10)
     server.control.remember(LearnedRate(None, 0.2, 0.0), 0.18)
-    server.control._new_interval(86400.0)
+    server.control.start_interval(86400.0)
     run = simulate(server, 240, limit=lambda t: 100, start=86400.0)
     assert run.rate_at(86400 + 240) >= 50
 

@@ -2,10 +2,12 @@
 
 Used by the bundled example, the tests and the benchmarks. Every server binds a loopback
 address (anything else is refused), so each one is a different "host" to the downloader. A
-server can enforce a rate limit (429 with Retry-After over it), and its paths play the faults
-real hosts have: 404s, transient 503s, slow answers, redirects, HTML error pages with status 200,
-truncated images, decompression bombs, over-size bodies, trickling bodies, connection resets.
-Every request is logged with its time, so tests can check the downloader's manners.
+server can enforce a rate limit (429 with Retry-After over it; the limit may be changed while
+the farm runs), answer one error status to everything, and its paths play the faults real hosts
+have: 404s, transient 503s (with or without Retry-After), slow answers, redirects, HTML error
+pages with status 200, truncated images, decompression bombs, over-size bodies, trickling bodies,
+connection resets. Every request is logged with its time, status and Retry-After, so tests can
+check the downloader's manners.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class RequestRecord:
     path: str
     status: int
     user_agent: str = ""
+    retry_after: str | None = None  # the Retry-After header of the answer, if it had one
 
 
 @dataclass
@@ -86,7 +89,9 @@ class ServerSpec:
 
     host: str  # a loopback address, e.g. 127.0.0.2
     port: int = 0  # 0: any free port
-    rate_limit: float | None = None  # requests/s in any 1 s (under 1/s: 1 per 1/rate s); then 429
+    # Requests/s in any 1 s (under 1/s: 1 per 1/rate s); then 429. Read at every request, so
+    # another thread may change it while the farm runs.
+    rate_limit: float | None = None
     retry_after: float = 1.0
     advertise_limit: bool = False  # send the limit as a RateLimit-Policy header
     robots_tag: str | None = None  # an X-Robots-Tag header on every image (e.g. "noai")
@@ -95,7 +100,9 @@ class ServerSpec:
     robots_headers: dict[str, str] = field(default_factory=dict)  # e.g. Cache-Control
     latency: float = 0.0  # seconds before every answer
     down: bool = False  # answer 503 to everything
-    flaky_failures: int = 2  # /flaky/ paths fail this many times before they answer
+    fail_status: int | None = None  # answer this status (no Retry-After) to all but robots.txt
+    flaky_failures: int = 2  # /flaky/ paths fail this many times (or ?fails=K) before they answer
+    flaky_retry_after: str | None = "0"  # Retry-After of their 503s (None: no header)
     slow_seconds: float = 2.0
     large_size: int = 3_000_000
     trickle_seconds: float = 30.0
@@ -140,9 +147,17 @@ class FarmServer:
         return sum(1 for record in self.log if record.status == status)
 
     def _over_limit(self, now: float) -> bool:
-        limit = self.spec.rate_limit
+        """Whether a request arriving now exceeds the limit; `_recent` holds the accepted ones.
+
+        The limit is read afresh each time: when it drops, the requests already accepted in the
+        window count against the new one (so 429s follow until the window has room).
+        """
+        limit = self.spec.rate_limit  # one read: another thread may change it
         if limit is None:
+            self._recent.clear()  # a limit set later counts from then on
             return False
+        if limit <= 0:
+            return True
         window = 1.0 if limit >= 1 else 1.0 / limit  # below 1/s: one request per 1/limit s
         while self._recent and now - self._recent[0] >= window:
             self._recent.popleft()
@@ -164,12 +179,18 @@ class FarmServer:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         now = time.time()
         path = request.path
-        response = await self._answer(request, path, now)
+        try:
+            response = await self._answer(request, path, now)
+        except web.HTTPException as answer:  # the redirects: logged like any other answer
+            self.log.append(RequestRecord(now, path, answer.status,
+                                          request.headers.get("User-Agent", "")))
+            raise
         if response is not None and self.spec.advertise_limit and self.spec.rate_limit \
                 and not response.prepared:
             response.headers["RateLimit-Policy"] = f'"limit";q={self.spec.rate_limit:g};w=1'
         self.log.append(RequestRecord(now, path, response.status if response else 0,
-                                      request.headers.get("User-Agent", "")))
+                                      request.headers.get("User-Agent", ""),
+                                      response.headers.get("Retry-After") if response else None))
         if response is None:  # a reset: no answer at all
             assert request.transport is not None
             request.transport.abort()
@@ -190,6 +211,8 @@ class FarmServer:
                                 headers=headers)
         if spec.down:
             return web.Response(status=503, text="down for maintenance")
+        if spec.fail_status is not None and path != "/robots.txt":  # robots.txt: 404
+            return web.Response(status=spec.fail_status, text="internal error")
         kind, _, name = path.lstrip("/").partition("/")
         if kind == "img":
             body = self.image_named(name)
@@ -208,8 +231,11 @@ class FarmServer:
         if kind == "flaky":
             count = self._attempts.get(path, 0) + 1
             self._attempts[path] = count
-            if count <= spec.flaky_failures:
-                return web.Response(status=503, headers={"Retry-After": "0"})
+            failures = int(request.query.get("fails", spec.flaky_failures))
+            if count <= failures:
+                headers = {} if spec.flaky_retry_after is None \
+                    else {"Retry-After": spec.flaky_retry_after}
+                return web.Response(status=503, headers=headers)
             return web.Response(body=self.image_named(name), content_type="image/jpeg")
         if kind == "slow":
             await asyncio.sleep(spec.slow_seconds)

@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
+from distributed_downloader.config import Settings
 from distributed_downloader.errors import SERVER_FAILURES, ErrorCode
 from distributed_downloader.protocol import ServerNews
 
@@ -53,28 +54,33 @@ RECENT_THROTTLE = 30.0  # seconds during which a lowered rate is named as a reas
 
 @dataclass(frozen=True)
 class RatePolicy:
-    """The named settings of rate control (see config.py for each one's meaning)."""
+    """The named settings of rate control (defaults and meanings: config.py)."""
 
-    increase_interval: float = 2.0
-    growth_factor: float = 1.5
-    decrease_factor: float = 0.5
-    throttle_memory: float = 60.0
-    throttle_memory_max: float = 240.0
-    overload_failure_share: float = 0.25
-    overload_min_failures: int = 10
-    breaker_failures: int = 5
-    breaker_max_pause: float = 60.0
-    server_down_after: float = 120.0
+    increase_interval: float
+    growth_factor: float
+    decrease_factor: float
+    throttle_memory: float
+    throttle_memory_max: float
+    overload_failure_share: float
+    overload_min_failures: int
+    breaker_failures: int
+    breaker_max_pause: float
+    server_down_after: float
 
     @classmethod
-    def from_settings(cls, settings: object) -> RatePolicy:
-        return cls(**{name: getattr(settings, name if name in _SAME_NAME else f"rate_{name}")
-                      for name in cls.__dataclass_fields__})
-
-
-_SAME_NAME = frozenset({"throttle_memory", "throttle_memory_max", "overload_failure_share",
-                        "overload_min_failures", "breaker_failures", "breaker_max_pause",
-                        "server_down_after"})
+    def from_settings(cls, settings: Settings) -> RatePolicy:
+        return cls(
+            increase_interval=settings.rate_increase_interval,
+            growth_factor=settings.rate_growth_factor,
+            decrease_factor=settings.rate_decrease_factor,
+            throttle_memory=settings.throttle_memory,
+            throttle_memory_max=settings.throttle_memory_max,
+            overload_failure_share=settings.overload_failure_share,
+            overload_min_failures=settings.overload_min_failures,
+            breaker_failures=settings.breaker_failures,
+            breaker_max_pause=settings.breaker_max_pause,
+            server_down_after=settings.server_down_after,
+        )
 
 
 # --- what an answer says about its server ---------------------------------------------------
@@ -87,8 +93,8 @@ class Signal(Enum):
     NONE = "none"  # nothing about the server (refused before sending, given up)
 
 
-NOT_ASKED = frozenset({ErrorCode.SERVER_UNAVAILABLE, ErrorCode.BLOCKED_ADDRESS,
-                       ErrorCode.ROBOTS_DISALLOWED, ErrorCode.INVALID_REDIRECT})
+# Outcomes that say nothing of the server: it was not asked, or not where it counts.
+NOT_ASKED = frozenset({ErrorCode.SERVER_UNAVAILABLE, ErrorCode.BLOCKED_ADDRESS})
 
 
 def signal_of(code: ErrorCode | None, retry_after: float | None) -> Signal:
@@ -251,7 +257,7 @@ class RateController:
         if elapsed < self.interval():
             return False
         used = self.asked_in_interval >= USED_SHARE * self.rate * elapsed
-        self._new_interval(now)
+        self.start_interval(now)
         if not used:
             return False
         self.held = max(self.held or 0.0, self.rate)
@@ -294,10 +300,11 @@ class RateController:
             self.rate = max(MIN_RATE, rate * self.policy.decrease_factor)
             self.held = None
         self.last_decrease = now
-        self._new_interval(now)
+        self.start_interval(now)
         return True
 
-    def _new_interval(self, now: float) -> None:
+    def start_interval(self, now: float) -> None:
+        """A new interval of judging begins (a change, a pause, a restart)."""
         self.interval_start, self.asked_in_interval = now, 0
 
 
@@ -413,7 +420,7 @@ class ServerPolicy:
     def tick(self, now: float) -> bool:
         """Time passing: the rate may step up (never while paused or failing)."""
         if now < self.pause_end() or self.breaker.open:
-            self.control._new_interval(now)
+            self.control.start_interval(now)
             return False
         return self.control.tick(now)
 

@@ -230,7 +230,7 @@ def learned_profiles(layout: RunLayout, scheduler: Scheduler) -> list[ServerProf
 def _learned_profile(server: ServerState, previous: ServerProfile | None) -> ServerProfile:
     control, breaker = server.policy.control, server.policy.breaker
     learned = control.learned()
-    cap = control.caps.get("advertised") or control.caps.get("robots")
+    cap = min(control.caps.values(), default=None)
     # "gave_up", unlike the profile's "down", does not keep the next run from trying.
     status = ProfileStatus.GAVE_UP if server.dead else \
         ProfileStatus.THROTTLED if learned.throttled is not None else \
