@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from distributed_downloader.config import Settings
+from distributed_downloader.farm import peak_in_one_second
 from distributed_downloader.policy import (
     LearnedRate,
     RatePolicy,
@@ -50,13 +51,7 @@ class Run:
         return sum(inside) / len(inside)
 
     def peak(self, start: float, end: float) -> int:
-        times = [t for t, _ in self.requests if start <= t < end]
-        peak, first = 0, 0
-        for last, now in enumerate(times):
-            while now - times[first] >= 1.0:
-                first += 1
-            peak = max(peak, last - first + 1)
-        return peak
+        return peak_in_one_second(t for t, _ in self.requests if start <= t < end)
 
 
 def simulate(server: ServerPolicy, seconds: float, limit: Callable[[float], float],
@@ -175,13 +170,35 @@ def test_a_restart_from_saved_state_sends_no_burst() -> None:
 
     again = fresh(rate=10)
     again.control.now = 930.0
-    again.control.remember(LearnedRate(learned.held, learned.throttled,
-                                       learned.throttled_at), start)
+    again.control.remember(learned, start)
     again.control.start_interval(930.0)
     run = simulate(again, 120, limit=lambda t: 100, start=930.0, fail_share=0.02)
     assert run.count(429, 930, 960) == 0
     assert run.peak(930, 960) <= 100
     assert run.rate_at(935) >= 80  # and it starts at speed, not from the default
+
+
+def test_a_slow_server_met_at_the_default_rate_costs_a_few_429s() -> None:
+    """A server allowing 2 requests/s, asked at 10/s: the rate falls at once to what it took."""
+    server = fresh(rate=10)
+    run = simulate(server, 300, limit=lambda t: 2)
+    assert run.count(429, 0, 30) <= 4
+    assert 1.6 <= run.rate_at(60) <= 2
+    assert run.count(429) <= 0.02 * run.total()
+
+
+def test_the_wait_before_trying_again_carries_over_a_restart() -> None:
+    first = fresh(rate=10)
+    simulate(first, 900, limit=lambda t: 100)
+    learned = first.control.learned()
+    assert learned.wait is not None and learned.wait > 60  # tries failed: it grew
+
+    again = fresh(rate=10)
+    again.control.now = 905.0
+    again.control.remember(learned, learned.held or 10)
+    again.control.start_interval(905.0)
+    run = simulate(again, 60, limit=lambda t: 100, start=905.0)
+    assert run.count(429) == 0  # no try of the throttled rate within the first minute
 
 
 def test_old_evidence_is_tried_again_soon() -> None:

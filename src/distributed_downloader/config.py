@@ -124,7 +124,7 @@ class Settings(BaseModel):
     )
     retry_delay: float = Field(
         1.0, gt=0, description="Seconds before a failed URL is asked again; each later retry "
-        "waits four times longer (1, 4, 16, 64 s ...), other URLs going on meanwhile."
+        "waits three times longer (1, 3, 9, 27, 81 s ...), other URLs going on meanwhile."
     )
     retry_delay_max: float = Field(
         600.0, gt=0, description="Longest wait before a failed URL is asked again."

@@ -22,6 +22,7 @@ import threading
 import time
 import zlib
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -72,6 +73,17 @@ def make_png_bomb(width: int = 30_000, height: int = 30_000) -> bytes:
 
 
 HTML_ERROR_PAGE = b"<html><body><h1>Sorry</h1><p>The image is not available.</p></body></html>"
+
+
+def peak_in_one_second(times: Iterable[float]) -> int:
+    """Most of `times` that fall in any 1-second window [t, t + 1)."""
+    ordered = sorted(times)
+    peak, start = 0, 0
+    for end, current in enumerate(ordered):
+        while current - ordered[start] >= 1.0:
+            start += 1
+        peak = max(peak, end - start + 1)
+    return peak
 
 
 @dataclass
@@ -135,13 +147,7 @@ class FarmServer:
 
     def peak_per_second(self) -> int:
         """Most requests that arrived in any 1-second window [t, t + 1)."""
-        times = sorted(record.time for record in self.log)
-        peak, start = 0, 0
-        for end, current in enumerate(times):
-            while current - times[start] >= 1.0:
-                start += 1
-            peak = max(peak, end - start + 1)
-        return peak
+        return peak_in_one_second(record.time for record in self.log)
 
     def status_count(self, status: int) -> int:
         return sum(1 for record in self.log if record.status == status)

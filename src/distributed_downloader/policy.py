@@ -50,6 +50,10 @@ DECREASE_COOLDOWN = 1.0  # seconds: one burst of 429s, seen by several workers, 
 DEFAULT_THROTTLE_PAUSE = 1.0  # seconds, for a 429 without Retry-After
 MIN_RATE = 0.02  # requests/s: even a very touchy server keeps being asked, slowly
 RECENT_THROTTLE = 30.0  # seconds during which a lowered rate is named as a reason for waiting
+# Answers of the last second tell how much a server takes: after a first throttle the rate falls
+# at most to that (a server allowing 1 request/s, asked at 10/s, goes to ~1/s at once).
+ACCEPTED_WINDOW = 2.0
+ACCEPTED_HEADROOM = 1.5  # the limit is searched between that and this many times more
 
 
 @dataclass(frozen=True)
@@ -176,6 +180,7 @@ class LearnedRate:
     held: float | None  # the highest rate answered well for a whole interval
     throttled: float | None  # the latest rate that drew a throttle
     throttled_at: float | None  # when (wall clock)
+    wait: float | None = None  # quiet seconds before that rate is tried again
 
 
 @dataclass
@@ -198,6 +203,7 @@ class RateController:
     interval_start: float = 0.0
     asked_in_interval: int = 0
     last_decrease: float = -math.inf
+    accepted: deque[tuple[float, int]] = field(default_factory=deque)  # (time, answers)
 
     def __post_init__(self) -> None:
         self.memory = self.memory or self.policy.throttle_memory
@@ -221,14 +227,17 @@ class RateController:
         self.held = learned.held
         if learned.throttled is not None and learned.throttled_at is not None:
             self.throttled_rate, self.throttled_at = learned.throttled, learned.throttled_at
+            self.memory = min(self.policy.throttle_memory_max,
+                              max(self.policy.throttle_memory, learned.wait or 0.0))
         start = learned.held or start_rate
         if self.ceiling is not None:
             start = min(start, self.ceiling)
         self.rate = max(MIN_RATE, min(start, self.max_rate))
 
     def learned(self) -> LearnedRate:
-        at = self.throttled_at if self.throttled_rate is not None else None
-        return LearnedRate(self.held, self.throttled_rate, at)
+        if self.throttled_rate is None:
+            return LearnedRate(self.held, None, None)
+        return LearnedRate(self.held, self.throttled_rate, self.throttled_at, self.memory)
 
     def set_cap(self, name: str, rate: float | None) -> bool:
         """A hard cap (an advertised limit, ...): the rate never exceeds it. True if the
@@ -244,9 +253,13 @@ class RateController:
             return True
         return False
 
-    def asked(self, requests: int) -> None:
-        """Requests the server answered (or failed) since the last report."""
+    def asked(self, now: float, requests: int, answered: int) -> None:
+        """Requests the server saw since the last report, and how many it answered well."""
         self.asked_in_interval += requests
+        if answered:
+            self.accepted.append((now, answered))
+        while self.accepted and now - self.accepted[0][0] > ACCEPTED_WINDOW:
+            self.accepted.popleft()
 
     def interval(self) -> float:
         return max(self.policy.increase_interval, REQUESTS_PER_INTERVAL / self.rate)
@@ -296,8 +309,14 @@ class RateController:
         self.throttled_rate = rate
         if self.held is not None and rate > self.held:
             self.rate = self.held  # above what held: back to it, the limit is in between
-        else:  # at or below a rate that held: the limit fell
-            self.rate = max(MIN_RATE, rate * self.policy.decrease_factor)
+        else:  # nothing held, or the limit fell below it: lower, at most to what it accepted
+            lowered = rate * self.policy.decrease_factor
+            accepted = sum(count for when, count in self.accepted if now - when <= 1.0)
+            if accepted and accepted < lowered:
+                # It took far less than it was asked: its limit is near that, not near `rate`.
+                lowered = accepted
+                self.throttled_rate = min(rate, ACCEPTED_HEADROOM * accepted)
+            self.rate = max(MIN_RATE, lowered)
             self.held = None
         self.last_decrease = now
         self.start_interval(now)
@@ -399,7 +418,7 @@ class ServerPolicy:
         """One worker's news of this server; True when the budget changed."""
         changed = False
         asked = news.answered + news.failed + news.throttled
-        self.control.asked(asked)
+        self.control.asked(now, asked, news.answered)
         if asked:
             self.last_asked = now
         if news.advertised is not None:

@@ -17,7 +17,6 @@ import asyncio
 import csv
 import io
 import itertools
-import re
 import statistics
 import time
 from collections import Counter
@@ -40,7 +39,7 @@ if TYPE_CHECKING:  # fetch imports this module: its parts are imported where the
 
 PROFILE_COLUMNS = ("server_name", "rate_limit", "max_connections", "latency_ms", "status", "notes",
                    "max_rate_limit", "rate_held", "rate_throttled", "throttled_at",
-                   "failing_since", "last_request")
+                   "throttle_wait", "failing_since", "last_request")
 # Seconds between two probe requests to one server: never more than one a second, with a
 # margin so that network jitter cannot bring two arrivals within the same second.
 PROBE_INTERVAL = 1.05
@@ -78,16 +77,18 @@ class ServerProfile:
     rate_held: float | None = None
     rate_throttled: float | None = None
     throttled_at: float | None = None
+    throttle_wait: float | None = None  # quiet seconds before rate_throttled is tried again
     failing_since: float | None = None  # failing every request since then (unix time)
     last_request: float | None = None  # about when it was last asked (unix time)
 
     @property
     def learned(self) -> LearnedRate:
-        return LearnedRate(self.rate_held, self.rate_throttled, self.throttled_at)
+        return LearnedRate(self.rate_held, self.rate_throttled, self.throttled_at,
+                           self.throttle_wait)
 
 
 _OPTIONAL_FLOATS = ("latency_ms", "max_rate_limit", "rate_held", "rate_throttled",
-                    "throttled_at", "failing_since", "last_request")
+                    "throttled_at", "throttle_wait", "failing_since", "last_request")
 
 
 @dataclass
@@ -143,8 +144,8 @@ def write_profiles(path: Path, profiles: list[ServerProfile]) -> None:
         for name in _OPTIONAL_FLOATS:
             value = getattr(profile, name)
             row[name] = "" if value is None else \
-                f"{value:.0f}" if name in ("latency_ms", "throttled_at", "failing_since",
-                                           "last_request") else f"{value:.4g}"
+                f"{value:.0f}" if name in ("latency_ms", "throttled_at", "throttle_wait",
+                                           "failing_since", "last_request") else f"{value:.4g}"
         writer.writerow(row)
     atomic_write_text(path, buffer.getvalue())
 
@@ -297,9 +298,8 @@ async def probe_server(client: Any, server_name: str, urls: list[str],
         if signal is Signal.THROTTLED:
             result.throttled += 1
             if outcome.retry_after is not None:  # type: ignore[union-attr]
-                result.retry_after = max(result.retry_after or 0.0, outcome.retry_after)
-                if outcome.retry_after > interval[0]:
-                    break  # asked to pause: that is all we need to know
+                result.retry_after = outcome.retry_after
+            break  # told to slow down: that is all the probe needs to know
         elif signal is Signal.FAILED:
             result.failures += 1
         elif signal is Signal.ANSWERED:

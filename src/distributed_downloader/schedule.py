@@ -105,9 +105,10 @@ class ServerState:
         if self.dead or not (self.pending or self.workers):
             return None
         if self.held:
-            left = None if self.held_until is None else max(0.0, self.held_until - now)
-            return Wait(self.name, self.held + ("; asked again in" if left is not None else ""),
-                        left)
+            left = None if self.held_until is None else self.held_until - now
+            if left is None or left <= 0:
+                return Wait(self.name, self.held)
+            return Wait(self.name, f"{self.held}; asked again in", left)
         why = self.policy.waiting(now)
         return Wait(self.name, *why) if why else None
 

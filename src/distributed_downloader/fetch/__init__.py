@@ -245,7 +245,7 @@ def _learned_profile(server: ServerState, previous: ServerProfile | None) -> Ser
         start = min(start, control.ceiling)
     last_request = server.policy.last_asked or (previous.last_request if previous else None)
     return ServerProfile(server.name, start, server.connections, latency, status, notes, cap,
-                         learned.held, learned.throttled, learned.throttled_at,
+                         learned.held, learned.throttled, learned.throttled_at, learned.wait,
                          breaker.failing_since, last_request)
 
 

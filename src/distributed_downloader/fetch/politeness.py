@@ -32,11 +32,14 @@ class ServerSlot:
         self.probing = False  # failing: new URLs first, one request at a time
         self.open = 0
         self._next_send = 0.0  # monotonic
+        self._last_send = -1e9  # monotonic
         self._changed = asyncio.Event()  # set (and replaced) whenever the share changes
 
     def update(self, rate: float, connections: int, paused_until: float, dead: bool,
                give_up: GiveUp | None = None, probing: bool = False) -> None:
         self.give_up = give_up
+        if rate < self.rate:  # slower from the last request on, not from the next one
+            self._next_send = max(self._next_send, self._last_send + PACING_MARGIN / rate)
         self.rate = rate
         self.connections = connections
         self.paused_until = max(self.paused_until, paused_until)
@@ -75,6 +78,7 @@ class ServerSlot:
                 continue
             now = time.monotonic()
             if self._next_send <= now:
+                self._last_send = now
                 self._next_send = now + PACING_MARGIN / self.rate
                 return
             await self._wait_for_change(self._next_send - now)

@@ -10,7 +10,7 @@ from distributed_downloader.errors import RETRYABLE, RETRYABLE_LATER, ErrorCode
 
 # Each retry of a failed URL waits this many times longer than the one before (Heritrix's
 # growing retry delay): a passing fault is retried within seconds, a bad spell within minutes.
-DELAY_GROWTH = 4.0
+DELAY_GROWTH = 3.0
 # A URL told to slow down this many times is written as http_429 (retryable by a later run):
 # throttles are the server's business and are not counted as failures, but a server that
 # throttles everything for ever must not hold the run.

@@ -5,9 +5,9 @@ rows under its share of the server's budget (see politeness.py), retries what ca
 (see frontier.py and retry.py), decodes off the loop, and commits results in chunks. It reports
 what it sees of each server; every decision about a server (its rate, pauses, giving it up) is
 the scheduler's (see policy.py). The one thing the worker does at once is honour a pause the
-server itself asked for (Retry-After), until the scheduler's word arrives. On SIGINT/SIGTERM/SIGUSR1, or when its scheduler
-vanishes, it stops cleanly: finished rows are committed, requests in flight are dropped (a resumed
-run fetches them again).
+server itself asked for (Retry-After), until the scheduler's word arrives. On SIGINT, SIGTERM or
+SIGUSR1, or when its scheduler vanishes, it stops cleanly: finished rows are committed, requests
+in flight are dropped (a resumed run fetches them again).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distributed_downloader.config import Settings
-from distributed_downloader.errors import SERVER_FAILURES, ErrorCode
+from distributed_downloader.errors import ErrorCode
 from distributed_downloader.fetch.client import Body, BodyBudget, FetchFailure, HttpClient
 from distributed_downloader.fetch.frontier import Frontier, Pending
 from distributed_downloader.fetch.opt_out import PRODUCT_TOKEN, opted_out
