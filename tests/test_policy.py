@@ -94,6 +94,7 @@ def simulate(server: ServerPolicy, seconds: float, limit: Callable[[float], floa
                 if always_fail or rng.random() < fail_share:
                     status, streak = 503, streak + 1
                     news.failed += 1
+                    news.failed_urls += 1  # every simulated request is a URL of its own
                 else:
                     status, streak = 200, 0
                     news.answered += 1
@@ -166,7 +167,7 @@ def test_a_restart_from_saved_state_sends_no_burst() -> None:
     simulate(first, 900, limit=lambda t: 100, fail_share=0.02)
     learned = first.control.learned()
     assert learned.held is not None and learned.throttled is not None
-    start = min(learned.held, first.control.ceiling or learned.held)
+    start = first.control.start_rate(10.0)
 
     again = fresh(rate=10)
     again.control.now = 930.0
@@ -237,3 +238,32 @@ def test_no_quota_left_pauses() -> None:
     assert quota_pause({"RateLimit": '"default";r=3;t=7'}) is None
     assert quota_pause({"RateLimit-Remaining": "0", "RateLimit-Reset": "4"}) == 4
     assert quota_pause({}) is None
+
+
+def test_a_hard_cap_below_the_rate_floor_is_kept() -> None:
+    """robots.txt's Crawl-delay: 60 allows one request a minute, below MIN_RATE."""
+    server = fresh(rate=10)
+    server.control.set_cap("robots", 1 / 60)
+    assert server.rate <= 1 / 60
+    server.control.throttled(5.0)
+    assert server.rate <= 1 / 60
+
+
+def test_only_the_first_throttle_trusts_what_the_server_took() -> None:
+    server = fresh(rate=8)
+    control = server.control
+    control.held = 8.0
+    control.asked(10.0, 8, 8)
+    control.throttled(10.0)  # at the rate that held: the limit fell, halve
+    assert control.rate == 4.0
+    control.asked(11.3, 1, 1)  # one answer right after the pause
+    control.throttled(11.3)
+    assert control.rate == 2.0  # halved again, not cut to the single answer seen
+
+
+def test_an_overload_is_not_saved_as_what_the_server_tolerates() -> None:
+    server = fresh(rate=10, overload_min_failures=5)
+    for second in range(1, 10):
+        server.observe(0, ServerNews(answered=5, failed=5, failed_urls=5), now=second)
+    assert server.rate < 10
+    assert server.control.learned().throttled is None

@@ -18,7 +18,7 @@ MULTIMEDIA = FIXTURES / "multimedia.txt"
 EXPECTED_DROPPED = {
     "missing_gbif_id": 1,
     "not_still_image": 2,
-    "not_image_format": 2,
+    "not_image_format": 1,  # text/html (an empty format is kept: see below)
     "unsupported_scheme": 3,  # javascript:, file:, ftp:
     "invalid_url": 1,  # relative
     "empty_url": 1,
@@ -30,6 +30,7 @@ EXPECTED_DOWNLOADS = {
     "1001": ("http://127.0.0.2:8001/img/1.jpg", "127.0.0.2:8001"),
     "1002": ("http://127.0.0.2:8001/img/2.png", "127.0.0.2:8001"),
     "1008": ("http://127.0.0.2:8001/img/8.jpg", "127.0.0.2:8001"),
+    "1007": ("http://127.0.0.2:8001/img/7.jpg", "127.0.0.2:8001"),  # format empty
     "1022": ("http://127.0.0.2:8001/img/UPPER.jpg", "127.0.0.2:8001"),
     "1009": ("http://127.0.0.3:8002/photos/Aus%20bus%20%C3%BC.jpg", "127.0.0.3:8002"),
     "1024": ("http://127.0.0.3:8002/photos/trailing.jpg", "127.0.0.3:8002"),
@@ -51,9 +52,10 @@ def test_counts_every_row_by_what_became_of_it(gbif_out: Path) -> None:
     assert summary["formats"] == ["gbif"]
     assert summary["rows_read"] == 24
     assert summary["dropped"] == EXPECTED_DROPPED
-    assert summary["rows_kept"] == 11
+    assert summary["rows_kept"] == 12
+    assert summary["kept_without_image_format"] == 1
     assert summary["duplicates"] == 2
-    assert summary["download_rows"] == 9
+    assert summary["download_rows"] == 10
     assert summary["rows_read"] == summary["rows_kept"] + sum(summary["dropped"].values())
     assert (summary["servers"], summary["batches"]) == (5, 5)
 
@@ -91,7 +93,7 @@ def test_uuids_are_v5_of_source_id_and_url_and_unique(gbif_out: Path) -> None:
     batches = read_batches(gbif_out).to_pylist()
     duplicates = read_parquet(gbif_out / "prep" / "duplicates.parquet").to_pylist()
     all_uuids = [r["uuid"] for r in batches] + [r["uuid"] for r in duplicates]
-    assert len(all_uuids) == len(set(all_uuids)) == 11
+    assert len(all_uuids) == len(set(all_uuids)) == 12
     for row in batches:
         assert row["uuid"] == uuid_v5_python(row["source_id"], row["identifier"])
         assert uuid.UUID(row["uuid"]).version == 5
@@ -111,16 +113,16 @@ def test_duplicate_urls_download_once_and_map_to_their_carrier(gbif_out: Path) -
 
 def test_servers_table_counts_rows_and_batches(gbif_out: Path) -> None:
     servers = read_parquet(gbif_out / "prep" / "servers.parquet").to_pylist()
-    assert servers[0] == {"server_name": "127.0.0.2:8001", "rows": 4, "batches": 1,
+    assert servers[0] == {"server_name": "127.0.0.2:8001", "rows": 5, "batches": 1,
                           "reused_rows": 0}
-    assert sum(s["rows"] for s in servers) == 9
+    assert sum(s["rows"] for s in servers) == 10
     assert {s["server_name"] for s in servers} == {v[1] for v in EXPECTED_DOWNLOADS.values()}
 
 
 def test_batches_read_as_one_table_with_pyarrow_too(gbif_out: Path) -> None:
     dataset = ds.dataset(gbif_out / "prep" / "batches", format="parquet", partitioning="hive")
     table = dataset.to_table()
-    assert table.num_rows == 9
+    assert table.num_rows == 10
     assert {"uuid", "source_id", "identifier", "is_license_full", "license", "source", "title",
             "server_name", "partition_id"} == set(table.column_names)
 
@@ -140,17 +142,17 @@ def test_random_uuids_on_request(tmp_path: Path) -> None:
     run_cli("prep", MULTIMEDIA, "--output", out, "--uuid", "random")
     rows = read_batches(out).to_pylist()
     assert {uuid.UUID(r["uuid"]).version for r in rows} == {4}
-    assert len({r["uuid"] for r in rows}) == 9
+    assert len({r["uuid"] for r in rows}) == 10
 
 
 def test_keep_duplicates_downloads_every_row(tmp_path: Path) -> None:
     out = tmp_path / "out"
     run_cli("prep", MULTIMEDIA, "--output", out, "--keep-duplicates")
     rows = read_batches(out).to_pylist()
-    assert len(rows) == 11
+    assert len(rows) == 12
     assert Counter(r["identifier"] for r in rows)["http://127.0.0.2:8001/img/1.jpg"] == 3
     assert read_parquet(out / "prep" / "duplicates.parquet").num_rows == 0
-    assert len({r["uuid"] for r in rows}) == 11
+    assert len({r["uuid"] for r in rows}) == 12
 
 
 def test_gzip_and_dwca_zip_give_the_same_rows(gbif_out: Path, tmp_path: Path) -> None:
@@ -170,7 +172,7 @@ def test_unzipped_dwca_folder_reads_meta_xml(tmp_path: Path) -> None:
     out = tmp_path / "out"
     run_cli("prep", folder, "--output", out)
     assert prep_summary(out)["formats"] == ["dwca"]
-    assert read_batches(out).num_rows == 9
+    assert read_batches(out).num_rows == 10
 
 
 def test_audubon_core_media_archive(tmp_path: Path) -> None:
@@ -184,6 +186,24 @@ def test_audubon_core_media_archive(tmp_path: Path) -> None:
     ]
     assert rows[1]["title"] == "Two\nlines"  # a quoted field across lines
     assert prep_summary(out)["dropped"] == {"not_still_image": 1}
+
+
+def test_the_strict_format_rule_of_the_original_on_request(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run_cli("prep", MULTIMEDIA, "--output", out, "--strict-image-format")
+    summary = prep_summary(out)
+    assert summary["dropped"]["not_image_format"] == 2
+    assert summary["kept_without_image_format"] == 0
+    assert "1007" not in {r["source_id"] for r in read_batches(out).to_pylist()}
+
+
+def test_a_prep_that_keeps_nothing_says_why(tmp_path: Path) -> None:
+    lines = MULTIMEDIA.read_text(encoding="utf-8", errors="replace").splitlines()
+    sounds = [lines[0]] + [line.replace("StillImage", "Sound") for line in lines[1:12]]
+    source = tmp_path / "multimedia.txt"
+    source.write_text("\n".join(sounds) + "\n")
+    result = run_cli("prep", source, "--output", tmp_path / "out")
+    assert "no row kept" in result.stderr and "not_still_image" in result.stderr
 
 
 def test_keep_columns_are_carried_along(tmp_path: Path) -> None:

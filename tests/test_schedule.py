@@ -96,15 +96,22 @@ def test_a_failed_url_is_not_a_throttle_but_an_overload_is() -> None:
     scheduler = Scheduler([state], Settings(), range(1), now=0)
     scheduler.handle(WantWork(0), now=0)
     for second in range(1, 21):  # 2% of answers fail (a 503 without Retry-After)
-        scheduler.handle(Report(0, {"s": ServerNews(answered=49 if second % 2 else 50,
-                                                    failed=1 if second % 2 else 0)}), now=second)
+        failed = 1 if second % 2 else 0
+        scheduler.handle(Report(0, {"s": ServerNews(answered=50 - failed, failed=failed,
+                                                    failed_urls=failed)}), now=second)
+    assert state.rate == 10.0
+    # 10% of its URLs are dead links, each asked five times: many failed answers, few URLs.
+    for second in range(21, 60):
+        scheduler.handle(Report(0, {"s": ServerNews(answered=45, failed=25, failed_urls=5)}),
+                         now=second)
     assert state.rate == 10.0
     # Then half of the answers fail: within seconds that is overload, the rate comes down.
-    for second in range(21, 40):
-        scheduler.handle(Report(0, {"s": ServerNews(answered=25, failed=25)}), now=second)
+    for second in range(60, 80):
+        scheduler.handle(Report(0, {"s": ServerNews(answered=25, failed=25, failed_urls=25)}),
+                         now=second)
         if state.rate < 10:
             break
-    assert state.rate == 5.0 and second <= 35  # the 20-s window turns within ~10 s
+    assert state.rate == 5.0 and second <= 75  # the 20-s window turns within ~10 s
 
 
 def test_breaker_opens_then_gives_up() -> None:
@@ -133,6 +140,19 @@ def test_a_success_closes_the_breaker() -> None:
     assert scheduler.servers["s"].policy.breaker.failing_since is None
 
 
+def test_a_worker_leaving_a_server_takes_its_failure_streak_along() -> None:
+    scheduler = Scheduler([server("s", 2, rate=10)], Settings(), range(2), now=0)
+    first = next(m for _, m in scheduler.handle(WantWork(0), now=0) if isinstance(m, Assign))
+    scheduler.handle(Report(0, {"s": ServerNews(failed=3, failures=3)}), now=1)
+    second = next(m for _, m in scheduler.handle(BatchFinished(0, first.batch, 97, 3), now=2)
+                  if isinstance(m, Assign))  # it goes on with the server's next batch
+    scheduler.handle(BatchFinished(0, second.batch, 100, 0), now=3)
+    assert 0 not in scheduler.servers["s"].workers
+    # Another worker's two failures (between good answers) do not add up to five with it.
+    scheduler.handle(Report(1, {"s": ServerNews(answered=10, failed=2, failures=2)}), now=4)
+    assert not scheduler.servers["s"].probing
+
+
 def test_lost_worker_batches_go_back_and_the_run_ends() -> None:
     scheduler = Scheduler([server("s", 1, rate=10)], Settings(), range(2), now=0)
     assign = next(m for _, m in scheduler.handle(WantWork(0), now=0) if isinstance(m, Assign))
@@ -157,3 +177,22 @@ def test_retry_after_in_seconds_or_as_a_date() -> None:
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
     assert parse_retry_after("soon") is None
     assert parse_retry_after(None) is None
+
+
+def test_a_pause_the_server_asked_for_outlives_the_run() -> None:
+    """Retry-After 3600 at the end of a Slurm period: the next period keeps it, and a pause
+    longer than a failing server is waited for gives the server up for this run."""
+    from distributed_downloader.fetch import _starting_budget
+    from distributed_downloader.profile import ServerProfile
+
+    settings = Settings(server_down_after=60)
+    state = server("s", 2, rate=10, settings=settings)
+    profile = ServerProfile("s", 5.0, 8, paused_until=1000.0 + 3600)
+    _starting_budget(state, profile, None, now=1000.0, retry_errors=False)
+    assert state.paused_until == 4600.0
+    scheduler = Scheduler([state], settings, range(1), now=1000.0)
+    out = scheduler.tick(now=1001.0)
+    assert state.dead and state.give_up.code == "http_429"
+    assert "3599 s" in state.give_up.message
+    assigned = [m for _, m in scheduler.handle(WantWork(0), now=1001.0) if isinstance(m, Assign)]
+    assert assigned[0].give_up is state.give_up and out == []

@@ -23,6 +23,9 @@ from distributed_downloader.prep.urls import normalise_one, normalise_urls
          "xn--mnchen-3ya.localhost"),
         ("http://0x7f.1/a.jpg", "http://127.0.0.1/a.jpg", "127.0.0.1"),
         ("http://h.localhost\\a\\b.jpg", "http://h.localhost/a/b.jpg", "h.localhost"),
+        # A fragment is never sent: one resource with or without it.
+        ("http://h.localhost/a.jpg#page=2", "http://h.localhost/a.jpg", "h.localhost"),
+        ("http://h.localhost/a%23b.jpg?x=1#", "http://h.localhost/a%23b.jpg?x=1", "h.localhost"),
     ],
 )
 def test_normalises_as_a_browser_does(raw: str, identifier: str, server_name: str) -> None:

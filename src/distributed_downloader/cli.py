@@ -97,7 +97,7 @@ PROFILE_SETTINGS = ("default_rate_limit", "max_rate_limit", "max_connections_per
                     "profile_requests", "timeout", "connect_timeout", "user_agent", "contact",
                     "allow_network", "dns_servers", "rates", "respect_robots")
 PREP_SETTINGS = ("url_column", "id_column", "keep_columns", "batch_size", "keep_duplicates",
-                 "uuid", "memory_limit", "previous")
+                 "strict_image_format", "uuid", "memory_limit", "previous")
 
 
 def gather_settings(config_file: Path | None, flags: dict[str, Any]) -> Settings:
@@ -144,6 +144,9 @@ def print_prep_summary(summary: dict[str, Any], output: Path) -> None:
     table.add_row("rows kept", f"{summary['rows_kept']:,}")
     for reason, count in summary["dropped"].items():
         table.add_row(f"  dropped: {reason}", f"{count:,}")
+    if summary.get("kept_without_image_format"):
+        table.add_row("  kept without an image/* format",
+                      f"{summary['kept_without_image_format']:,}")
     table.add_row("duplicate URLs", f"{summary['duplicates']:,}")
     table.add_row("rows to download", f"{summary['download_rows']:,}")
     overlap = summary.get("overlap")
@@ -161,6 +164,12 @@ def print_prep_summary(summary: dict[str, Any], output: Path) -> None:
     console.print(table)
     for warning in summary.get("warnings", []):
         err_console.print(f"[yellow]warning:[/] {warning}")
+    if summary["rows_kept"] == 0 and summary["dropped"]:
+        reason, count = max(summary["dropped"].items(), key=lambda item: item[1])
+        err_console.print(f"[yellow]warning:[/] no row kept: {count:,} of "
+                          f"{summary['rows_read']:,} were dropped as {reason} (see the counts "
+                          "above, and prep/rejected.parquet for rows that could not be used)",
+                          highlight=False)
     console.print(f"batches in [bold]{output / 'prep' / 'batches'}[/]")
     if overlap is not None:
         console.print(f"overlap by server in [bold]{output / 'prep' / 'overlap.parquet'}[/]")
@@ -273,6 +282,12 @@ def _fetch(settings: Settings, retry_errors: bool, started: float | None = None)
     if summary["opt_outs_ignored"]:
         err_console.print(f"[yellow]warning:[/] ignored the opt-out (X-Robots-Tag) of "
                           f"{summary['opt_outs_ignored']:,} images (--ignore-opt-out)")
+    blocked = summary["errors_by_code"].get("blocked_address", 0)
+    if blocked:
+        err_console.print(f"[yellow]note:[/] {blocked:,} URLs were refused as blocked_address "
+                          "(private, loopback or other non-public addresses); if you trust "
+                          "them, `--allow-network CIDR` admits them and `fetch --retry-errors` "
+                          "fetches them", highlight=False)
     if summary["interrupted"]:
         sys.exit(130)
 
@@ -295,12 +310,16 @@ def fetch(output: Path, config_file: Path | None, retry_errors: bool, **flags: A
               help="Fetch again the rows whose error is retryable (timeouts, 429, 5xx, ...).")
 @click.option("--no-profile", is_flag=True,
               help="Skip probing the servers; start every server at default_rate_limit.")
+@click.option("--force", is_flag=True,
+              help="Prepare INPUT again although OUT holds a prep (of another input too), as "
+              "long as nothing was downloaded into OUT yet.")
 @config_option
 def download(input: Path, config_file: Path | None, retry_errors: bool, no_profile: bool,
-             **flags: Any) -> None:
+             force: bool, **flags: Any) -> None:
     """One shot: prep INPUT into OUT, profile its servers (each unless done), then fetch;
     re-run to resume."""
-    from distributed_downloader.prep import prep_is_finished
+    from distributed_downloader.fetch import check_output_settings
+    from distributed_downloader.prep import check_same_input, prep_is_finished
     from distributed_downloader.storage import RunLayout
 
     started = time.time()
@@ -309,10 +328,14 @@ def download(input: Path, config_file: Path | None, retry_errors: bool, no_profi
     layout = RunLayout(settings.output)
     if settings.executor == "mpi":
         _mpi_prelude()  # the other ranks fetch; rank 0 alone preps and profiles
+    check_output_settings(layout, settings)
     if not settings.contact:
         err_console.print("[yellow]note:[/] no contact in the User-Agent; set --contact "
                           "EMAIL_OR_URL so that hosts can reach you before they block you")
-    if prep_is_finished(layout):
+    if prep_is_finished(layout) and force:
+        _prep(settings, force=True)  # refused once anything was downloaded
+    elif prep_is_finished(layout):
+        check_same_input(layout, input)
         err_console.print(f"prep: already done in {layout.prep}, resuming")
     else:
         _prep(settings)

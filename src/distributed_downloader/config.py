@@ -93,6 +93,11 @@ class Settings(BaseModel):
     keep_duplicates: bool = Field(
         False, description="Download a URL once per row instead of once per distinct URL."
     )
+    strict_image_format: bool = Field(
+        False, description="GBIF filter: keep only rows whose format is image/* (the original "
+        "downloader's rule). By default a StillImage row whose format is empty or a bare image "
+        "type (jpeg, png, ...) is kept too, as real GBIF files have many; prep counts them."
+    )
     uuid: Literal["deterministic", "random"] = Field(
         "deterministic",
         description="deterministic: UUID v5 of source id and URL (same input, same UUIDs); "

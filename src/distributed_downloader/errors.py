@@ -94,10 +94,11 @@ RETRYABLE = frozenset(
         ErrorCode.SERVER_EXCLUDED,  # once the user lifts the exclusion
         ErrorCode.ROBOTS_DISALLOWED,  # checked against the robots.txt of the day, no request
         ErrorCode.ROBOTS_UNREACHABLE,
+        ErrorCode.BLOCKED_ADDRESS,  # once `allow_network` admits the address
     }
 )
 # Retryable by a later run only: within a run the answer cannot change.
-RETRYABLE_LATER = frozenset({ErrorCode.ROBOTS_DISALLOWED})
+RETRYABLE_LATER = frozenset({ErrorCode.ROBOTS_DISALLOWED, ErrorCode.BLOCKED_ADDRESS})
 # Failures of the server, not of the URL: retried later, counted by the circuit breaker (a 503
 # with Retry-After is a throttle instead: see policy.signal_of).
 SERVER_FAILURES = frozenset(

@@ -8,17 +8,20 @@ of simulated time in milliseconds. The rules:
   for the time asked and lowers its rate. A `RateLimit` field with no quota left pauses it too.
 - **A failed URL is not.** A 5xx without `Retry-After`, a timeout or a reset is retried later by
   the worker and leaves the rate alone, unless the server looks overloaded: at least
-  `overload_failure_share` of its answers of the last `OVERLOAD_WINDOW` seconds failed, and at
-  least `overload_min_failures` of them. A server answering 98% of requests well is not.
+  `overload_failure_share` of its answers of the last `OVERLOAD_WINDOW` seconds were failures
+  of URLs asked for the first time (retries of a dead link do not count), and at least
+  `overload_min_failures` of them. A server answering 98% of requests well is not. An overload
+  lowers the rate for this run only: it is not saved as what the server tolerates.
 - **The rate searches the limit, and every decrease can be undone** (`RateController`): it grows
   while nothing is known, bisects between the highest rate that held and the lowest recent rate
   that drew a throttle, and rests just below the latter. That evidence has an age: after
   `throttle_memory` quiet seconds the throttled rate is tried again (the wait doubling while
   tries keep drawing 429s, at most `throttle_memory_max`), so a limit that rises is found again.
   A throttle above a rate that held falls back to that rate instead of halving.
-- **A server failing everything is down** (`Breaker`): `breaker_failures` failures in a row open
-  the breaker: the server is paused with growing back-off and probed one request at a time;
-  a good answer closes it; after `server_down_after` seconds of failing it is given up.
+- **A server failing everything is down** (`Breaker`): `breaker_failures` different URLs failing
+  in a row, with no good answer between, open the breaker: the server is paused with growing
+  back-off and probed one request at a time; a good answer closes it; after
+  `server_down_after` seconds of failing it is given up.
 - **Advertised limits** (`RateLimit-Policy`), hand-set rates and robots.txt's Crawl-delay are
   hard caps (`RateController.caps`): the rate never exceeds them.
 """
@@ -204,11 +207,16 @@ class RateController:
     asked_in_interval: int = 0
     last_decrease: float = -math.inf
     accepted: deque[tuple[float, int]] = field(default_factory=deque)  # (time, answers)
+    overloaded: bool = False  # the latest decrease came from failures, not from a throttle
 
     def __post_init__(self) -> None:
         self.memory = self.memory or self.policy.throttle_memory
         self.interval_start = self.now
-        self.rate = max(MIN_RATE, min(self.rate, self.max_rate))
+        self.rate = self._within(self.rate)
+
+    def _within(self, rate: float) -> float:
+        """A rate no lower than MIN_RATE, and never above a cap (even one below MIN_RATE)."""
+        return min(max(MIN_RATE, rate), self.max_rate)
 
     @property
     def max_rate(self) -> float:
@@ -229,13 +237,16 @@ class RateController:
             self.throttled_rate, self.throttled_at = learned.throttled, learned.throttled_at
             self.memory = min(self.policy.throttle_memory_max,
                               max(self.policy.throttle_memory, learned.wait or 0.0))
-        start = learned.held or start_rate
-        if self.ceiling is not None:
-            start = min(start, self.ceiling)
-        self.rate = max(MIN_RATE, min(start, self.max_rate))
+        self.rate = self._within(self.start_rate(start_rate))
+
+    def start_rate(self, default: float) -> float:
+        """Where a run starts (and where this one would rest): what held, else `default`, below
+        the rate that drew a throttle."""
+        start = self.held or default
+        return min(start, self.ceiling) if self.ceiling is not None else start
 
     def learned(self) -> LearnedRate:
-        if self.throttled_rate is None:
+        if self.throttled_rate is None or self.overloaded:
             return LearnedRate(self.held, None, None)
         return LearnedRate(self.held, self.throttled_rate, self.throttled_at, self.memory)
 
@@ -244,7 +255,6 @@ class RateController:
         rate changed."""
         if rate is None or rate <= 0:
             return False
-        rate = max(MIN_RATE, rate)
         if self.caps.get(name) == rate:
             return False
         self.caps[name] = rate
@@ -297,9 +307,13 @@ class RateController:
             return self.rate
         return min(new, self.max_rate)
 
-    def throttled(self, now: float) -> bool:
-        """A throttle (or an overload) at the current rate. True if the rate changed."""
+    def throttled(self, now: float, overload: bool = False) -> bool:
+        """A throttle (or, with `overload`, a burst of failures) at the current rate. True if
+        the rate changed. An overload lowers the rate the same way but is not kept as what
+        the server tolerates: it is evidence for this run only."""
+        first_contact = self.last_decrease == -math.inf and self.held is None
         self.throttled_at = now
+        self.overloaded = overload
         if now - self.last_decrease < DECREASE_COOLDOWN:
             return False  # the same burst, seen by another worker
         if self.probing:  # trying the throttled rate again failed: wait longer next time
@@ -312,11 +326,11 @@ class RateController:
         else:  # nothing held, or the limit fell below it: lower, at most to what it accepted
             lowered = rate * self.policy.decrease_factor
             accepted = sum(count for when, count in self.accepted if now - when <= 1.0)
-            if accepted and accepted < lowered:
+            if first_contact and 0 < accepted < lowered:
                 # It took far less than it was asked: its limit is near that, not near `rate`.
                 lowered = accepted
                 self.throttled_rate = min(rate, ACCEPTED_HEADROOM * accepted)
-            self.rate = max(MIN_RATE, lowered)
+            self.rate = self._within(lowered)
             self.held = None
         self.last_decrease = now
         self.start_interval(now)
@@ -429,10 +443,10 @@ class ServerPolicy:
             changed = True
         if news.throttled:
             changed |= self.control.throttled(now)
-        self.outcomes.add(now, news.answered, news.failed)
+        self.outcomes.add(now, news.answered, news.failed_urls)
         if self.outcomes.overloaded(self.control.policy):
             self.outcomes.samples.clear()  # the next decision needs fresh evidence
-            changed |= self.control.throttled(now)
+            changed |= self.control.throttled(now, overload=True)
         changed |= self.breaker.observe(worker, news.answered, news.failures, now)
         return changed
 
@@ -452,6 +466,7 @@ class ServerPolicy:
         if now < self.paused_until:
             return f"paused by {self.pause_reason or 'Retry-After'}", self.paused_until - now
         if now - self.control.throttled_at < RECENT_THROTTLE:
-            return f"slowed to {self.rate:.3g}/s by a throttle " \
+            cause = "failures" if self.control.overloaded else "a throttle"
+            return f"slowed to {self.rate:.3g}/s by {cause} " \
                    f"{now - self.control.throttled_at:.0f} s ago", None
         return None

@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # fetch imports this module: its parts are imported where the
 
 PROFILE_COLUMNS = ("server_name", "rate_limit", "max_connections", "latency_ms", "status", "notes",
                    "max_rate_limit", "rate_held", "rate_throttled", "throttled_at",
-                   "throttle_wait", "failing_since", "last_request")
+                   "throttle_wait", "paused_until", "failing_since", "last_request")
 # Seconds between two probe requests to one server: never more than one a second, with a
 # margin so that network jitter cannot bring two arrivals within the same second.
 PROBE_INTERVAL = 1.05
@@ -78,6 +78,7 @@ class ServerProfile:
     rate_throttled: float | None = None
     throttled_at: float | None = None
     throttle_wait: float | None = None  # quiet seconds before rate_throttled is tried again
+    paused_until: float | None = None  # a Retry-After pause still running (unix time)
     failing_since: float | None = None  # failing every request since then (unix time)
     last_request: float | None = None  # about when it was last asked (unix time)
 
@@ -88,7 +89,8 @@ class ServerProfile:
 
 
 _OPTIONAL_FLOATS = ("latency_ms", "max_rate_limit", "rate_held", "rate_throttled",
-                    "throttled_at", "throttle_wait", "failing_since", "last_request")
+                    "throttled_at", "throttle_wait", "paused_until", "failing_since",
+                    "last_request")
 
 
 @dataclass
@@ -143,9 +145,8 @@ def write_profiles(path: Path, profiles: list[ServerProfile]) -> None:
         row["rate_limit"] = f"{profile.rate_limit:.4g}"
         for name in _OPTIONAL_FLOATS:
             value = getattr(profile, name)
-            row[name] = "" if value is None else \
-                f"{value:.0f}" if name in ("latency_ms", "throttled_at", "throttle_wait",
-                                           "failing_since", "last_request") else f"{value:.4g}"
+            whole = name not in ("max_rate_limit", "rate_held", "rate_throttled")  # ms, s, times
+            row[name] = "" if value is None else f"{value:.0f}" if whole else f"{value:.4g}"
         writer.writerow(row)
     atomic_write_text(path, buffer.getvalue())
 

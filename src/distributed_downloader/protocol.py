@@ -45,6 +45,7 @@ class ServerNews:
     answered: int = 0  # answers that show the server works (any but throttles and failures)
     throttled: int = 0  # "slow down": 429, or 503 with Retry-After
     failed: int = 0  # URL failures: 5xx without Retry-After, timeouts, resets
+    failed_urls: int = 0  # of which at a URL's first attempt (what overload is judged on)
     retry_after_until: float = 0.0  # the latest pause the server asked for (wall clock)
     failures: int = 0  # different URLs failed in a row (no good answer between), at report
     advertised: float | None = None  # requests/s in the latest RateLimit-Policy seen

@@ -170,7 +170,7 @@ class Scheduler:
         for batch in self.leases.pop(worker, {}).values():
             server = self.servers[batch.server_name]
             server.pending.appendleft(batch)
-            server.workers.discard(worker)
+            self._leave(server, worker)
             out += self._budgets(server)
         return out + self._feed_hungry(now)
 
@@ -180,6 +180,14 @@ class Scheduler:
             if server.dead:
                 continue
             if server.policy.breaker.down(now):
+                out += self._give_up(server)
+            elif server.policy.paused_until - now > self.settings.server_down_after:
+                # A pause longer than we wait for a failing server: asked again by a later run,
+                # which keeps the pause (servers.csv).
+                server.give_up = GiveUp(
+                    ErrorCode.HTTP_429, f"the server asked for a pause of "
+                    f"{server.policy.paused_until - now:.0f} s (Retry-After); not asked again "
+                    "this run")
                 out += self._give_up(server)
             elif server.policy.tick(now):
                 out += self._budgets(server)
@@ -286,9 +294,14 @@ class Scheduler:
                 next_batch = server.pending.popleft()
                 self.leases[worker][next_batch.key] = next_batch
                 return [(worker, Assign(next_batch))]
-            server.workers.discard(worker)
+            self._leave(server, worker)
             out += self._budgets(server)
         return out + self._feed_hungry(now)
+
+    @staticmethod
+    def _leave(server: ServerState, worker: int) -> None:
+        server.workers.discard(worker)
+        server.policy.breaker.streaks.pop(worker, None)  # its streak left with it
 
     # --- politeness ---------------------------------------------------------------------------
 

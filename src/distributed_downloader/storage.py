@@ -90,6 +90,11 @@ class RunLayout:
         """Written last: its presence is what marks a prep as finished."""
         return self.prep / "summary.json"
 
+    @property
+    def output_settings(self) -> Path:
+        """The settings that shape what is stored, fixed by the run's first fetch."""
+        return self.root / "output_settings.json"
+
 
 def batch_folder(batches_root: Path, server_name: str, partition_id: int) -> Path:
     """A batch's Hive-partition folder, the same under prep's batches and fetch's output."""

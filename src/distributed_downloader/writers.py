@@ -238,6 +238,13 @@ def committed_rows(downloaded: Path) -> int:
     return total
 
 
+def has_downloads(downloaded: Path) -> bool:
+    """Whether any row was committed in the run (a chunk, or a finished batch)."""
+    return any(downloaded.glob(f"*/*/{SUCCESS_PREFIX}*.parquet")) or \
+        any(downloaded.glob(f"*/*/{ERROR_PREFIX}*.parquet")) or \
+        any(downloaded.glob(f"*/*/{COMPLETED_MARKER}"))
+
+
 def finished_batches(layout: RunLayout) -> list[tuple[str, int]]:
     """(server_name, partition_id) of every prepared batch that has its `completed` marker."""
     batches = []

@@ -74,6 +74,32 @@ class FetchPlan:
         self.pending_rows = sum(server.remaining_rows for server in self.servers)
 
 
+# Settings that shape what is stored: fixed by a run's first fetch, so that one dataset never
+# mixes two image sizes or encodings.
+OUTPUT_SETTINGS = ("image_size", "output_image_format", "image_quality", "output_format")
+
+
+def check_output_settings(layout: RunLayout, settings: Settings) -> None:
+    """Refuse settings that would change what the run stores; record them at its first fetch."""
+    asked = {name: getattr(settings, name) for name in OUTPUT_SETTINGS}
+    if not layout.output_settings.exists():
+        return
+    fixed = json.loads(layout.output_settings.read_text())
+    different = [f"{name} {fixed[name]} (asked: {asked[name]})" for name in OUTPUT_SETTINGS
+                 if name in fixed and fixed[name] != asked[name]]
+    if different:
+        raise UserError(
+            f"{layout.root} stores its images with {', '.join(different)}: a run keeps the "
+            "output settings it started with. Download into another --output, or change the "
+            "stored images afterwards with `distributed-downloader tools resize`")
+
+
+def fix_output_settings(layout: RunLayout, settings: Settings) -> None:
+    if not layout.output_settings.exists():
+        atomic_write_json(layout.output_settings,
+                          {name: getattr(settings, name) for name in OUTPUT_SETTINGS})
+
+
 def _prep_summary(layout: RunLayout) -> dict[str, Any]:
     try:
         return json.loads(layout.prep_summary.read_text())
@@ -166,12 +192,15 @@ def _starting_budget(server: ServerState, profile: ServerProfile | None,
         server.dead, server.give_up = True, SERVER_OPTED_OUT
         return
     server.connections = min(server.connections, profile.max_connections)
-    if profile.status in CEILING_STATUSES and profile.max_rate_limit:
-        policy.control.set_cap("advertised", profile.max_rate_limit)
+    if profile.status in CEILING_STATUSES:  # a limit it advertised, or one set by hand
+        policy.control.set_cap("advertised", profile.max_rate_limit or profile.rate_limit)
     policy.control.remember(profile.learned, profile.rate_limit)
     if profile.failing_since is not None and \
             now - profile.failing_since < policy.control.policy.server_down_after:
         policy.breaker.resume_failing(profile.failing_since)
+    if profile.paused_until is not None and profile.paused_until > now:  # asked by the server
+        policy.paused_until = profile.paused_until
+        policy.pause_reason = "Retry-After (asked in an earlier run)"
     if profile.last_request is not None:  # a restart sends no burst: one interval first
         server.next_start = profile.last_request + 1.0 / server.rate
 
@@ -239,14 +268,13 @@ def _learned_profile(server: ServerState, previous: ServerProfile | None) -> Ser
                if server.latency_count else None)
     notes = f"{server.throttled} throttled answers this run" if server.throttled else \
         (previous.notes if previous is not None else "")
-    # The next run starts where this one would rest: what held, below a rate that drew a 429.
-    start = learned.held or control.rate
-    if control.ceiling is not None:
-        start = min(start, control.ceiling)
+    start = control.start_rate(control.rate)  # where this run would rest
     last_request = server.policy.last_asked or (previous.last_request if previous else None)
+    paused_until = server.policy.paused_until if server.policy.paused_until > time.time() \
+        else None
     return ServerProfile(server.name, start, server.connections, latency, status, notes, cap,
                          learned.held, learned.throttled, learned.throttled_at, learned.wait,
-                         breaker.failing_since, last_request)
+                         paused_until, breaker.failing_since, last_request)
 
 
 def output_counts(layout: RunLayout) -> dict[str, Any]:
@@ -325,8 +353,10 @@ def run_fetch(
         raise UserError("fetch needs the run's folder OUT")
     layout = RunLayout(settings.output)
     started = time.monotonic()
+    check_output_settings(layout, settings)
     plan = build_plan(layout, settings, retry_errors)
     save_settings(settings)
+    fix_output_settings(layout, settings)
     before = output_counts(layout)
     if on_plan:
         on_plan(plan)

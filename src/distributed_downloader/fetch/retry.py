@@ -15,6 +15,9 @@ DELAY_GROWTH = 3.0
 # throttles are the server's business and are not counted as failures, but a server that
 # throttles everything for ever must not hold the run.
 MAX_THROTTLES = 10
+# Tries per URL on a server that has not answered once yet: it may be down altogether, and a
+# server failing everything must not cost more than this per URL (the breaker stops the rest).
+ATTEMPTS_ON_A_SILENT_SERVER = 3
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -45,9 +48,11 @@ class RetryPolicy:
         self.max_delay = max_delay
         self.rng = rng or random.Random()
 
-    def should_retry(self, code: ErrorCode, failures: int) -> bool:
+    def should_retry(self, code: ErrorCode, failures: int, max_attempts: int | None = None,
+                     ) -> bool:
         """After `failures` failed attempts of a URL, the last one with `code`."""
-        return code in RETRYABLE and code not in RETRYABLE_LATER and failures < self.max_attempts
+        limit = self.max_attempts if max_attempts is None else max_attempts
+        return code in RETRYABLE and code not in RETRYABLE_LATER and failures < limit
 
     def delay(self, failures: int) -> float:
         backoff = min(self.max_delay, self.first_delay * DELAY_GROWTH ** (failures - 1))

@@ -33,7 +33,11 @@ from distributed_downloader.fetch.client import Body, BodyBudget, FetchFailure, 
 from distributed_downloader.fetch.frontier import Frontier, Pending
 from distributed_downloader.fetch.opt_out import PRODUCT_TOKEN, opted_out
 from distributed_downloader.fetch.politeness import ServerDead, ServerSlot
-from distributed_downloader.fetch.retry import MAX_THROTTLES, RetryPolicy
+from distributed_downloader.fetch.retry import (
+    ATTEMPTS_ON_A_SILENT_SERVER,
+    MAX_THROTTLES,
+    RetryPolicy,
+)
 from distributed_downloader.fetch.robots import RobotsFile, load_robots
 from distributed_downloader.formats import read_successes
 from distributed_downloader.images import ImageFailure, StoredImage, process_image
@@ -132,6 +136,7 @@ class Worker:
         # failed in a row (a few bad URLs retried over and over are not a server down)
         self.failing: dict[str, set[str]] = {}
         self.advertised: dict[str, float] = {}  # server -> its latest RateLimit-Policy rate
+        self.answered: set[str] = set()  # servers that answered well at least once here
         self.robots: dict[str, RobotsFile | None] = {}
         self.tasks: dict[tuple[str, int], asyncio.Task] = {}
         self.budget = BufferBudget(BUFFER_BUDGET)
@@ -286,6 +291,8 @@ class Worker:
             raise
         finally:
             self.tasks.pop(batch.key, None)
+            if not any(key[0] == batch.server_name for key in self.tasks):
+                self.failing.pop(batch.server_name, None)  # no stale streak once we leave
 
     async def _reuse_earlier(self, rows: list[dict[str, Any]], server: str,
                              writer: BatchWriter) -> list[dict[str, Any]]:
@@ -406,7 +413,7 @@ class Worker:
             outcome = FetchFailure(ErrorCode.SERVER_UNAVAILABLE, "server given up")
         finally:
             slot.release()
-        signal = self._observe(slot, outcome, time.monotonic() - started, item.row["identifier"])
+        signal = self._observe(slot, outcome, time.monotonic() - started, item)
         if isinstance(outcome, Body):
             return outcome
         if signal is Signal.THROTTLED:
@@ -414,8 +421,11 @@ class Worker:
             return None if item.throttles < MAX_THROTTLES else outcome
         item.throttles = 0
         item.failures += 1
+        # A server that has not answered once here gets fewer tries per URL: it may be down.
+        attempts = self.retry.max_attempts if slot.name in self.answered else \
+            min(self.retry.max_attempts, ATTEMPTS_ON_A_SILENT_SERVER)
         if outcome.code != ErrorCode.SERVER_UNAVAILABLE and \
-                self.retry.should_retry(outcome.code, item.failures):
+                self.retry.should_retry(outcome.code, item.failures, attempts):
             return None
         return outcome
 
@@ -462,7 +472,7 @@ class Worker:
             self._news(slot.name).successes += 1
 
     def _observe(self, slot: ServerSlot, outcome: Body | FetchFailure, seconds: float,
-                 url: str) -> Signal:
+                 item: Pending) -> Signal:
         """Count what an answer says about the server; honour a pause it asked for at once."""
         news = self._news(slot.name)
         if isinstance(outcome, Body):
@@ -482,17 +492,21 @@ class Worker:
                         else retry_after)
         if pause is not None:
             news.retry_after_until = max(news.retry_after_until, slot.pause(pause))
-        failing = self.failing.setdefault(slot.name, set())
+        failing = 0
         if signal is Signal.FAILED:
             news.failed += 1
-            failing.add(url)
+            news.failed_urls += item.attempts == 1
+            urls = self.failing.setdefault(slot.name, set())
+            urls.add(item.row["identifier"])
+            failing = len(urls)
         elif signal is Signal.ANSWERED:
-            failing.clear()
+            self.failing.pop(slot.name, None)
+            self.answered.add(slot.name)
             news.answered += 1
             news.latency_sum += seconds
             news.latency_count += 1
-        if signal is Signal.THROTTLED or pause is not None or news_of_limit or (
-                signal is Signal.FAILED and len(failing) >= self.settings.breaker_failures):
+        if signal is Signal.THROTTLED or pause is not None or news_of_limit or \
+                failing >= self.settings.breaker_failures:
             self._send_report(urgent=True)
         return signal
 

@@ -9,6 +9,7 @@ could take for finished.
 
 from __future__ import annotations
 
+import json
 import resource
 import shutil
 import time
@@ -29,7 +30,7 @@ from distributed_downloader.errors import InputError, UserError
 from distributed_downloader.prep.partition import build_batches
 from distributed_downloader.prep.previous import check_previous
 from distributed_downloader.prep.rows import ChunkCleaner, RejectedRow, Tally, resolve_roles
-from distributed_downloader.prep.sources import Source, discover
+from distributed_downloader.prep.sources import Source, discover, input_fingerprint
 from distributed_downloader.schema import REJECTED, staging_schema
 from distributed_downloader.storage import (
     PARQUET_COMPRESSION,
@@ -37,6 +38,7 @@ from distributed_downloader.storage import (
     atomic_write_json,
     publish,
 )
+from distributed_downloader.writers import has_downloads
 
 REJECTED_ROWS_PER_GROUP = 10_000
 
@@ -54,6 +56,22 @@ ProgressCallback = Callable[[PrepProgress], None]
 
 def prep_is_finished(layout: RunLayout) -> bool:
     return layout.prep_summary.exists()
+
+
+def check_same_input(layout: RunLayout, source: Path) -> None:
+    """A run folder belongs to one input: resuming it with another one is refused."""
+    if not source.exists():
+        raise InputError(f"{source}: no such file or folder")
+    summary = json.loads(layout.prep_summary.read_text())
+    recorded = summary.get("input_fingerprint")
+    same = recorded == input_fingerprint(source) if recorded else \
+        Path(summary["input"]) == source.resolve()
+    if not same:
+        raise UserError(
+            f"{layout.root} holds the run of {summary['input']}, not of {source.resolve()}: a "
+            "run folder belongs to one input. Use another --output, `--previous "
+            f"{layout.root}` there to build on this run, or --force to prepare the new input "
+            "here (only while nothing was downloaded yet)")
 
 
 class _RejectedWriter:
@@ -121,7 +139,8 @@ def _read_sources(
                 reader = source.make_reader()
                 roles = resolve_roles(reader.columns, source, settings)
                 prefix = _row_key_prefix(source, settings.input, len(sources) > 1)
-                cleaner = ChunkCleaner(roles, source, prefix, tally, keep_columns)
+                cleaner = ChunkCleaner(roles, source, prefix, tally, keep_columns,
+                                       settings.strict_image_format)
                 readable = [name for name in roles.wanted if name in reader.columns]
                 for chunk in reader.chunks(readable):
                     table, rejects = cleaner.clean(chunk, first_row_index=tally.rows_kept)
@@ -148,8 +167,13 @@ def run_prep(
         if not force:
             raise UserError(
                 f"{layout.prep} holds a finished prep; use --force to prepare again "
-                "(it replaces prep/ only)"
+                "(it replaces prep/ only, while nothing was downloaded yet)"
             )
+        if has_downloads(layout.downloaded):
+            raise UserError(
+                f"{layout.root} already holds downloads of its prep: preparing again there "
+                "would mix two inputs in one folder; use another --output (with --previous "
+                f"{layout.root} to reuse what it holds)")
         shutil.rmtree(layout.prep)
     sources, warnings = discover(settings.input, settings.input_format)
     previous = check_previous(settings.previous, settings.output)
@@ -179,10 +203,12 @@ def run_prep(
             publish(work / name, layout.prep / name)
     summary = {
         "input": str(settings.input.resolve()),
+        "input_fingerprint": input_fingerprint(settings.input),
         "formats": sorted(set(formats)),
         "rows_read": tally.rows_read,
         "rows_kept": tally.rows_kept,
         "dropped": tally.as_dict(),
+        "kept_without_image_format": tally.kept_without_image_format,
         "duplicates": result.duplicates,
         "download_rows": result.download_rows,
         "servers": len(result.servers),

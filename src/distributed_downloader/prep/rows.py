@@ -24,6 +24,8 @@ METADATA_COLUMNS = ("license", "source", "title")
 GBIF_FORMATS = ("gbif", "dwca")
 STILL_IMAGE = r"(?i)^\s*(.*/)?stillimage\s*$"  # "StillImage" or the DCMI type URI
 IMAGE_MIME_TYPE = r"(?i)^\s*image/"
+# What real GBIF files also put in `format` on image rows: nothing, or a bare image type.
+LOOSE_IMAGE_FORMAT = r"(?i)^\s*(image/.*|jpe?g|png|gif|tiff?|webp|bmp|jp2|heic|heif)?\s*$"
 
 
 def _find_column(columns: list[str], candidates: tuple[str, ...]) -> str | None:
@@ -118,6 +120,8 @@ class Tally:
     rows_read: int = 0
     rows_kept: int = 0
     dropped: Counter = field(default_factory=Counter)  # by DropReason or RejectReason
+    # GBIF rows kept although their format is not image/* (empty, or "jpeg" ...)
+    kept_without_image_format: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {str(reason): count for reason, count in sorted(self.dropped.items()) if count}
@@ -145,8 +149,9 @@ class ChunkCleaner:
     """Turns one source's raw chunks into staging rows, counting and rejecting on the way."""
 
     def __init__(self, roles: ColumnRoles, source: Source, row_key_prefix: str, tally: Tally,
-                 keep_columns: list[str]) -> None:
+                 keep_columns: list[str], strict_image_format: bool = False) -> None:
         self.roles = roles
+        self.strict_image_format = strict_image_format
         self.label = source.label
         self.constants = source.defaults
         self.row_key_prefix = row_key_prefix
@@ -179,6 +184,12 @@ class ChunkCleaner:
                 values = columns[column]
                 ok = _present(values) if pattern is None else pc.fill_null(
                     pc.match_substring_regex(values, pattern), False)
+                if reason == DropReason.NOT_IMAGE_FORMAT and not self.strict_image_format:
+                    loose = pc.fill_null(pc.match_substring_regex(values, LOOSE_IMAGE_FORMAT),
+                                         True)
+                    tally.kept_without_image_format += pc.sum(
+                        pc.and_(alive, pc.and_(loose, pc.invert(ok)))).as_py() or 0
+                    ok = pc.or_(ok, loose)
                 tally.dropped[reason] += pc.sum(pc.and_(alive, pc.invert(ok))).as_py() or 0
                 alive = pc.and_(alive, ok)
             columns = {name: values.filter(alive) for name, values in columns.items()}

@@ -7,6 +7,7 @@ way to open a reader on it. Format detection looks at names first and then at th
 from __future__ import annotations
 
 import gzip
+import hashlib
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -278,3 +279,24 @@ def discover(path: Path, requested: str) -> tuple[list[Source], list[str]]:
     if not sources:
         raise InputError(f"{path}: no readable file in the folder ({'; '.join(warnings)})")
     return sources, warnings
+
+
+FINGERPRINT_BYTES = 1 << 20  # read from the head and from the tail of every input file
+
+
+def input_fingerprint(path: Path) -> str:
+    """What tells one input from another, cheaply even for 100 GB: every file's size and the
+    bytes at its head and tail (a folder: its files in order, with their relative names; a
+    single file: not its name, so a copy elsewhere is the same input)."""
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        size = file.stat().st_size
+        name = "" if file == path else file.relative_to(path).as_posix()
+        digest.update(f"{name}\0{size}\0".encode())
+        with open(file, "rb") as handle:
+            digest.update(handle.read(FINGERPRINT_BYTES))
+            if size > 2 * FINGERPRINT_BYTES:
+                handle.seek(-FINGERPRINT_BYTES, 2)
+                digest.update(handle.read())
+    return digest.hexdigest()[:32]

@@ -1,4 +1,5 @@
-"""URL validation and normalisation, as a browser does it (WHATWG URL standard, via ada).
+"""URL validation and normalisation, as a browser does it (WHATWG URL standard, via ada), less
+the fragment, which a browser never sends.
 
 Most URLs in real inputs are already in the form a browser would send, so a vectorised check
 keeps those as they are and only the rest go through the parser one by one. The fast path is
@@ -55,7 +56,9 @@ def normalise_one(raw: str | None) -> tuple[str | None, str | None, RejectReason
         return None, None, RejectReason.UNSUPPORTED_SCHEME
     if not parsed["host"]:
         return None, None, RejectReason.INVALID_URL
-    return parsed["href"], parsed["host"], None
+    # A fragment is never sent: URLs differing only after "#" are one resource. In a serialised
+    # URL the first "#" is the fragment's (one in the path or query would be percent-encoded).
+    return parsed["href"].partition("#")[0], parsed["host"], None
 
 
 def normalise_urls(raw: pa.Array) -> NormalisedUrls:
