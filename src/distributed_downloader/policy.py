@@ -47,8 +47,9 @@ OVERLOAD_WINDOW = 20.0
 USED_SHARE = 0.5
 # An interval spans at least this many requests, so slow servers are judged on enough answers.
 REQUESTS_PER_INTERVAL = 4
-# A probe of a throttled rate rests this far below it after the probe fails.
-CEILING_SHARE = 0.9
+# The rate rests this far below the lowest rate that drew a throttle: close enough to use the
+# server's allowance, far enough that pacing jitter does not cross its limit.
+CEILING_SHARE = 0.95
 DECREASE_COOLDOWN = 1.0  # seconds: one burst of 429s, seen by several workers, lowers once
 DEFAULT_THROTTLE_PAUSE = 1.0  # seconds, for a 429 without Retry-After
 MIN_RATE = 0.02  # requests/s: even a very touchy server keeps being asked, slowly
@@ -56,7 +57,7 @@ RECENT_THROTTLE = 30.0  # seconds during which a lowered rate is named as a reas
 # Answers of the last second tell how much a server takes: after a first throttle the rate falls
 # at most to that (a server allowing 1 request/s, asked at 10/s, goes to ~1/s at once).
 ACCEPTED_WINDOW = 2.0
-ACCEPTED_HEADROOM = 1.5  # the limit is searched between that and this many times more
+ACCEPTED_HEADROOM = 1.1  # the limit is taken to be under this many times that
 
 
 @dataclass(frozen=True)
