@@ -442,9 +442,7 @@ def run_changing(scale: float, timeout: float, mpi: int | None) -> None:
     with Farm(specs) as farm:
         lines = []
         for number, (server, count) in enumerate(zip(farm.servers, counts)):
-            for index in range(count):
-                server.images[f"{index}.jpg"] = make_small_image(number * 1_000_000 + index)
-                lines.append(server.url(f"/img/{index}.jpg"))
+            lines += server.add_images(count, seed=number * 1_000_000)
         random.Random(REALISTIC_SEED).shuffle(lines)
         print(f"changing: {len(lines)} images on {len(counts)} servers limited to "
               f"{', '.join(f'{limit:g}' for limit in CHANGING_LIMITS)}/s; the first's limit "

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import duckdb
 
-from distributed_downloader.farm import Farm, RequestRecord, ServerSpec, make_small_image
+from distributed_downloader.farm import Farm, RequestRecord, ServerSpec
 
 WORK = Path(__file__).parent / "work" / "slurm-slow-servers"
 CLI = [sys.executable, "-m", "distributed_downloader"]
@@ -297,9 +297,7 @@ def main() -> None:
     with Farm(specs) as farm:
         lines = []
         for number, (server, count) in enumerate(zip(farm.servers, IMAGES)):
-            for index in range(count):
-                server.images[f"{index}.jpg"] = make_small_image(number * 100_000 + index)
-                lines.append(server.url(f"/img/{index}.jpg"))
+            lines += server.add_images(count, seed=number * 100_000)
         urls.write_text("\n".join(lines) + "\n")
         write_config(config, urls, out, args)
         print(f"{len(lines)} images on {len(specs)} servers allowing "

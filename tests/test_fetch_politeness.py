@@ -15,12 +15,7 @@ from distributed_downloader.farm import Farm, ServerSpec, make_small_image
 
 
 def add_images(server, count: int, prefix: str = "") -> list[str]:
-    urls = []
-    for i in range(count):
-        name = f"{prefix}{i}.jpg"
-        server.images[name] = make_small_image(i)
-        urls.append(server.url(f"/img/{name}"))
-    return urls
+    return server.add_images(count, prefix=prefix)
 
 
 def test_adapts_to_a_server_that_allows_less_than_asked(tmp_path: Path) -> None:

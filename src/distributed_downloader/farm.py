@@ -172,6 +172,15 @@ class FarmServer:
         self._recent.append(now)
         return False
 
+    def add_images(self, count: int, seed: int = 0, prefix: str = "") -> list[str]:
+        """Serve `count` small distinct images at /img/{prefix}{i}.jpg; their URLs."""
+        urls = []
+        for index in range(count):
+            name = f"{prefix}{index}.jpg"
+            self.images[name] = make_small_image(seed + index)
+            urls.append(self.url(f"/img/{name}"))
+        return urls
+
     def image_named(self, name: str) -> bytes | None:
         if name in self.images:
             return self.images[name]

@@ -48,8 +48,9 @@ USED_SHARE = 0.5
 # An interval spans at least this many requests, so slow servers are judged on enough answers.
 REQUESTS_PER_INTERVAL = 4
 # The rate rests this far below the lowest rate that drew a throttle: close enough to use the
-# server's allowance, far enough that pacing jitter does not cross its limit.
-CEILING_SHARE = 0.95
+# server's allowance, far enough that the pacing of several workers sharing it (which drift
+# apart and sometimes meet in one second) does not cross its limit.
+CEILING_SHARE = 0.9
 DECREASE_COOLDOWN = 1.0  # seconds: one burst of 429s, seen by several workers, lowers once
 DEFAULT_THROTTLE_PAUSE = 1.0  # seconds, for a 429 without Retry-After
 MIN_RATE = 0.02  # requests/s: even a very touchy server keeps being asked, slowly

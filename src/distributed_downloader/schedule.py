@@ -307,10 +307,14 @@ class Scheduler:
 
     def _budgets(self, server: ServerState) -> Outgoing:
         rate, connections = server.share()
+        pause = server.paused_until
         return [
-            (worker, Budget(server.name, rate, connections, server.paused_until, server.dead,
+            # After a pause the workers resume one interval (1/rate) apart, as joiners start:
+            # K workers at rate/K each then interleave instead of sending together.
+            (worker, Budget(server.name, rate, connections,
+                            pause + order / server.rate if pause else 0.0, server.dead,
                             server.give_up if server.dead else None, server.probing))
-            for worker in sorted(server.workers)
+            for order, worker in enumerate(sorted(server.workers))
         ]
 
     def _give_up(self, server: ServerState) -> Outgoing:

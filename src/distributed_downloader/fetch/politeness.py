@@ -78,8 +78,12 @@ class ServerSlot:
                 continue
             now = time.monotonic()
             if self._next_send <= now:
+                interval = PACING_MARGIN / self.rate
+                # Keep to the schedule when a little late (so workers sharing a server keep the
+                # phases the scheduler gave them); start afresh after an idle spell.
+                base = self._next_send if now - self._next_send < interval else now
                 self._last_send = now
-                self._next_send = now + PACING_MARGIN / self.rate
+                self._next_send = max(base + interval, now + 1.0 / self.rate)
                 return
             await self._wait_for_change(self._next_send - now)
 
