@@ -90,6 +90,17 @@ def prep(urls: Path, out: Path) -> None:
         raise SystemExit(f"prep failed with exit code {done.returncode}:\n{done.stderr}")
 
 
+def prepared(label: str, scenario: str, lines: list[str], farm: Farm) -> Path:
+    """A fresh run folder with `lines` prepared; the farm's logs emptied for the fetch."""
+    out = fresh_output(label)
+    urls = WORK / f"politeness-{scenario}-urls.txt"
+    urls.write_text("\n".join(lines) + "\n")
+    prep(urls, out)
+    for server in farm.servers:
+        server.log.clear()
+    return out
+
+
 def fetch(label: str, out: Path, options: list[str], timeout: float,
           mpi: int | None = None) -> float | None:
     """Run `fetch OUT OPTIONS`; its makespan in seconds, or None when it ran out of time."""
@@ -366,12 +377,7 @@ def run_realistic(scale: float, timeout: float, mpi: int | None) -> None:
               f" URLs), + {DEAD_URLS} refused + {DEAD_URLS} always-500; bound {bound:.1f} s "
               f"({binding}: {plan[REALISTIC_HOSTS.index(binding)].fewest_requests()} requests "
               f"at {plan[REALISTIC_HOSTS.index(binding)].limit:g}/s)", flush=True)
-        out = fresh_output(label)
-        urls = WORK / "politeness-realistic-urls.txt"
-        urls.write_text("\n".join(lines) + "\n")
-        prep(urls, out)
-        for server in farm.servers:
-            server.log.clear()
+        out = prepared(label, "realistic", lines, farm)
         makespan = fetch(label, out, FROM_NOTHING, timeout, mpi)
         time.sleep(0.2)  # the farm's last log lines
         report_realistic(label, out, farm, plan, succeedable, down_address, makespan, bound,
@@ -448,12 +454,7 @@ def run_changing(scale: float, timeout: float, mpi: int | None) -> None:
               f"{', '.join(f'{limit:g}' for limit in CHANGING_LIMITS)}/s; the first's limit "
               f"{' → '.join(f'{limit:g} at {at:g} s' for at, limit in plan[1:])}; bound "
               f"{bound:.1f} s ({', '.join(f'{b:.0f}' for b in bounds)})", flush=True)
-        out = fresh_output(label)
-        urls = WORK / "politeness-changing-urls.txt"
-        urls.write_text("\n".join(lines) + "\n")
-        prep(urls, out)
-        for server in farm.servers:
-            server.log.clear()
+        out = prepared(label, "changing", lines, farm)
         changer = farm.servers[0]
         changed: list[tuple[float, float]] = []  # (time.time(), limit) as they happened
 
