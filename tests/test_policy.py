@@ -170,7 +170,7 @@ def test_a_restart_from_saved_state_sends_no_burst() -> None:
     start = first.control.start_rate(10.0)
 
     again = fresh(rate=10)
-    again.control.now = 930.0
+    again.control.started = 930.0
     again.control.remember(learned, start)
     again.control.start_interval(930.0)
     run = simulate(again, 120, limit=lambda t: 100, start=930.0, fail_share=0.02)
@@ -195,7 +195,7 @@ def test_the_wait_before_trying_again_carries_over_a_restart() -> None:
     assert learned.wait is not None and learned.wait > 60  # tries failed: it grew
 
     again = fresh(rate=10)
-    again.control.now = 905.0
+    again.control.started = 905.0
     again.control.remember(learned, learned.held or 10)
     again.control.start_interval(905.0)
     run = simulate(again, 60, limit=lambda t: 100, start=905.0)

@@ -198,7 +198,7 @@ class RateController:
     policy: RatePolicy
     rate: float
     run_max: float  # max_rate_limit of the run
-    now: float  # when the run started (a restart waits a quiet while before trying a rate)
+    started: float  # when the run started (a restart waits a quiet while before trying a rate)
     caps: dict[str, float] = field(default_factory=dict)  # advertised, manual, robots
     held: float | None = None
     throttled_rate: float | None = None
@@ -213,7 +213,7 @@ class RateController:
 
     def __post_init__(self) -> None:
         self.memory = self.memory or self.policy.throttle_memory
-        self.interval_start = self.now
+        self.interval_start = self.started
         self.rate = self._within(self.rate)
 
     def _within(self, rate: float) -> float:
@@ -302,7 +302,7 @@ class RateController:
             new = self.rate * self.policy.growth_factor
         elif self.rate < ceiling:  # the limit lies between: bisect towards it
             new = min(ceiling, (self.rate + self.throttled_rate) / 2)  # type: ignore[operator]
-        elif now - max(self.throttled_at, self.now) >= self.memory:
+        elif now - max(self.throttled_at, self.started) >= self.memory:
             # Quiet long enough (in this run too: a restart does not try it at once): try again.
             new, self.probing = self.throttled_rate, True  # type: ignore[assignment]
         else:
@@ -451,6 +451,12 @@ class ServerPolicy:
             changed |= self.control.throttled(now, overload=True)
         changed |= self.breaker.observe(worker, news.answered, news.failures, now)
         return changed
+
+    def pause_too_long(self, now: float) -> float | None:
+        """The seconds left of a pause the server asked for, when longer than a failing server
+        is waited for: the server is then given up for this run (the next keeps the pause)."""
+        left = self.paused_until - now
+        return left if left > self.control.policy.server_down_after else None
 
     def tick(self, now: float) -> bool:
         """Time passing: the rate may step up (never while paused or failing)."""

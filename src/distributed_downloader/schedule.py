@@ -181,13 +181,10 @@ class Scheduler:
                 continue
             if server.policy.breaker.down(now):
                 out += self._give_up(server)
-            elif server.policy.paused_until - now > self.settings.server_down_after:
-                # A pause longer than we wait for a failing server: asked again by a later run,
-                # which keeps the pause (servers.csv).
+            elif (pause := server.policy.pause_too_long(now)) is not None:
                 server.give_up = GiveUp(
-                    ErrorCode.HTTP_429, f"the server asked for a pause of "
-                    f"{server.policy.paused_until - now:.0f} s (Retry-After); not asked again "
-                    "this run")
+                    ErrorCode.HTTP_429, f"the server asked for a pause of {pause:.0f} s "
+                    "(Retry-After); not asked again this run")
                 out += self._give_up(server)
             elif server.policy.tick(now):
                 out += self._budgets(server)

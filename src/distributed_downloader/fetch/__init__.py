@@ -81,7 +81,7 @@ OUTPUT_SETTINGS = ("image_size", "output_image_format", "image_quality", "output
 
 def check_output_settings(layout: RunLayout, settings: Settings) -> None:
     """Refuse settings that would change what the run stores; record them at its first fetch."""
-    asked = {name: getattr(settings, name) for name in OUTPUT_SETTINGS}
+    asked = _output_settings(settings)
     if not layout.output_settings.exists():
         return
     fixed = json.loads(layout.output_settings.read_text())
@@ -96,8 +96,11 @@ def check_output_settings(layout: RunLayout, settings: Settings) -> None:
 
 def fix_output_settings(layout: RunLayout, settings: Settings) -> None:
     if not layout.output_settings.exists():
-        atomic_write_json(layout.output_settings,
-                          {name: getattr(settings, name) for name in OUTPUT_SETTINGS})
+        atomic_write_json(layout.output_settings, _output_settings(settings))
+
+
+def _output_settings(settings: Settings) -> dict[str, Any]:
+    return {name: getattr(settings, name) for name in OUTPUT_SETTINGS}
 
 
 def _prep_summary(layout: RunLayout) -> dict[str, Any]:
