@@ -69,8 +69,10 @@ def fake_download(out: Path) -> None:
         pq.write_table(pa.Table.from_pylist(successes, schema=schema),
                        target / "successes-w0.bench-0.parquet")
         if errors:
+            failed = out / "download_errors" / batch.parent.name / batch.name
+            failed.mkdir(parents=True, exist_ok=True)
             pq.write_table(pa.Table.from_pylist(errors, schema=ERRORS),
-                           target / "errors-w0.bench-0.parquet")
+                           failed / "errors-w0.bench-0.parquet")
 
 
 def prep(input_path: Path, output: Path, memory_limit: str, *extra: str) -> dict:

@@ -205,10 +205,11 @@ def throttle_share(servers: list[FarmServer]) -> tuple[int, int]:
 
 
 def rows(out: Path, kind: str, columns: str) -> list[tuple]:
-    files = list(out.glob(f"downloaded_images/*/*/{kind}-*.parquet"))
+    tree = "downloaded_images" if kind == "successes" else "download_errors"
+    files = list(out.glob(f"{tree}/*/*/{kind}-*.parquet"))
     if not files:
         return []
-    pattern = out / "downloaded_images" / "*" / "*" / f"{kind}-*.parquet"
+    pattern = out / tree / "*" / "*" / f"{kind}-*.parquet"
     return duckdb.sql(f"SELECT {columns} FROM read_parquet('{pattern}', "
                       "hive_partitioning = true, union_by_name = true)").fetchall()
 

@@ -153,8 +153,8 @@ def stored_rows(out: Path) -> int:
 
 
 def error_codes(out: Path) -> dict[str, int]:
-    pattern = out / "downloaded_images" / "*" / "*" / "errors-*.parquet"
-    if not list(out.glob("downloaded_images/*/*/errors-*.parquet")):
+    pattern = out / "download_errors" / "*" / "*" / "errors-*.parquet"
+    if not list(out.glob("download_errors/*/*/errors-*.parquet")):
         return {}
     return dict(duckdb.sql(f"SELECT error_code, count(*) FROM read_parquet('{pattern}') "
                            "GROUP BY 1 ORDER BY 2 DESC").fetchall())

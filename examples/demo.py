@@ -59,7 +59,7 @@ def main() -> int:
     if result.returncode == 0:
         print(f"\nThe result is in {output}:\n"
               f"  downloaded_images/server_name=HOST/partition_id=N/successes-*.parquet  images\n"
-              f"  downloaded_images/.../errors-*.parquet  what could not be downloaded, and why\n"
+              f"  download_errors/server_name=HOST/partition_id=N/errors-*.parquet  what failed, why\n"
               f"  prep/  the batches, duplicates and rejected rows; fetch_summary.json  counts")
     return result.returncode
 

@@ -74,8 +74,8 @@ def read_successes(out: Path) -> pa.Table:
 
 
 def read_errors(out: Path) -> pa.Table:
-    pattern = out / "downloaded_images" / "*" / "*" / "errors-*.parquet"
-    if not list(out.glob("downloaded_images/*/*/errors-*.parquet")):
+    pattern = out / "download_errors" / "*" / "*" / "errors-*.parquet"
+    if not list(out.glob("download_errors/*/*/errors-*.parquet")):
         return pa.table({"uuid": pa.array([], pa.string())})
     return duckdb.sql(
         f"SELECT * FROM read_parquet('{pattern}', hive_partitioning = true)"

@@ -64,7 +64,7 @@ def test_webdataset_shards_read_back_with_the_webdataset_library(downloaded: Pat
         assert metadata["hashsum_resized"] == seen[sample["__key__"]][0]
     assert seen == expected(downloaded)
     assert exported_errors(root) == {r["uuid"] for r in read_errors(downloaded).to_pylist()}
-    assert len(list(root.glob("*/*/completed"))) == 6
+    assert len(list(root.glob("*/*/_completed"))) == 6
     again = run_cli("export", downloaded, "--to", "webdataset")  # resumes: nothing left
     assert "in 0 batches this run (6 in all)" in again.stdout
 
@@ -110,7 +110,7 @@ def test_download_in_each_output_format(output_format: str, downloaded: Path,
         run_cli("download", write_lines(tmp_path / "u.txt", urls), "--output", out,
                 "--batch-size", 4, "--no-profile", "--output-format", output_format,
                 *FAST_FETCH, timeout=300)
-    batches = sorted(p.parent for p in out.glob("downloaded_images/*/*/completed"))
+    batches = sorted(p.parent for p in out.glob("downloaded_images/*/*/_completed"))
     assert len(batches) == 6
     seen = {}
     for folder in batches:
@@ -127,4 +127,4 @@ def test_download_in_each_output_format(output_format: str, downloaded: Path,
     status = json.loads(run_cli("status", out, "--json").stdout)
     assert (status["successes"], status["errors"]) == (18, 2)
     run_cli("tools", "resize", out, "--image-size", 16)
-    assert len(list(out.glob("tools/resize/*/*/done"))) == 6
+    assert len(list(out.glob("tools/resize/*/*/_completed"))) == 6

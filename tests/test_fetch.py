@@ -120,10 +120,11 @@ def test_each_prepared_row_ends_exactly_once(farm_run) -> None:
         read_errors(out).column("uuid").to_pylist()
     assert sorted(finished) == sorted(prepared)
     assert len(prepared) == len(farm_run["urls"])
-    for marker in out.glob("downloaded_images/*/*/completed"):
+    for marker in out.glob("downloaded_images/*/*/_completed"):
         counts = json.loads(marker.read_text())
-        folder = marker.parent
-        rows = sum(pq.read_metadata(p).num_rows for p in folder.glob("*.parquet"))
+        errors = out / "download_errors" / marker.parent.parent.name / marker.parent.name
+        rows = sum(pq.read_metadata(p).num_rows
+                   for p in [*marker.parent.glob("*.parquet"), *errors.glob("*.parquet")])
         assert rows == counts["rows"] == counts["successes"] + counts["errors"]
 
 

@@ -140,7 +140,7 @@ def test_kill_9_then_resume_in_webdataset_format(farm_and_urls, tmp_path: Path) 
     run_cli(*command[3:], timeout=300)
     assert_complete(out, expected)
     images = {}
-    for marker in out.glob("downloaded_images/*/*/completed"):
+    for marker in out.glob("downloaded_images/*/*/_completed"):
         assert (marker.parent / "images.tar").exists()
         for row in batch_successes(marker.parent):
             images[row["uuid"]] = hashlib.md5(row["image"]).hexdigest() == row["hashsum_resized"]

@@ -3,7 +3,7 @@
 Batch by batch, into `OUT/export/FORMAT/server_name=HOST/partition_id=N/`, without downloading
 again (the post-processing runner does the work: hidden folder, rename into place, resume by
 skipping the batches already there). Every format keeps the batch's errors (`errors.parquet`)
-and its `completed` marker beside the images:
+and its `_completed` marker beside the images:
   webdataset  `images.tar`: `{uuid}.{jpg,webp,png}` + `{uuid}.json` (every other column), read by
               the `webdataset` library and by Hugging Face `datasets`
   files       `images/{uuid}.{ext}` + `metadata.parquet` (every other column, and `file`)
@@ -25,7 +25,7 @@ from distributed_downloader.formats import ARTIFACTS, extension, read_successes,
 from distributed_downloader.schema import ERRORS
 from distributed_downloader.storage import PARQUET_COMPRESSION
 from distributed_downloader.tools import Tool
-from distributed_downloader.writers import COMPLETED_MARKER, ERROR_PREFIX, chunk_files
+from distributed_downloader.storage import COMPLETED_MARKER, BatchFiles
 
 
 def _export(output_format: str, source: Path, result: Path) -> dict[str, int]:
@@ -38,7 +38,7 @@ def _export(output_format: str, source: Path, result: Path) -> dict[str, int]:
                     for row in rows]
         pq.write_table(pa.Table.from_pylist(metadata), result / "metadata.parquet",
                        compression=PARQUET_COMPRESSION)
-    tables = [pq.read_table(path) for path in chunk_files(source, ERROR_PREFIX)]
+    tables = [pq.read_table(path) for path in BatchFiles.of(source).error_chunks()]
     errors = pa.concat_tables(tables) if tables else ERRORS.empty_table()
     pq.write_table(errors, result / "errors.parquet", compression=PARQUET_COMPRESSION)
     shutil.copy2(source / COMPLETED_MARKER, result / COMPLETED_MARKER)

@@ -24,8 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from distributed_downloader.storage import fsync_dir
-from distributed_downloader.writers import SUCCESS_PREFIX, chunk_files
+from distributed_downloader.storage import SUCCESS_PREFIX, chunk_files, fsync_dir
 
 OUTPUT_FORMATS = ("parquet", "webdataset", "files", "hdf5")
 EXTENSIONS = {"jpeg": "jpg", "webp": "webp", "png": "png", "gif": "gif", "tiff": "tif"}

@@ -1,7 +1,7 @@
 """Where a run stands: counts, speed, ETA and the servers that bound it, during a run and after.
 
 Everything comes from small files, so status answers in a second or two at any scale: the
-prep summary and servers table, each finished batch's `completed` marker (its counts, errors
+prep summary and servers table, each finished batch's `_completed` marker (its counts, errors
 by code), the chunk footers of unfinished batches only, the live `fetch_state.json` a running
 fetch rewrites every few seconds, and `fetch_progress.jsonl`, its history.
 """
@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 
 from distributed_downloader.errors import UserError
 from distributed_downloader.profile import read_profiles
-from distributed_downloader.storage import RunLayout, batch_folder
-from distributed_downloader.writers import COMPLETED_MARKER, chunk_row_counts, errors_by_code
+from distributed_downloader.storage import BatchFiles, RunLayout, upgrade_layout
+from distributed_downloader.writers import chunk_row_counts, errors_by_code
 
 SPEED_WINDOW_SECONDS = 300.0  # "images/s over the last minutes"
 LIVE_SECONDS = 30.0  # a state older than this belongs to a fetch that is not running any more
@@ -51,19 +51,16 @@ class ServerProgress:
         return to_fetch / self.rate if self.rate else 0.0
 
 
-def _batch_counts(folder: Path) -> tuple[bool, int, int, dict[str, int]]:
-    """(finished, successes, errors, errors by code) of one batch's output folder."""
-    marker = folder / COMPLETED_MARKER
-    if marker.exists():
-        data = json.loads(marker.read_text())
+def _batch_counts(batch: BatchFiles) -> tuple[bool, int, int, dict[str, int]]:
+    """(finished, successes, errors, errors by code) of one batch's output."""
+    if batch.finished:
+        data = json.loads(batch.marker.read_text())
         by_code = data.get("errors_by_code")
         if by_code is None:  # a marker from before codes were recorded
-            by_code = errors_by_code(folder)
+            by_code = errors_by_code(batch)
         return True, data["successes"], data["errors"], by_code
-    if not folder.exists():
-        return False, 0, 0, {}
-    successes, errors = chunk_row_counts(folder)
-    return False, successes, errors, errors_by_code(folder) if errors else {}
+    successes, errors = chunk_row_counts(batch)
+    return False, successes, errors, errors_by_code(batch) if errors else {}
 
 
 def read_history(layout: RunLayout) -> list[dict[str, Any]]:
@@ -101,6 +98,7 @@ def run_status(output: Path) -> dict[str, Any]:
     layout = RunLayout(output)
     if not layout.prep_summary.exists():
         raise UserError(f"{output} has no finished prep: nothing to report yet")
+    upgrade_layout(layout)
     prep = json.loads(layout.prep_summary.read_text())
     now = time.time()
     state = json.loads(layout.fetch_state.read_text()) if layout.fetch_state.exists() else {}
@@ -114,7 +112,7 @@ def run_status(output: Path) -> dict[str, Any]:
                                 reused=row.get("reused_rows") or 0)
         for partition in range(server.batches):
             finished, successes, errors, codes = _batch_counts(
-                batch_folder(layout.downloaded, server.name, partition))
+                layout.batch_files(server.name, partition))
             server.batches_done += finished
             server.successes += successes
             server.errors += errors

@@ -52,8 +52,32 @@ class RunLayout:
 
     @property
     def downloaded(self) -> Path:
-        """Fetch's output: the same Hive layout as the batches, with results in it."""
+        """Fetch's stored images: the same Hive layout as the batches, successes only, so the
+        folder reads as one table (`pandas.read_parquet(OUT/downloaded_images)`)."""
         return self.root / "downloaded_images"
+
+    @property
+    def download_errors(self) -> Path:
+        """Fetch's failed rows, one table beside the successes, in the same Hive layout."""
+        return self.root / "download_errors"
+
+    def batch_files(self, server_name: str, partition_id: int) -> BatchFiles:
+        return BatchFiles(batch_folder(self.downloaded, server_name, partition_id),
+                          batch_folder(self.download_errors, server_name, partition_id))
+
+    def finished_markers(self) -> list[Path]:
+        return list(self.downloaded.glob(f"*/*/{COMPLETED_MARKER}"))
+
+    def _chunk_tree(self, prefix: str) -> Path:
+        return self.downloaded if prefix == SUCCESS_PREFIX else self.download_errors
+
+    def has_chunks(self, prefix: str) -> bool:
+        """Whether any chunk of one kind (SUCCESS_PREFIX or ERROR_PREFIX) was committed."""
+        return any(self._chunk_tree(prefix).glob(f"*/*/{prefix}*.parquet"))
+
+    def chunk_pattern(self, prefix: str) -> str:
+        """Every committed chunk of one kind, as a quoted glob for DuckDB's read_parquet."""
+        return sql_path(self._chunk_tree(prefix) / "*" / "*" / f"{prefix}*.parquet")
 
     @property
     def server_profiles(self) -> Path:
@@ -94,6 +118,77 @@ class RunLayout:
     def output_settings(self) -> Path:
         """The settings that shape what is stored, fixed by the run's first fetch."""
         return self.root / "output_settings.json"
+
+
+def sql_path(path: Path | str) -> str:
+    """A path as a SQL string literal (quotes doubled): the one way paths enter a query."""
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+COMPLETED_MARKER = "_completed"  # `_`: Parquet readers (pyarrow, pandas, Spark) skip it
+LEGACY_COMPLETED_MARKER = "completed"  # before errors had their own folder
+SUCCESS_PREFIX = "successes-"
+ERROR_PREFIX = "errors-"
+
+
+@dataclass(frozen=True)
+class BatchFiles:
+    """Where one batch's results are: its successes (with the `_completed` marker, written
+    last, and any output-format artifact) and its errors, in two sibling trees."""
+
+    successes: Path
+    errors: Path
+
+    @classmethod
+    def of(cls, successes: Path) -> BatchFiles:
+        """The batch whose successes folder this is (e.g. a `linked_from` of a reused row)."""
+        run = RunLayout(successes.parent.parent.parent)
+        return cls(successes, run.download_errors / successes.parent.name / successes.name)
+
+    @property
+    def marker(self) -> Path:
+        return self.successes / COMPLETED_MARKER
+
+    @property
+    def finished(self) -> bool:
+        return self.marker.exists()
+
+    def success_chunks(self) -> list[Path]:
+        return chunk_files(self.successes, SUCCESS_PREFIX)
+
+    def error_chunks(self) -> list[Path]:
+        return chunk_files(self.errors, ERROR_PREFIX)
+
+    def chunks(self) -> list[Path]:
+        return self.success_chunks() + self.error_chunks()
+
+
+def chunk_files(folder: Path, prefix: str) -> list[Path]:
+    """Committed chunks of one kind (temporary files start with a dot and are never listed)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.name.startswith(prefix)
+                  and p.name.endswith(".parquet"))
+
+
+def upgrade_layout(layout: RunLayout) -> int:
+    """Move a run written before errors had their own tree into today's layout (renames only,
+    each safe to repeat after a kill); returns how many files moved."""
+    moved = 0
+    for legacy in layout.downloaded.glob(f"*/*/{LEGACY_COMPLETED_MARKER}"):
+        batch = BatchFiles.of(legacy.parent)
+        for chunk in chunk_files(batch.successes, ERROR_PREFIX):
+            batch.errors.mkdir(parents=True, exist_ok=True)
+            os.replace(chunk, batch.errors / chunk.name)
+            moved += 1
+        os.replace(legacy, batch.marker)
+        moved += 1
+    for chunk in layout.downloaded.glob(f"*/*/{ERROR_PREFIX}*.parquet"):  # unfinished batches
+        batch = BatchFiles.of(chunk.parent)
+        batch.errors.mkdir(parents=True, exist_ok=True)
+        os.replace(chunk, batch.errors / chunk.name)
+        moved += 1
+    return moved
 
 
 def batch_folder(batches_root: Path, server_name: str, partition_id: int) -> Path:

@@ -1,6 +1,6 @@
 """`verify`: is what the download wrote sound? Every finished batch, checked against its prep.
 
-A batch is sound when every chunk reads, the counts match its `completed` marker, every stored
+A batch is sound when every chunk reads, the counts match its `_completed` marker, every stored
 image decodes and hashes to its `hashsum_resized`, and its output holds each prepared UUID
 exactly once, in successes or in errors. Batches are checked in parallel processes (decoding
 is the cost). `--fix` moves broken batches aside, under `OUT/verify/quarantine/`, so that the
@@ -26,14 +26,15 @@ from PIL import Image
 
 from distributed_downloader.errors import UserError
 from distributed_downloader.formats import fill_images
-from distributed_downloader.storage import RunLayout, atomic_write_json, batch_folder
-from distributed_downloader.writers import (
-    COMPLETED_MARKER,
+from distributed_downloader.storage import (
     ERROR_PREFIX,
     SUCCESS_PREFIX,
-    chunk_files,
-    finished_batches,
+    RunLayout,
+    atomic_write_json,
+    batch_folder,
+    upgrade_layout,
 )
+from distributed_downloader.writers import finished_batches
 
 MAX_PROBLEMS_LISTED = 5  # per batch; the count says how many more
 
@@ -66,12 +67,13 @@ def check_batch(root: str, server_name: str, partition_id: int) -> BatchCheck:
     """Check one finished batch; problems are plain sentences."""
     layout = RunLayout(Path(root))
     check = BatchCheck(server_name, partition_id)
-    folder = batch_folder(layout.downloaded, server_name, partition_id)
+    files = layout.batch_files(server_name, partition_id)
+    folder = files.successes
     problems = check.problems
     try:
-        marker = json.loads((folder / COMPLETED_MARKER).read_text())
+        marker = json.loads(files.marker.read_text())
     except (OSError, ValueError) as exc:
-        problems.append(f"unreadable completed marker ({exc})")
+        problems.append(f"unreadable _completed marker ({exc})")
         return check
     prepared = set()
     for path in sorted(batch_folder(layout.batches, server_name, partition_id).glob("*.parquet")):
@@ -79,8 +81,9 @@ def check_batch(root: str, server_name: str, partition_id: int) -> BatchCheck:
     seen: Counter = Counter()
     successes = errors = 0
     artifact: dict[str, bytes] | None = None
-    for prefix in (SUCCESS_PREFIX, ERROR_PREFIX):
-        for path in chunk_files(folder, prefix):
+    for prefix, chunks in ((SUCCESS_PREFIX, files.success_chunks()),
+                           (ERROR_PREFIX, files.error_chunks())):
+        for path in chunks:
             try:
                 table = pq.read_table(path)
             except Exception as exc:  # noqa: BLE001 - a damaged file is the finding
@@ -125,6 +128,7 @@ def run_verify(output: Path, fix: bool = False, workers: int | None = None) -> d
     layout = RunLayout(output)
     if not layout.prep_summary.exists():
         raise UserError(f"{output} has no finished prep: nothing to verify")
+    upgrade_layout(layout)
     started = time.monotonic()
     finished = [(str(output), server, partition)
                 for server, partition in finished_batches(layout)]
@@ -136,10 +140,12 @@ def run_verify(output: Path, fix: bool = False, workers: int | None = None) -> d
     if fix:
         quarantine = layout.root / "verify" / "quarantine" / time.strftime("%Y%m%d-%H%M%S")
         for check in broken:
+            files = layout.batch_files(check.server_name, check.partition_id)
             target = quarantine / check.folder_name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(batch_folder(layout.downloaded, check.server_name,
-                                         check.partition_id)), target)
+            target.mkdir(parents=True, exist_ok=True)
+            for kind, folder in (("successes", files.successes), ("errors", files.errors)):
+                if folder.exists():
+                    shutil.move(str(folder), target / kind)
             moved.append(str(target))
     summary = {
         "batches_checked": len(checks),

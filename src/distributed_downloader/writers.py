@@ -1,9 +1,11 @@
-"""Fetch's output: a batch's results as atomically written chunk files and a `completed` marker.
+"""Fetch's output: a batch's results as atomically written chunk files and a `_completed` marker.
 
-A batch's folder under `downloaded_images/` holds `successes-*.parquet` and `errors-*.parquet`
-chunks, each written under a hidden temporary name, fsynced and renamed, so a reader (or a
-resumed run) only ever sees whole chunks. The `completed` marker, written last, makes the batch
-finished. Resuming skips every UUID already in a chunk; a kill loses only unwritten chunks.
+A batch's successes go to `downloaded_images/server_name=H/partition_id=N/successes-*.parquet`
+and its errors to the same path under `download_errors/` (each tree reads as one table); each
+chunk is written under a hidden temporary name, fsynced and renamed, so a reader (or a resumed
+run) only ever sees whole chunks. The `_completed` marker, written last beside the successes,
+makes the batch finished. Resuming skips every UUID already in a chunk; a kill loses only
+unwritten chunks.
 """
 
 from __future__ import annotations
@@ -23,54 +25,50 @@ import pyarrow.parquet as pq
 from distributed_downloader.errors import RETRYABLE
 from distributed_downloader.schema import ERRORS, successes_schema
 from distributed_downloader.storage import (
+    COMPLETED_MARKER,
+    ERROR_PREFIX,
     PARQUET_COMPRESSION,
+    SUCCESS_PREFIX,
+    BatchFiles,
     RunLayout,
     atomic_write_json,
-    batch_folder,
+    chunk_files,
     fsync_dir,
 )
 
-COMPLETED_MARKER = "completed"
-SUCCESS_PREFIX = "successes-"
-ERROR_PREFIX = "errors-"
 CHUNK_MAX_ROWS = 500
 CHUNK_MAX_BYTES = 16 << 20
 CHUNK_MAX_AGE_SECONDS = 60.0
 ROWS_PER_ROW_GROUP = 64  # small row groups: the writer buffers one at a time, not the chunk
 
-
-def chunk_files(folder: Path, prefix: str) -> list[Path]:
-    """Committed chunks of one kind (temporary files start with a dot and are never listed)."""
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.name.startswith(prefix)
-                  and p.name.endswith(".parquet"))
+__all__ = ["COMPLETED_MARKER", "ERROR_PREFIX", "SUCCESS_PREFIX", "chunk_files"]
 
 
-def committed_uuids(folder: Path) -> set[str]:
-    """UUIDs that already have their final row in this batch folder."""
+def committed_uuids(batch: BatchFiles) -> set[str]:
+    """UUIDs that already have their final row in this batch."""
     done: set[str] = set()
-    for path in chunk_files(folder, SUCCESS_PREFIX) + chunk_files(folder, ERROR_PREFIX):
+    for path in batch.chunks():
         done.update(pq.read_table(path, columns=["uuid"]).column("uuid").to_pylist())
     return done
 
 
-def read_completed(folder: Path) -> dict[str, Any] | None:
+def read_completed(batch: BatchFiles) -> dict[str, Any] | None:
     try:
-        return json.loads((folder / COMPLETED_MARKER).read_text())
+        return json.loads(batch.marker.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 
 
-def remove_stale_temporaries(folder: Path) -> None:
+def remove_stale_temporaries(batch: BatchFiles) -> None:
     """Half-written chunks of a killed run: never committed, safe to delete."""
-    if folder.is_dir():
-        for path in folder.iterdir():
-            if path.name.startswith(".") and ".tmp-" in path.name:
-                path.unlink(missing_ok=True)
+    for folder in (batch.successes, batch.errors):
+        if folder.is_dir():
+            for path in folder.iterdir():
+                if path.name.startswith(".") and ".tmp-" in path.name:
+                    path.unlink(missing_ok=True)
 
 
-def reopen_for_retry(folder: Path) -> int:
+def reopen_for_retry(batch: BatchFiles) -> int:
     """Make a finished batch's retryable errors fetchable again; returns how many.
 
     The marker goes first, then each error chunk is replaced (atomically) by one without its
@@ -79,7 +77,7 @@ def reopen_for_retry(folder: Path) -> int:
     """
     retryable = [str(code) for code in RETRYABLE]
     reopened = 0
-    chunks = chunk_files(folder, ERROR_PREFIX)
+    chunks = batch.error_chunks()
     plans = []
     for path in chunks:
         table = pq.read_table(path)
@@ -90,14 +88,14 @@ def reopen_for_retry(folder: Path) -> int:
             reopened += table.num_rows - kept.num_rows
     if not reopened:
         return 0
-    (folder / COMPLETED_MARKER).unlink(missing_ok=True)
-    fsync_dir(folder)
+    batch.marker.unlink(missing_ok=True)
+    fsync_dir(batch.successes)
     for path, kept in plans:
         if kept.num_rows:
             write_chunk(kept, path)
         else:
             path.unlink()
-    fsync_dir(folder)
+    fsync_dir(batch.errors)
     return reopened
 
 
@@ -130,9 +128,9 @@ class BufferBudget:
 class BatchWriter:
     """Collects one batch's final rows and commits them in chunks."""
 
-    def __init__(self, folder: Path, keep_columns: list[str], budget: BufferBudget,
+    def __init__(self, batch: BatchFiles, keep_columns: list[str], budget: BufferBudget,
                  writer_token: str | None = None, output_format: str = "parquet") -> None:
-        self.folder = folder
+        self.batch = batch
         self.output_format = output_format
         self.successes_schema = successes_schema(keep_columns)
         self.budget = budget
@@ -144,7 +142,8 @@ class BatchWriter:
         self._oldest: float | None = None
         self.written_successes = 0
         self.written_errors = 0
-        folder.mkdir(parents=True, exist_ok=True)
+        batch.successes.mkdir(parents=True, exist_ok=True)
+        batch.errors.mkdir(parents=True, exist_ok=True)
         budget.writers.append(self)
 
     def add_success(self, row: dict[str, Any]) -> None:
@@ -182,13 +181,14 @@ class BatchWriter:
         self.sequence += 1
         if self._successes:
             table = pa.Table.from_pylist(self._successes, schema=self.successes_schema)
-            write_chunk(table, self.folder / (SUCCESS_PREFIX + name))
+            write_chunk(table, self.batch.successes / (SUCCESS_PREFIX + name))
+            fsync_dir(self.batch.successes)
             self.written_successes += len(self._successes)
         if self._errors:
             table = pa.Table.from_pylist(self._errors, schema=ERRORS)
-            write_chunk(table, self.folder / (ERROR_PREFIX + name))
+            write_chunk(table, self.batch.errors / (ERROR_PREFIX + name))
+            fsync_dir(self.batch.errors)
             self.written_errors += len(self._errors)
-        fsync_dir(self.folder)
         self.budget.used -= self.buffered_bytes
         self._successes, self._errors = [], []
         self.buffered_bytes = 0
@@ -202,64 +202,64 @@ class BatchWriter:
     def complete(self, batch_rows: int) -> dict[str, int]:
         """Flush, check every row of the batch is committed once, and write the marker."""
         self.close()
-        successes, errors = chunk_row_counts(self.folder)
+        successes, errors = chunk_row_counts(self.batch)
         if successes + errors != batch_rows:
-            raise RuntimeError(
-                f"{self.folder}: {successes} successes + {errors} errors != {batch_rows} rows"
-            )
+            raise RuntimeError(f"{self.batch.successes}: {successes} successes + {errors} "
+                               f"errors != {batch_rows} rows")
         counts = {"rows": batch_rows, "successes": successes, "errors": errors}
         if self.output_format != "parquet":
             from distributed_downloader.formats import convert_batch
 
-            convert_batch(self.folder, self.output_format)
-        atomic_write_json(self.folder / COMPLETED_MARKER,
-                          {**counts, "errors_by_code": errors_by_code(self.folder),
+            convert_batch(self.batch.successes, self.output_format)
+        atomic_write_json(self.batch.marker,
+                          {**counts, "errors_by_code": errors_by_code(self.batch),
                            "output_format": self.output_format, "finished_at": time.time()})
         return counts
 
 
-def chunk_row_counts(folder: Path) -> tuple[int, int]:
-    """(successes, errors) committed in a batch folder, from the chunks' Parquet footers (no
-    data is read)."""
-    def rows(prefix: str) -> int:
-        return sum(pq.read_metadata(path).num_rows for path in chunk_files(folder, prefix))
+def chunk_row_counts(batch: BatchFiles) -> tuple[int, int]:
+    """(successes, errors) committed in a batch, from the chunks' Parquet footers (no data is
+    read)."""
+    def rows(chunks: list[Path]) -> int:
+        return sum(pq.read_metadata(path).num_rows for path in chunks)
 
-    return rows(SUCCESS_PREFIX), rows(ERROR_PREFIX)
+    return rows(batch.success_chunks()), rows(batch.error_chunks())
 
 
-def committed_rows(downloaded: Path) -> int:
+def committed_rows(layout: RunLayout) -> int:
     """Rows committed so far over a whole run: finished batches by their marker, the others by
     their chunks' footers."""
     total = 0
-    for folder in downloaded.glob("*/*"):
-        marker = folder / COMPLETED_MARKER
-        total += json.loads(marker.read_text())["rows"] if marker.exists() else \
-            sum(chunk_row_counts(folder))
+    folders = {path.relative_to(root) for root in (layout.downloaded, layout.download_errors)
+               for path in root.glob("*/*")}
+    for relative in folders:
+        batch = BatchFiles(layout.downloaded / relative, layout.download_errors / relative)
+        total += json.loads(batch.marker.read_text())["rows"] if batch.finished else \
+            sum(chunk_row_counts(batch))
     return total
 
 
-def has_downloads(downloaded: Path) -> bool:
+def has_downloads(layout: RunLayout) -> bool:
     """Whether any row was committed in the run (a chunk, or a finished batch)."""
-    return any(downloaded.glob(f"*/*/{SUCCESS_PREFIX}*.parquet")) or \
-        any(downloaded.glob(f"*/*/{ERROR_PREFIX}*.parquet")) or \
-        any(downloaded.glob(f"*/*/{COMPLETED_MARKER}"))
+    return any(layout.downloaded.glob(f"*/*/{SUCCESS_PREFIX}*.parquet")) or \
+        any(layout.download_errors.glob(f"*/*/{ERROR_PREFIX}*.parquet")) or \
+        bool(layout.finished_markers())
 
 
 def finished_batches(layout: RunLayout) -> list[tuple[str, int]]:
-    """(server_name, partition_id) of every prepared batch that has its `completed` marker."""
+    """(server_name, partition_id) of every prepared batch that has its `_completed` marker."""
     batches = []
     for row in pq.read_table(layout.servers).to_pylist():
         for partition in range(row["batches"]):
-            folder = batch_folder(layout.downloaded, row["server_name"], partition)
-            if (folder / COMPLETED_MARKER).exists():
+            if layout.batch_files(row["server_name"], partition).finished:
                 batches.append((row["server_name"], partition))
     return batches
 
 
-def errors_by_code(folder: Path) -> dict[str, int]:
-    """A batch folder's committed errors, counted by error code."""
+def errors_by_code(batch: BatchFiles) -> dict[str, int]:
+    """A batch's committed errors, counted by error code."""
     counts: dict[str, int] = {}
-    for path in chunk_files(folder, ERROR_PREFIX):
+    for path in batch.error_chunks():
         for code in pq.read_table(path, columns=["error_code"]).column(0).to_pylist():
             counts[code] = counts.get(code, 0) + 1
     return counts

@@ -32,8 +32,13 @@ from typing import Any
 
 from distributed_downloader.config import Settings, save_settings
 from distributed_downloader.errors import UserError
-from distributed_downloader.storage import RunLayout, atomic_write_json, atomic_write_text
-from distributed_downloader.writers import COMPLETED_MARKER, committed_rows
+from distributed_downloader.storage import (
+    RunLayout,
+    atomic_write_json,
+    atomic_write_text,
+    upgrade_layout,
+)
+from distributed_downloader.writers import committed_rows
 
 CHAIN_FILE = "chain.json"
 STOP_CHAIN = 3  # exit code of `slurm period` when the chain is over: the job does not fetch
@@ -331,8 +336,9 @@ def _start_period(layout: RunLayout, settings: Settings, job_id: str) -> tuple[b
     chain = read_chain(layout)
     if chain.state != "running":
         return False, f"the chain is {chain.state}"
-    done = committed_rows(layout.downloaded)
-    finished = sum(1 for _ in layout.downloaded.glob(f"*/*/{COMPLETED_MARKER}"))
+    upgrade_layout(layout)
+    done = committed_rows(layout)
+    finished = len(layout.finished_markers())
     started = [job for job in chain.downloads if job.started is not None and job.id != job_id]
     if started:
         _judge(layout, started[-1], done)
@@ -389,9 +395,9 @@ def chain_status(settings: Settings) -> dict[str, Any]:
     return {
         "state": chain.state,
         "reason": chain.reason,
-        "rows_done": committed_rows(layout.downloaded),
+        "rows_done": committed_rows(layout),
         "rows": total_rows,
-        "batches_done": sum(1 for _ in layout.downloaded.glob(f"*/*/{COMPLETED_MARKER}")),
+        "batches_done": len(layout.finished_markers()),
         "batches": batches,
         "jobs": [{**asdict(job), "slurm_state": states.get(job.id, "ENDED")}
                  for job in chain.jobs],

@@ -1,6 +1,6 @@
 """The fetch stage: download every prepared batch, resumably, under each server's budget.
 
-`run_fetch` finds what is left to do (batches without a `completed` marker; with
+`run_fetch` finds what is left to do (batches without a `_completed` marker; with
 `retry_errors`, also finished batches holding retryable errors), sets each server's starting
 budget (defaults, or what a previous run learned), runs the workers on an executor, and saves
 what it learned about the servers for the next run.
@@ -38,8 +38,14 @@ from distributed_downloader.schedule import (
     Scheduler,
     ServerState,
 )
-from distributed_downloader.storage import RunLayout, atomic_write_json, batch_folder
-from distributed_downloader.writers import COMPLETED_MARKER, reopen_for_retry
+from distributed_downloader.storage import (
+    ERROR_PREFIX,
+    SUCCESS_PREFIX,
+    RunLayout,
+    atomic_write_json,
+    upgrade_layout,
+)
+from distributed_downloader.writers import reopen_for_retry
 
 PROFILE_SAVE_SECONDS = 60.0
 STATE_SECONDS = 5.0  # how often a running fetch records its state for `status`
@@ -145,10 +151,10 @@ def build_plan(layout: RunLayout, settings: Settings, retry_errors: bool) -> Fet
         name, batches = server.name, server.total_batches
         for partition in range(batches):
             size = min(batch_size, rows - partition * batch_size)
-            folder = batch_folder(layout.downloaded, name, partition)
-            finished = (folder / COMPLETED_MARKER).exists()
+            files = layout.batch_files(name, partition)
+            finished = files.finished
             if finished and retry_errors:
-                reopened = reopen_for_retry(folder)
+                reopened = reopen_for_retry(files)
                 totals["reopened"] += reopened
                 finished = reopened == 0
             totals["batches"] += 1
@@ -282,18 +288,14 @@ def _learned_profile(server: ServerState, previous: ServerProfile | None) -> Ser
 
 def output_counts(layout: RunLayout) -> dict[str, Any]:
     """Successes and errors (by code) over every committed chunk of the run."""
-    root = layout.downloaded
     counts: dict[str, Any] = {"successes": 0, "errors": 0, "errors_by_code": {}}
-    if not any(root.glob("*/*/successes-*.parquet")) and \
-            not any(root.glob("*/*/errors-*.parquet")):
-        return counts
     con = duckdb.connect()
-    if any(root.glob("*/*/successes-*.parquet")):
-        counts["successes"] = con.sql(
-            f"SELECT count(*) FROM read_parquet('{root}/*/*/successes-*.parquet')").fetchall()[0][0]
-    if any(root.glob("*/*/errors-*.parquet")):
+    if layout.has_chunks(SUCCESS_PREFIX):
+        counts["successes"] = con.sql("SELECT count(*) FROM read_parquet("
+                                      f"{layout.chunk_pattern(SUCCESS_PREFIX)})").fetchall()[0][0]
+    if layout.has_chunks(ERROR_PREFIX):
         by_code = con.sql(
-            f"SELECT error_code, count(*) FROM read_parquet('{root}/*/*/errors-*.parquet') "
+            f"SELECT error_code, count(*) FROM read_parquet({layout.chunk_pattern(ERROR_PREFIX)}) "
             "GROUP BY 1 ORDER BY 2 DESC").fetchall()
         counts["errors_by_code"] = dict(by_code)
         counts["errors"] = sum(count for _, count in by_code)
@@ -356,6 +358,7 @@ def run_fetch(
         raise UserError("fetch needs the run's folder OUT")
     layout = RunLayout(settings.output)
     started = time.monotonic()
+    upgrade_layout(layout)
     check_output_settings(layout, settings)
     plan = build_plan(layout, settings, retry_errors)
     save_settings(settings)
@@ -375,7 +378,7 @@ def run_fetch(
     seconds = time.monotonic() - started
     after = output_counts(layout)
     fetched_now = after["successes"] + after["errors"] - before["successes"] - before["errors"]
-    batches_done = sum(1 for _ in layout.downloaded.glob(f"*/*/{COMPLETED_MARKER}"))
+    batches_done = len(layout.finished_markers())
     summary = {
         "finished": batches_done == plan.batches_total,
         "interrupted": interrupted,

@@ -256,13 +256,13 @@ class Worker:
     # --- batches ------------------------------------------------------------------------------
 
     async def _run_batch(self, batch: BatchRef, give_up: GiveUp | None) -> None:
-        folder = batch_folder(self.layout.downloaded, batch.server_name, batch.partition_id)
+        files = self.layout.batch_files(batch.server_name, batch.partition_id)
         # Chunk names say which worker wrote them: successes-w{worker}.{random}-{seq}.parquet
-        writer = BatchWriter(folder, self.settings.keep_columns, self.budget,
+        writer = BatchWriter(files, self.settings.keep_columns, self.budget,
                              f"w{self.id}.{secrets.token_hex(3)}", self.settings.output_format)
         try:
-            remove_stale_temporaries(folder)
-            done = committed_uuids(folder)
+            remove_stale_temporaries(files)
+            done = committed_uuids(files)
             source = batch_folder(self.layout.batches, batch.server_name, batch.partition_id)
             rows = [row for path in sorted(source.glob("*.parquet"))
                     for row in pq.read_table(path).to_pylist() if row["uuid"] not in done]

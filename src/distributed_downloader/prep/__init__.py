@@ -37,6 +37,7 @@ from distributed_downloader.storage import (
     RunLayout,
     atomic_write_json,
     publish,
+    upgrade_layout,
 )
 from distributed_downloader.writers import has_downloads
 
@@ -169,7 +170,8 @@ def run_prep(
                 f"{layout.prep} holds a finished prep; use --force to prepare again "
                 "(it replaces prep/ only, while nothing was downloaded yet)"
             )
-        if has_downloads(layout.downloaded):
+        upgrade_layout(layout)
+        if has_downloads(layout):
             raise UserError(
                 f"{layout.root} already holds downloads of its prep: preparing again there "
                 "would mix two inputs in one folder; use another --output (with --previous "

@@ -22,26 +22,22 @@ import pyarrow as pa
 
 from distributed_downloader.errors import RETRYABLE, UserError
 from distributed_downloader.schema import OVERLAP
-from distributed_downloader.storage import RunLayout
+from distributed_downloader.storage import (
+    ERROR_PREFIX,
+    SUCCESS_PREFIX,
+    RunLayout,
+    sql_path,
+    upgrade_layout,
+)
 
 COUNTS = [field.name for field in OVERLAP if field.name != "server_name"]
 
 
-def _sql_text(path: Path | str) -> str:
-    """A path inside a SQL string literal."""
-    return str(path).replace("'", "''")
-
-
-def _glob(root: Path, name: str) -> str | None:
-    """The Parquet glob of a download's chunks of one kind, or None when it has none."""
-    if not any(root.glob(f"*/*/{name}-*.parquet")):
-        return None
-    return _sql_text(f"{root}/*/*/{name}-*.parquet")
 
 
 def _columns(con: duckdb.DuckDBPyConnection, pattern: str) -> set[str]:
     return {row[0] for row in con.sql(
-        f"DESCRIBE SELECT * FROM read_parquet('{pattern}', union_by_name = true)").fetchall()}
+        f"DESCRIBE SELECT * FROM read_parquet({pattern}, union_by_name = true)").fetchall()}
 
 
 def check_previous(previous: list[Path], output: Path) -> list[RunLayout]:
@@ -52,6 +48,10 @@ def check_previous(previous: list[Path], output: Path) -> list[RunLayout]:
             raise UserError(f"--previous {path} is the output itself")
         if not layout.prep_summary.exists():
             raise UserError(f"--previous {path}: not a download folder (no finished prep)")
+        try:
+            upgrade_layout(layout)
+        except OSError:  # read-only: its errors are not carried (those URLs are fetched again)
+            pass
         layouts.append(layout)
     return layouts
 
@@ -63,29 +63,30 @@ def create_previous_tables(con: duckdb.DuckDBPyConnection, previous: list[RunLay
     outcomes, urls = [], []
     for priority, layout in enumerate(previous):
         root = layout.downloaded
-        successes = _glob(root, "successes")
-        if successes is not None:
+        if layout.has_chunks(SUCCESS_PREFIX):
+            successes = layout.chunk_pattern(SUCCESS_PREFIX)
             # A row that was itself reused by link points to where its bytes are.
             linked = "linked_from" in _columns(con, successes)
-            folder = (f"'{_sql_text(root)}/server_name=' || server_name || '/partition_id=' "
+            folder = (f"{sql_path(root)} || '/server_name=' || server_name || '/partition_id=' "
                       "|| partition_id")
             where = f"coalesce(linked_from, {folder})" if linked else folder
             uuid = "coalesce(linked_uuid, uuid)" if linked else "uuid"
             outcomes.append(
                 f"SELECT identifier, 0 AS kind, {priority} AS priority, {where} AS reuse_from, "
                 f"{uuid} AS reuse_uuid, NULL AS reuse_error_code, NULL AS reuse_error_msg, "
-                f"NULL::INTEGER AS reuse_http_status FROM read_parquet('{successes}', "
+                f"NULL::INTEGER AS reuse_http_status FROM read_parquet({successes}, "
                 "hive_partitioning = true, union_by_name = true)")
-        errors = _glob(root, "errors")
-        if errors is not None:
+        if layout.has_chunks(ERROR_PREFIX):
+            errors = layout.chunk_pattern(ERROR_PREFIX)
             outcomes.append(
                 f"SELECT identifier, 1 AS kind, {priority} AS priority, NULL AS reuse_from, "
                 "NULL AS reuse_uuid, error_code AS reuse_error_code, "
-                f"error_msg || ' (in {_sql_text(layout.root)})' AS reuse_error_msg, "
-                f"http_status AS reuse_http_status FROM read_parquet('{errors}') "
+                f"error_msg || ' (in ' || {sql_path(layout.root)} || ')' AS reuse_error_msg, "
+                f"http_status AS reuse_http_status FROM read_parquet({errors}) "
                 f"WHERE error_code NOT IN ({retryable})")
         urls.append(f"SELECT identifier, server_name FROM read_parquet("
-                    f"'{_sql_text(layout.batches)}/*/*/*.parquet', hive_partitioning = true)")
+                    f"{sql_path(layout.batches / '*' / '*' / '*.parquet')}, "
+                    "hive_partitioning = true)")
     if not outcomes:
         outcomes.append("SELECT NULL::VARCHAR AS identifier, 0 AS kind, 0 AS priority, "
                         "NULL::VARCHAR AS reuse_from, NULL::VARCHAR AS reuse_uuid, "

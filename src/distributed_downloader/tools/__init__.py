@@ -26,12 +26,21 @@ from typing import Any
 
 
 from distributed_downloader.errors import UserError
-from distributed_downloader.storage import RunLayout, atomic_write_json, batch_folder, fsync_dir
+from distributed_downloader.storage import (
+    COMPLETED_MARKER,
+    SUCCESS_PREFIX,
+    RunLayout,
+    atomic_write_json,
+    batch_folder,
+    fsync_dir,
+    sql_path,
+    upgrade_layout,
+)
 from distributed_downloader.writers import finished_batches
 
 BatchWork = Callable[[Path, Path, dict[str, Any]], dict[str, int]]
 RunWork = Callable[[RunLayout, Path, dict[str, Any]], dict[str, Any]]
-TOOL_DONE = "done"  # written last in a batch's result folder, with its counts
+TOOL_DONE = COMPLETED_MARKER  # written last in a batch's result folder, with its counts
 
 
 @dataclass(frozen=True)
@@ -58,15 +67,14 @@ def query_successes(layout: RunLayout, target: Path, select: str) -> Any:
     `target`, atomically; returns the DuckDB connection (None: no success yet, no file)."""
     import duckdb
 
-    if not any(layout.downloaded.glob("*/*/successes-*.parquet")):
+    if not layout.has_chunks(SUCCESS_PREFIX):
         return None
-    pattern = layout.downloaded / "*" / "*" / "successes-*.parquet"
     temporary = target.with_name(f".{target.name}.tmp")
     con = duckdb.connect()
     # union_by_name: chunks of other output formats have no `image` column.
-    con.execute(f"CREATE VIEW successes AS SELECT * FROM read_parquet('{pattern}', "
-                "union_by_name = true)")
-    con.execute(f"COPY ({select}) TO '{temporary}' (FORMAT parquet, COMPRESSION zstd)")
+    con.execute("CREATE VIEW successes AS SELECT * FROM read_parquet("
+                f"{layout.chunk_pattern(SUCCESS_PREFIX)}, union_by_name = true)")
+    con.execute(f"COPY ({select}) TO {sql_path(temporary)} (FORMAT parquet, COMPRESSION zstd)")
     os.replace(temporary, target)
     return con
 
@@ -102,6 +110,8 @@ def _start(layout: RunLayout, tool: Tool, options: dict[str, Any], restart: bool
     atomic_write_json(recorded, options)
     for scratch in folder.glob("*/.partition_id=*"):  # a batch in progress when killed
         shutil.rmtree(scratch, ignore_errors=True)
+    for legacy in folder.glob("*/*/done"):  # the marker's name before it was `_`-prefixed
+        os.replace(legacy, legacy.with_name(TOOL_DONE))
     return folder
 
 
@@ -114,6 +124,7 @@ def run_tool(name: str, output: Path, options: dict[str, Any], restart: bool = F
     layout = RunLayout(output)
     if not layout.prep_summary.exists():
         raise UserError(f"{output} has no finished prep: nothing to post-process")
+    upgrade_layout(layout)
     folder = _start(layout, tool, options, restart)
     started = time.monotonic()
     totals: dict[str, Any] = {}
