@@ -112,7 +112,7 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
 def test_saved_settings_are_the_base_of_the_next_command(tmp_path: Path) -> None:
     out = tmp_path / "out"
     run_cli("prep", FIXTURES / "urls.txt", "--output", out, "--batch-size", "7")
-    settings, _ = load_settings(None, {"output": out})
+    settings = load_settings(None, {"output": out}).settings
     assert settings.batch_size == 7
     assert settings.input == (FIXTURES / "urls.txt").resolve()
 
@@ -145,7 +145,8 @@ def test_first_version_env_file(tmp_path: Path) -> None:
     out = tmp_path / "out"
     env = tmp_path / "hpc.env"
     env.write_text(ORIGINAL_ENV.format(output=out))
-    settings, without_effect = load_settings(env)
+    loaded = load_settings(env)
+    settings, without_effect = loaded.settings, loaded.without_effect
     assert settings.account == "pas2136"
     assert (settings.max_nodes, settings.workers_per_node, settings.cpu_per_worker) == (6, 5, 8)
     assert settings.output == out

@@ -109,3 +109,50 @@ def test_blocked_addresses_are_fetched_once_allowed(tmp_path: Path) -> None:
         assert "--allow-network" in result.stderr
         run_cli("fetch", out, "--retry-errors", *FAST_FETCH)
         assert {r["identifier"] for r in read_successes(out).to_pylist()} == set(urls)
+
+
+def test_loosening_flags_apply_to_their_command_only(tmp_path: Path) -> None:
+    """--allow-network, --no-respect-robots and a raised --max-rate-limit, given once, are not
+    the run's settings afterwards; a gentler flag is kept; every setting not at its default is
+    printed with where it came from."""
+    import yaml
+
+    with Farm([ServerSpec("127.0.0.2")]) as farm:
+        server = farm.servers[0]
+        server.images["0.jpg"] = make_small_image(0)
+        out = tmp_path / "out"
+        result = run_cli("download", write_lines(tmp_path / "u.txt", [server.url("/img/0.jpg")]),
+                         "--output", out, "--no-profile", *FAST_FETCH, "--no-respect-robots",
+                         "--max-rate-limit", "50", "--max-connections-per-server", "2",
+                         "--image-size", "64")
+        assert len(read_successes(out)) == 1
+    assert "respect_robots = False  (command line, this command only" in result.stderr
+    assert "max_rate_limit = 50.0  (command line, this command only" in result.stderr
+    assert "image_size = 64  (command line)" in result.stderr
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["respect_robots"] is True and saved["max_rate_limit"] is None
+    assert saved["allow_network"] == []
+    assert (saved["image_size"], saved["max_connections_per_server"]) == (64, 2)  # kept
+
+    again = run_cli("fetch", out)  # nothing left; says where its settings come from
+    assert "image_size = 64  (" + str(out / "config.yaml") + ")" in again.stderr
+    assert "respect_robots" not in again.stderr
+
+    run_cli("fetch", out, "--no-respect-robots", "--save-overrides")
+    assert yaml.safe_load((out / "config.yaml").read_text())["respect_robots"] is False
+
+
+def test_a_slurm_chain_carries_the_one_off_flags_of_its_submission(tmp_path: Path) -> None:
+    from distributed_downloader.config import load_settings
+    from distributed_downloader.executors.slurm import job_scripts
+    from distributed_downloader.storage import RunLayout
+
+    out = tmp_path / "out"
+    settings = load_settings(None, {"output": out, "respect_robots": False,
+                                    "allow_network": ["127.0.0.0/8"], "image_size": 64}).settings
+    scripts = job_scripts(settings, RunLayout(out))
+    fetch_line = next(line for line in scripts["download"].splitlines() if " fetch " in line)
+    assert "--no-respect-robots" in fetch_line and "--allow-network 127.0.0.0/8" in fetch_line
+    assert "--image-size" not in fetch_line  # a lasting setting: in OUT/config.yaml
+    profile_line = scripts["profile"].splitlines()[-1]
+    assert "--no-respect-robots" in profile_line and "--allow-network" in profile_line

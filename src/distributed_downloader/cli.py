@@ -19,7 +19,16 @@ from rich.console import Console
 from rich.table import Table
 
 from distributed_downloader import __version__
-from distributed_downloader.config import SETTING_NAMES, InputFormat, Settings, load_settings
+from distributed_downloader.config import (
+    FETCH_SETTINGS,
+    PREP_SETTINGS,
+    PROFILE_SETTINGS,
+    SETTING_NAMES,
+    InputFormat,
+    LoadedSettings,
+    Settings,
+    load_settings,
+)
 from distributed_downloader.errors import UserError
 
 console = Console()
@@ -81,35 +90,41 @@ config_option = click.option(
 )
 
 
-FETCH_SETTINGS = (
-    "workers", "image_size", "output_image_format", "output_format", "image_quality",
-    "default_rate_limit",
-    "max_rate_limit", "rate_multiplier", "max_connections_per_server", "max_retries",
-    "server_down_after", "retry_delay", "retry_delay_max", "rate_increase_interval",
-    "rate_growth_factor", "rate_decrease_factor", "throttle_memory", "throttle_memory_max",
-    "overload_failure_share", "overload_min_failures", "breaker_failures", "breaker_max_pause",
-    "timeout", "connect_timeout", "max_body_size", "max_image_pixels",
-    "user_agent", "allow_network", "cpu_per_worker", "rates", "executor", "min_worker_rate",
-    "contact", "opt_out_directives", "opt_out_server_after", "ignore_opt_out", "dns_servers",
-    "respect_robots", "previous_mode",
-)
-PROFILE_SETTINGS = ("default_rate_limit", "max_rate_limit", "max_connections_per_server",
-                    "profile_requests", "timeout", "connect_timeout", "user_agent", "contact",
-                    "allow_network", "dns_servers", "rates", "respect_robots")
-PREP_SETTINGS = ("url_column", "id_column", "keep_columns", "batch_size", "keep_duplicates",
-                 "strict_image_format", "uuid", "memory_limit", "previous")
+save_overrides_option = click.option(
+    "--save-overrides", is_flag=True,
+    help="Keep this command's flags that loosen politeness or safety (--allow-network, "
+    "--no-respect-robots, --ignore-opt-out, a higher rate or connection limit) for the run's "
+    "later commands; without it they apply to this command (and its Slurm chain) only.")
 
 
-def gather_settings(config_file: Path | None, flags: dict[str, Any]) -> Settings:
+def gather_settings(config_file: Path | None, flags: dict[str, Any],
+                    announce: bool = False) -> Settings:
+    """The command's settings; with `announce`, say which differ from the defaults and why."""
     overrides = {name: value for name, value in flags.items() if name in SETTING_NAMES}
-    settings, without_effect = load_settings(config_file, overrides)
-    if without_effect:
+    loaded = load_settings(config_file, overrides, flags.get("save_overrides", False))
+    if loaded.without_effect:
         err_console.print(
             f"[yellow]note:[/] {config_file}: these keys of the original downloader have no "
             f"effect here (this version lays out its folders and scripts itself): "
-            f"{', '.join(without_effect)}"
+            f"{', '.join(loaded.without_effect)}"
         )
-    return settings
+    if announce:
+        announce_settings(loaded)
+    return loaded.settings
+
+
+def announce_settings(loaded: LoadedSettings) -> None:
+    """One line per setting that is not at its default, with where it came from."""
+    rows = loaded.not_default()
+    if not rows:
+        return
+    one_off = loaded.settings.one_off
+    lines = ["settings not at their default:"]
+    for name, value, source in rows:
+        shown = ",".join(map(str, value)) if isinstance(value, list) else value
+        note = ", this command only (--save-overrides keeps it)" if name in one_off else ""
+        lines.append(f"  {name} = {shown}  ({source}{note})")
+    err_console.print("\n".join(lines), highlight=False, markup=False, soft_wrap=True)
 
 
 def _prep_progress() -> Callable:
@@ -215,7 +230,7 @@ def _prep(settings: Settings, force: bool = False) -> None:
 @config_option
 def prep(input: Path, config_file: Path | None, force: bool, **flags: Any) -> None:
     """Filter INPUT, give every row a UUID, and cut it into batches by server."""
-    _prep(gather_settings(config_file, {"input": input, **flags}), force)
+    _prep(gather_settings(config_file, {"input": input, **flags}, announce=True), force)
 
 
 def print_fetch_summary(summary: dict[str, Any], output: Path) -> None:
@@ -297,10 +312,12 @@ def _fetch(settings: Settings, retry_errors: bool, started: float | None = None)
 @setting_options(*FETCH_SETTINGS)
 @click.option("--retry-errors", is_flag=True,
               help="Fetch again the rows whose error is retryable (timeouts, 429, 5xx, ...).")
+@save_overrides_option
 @config_option
 def fetch(output: Path, config_file: Path | None, retry_errors: bool, **flags: Any) -> None:
     """Download the batches that prep wrote in OUTPUT; re-run to resume."""
-    _fetch(gather_settings(config_file, {"output": output, **flags}), retry_errors)
+    _fetch(gather_settings(config_file, {"output": output, **flags}, announce=True),
+           retry_errors)
 
 
 @cli.command()
@@ -313,6 +330,7 @@ def fetch(output: Path, config_file: Path | None, retry_errors: bool, **flags: A
 @click.option("--force", is_flag=True,
               help="Prepare INPUT again although OUT holds a prep (of another input too), as "
               "long as nothing was downloaded into OUT yet.")
+@save_overrides_option
 @config_option
 def download(input: Path, config_file: Path | None, retry_errors: bool, no_profile: bool,
              force: bool, **flags: Any) -> None:
@@ -323,7 +341,7 @@ def download(input: Path, config_file: Path | None, retry_errors: bool, no_profi
     from distributed_downloader.storage import RunLayout
 
     started = time.time()
-    settings = gather_settings(config_file, {"input": input, **flags})
+    settings = gather_settings(config_file, {"input": input, **flags}, announce=True)
     assert settings.output is not None
     layout = RunLayout(settings.output)
     if settings.executor == "mpi":
@@ -366,11 +384,12 @@ def _profile(settings: Settings) -> None:
 @cli.command()
 @click.argument("output", type=click.Path(path_type=Path, file_okay=False))
 @setting_options(*PROFILE_SETTINGS)
+@save_overrides_option
 @config_option
 def profile(output: Path, config_file: Path | None, **flags: Any) -> None:
     """Probe every server of OUTPUT (a few requests each, one a second at most) for a safe
     starting rate; writes OUTPUT/profiles/servers.csv."""
-    _profile(gather_settings(config_file, {"output": output, **flags}))
+    _profile(gather_settings(config_file, {"output": output, **flags}, announce=True))
 
 
 @cli.command()
@@ -587,13 +606,14 @@ def slurm() -> None:
 @click.option("--output", "-o", "output", type=click.Path(path_type=Path),
               help=Settings.model_fields["output"].description)
 @setting_options(*CLUSTER_SETTINGS, *PREP_SETTINGS, *FETCH_SETTINGS, "profile_requests")
+@save_overrides_option
 @config_option
 def submit(input: Path | None, config_file: Path | None, **flags: Any) -> None:
     """Write the job scripts into OUT/slurm/ and submit prep → profile → download periods,
     each after the last; periods chain until every batch is done."""
     from distributed_downloader.executors.slurm import submit_chain
 
-    settings = gather_settings(config_file, {"input": input, **flags})
+    settings = gather_settings(config_file, {"input": input, **flags}, announce=True)
     chain = submit_chain(settings)
     assert settings.output is not None
     for job in chain.jobs[-3:]:

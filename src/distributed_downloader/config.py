@@ -19,6 +19,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -332,6 +333,21 @@ class Settings(BaseModel):
     def effective_max_rate(self) -> float:
         return self.max_rate_limit or self.default_rate_limit
 
+    # setting -> the value the run had before this command's one-off flag (see load_settings)
+    _one_off: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    def set_one_off(self, before: dict[str, Any]) -> None:
+        self._one_off = dict(before)
+
+    @property
+    def one_off(self) -> dict[str, Any]:
+        """Settings this command loosened by a flag, with the values saved for later commands."""
+        return dict(self._one_off)
+
+    def to_save(self) -> Settings:
+        """What the run's later commands start from: this command's one-off flags left out."""
+        return self.model_copy(update=self._one_off)
+
     @field_validator("memory_limit")
     @classmethod
     def _check_memory_limit(cls, value: str) -> str:
@@ -341,6 +357,40 @@ class Settings(BaseModel):
 
 
 SETTING_NAMES = tuple(Settings.model_fields)
+
+# The settings each stage's command takes as flags (`download` takes all three).
+FETCH_SETTINGS = (
+    "workers", "image_size", "output_image_format", "output_format", "image_quality",
+    "default_rate_limit",
+    "max_rate_limit", "rate_multiplier", "max_connections_per_server", "max_retries",
+    "server_down_after", "retry_delay", "retry_delay_max", "rate_increase_interval",
+    "rate_growth_factor", "rate_decrease_factor", "throttle_memory", "throttle_memory_max",
+    "overload_failure_share", "overload_min_failures", "breaker_failures", "breaker_max_pause",
+    "timeout", "connect_timeout", "max_body_size", "max_image_pixels",
+    "user_agent", "allow_network", "cpu_per_worker", "rates", "executor", "min_worker_rate",
+    "contact", "opt_out_directives", "opt_out_server_after", "ignore_opt_out", "dns_servers",
+    "respect_robots", "previous_mode",
+)
+PROFILE_SETTINGS = ("default_rate_limit", "max_rate_limit", "max_connections_per_server",
+                    "profile_requests", "timeout", "connect_timeout", "user_agent", "contact",
+                    "allow_network", "dns_servers", "rates", "respect_robots")
+PREP_SETTINGS = ("url_column", "id_column", "keep_columns", "batch_size", "keep_duplicates",
+                 "strict_image_format", "uuid", "memory_limit", "previous")
+
+
+def one_off_flags(settings: Settings, accepted: tuple[str, ...]) -> list[str]:
+    """Command-line flags that give a command this command's one-off settings (a Slurm chain's
+    jobs get the flags of the command that submitted them)."""
+    flags: list[str] = []
+    for name in (name for name in settings.one_off if name in accepted):
+        value, flag = getattr(settings, name), "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list):
+            flags += [flag, ",".join(map(str, value))]
+        elif value is not None:
+            flags += [flag, str(value)]
+    return flags
 
 # The original downloader's YAML keys, by their path in its file, onto settings.
 LEGACY_YAML_KEYS: dict[str, str] = {
@@ -526,11 +576,51 @@ def saved_settings_path(output: Path) -> Path:
     return output / "config.yaml"
 
 
+# Settings whose flags can make a run less polite or less safe. Such a flag applies to the
+# command given it (and to the Slurm chain it submits), never to the run's later commands,
+# unless the user asks (`--save-overrides`); a flag that makes the run gentler is kept as usual.
+POLITENESS_AND_SAFETY = ("allow_network", "respect_robots", "ignore_opt_out", "max_rate_limit",
+                         "default_rate_limit", "rate_multiplier", "max_connections_per_server")
+FROM_FLAG = "command line"
+
+
+def loosens(name: str, before: Settings, after: Settings) -> bool:
+    """Whether `after` is less polite or less safe than `before` in the setting `name`."""
+    if name == "allow_network":
+        return not set(after.allow_network) <= set(before.allow_network)
+    if name == "respect_robots":
+        return before.respect_robots and not after.respect_robots
+    if name == "ignore_opt_out":
+        return after.ignore_opt_out and not before.ignore_opt_out
+    if name == "max_rate_limit":
+        return after.effective_max_rate > before.effective_max_rate
+    return getattr(after, name) > getattr(before, name)
+
+
+class LoadedSettings(BaseModel):
+    """The settings of one command, and where each came from."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    settings: Settings
+    sources: dict[str, str] = {}  # setting -> the file or FROM_FLAG that set it last
+    without_effect: list[str] = []
+
+    def not_default(self) -> list[tuple[str, Any, str]]:
+        """(name, value, where from) of every setting that differs from its default."""
+        defaults = Settings()
+        return [(name, getattr(self.settings, name), self.sources.get(name, "?"))
+                for name in SETTING_NAMES
+                if name not in ("input", "output")
+                and getattr(self.settings, name) != getattr(defaults, name)]
+
+
 def load_settings(
     config_file: Path | None = None,
     overrides: dict[str, Any] | None = None,
-) -> tuple[Settings, list[str]]:
-    """Merge every source of settings; returns them and the legacy keys that had no effect.
+    save_overrides: bool = False,
+) -> LoadedSettings:
+    """Merge every source of settings, remembering where each came from.
 
     The run's folder can come from the flags or from the settings file, and the run's saved
     settings in that folder sit below both, so the file is read first to learn where the run is.
@@ -539,22 +629,34 @@ def load_settings(
     from_file = read_settings_file(config_file) if config_file else LoadedFile(values={})
     output = overrides.get("output") or from_file.values.get("output")
     merged: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     if output is not None:
         saved = saved_settings_path(Path(output))
         if saved.exists():
             merged.update(read_settings_file(saved).values)
+            sources.update(dict.fromkeys(merged, str(saved)))
     merged.update(from_file.values)
-    merged.update(overrides)
+    sources.update(dict.fromkeys(from_file.values, str(config_file)))
     where = str(config_file) if config_file else "settings"
-    return validate(merged, where), from_file.without_effect
+    before = validate(merged, where)
+    merged.update(overrides)
+    sources.update(dict.fromkeys(overrides, FROM_FLAG))
+    settings = validate(merged, where)
+    if not save_overrides:
+        settings.set_one_off({name: getattr(before, name) for name in POLITENESS_AND_SAFETY
+                              if name in overrides and loosens(name, before, settings)})
+    return LoadedSettings(settings=settings, sources=sources,
+                          without_effect=from_file.without_effect)
 
 
 def save_settings(settings: Settings) -> None:
-    """Write the effective settings to `OUT/config.yaml`, the base of the run's next command."""
+    """Write the settings the run's next command starts from to `OUT/config.yaml` (one-off
+    politeness and safety flags left out)."""
     from distributed_downloader.storage import atomic_write_text
 
     assert settings.output is not None
-    atomic_write_text(saved_settings_path(settings.output), settings_as_yaml(settings))
+    atomic_write_text(saved_settings_path(settings.output),
+                      settings_as_yaml(settings.to_save()))
 
 
 def settings_as_yaml(settings: Settings) -> str:

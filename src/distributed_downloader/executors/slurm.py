@@ -30,7 +30,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from distributed_downloader.config import Settings, save_settings
+from distributed_downloader.config import (
+    FETCH_SETTINGS,
+    PROFILE_SETTINGS,
+    Settings,
+    one_off_flags,
+    save_settings,
+)
 from distributed_downloader.errors import UserError
 from distributed_downloader.storage import (
     RunLayout,
@@ -148,13 +154,14 @@ def job_scripts(settings: Settings, layout: RunLayout) -> dict[str, str]:
     """The three job scripts of a chain, by kind."""
     out = layout.root
     cores = settings.workers_per_node * settings.cpu_per_worker
+    fetch_flags = one_off_flags(settings, FETCH_SETTINGS)  # the submitting command's, for its chain
     prep = _header(settings, layout, "prep", [
         "--nodes=1", "--ntasks=1", f"--cpus-per-task={cores}",
         f"--time={settings.time_limit}"]) + [
         f"exec {_command('prep', settings.input, '--output', out)}"]
     profile = _header(settings, layout, "profile", [
         "--nodes=1", "--ntasks=1", "--cpus-per-task=1", f"--time={settings.time_limit}"]) + [
-        f"exec {_command('profile', out)}"]
+        f"exec {_command('profile', out, *one_off_flags(settings, PROFILE_SETTINGS))}"]
     download = _header(settings, layout, "download", [
         f"--nodes={settings.max_nodes}", f"--ntasks-per-node={settings.workers_per_node}",
         f"--cpus-per-task={settings.cpu_per_worker}", f"--time={settings.time_limit}",
@@ -166,7 +173,7 @@ def job_scripts(settings: Settings, layout: RunLayout) -> dict[str, str]:
         f"decision=$?; if [ $decision = {STOP_CHAIN} ]; then exit 0; fi",
         "if [ $decision != 0 ]; then exit $decision; fi  # a real error: see above",
         f"ranks=$(( SLURM_JOB_NUM_NODES * {settings.workers_per_node} + 1 ))",
-        f"{_launcher(settings)} {_command('fetch', out, '--executor', 'mpi')} &",
+        f"{_launcher(settings)} {_command('fetch', out, '--executor', 'mpi', *fetch_flags)} &",
         "launched=$!",
         "# Slurm's warning before the time limit: pass it on, the ranks flush and exit.",
         "stopping=0",
