@@ -126,17 +126,17 @@ def test_loosening_flags_apply_to_their_command_only(tmp_path: Path) -> None:
                          "--max-rate-limit", "50", "--max-connections-per-server", "2",
                          "--image-size", "64")
         assert len(read_successes(out)) == 1
-    assert "respect_robots = False  (command line, this command only" in result.stderr
-    assert "max_rate_limit = 50.0  (command line, this command only" in result.stderr
-    assert "image_size = 64  (command line)" in result.stderr
+    assert "respect_robots = False  (command line, this command only" in result.stdout
+    assert "max_rate_limit = 50.0  (command line, this command only" in result.stdout
+    assert "image_size = 64  (command line)" in result.stdout
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["respect_robots"] is True and saved["max_rate_limit"] is None
     assert saved["allow_network"] == []
     assert (saved["image_size"], saved["max_connections_per_server"]) == (64, 2)  # kept
 
     again = run_cli("fetch", out)  # nothing left; says where its settings come from
-    assert "image_size = 64  (" + str(out / "config.yaml") + ")" in again.stderr
-    assert "respect_robots" not in again.stderr
+    assert "image_size = 64  (" + str(out / "config.yaml") + ")" in again.stdout
+    assert "respect_robots" not in again.stdout
 
     run_cli("fetch", out, "--no-respect-robots", "--save-overrides")
     assert yaml.safe_load((out / "config.yaml").read_text())["respect_robots"] is False

@@ -89,6 +89,21 @@ def test_rejected_rows_name_line_value_and_reason(gbif_out: Path) -> None:
     assert lines[17 - 1].split(b"\t")[3] == b"javascript:alert(1)"  # row_number is the line
 
 
+def test_rows_the_filter_dropped_can_be_inspected_with_their_reason(gbif_out: Path) -> None:
+    dropped = read_parquet(gbif_out / "prep" / "dropped.parquet").to_pylist()
+    by_reason = Counter(row["reason"] for row in dropped)
+    assert by_reason == {reason: count for reason, count in EXPECTED_DROPPED.items()
+                         if reason in ("missing_gbif_id", "not_still_image", "not_image_format")}
+    lines = MULTIMEDIA.read_bytes().split(b"\n")
+    for row in dropped:
+        fields = lines[row["row_number"] - 1].decode().split("\t")
+        assert row["identifier"] == fields[3]  # the URL as written, on the line it names
+        assert row["source_file"] == str(MULTIMEDIA)
+    assert {row["value"] for row in dropped if row["reason"] == "not_image_format"} == \
+        {"text/html"}
+    assert all(row["value"] in (None, "") for row in dropped if row["reason"] == "missing_gbif_id")
+
+
 def test_uuids_are_v5_of_source_id_and_url_and_unique(gbif_out: Path) -> None:
     batches = read_batches(gbif_out).to_pylist()
     duplicates = read_parquet(gbif_out / "prep" / "duplicates.parquet").to_pylist()

@@ -6,6 +6,7 @@ can never disagree (`--batch-size` is `batch_size`).
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import types
@@ -16,6 +17,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from distributed_downloader import __version__
@@ -29,7 +31,7 @@ from distributed_downloader.config import (
     Settings,
     load_settings,
 )
-from distributed_downloader.errors import UserError
+from distributed_downloader.errors import UserError, require_module
 
 console = Console()
 err_console = Console(stderr=True)
@@ -113,18 +115,21 @@ def gather_settings(config_file: Path | None, flags: dict[str, Any],
     return loaded.settings
 
 
+RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")  # set by MPI launchers
+
+
 def announce_settings(loaded: LoadedSettings) -> None:
     """One line per setting that is not at its default, with where it came from."""
     rows = loaded.not_default()
-    if not rows:
-        return
+    if not rows or any(int(os.environ.get(name, 0)) > 0 for name in RANK_VARIABLES):
+        return  # said once, by rank 0 of an MPI run
     one_off = loaded.settings.one_off
     lines = ["settings not at their default:"]
     for name, value, source in rows:
         shown = ",".join(map(str, value)) if isinstance(value, list) else value
         note = ", this command only (--save-overrides keeps it)" if name in one_off else ""
         lines.append(f"  {name} = {shown}  ({source}{note})")
-    err_console.print("\n".join(lines), highlight=False, markup=False, soft_wrap=True)
+    console.print("\n".join(lines), highlight=False, markup=False, soft_wrap=True)
 
 
 def _prep_progress() -> Callable:
@@ -183,7 +188,8 @@ def print_prep_summary(summary: dict[str, Any], output: Path) -> None:
         reason, count = max(summary["dropped"].items(), key=lambda item: item[1])
         err_console.print(f"[yellow]warning:[/] no row kept: {count:,} of "
                           f"{summary['rows_read']:,} were dropped as {reason} (see the counts "
-                          "above, and prep/rejected.parquet for rows that could not be used)",
+                          "above; prep/dropped.parquet lists the rows each filter left out, "
+                          "prep/rejected.parquet those that could not be used)",
                           highlight=False)
     console.print(f"batches in [bold]{output / 'prep' / 'batches'}[/]")
     if overlap is not None:
@@ -337,6 +343,7 @@ def download(input: Path, config_file: Path | None, retry_errors: bool, no_profi
     """One shot: prep INPUT into OUT, profile its servers (each unless done), then fetch;
     re-run to resume."""
     from distributed_downloader.fetch import check_output_settings
+    from distributed_downloader.formats import require_format
     from distributed_downloader.prep import check_same_input, prep_is_finished
     from distributed_downloader.storage import RunLayout
 
@@ -346,6 +353,8 @@ def download(input: Path, config_file: Path | None, retry_errors: bool, no_profi
     layout = RunLayout(settings.output)
     if settings.executor == "mpi":
         _mpi_prelude()  # the other ranks fetch; rank 0 alone preps and profiles
+    layout.check_writable()
+    require_format(settings.output_format)
     check_output_settings(layout, settings)
     if not settings.contact:
         err_console.print("[yellow]note:[/] no contact in the User-Agent; set --contact "
@@ -405,6 +414,8 @@ def status(output: Path, as_json: bool, report_path: Path | None) -> None:
     from distributed_downloader.plan import duration
     from distributed_downloader.status import run_status
 
+    if report_path is not None:
+        require_module("matplotlib", "report", "status --report")
     result = run_status(output)
     if report_path is not None:
         from distributed_downloader.report import write_report
@@ -726,7 +737,7 @@ def main() -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except UserError as exc:
-        err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         for action in ON_ERROR:
             action()
         sys.exit(2)

@@ -6,6 +6,7 @@ row-level outcomes are values from the enumerations below, written into the outp
 
 from __future__ import annotations
 
+import importlib
 from enum import StrEnum
 
 
@@ -19,6 +20,15 @@ class ConfigError(UserError):
 
 class InputError(UserError):
     """An input that cannot be read at all (as opposed to single bad rows, which are rejected)."""
+
+
+def require_module(module: str, extra: str, purpose: str) -> None:
+    """Fail before any work when an optional dependency is missing (not after a batch)."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"{purpose} needs {module}, which is not installed: "
+                        f"pip install 'distributed-downloader[{extra}]'") from None
 
 
 class DropReason(StrEnum):

@@ -21,7 +21,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distributed_downloader.formats import ARTIFACTS, extension, read_successes, write_artifact
+from distributed_downloader.formats import (
+    ARTIFACTS,
+    FORMAT_NEEDS,
+    extension,
+    read_successes,
+    write_artifact,
+)
 from distributed_downloader.schema import ERRORS
 from distributed_downloader.storage import PARQUET_COMPRESSION
 from distributed_downloader.tools import Tool
@@ -50,7 +56,8 @@ def _format_tool(output_format: str, summary: str) -> Tool:
         return _export(output_format, source, result)
 
     per_batch.__name__ = f"export_{output_format}"
-    return Tool(output_format, summary, per_batch=per_batch, home="export")
+    return Tool(output_format, summary, per_batch=per_batch, home="export",
+                needs=FORMAT_NEEDS.get(output_format))
 
 
 FORMATS = [

@@ -24,11 +24,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from distributed_downloader.errors import require_module
 from distributed_downloader.storage import SUCCESS_PREFIX, chunk_files, fsync_dir
 
 OUTPUT_FORMATS = ("parquet", "webdataset", "files", "hdf5")
 EXTENSIONS = {"jpeg": "jpg", "webp": "webp", "png": "png", "gif": "gif", "tiff": "tif"}
 ARTIFACTS = {"webdataset": "images.tar", "files": "images", "hdf5": "images.h5"}
+FORMAT_NEEDS = {"hdf5": ("h5py", "hdf5", "the hdf5 output format")}  # (module, extra, purpose)
+
+
+def require_format(output_format: str) -> None:
+    """Fail before any download when the output format's library is missing."""
+    if output_format in FORMAT_NEEDS:
+        require_module(*FORMAT_NEEDS[output_format])
 
 
 def extension(image_format: str | None) -> str:

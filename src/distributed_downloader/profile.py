@@ -426,6 +426,7 @@ def run_profile(settings: Settings) -> dict[str, Any]:
     if not layout.prep_summary.exists():
         raise UserError(f"{layout.root} has no finished prep; run `distributed-downloader prep` "
                         "(or `download`) first")
+    layout.check_writable()
     started = time.monotonic()
     overrides = load_rate_overrides(layout, settings)
     save_settings(settings)

@@ -12,18 +12,16 @@ import html
 from pathlib import Path
 from typing import Any
 
-from distributed_downloader.errors import UserError
+from distributed_downloader.errors import require_module
 from distributed_downloader.storage import atomic_write_bytes, atomic_write_text
 
 TOP_SERVERS = 20
 
 
 def _pyplot() -> Any:
-    try:
-        import matplotlib
-    except ImportError:
-        raise UserError("the report needs matplotlib: pip install "
-                        "'distributed-downloader[report]'") from None
+    require_module("matplotlib", "report", "status --report")
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

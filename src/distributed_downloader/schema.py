@@ -45,6 +45,17 @@ REJECTED = pa.schema(
     ]
 )
 
+# Rows the GBIF filter left out on purpose: `prep/dropped.parquet`, to see what a filter removed.
+DROPPED = pa.schema(
+    [
+        ("source_file", pa.string()),
+        ("row_number", pa.int64()),
+        ("identifier", pa.string()),  # the URL as written
+        ("reason", pa.string()),  # a DropReason
+        ("value", pa.string()),  # what the filter read: the row's type, format or gbifID
+    ]
+)
+
 # Rows whose URL another row downloads: `prep/duplicates.parquet`, so no occurrence loses its image.
 DUPLICATES_EXTRA = [("server_name", pa.string()), ("carrier_uuid", pa.string())]
 

@@ -12,6 +12,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from distributed_downloader.errors import UserError
+
 PARQUET_COMPRESSION = "zstd"
 
 
@@ -43,6 +45,11 @@ class RunLayout:
         return self.prep / "rejected.parquet"
 
     @property
+    def dropped(self) -> Path:
+        """Rows the GBIF filter left out, each with its reason and the value it read."""
+        return self.prep / "dropped.parquet"
+
+    @property
     def duplicates(self) -> Path:
         return self.prep / "duplicates.parquet"
 
@@ -60,6 +67,18 @@ class RunLayout:
     def download_errors(self) -> Path:
         """Fetch's failed rows, one table beside the successes, in the same Hive layout."""
         return self.root / "download_errors"
+
+    def check_writable(self) -> None:
+        """Fail in one line, before any work, when the run folder cannot be made or written."""
+        if self.root.exists() and not self.root.is_dir():
+            raise UserError(f"{self.root} is a file, not a folder: the run's output is a folder")
+        probe = self.root / f".write-test-{os.getpid()}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise UserError(f"cannot write into {self.root}: {exc.strerror}") from None
 
     def batch_files(self, server_name: str, partition_id: int) -> BatchFiles:
         return BatchFiles(batch_folder(self.downloaded, server_name, partition_id),

@@ -128,6 +128,7 @@ def run_verify(output: Path, fix: bool = False, workers: int | None = None) -> d
     layout = RunLayout(output)
     if not layout.prep_summary.exists():
         raise UserError(f"{output} has no finished prep: nothing to verify")
+    layout.check_writable()  # it writes its findings into OUT/verify/
     upgrade_layout(layout)
     started = time.monotonic()
     finished = [(str(output), server, partition)

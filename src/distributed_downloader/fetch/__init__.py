@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from distributed_downloader.config import Settings, save_settings
 from distributed_downloader.errors import ErrorCode, UserError
+from distributed_downloader.formats import require_format
 from distributed_downloader.fetch.robots import RobotsGate
 from distributed_downloader.policy import RatePolicy, ServerPolicy
 from distributed_downloader.profile import (
@@ -358,6 +359,8 @@ def run_fetch(
         raise UserError("fetch needs the run's folder OUT")
     layout = RunLayout(settings.output)
     started = time.monotonic()
+    layout.check_writable()
+    require_format(settings.output_format)
     upgrade_layout(layout)
     check_output_settings(layout, settings)
     plan = build_plan(layout, settings, retry_errors)

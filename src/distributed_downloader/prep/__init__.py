@@ -31,7 +31,7 @@ from distributed_downloader.prep.partition import build_batches
 from distributed_downloader.prep.previous import check_previous
 from distributed_downloader.prep.rows import ChunkCleaner, RejectedRow, Tally, resolve_roles
 from distributed_downloader.prep.sources import Source, discover, input_fingerprint
-from distributed_downloader.schema import REJECTED, staging_schema
+from distributed_downloader.schema import DROPPED, REJECTED, staging_schema
 from distributed_downloader.storage import (
     PARQUET_COMPRESSION,
     RunLayout,
@@ -124,6 +124,7 @@ def _read_sources(
     settings: Settings,
     staging_path: Path,
     rejected: _RejectedWriter,
+    dropped: pq.ParquetWriter,
     tally: Tally,
     progress: ProgressCallback | None,
 ) -> list[str]:
@@ -144,10 +145,12 @@ def _read_sources(
                                        settings.strict_image_format)
                 readable = [name for name in roles.wanted if name in reader.columns]
                 for chunk in reader.chunks(readable):
-                    table, rejects = cleaner.clean(chunk, first_row_index=tally.rows_kept)
+                    table, rejects, left_out = cleaner.clean(chunk, tally.rows_kept)
                     if table.num_rows:
                         staging.write_table(table)
                     rejected.add(rejects)
+                    if left_out.num_rows:
+                        dropped.write_table(left_out)
                     if progress:
                         progress(PrepProgress(source.label, tally.rows_read, tally.rows_kept,
                                               "reading"))
@@ -164,6 +167,7 @@ def run_prep(
         raise UserError("prep needs an INPUT and an --output folder")
     started = time.monotonic()
     layout = RunLayout(settings.output)
+    layout.check_writable()
     if prep_is_finished(layout):
         if not force:
             raise UserError(
@@ -188,19 +192,22 @@ def run_prep(
 
     tally = Tally()
     rejected = _RejectedWriter(work / "rejected.parquet")
+    dropped = pq.ParquetWriter(work / "dropped.parquet", DROPPED, compression=PARQUET_COMPRESSION)
     staging_path = work / "staging.parquet"
     try:
-        formats = _read_sources(sources, settings, staging_path, rejected, tally, progress)
+        formats = _read_sources(sources, settings, staging_path, rejected, dropped, tally,
+                                progress)
     finally:
         rejected.close()
+        dropped.close()
     if tally.rows_read == 0:
         raise InputError(f"{settings.input}: no data rows (only a header, or empty)")
     if progress:
         progress(PrepProgress("", tally.rows_read, tally.rows_kept, "batching"))
     result = build_batches(staging_path, work, settings, settings.keep_columns, previous)
 
-    for name in ("batches", "rejected.parquet", "duplicates.parquet", "servers.parquet",
-                 "overlap.parquet"):
+    for name in ("batches", "rejected.parquet", "dropped.parquet", "duplicates.parquet",
+                 "servers.parquet", "overlap.parquet"):
         if (work / name).exists():
             publish(work / name, layout.prep / name)
     summary = {

@@ -17,7 +17,7 @@ from distributed_downloader.errors import DropReason, InputError, RejectReason
 from distributed_downloader.prep.readers import RawChunk
 from distributed_downloader.prep.sources import URL_COLUMN_CANDIDATES, Source
 from distributed_downloader.prep.urls import normalise_urls
-from distributed_downloader.schema import BATCH, staging_schema
+from distributed_downloader.schema import BATCH, DROPPED, staging_schema
 
 ID_COLUMN_CANDIDATES = ("gbifID", "source_id", "id")
 METADATA_COLUMNS = ("license", "source", "title")
@@ -159,8 +159,11 @@ class ChunkCleaner:
         self.schema = staging_schema(keep_columns)
         self.keep_columns = keep_columns
 
-    def clean(self, chunk: RawChunk, first_row_index: int) -> tuple[pa.Table, list[RejectedRow]]:
+    def clean(self, chunk: RawChunk,
+              first_row_index: int) -> tuple[pa.Table, list[RejectedRow], pa.Table]:
+        """(rows kept, rows rejected, rows the GBIF filter dropped) of one chunk."""
         roles, tally = self.roles, self.tally
+        dropped = []
         rejected = [RejectedRow(self.label, line, raw, reason)
                     for line, raw, reason in chunk.rejected]
         tally.rows_read += len(chunk) + len(chunk.rejected)
@@ -190,7 +193,9 @@ class ChunkCleaner:
                     tally.kept_without_image_format += pc.sum(
                         pc.and_(alive, pc.and_(loose, pc.invert(ok)))).as_py() or 0
                     ok = pc.or_(ok, loose)
-                tally.dropped[reason] += pc.sum(pc.and_(alive, pc.invert(ok))).as_py() or 0
+                removed = pc.and_(alive, pc.invert(ok))
+                tally.dropped[reason] += pc.sum(removed).as_py() or 0
+                dropped.append(self._dropped(reason, removed, lines, columns[roles.url], values))
                 alive = pc.and_(alive, ok)
             columns = {name: values.filter(alive) for name, values in columns.items()}
             lines = lines.filter(alive)
@@ -236,4 +241,12 @@ class ChunkCleaner:
         }
         table = pa.Table.from_arrays([values[f.name] for f in self.schema], schema=self.schema)
         rejected.sort(key=lambda row: row.row_number or 0)
-        return table, rejected
+        return table, rejected, pa.concat_tables(dropped) if dropped else DROPPED.empty_table()
+
+    def _dropped(self, reason: DropReason, removed: pa.Array, lines: pa.Array, urls: pa.Array,
+                 values: pa.Array) -> pa.Table:
+        count = pc.sum(removed).as_py() or 0
+        return pa.Table.from_arrays(
+            [pa.repeat(pa.scalar(self.label, pa.string()), count), lines.filter(removed),
+             urls.filter(removed), pa.repeat(pa.scalar(str(reason), pa.string()), count),
+             values.filter(removed).cast(pa.string())], schema=DROPPED)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 
-from distributed_downloader.errors import UserError
+from distributed_downloader.errors import UserError, require_module
 from distributed_downloader.storage import (
     COMPLETED_MARKER,
     SUCCESS_PREFIX,
@@ -50,6 +50,7 @@ class Tool:
     per_batch: BatchWork | None = None  # (downloaded batch folder, result folder, options)
     whole_run: RunWork | None = None  # (layout, tool folder, options)
     home: str = "tools"  # results go to OUT/{home}/{name}/ (exports: OUT/export/FORMAT/)
+    needs: tuple[str, str, str] | None = None  # an optional module: (module, extra, purpose)
 
 
 def registry() -> dict[str, Tool]:
@@ -124,6 +125,9 @@ def run_tool(name: str, output: Path, options: dict[str, Any], restart: bool = F
     layout = RunLayout(output)
     if not layout.prep_summary.exists():
         raise UserError(f"{output} has no finished prep: nothing to post-process")
+    layout.check_writable()
+    if tool.needs is not None:
+        require_module(*tool.needs)
     upgrade_layout(layout)
     folder = _start(layout, tool, options, restart)
     started = time.monotonic()
