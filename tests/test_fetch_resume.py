@@ -108,8 +108,13 @@ def test_ctrl_c_stops_cleanly_and_resumes(farm_and_urls, tmp_path: Path) -> None
     committed = read_successes(out).num_rows
     assert committed >= 20  # finished rows were flushed, even in unfinished batches
     assert_nothing_duplicated(out)
-    run_cli(*download_command(source, out)[3:], timeout=300)
+    done_before = committed + read_errors(out).num_rows
+    resumed = run_cli(*download_command(source, out)[3:], timeout=300)
     assert_complete(out, expected)
+    # The progress counts the whole run: what was done before, then to 100%.
+    total = len(expected)
+    assert f"resuming: {done_before:,} of {total:,} rows were done before" in resumed.stderr
+    assert f"fetch: {total:,}/{total:,} (100.0%)" in resumed.stderr
 
 
 def read_count(out: Path) -> int:

@@ -82,3 +82,68 @@ def test_status_during_and_after_a_run_matches_the_parquet(tmp_path: Path) -> No
         with Image.open(png) as image:
             image.verify()
             assert image.format == "PNG" and image.size[0] > 200
+
+
+def test_status_speed_counts_images_stored_and_throttles_match_the_fetch(tmp_path: Path) -> None:
+    from distributed_downloader.status import recent_speed
+
+    history = [{"time": 0.0, "rows_done": 0, "successes": 0, "running": True},
+               {"time": 10.0, "rows_done": 100, "successes": 40, "running": True}]
+    assert recent_speed(history, 10.0, running=True) == 4.0  # images stored, not rows
+    assert recent_speed(history, 10.0, running=True, count="rows_done") == 10.0
+
+    with Farm([ServerSpec("127.0.0.2", rate_limit=2)]) as farm:
+        server = farm.servers[0]
+        urls = []
+        for i in range(24):
+            server.images[f"{i}.jpg"] = make_small_image(i)
+            urls.append(server.url(f"/img/{i}.jpg"))
+        urls += [server.url(f"/missing/{i}") for i in range(3)]
+        out = tmp_path / "out"
+        run_cli("download", write_lines(tmp_path / "u.txt", urls), "-o", out, "--no-profile",
+                "--default-rate-limit", 10, *FAST_FETCH, timeout=120)
+        assert server.status_count(429) > 0  # the guard: the run met the server's limit
+    summary = json.loads((out / "fetch_summary.json").read_text())
+    after = status_json(out)
+    assert after["throttled_last_fetch"] == summary["throttled_this_run"] > 0
+    assert sum(row["throttled"] for row in after["all_servers"]) == summary["throttled_this_run"]
+
+
+def test_the_report_of_a_run_not_fetched_yet_says_why_its_plots_are_empty(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run_cli("prep", write_lines(tmp_path / "u.txt", ["http://127.0.0.2:9/a.jpg"]), "-o", out)
+    report = tmp_path / "r.html"
+    run_cli("status", out, "--report", report)
+    page = report.read_text()
+    assert "no speed yet" in page and "no error so far" in page
+    assert "no server rate known yet" in page
+    assert page.count("data:image/png;base64,") == 4
+    narrow = run_cli("status", out, env={"COLUMNS": "40"})  # piped: lines are not cut
+    line = next(line for line in narrow.stdout.splitlines() if line.startswith("rows:"))
+    assert "0 / 1 done" in line and line.endswith("servers done 0 / 1")
+
+
+def test_the_progress_bar_keeps_its_numbers_in_80_columns() -> None:
+    import io
+
+    from rich.console import Console
+
+    from distributed_downloader.progress import FetchProgress
+
+    class Run:  # what the bar reads of the scheduler
+        successes, errors, throttled = 5_000, 123, 45
+
+        def waits(self, now: float) -> list[str]:
+            return ["127.0.0.2:8000 paused by the server (Retry-After) for 30 s", "another"]
+
+        def busiest(self, count: int) -> list:
+            return []
+
+    screen = io.StringIO()
+    console = Console(file=screen, width=80, force_terminal=True, color_system=None)
+    progress = FetchProgress(console, total_rows=106_000, done_before=60_000)
+    progress(Run())
+    progress.stop()
+    last = screen.getvalue().split("\r")[-1].replace("\x1b[2K", "").split("\n")[0]
+    assert len(last) <= 80
+    assert "65123/106000" in last and "img/s" in last and "errors 123" in last

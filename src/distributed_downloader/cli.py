@@ -33,8 +33,9 @@ from distributed_downloader.config import (
 )
 from distributed_downloader.errors import UserError, require_module
 
-console = Console()
-err_console = Console(stderr=True)
+# Piped or logged output is not cut at 80 columns: a line stays a line (and a number whole).
+console = Console(soft_wrap=not sys.stdout.isatty())
+err_console = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
 
 PROGRESS_LOG_SECONDS = 5.0
 ON_ERROR: list[Callable[[], None]] = []  # run before exiting on a user error (MPI: end all ranks)
@@ -159,7 +160,7 @@ def _prep_progress() -> Callable:
 def print_prep_summary(summary: dict[str, Any], output: Path) -> None:
     table = Table(title="prep summary", show_header=False, title_justify="left")
     table.add_column(style="bold")
-    table.add_column(justify="right")
+    table.add_column(justify="right", no_wrap=True)
     table.add_row("rows read", f"{summary['rows_read']:,}")
     table.add_row("rows kept", f"{summary['rows_kept']:,}")
     for reason, count in summary["dropped"].items():
@@ -242,7 +243,7 @@ def prep(input: Path, config_file: Path | None, force: bool, **flags: Any) -> No
 def print_fetch_summary(summary: dict[str, Any], output: Path) -> None:
     table = Table(title="fetch summary", show_header=False, title_justify="left")
     table.add_column(style="bold")
-    table.add_column(justify="right")
+    table.add_column(justify="right", no_wrap=True)
     table.add_row("batches done", f"{summary['batches_done']:,} / {summary['batches']:,}")
     table.add_row("images stored", f"{summary['successes']:,}")
     table.add_row("errors", f"{summary['errors']:,}")
@@ -291,7 +292,10 @@ def _fetch(settings: Settings, retry_errors: bool, started: float | None = None)
     def on_plan(plan: FetchPlan) -> None:
         if plan.reopened_rows:
             err_console.print(f"retrying {plan.reopened_rows:,} rows with retryable errors")
-        progress.append(FetchProgress(err_console, plan.pending_rows))
+        if plan.rows_committed:
+            err_console.print(f"resuming: {plan.rows_committed:,} of {plan.rows_total:,} rows "
+                              "were done before", highlight=False)
+        progress.append(FetchProgress(err_console, plan.rows_total, plan.rows_committed))
 
     try:
         summary = run_fetch(settings, retry_errors, on_tick=lambda s: progress[0](s),
@@ -450,7 +454,8 @@ def status(output: Path, as_json: bool, report_path: Path | None) -> None:
         console.print(f"waiting: {wait['server']}: {wait['reason']}{left}", highlight=False)
     table = Table(title="busiest and slowest servers", title_justify="left")
     for column in ("server", "done / rows", "rate/s", "429s", "state", "time left"):
-        table.add_column(column, justify="left" if column in ("server", "state") else "right")
+        table.add_column(column, justify="left" if column in ("server", "state") else "right",
+                         no_wrap=column != "server")
     for row in result["busiest"] + result["slowest"]:
         table.add_row(row["server"], f"{row['done']:,} / {row['rows']:,}",
                       "—" if row["rate"] is None else f"{row['rate']:.3g}",
@@ -591,7 +596,8 @@ def plan(output: Path, config_file: Path | None, worker_speed: float | None, as_
         console.print(f"not fetched (servers excluded or down): {result['skipped_rows']:,} rows")
     table = Table(title="servers that bound the run", title_justify="left")
     for column in ("server", "rows", "rate/s", "workers", "alone needs", "share of run"):
-        table.add_column(column, justify="left" if column == "server" else "right")
+        table.add_column(column, justify="left" if column == "server" else "right",
+                         no_wrap=column != "server")
     for row in result["largest"]:
         table.add_row(row["server"], f"{row['rows']:,}", f"{row['rate']:g}",
                       str(row["workers"]), duration(row["alone_seconds"]),

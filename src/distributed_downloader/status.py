@@ -75,8 +75,10 @@ def read_history(layout: RunLayout) -> list[dict[str, Any]]:
     return lines
 
 
-def recent_speed(history: list[dict[str, Any]], now: float, running: bool) -> float:
-    """Images/s over the last few minutes of the latest fetch (its last minutes, when no fetch
+def recent_speed(history: list[dict[str, Any]], now: float, running: bool,
+                 count: str = "successes") -> float:
+    """`count` per second (images stored, by default; `rows_done`: rows finished, errors
+    included) over the last few minutes of the latest fetch (its last minutes, when no fetch
     is running). Each fetch's lines end with one whose `running` is false."""
     fetches: list[list[dict[str, Any]]] = [[]]
     for line in history:
@@ -90,7 +92,7 @@ def recent_speed(history: list[dict[str, Any]], now: float, running: bool) -> fl
     window = [line for line in latest if end - line["time"] <= SPEED_WINDOW_SECONDS]
     if len(window) < 2 or window[-1]["time"] <= window[0]["time"]:
         return 0.0
-    return (window[-1]["rows_done"] - window[0]["rows_done"]) / \
+    return max(0, window[-1].get(count, 0) - window[0].get(count, 0)) / \
         (window[-1]["time"] - window[0]["time"])
 
 
@@ -104,6 +106,7 @@ def run_status(output: Path) -> dict[str, Any]:
     state = json.loads(layout.fetch_state.read_text()) if layout.fetch_state.exists() else {}
     running = bool(state.get("running")) and now - state.get("updated", 0) < LIVE_SECONDS
     live = state.get("servers", {}) if running else {}
+    last_fetch = state.get("servers", {})  # its throttle counts hold after it ended too
     profiles = read_profiles(layout.server_profiles)
     servers: list[ServerProgress] = []
     by_code: Counter = Counter()
@@ -120,8 +123,9 @@ def run_status(output: Path) -> dict[str, Any]:
         server.done = server.successes + server.errors
         now_state = live.get(server.name)
         profile = profiles.get(server.name)
+        server.throttled = last_fetch.get(server.name, {}).get("throttled", 0)
         if now_state is not None:
-            server.rate, server.throttled = now_state["rate"], now_state["throttled"]
+            server.rate = now_state["rate"]
         elif profile is not None:
             server.rate = profile.rate_limit
         if server.batches_done == server.batches:
@@ -135,13 +139,14 @@ def run_status(output: Path) -> dict[str, Any]:
         servers.append(server)
     history = read_history(layout)
     speed = recent_speed(history, now, running)
+    rows_speed = recent_speed(history, now, running, count="rows_done")
     done = sum(s.done for s in servers)
     total = prep["download_rows"]
     left = [s for s in servers if s.remaining > 0]
     bound = max(left, key=lambda s: s.remaining_seconds, default=None)
     eta = None
     if total > done:
-        by_speed = (total - done) / speed if speed else 0.0
+        by_speed = (total - done) / rows_speed if rows_speed else 0.0
         eta = max(by_speed, bound.remaining_seconds if bound else 0.0) or None
     phase = "finished" if done >= total and all(s.state == "done" for s in servers) else \
         "fetching" if running else "stopped" if history else "prepared"
@@ -163,6 +168,8 @@ def run_status(output: Path) -> dict[str, Any]:
         "reused": {"rows": prep.get("reused_rows", 0), "previous": prep.get("previous", []),
                    "overlap": prep.get("overlap")},
         "images_per_second": round(speed, 2),
+        "rows_per_second": round(rows_speed, 2),
+        "throttled_last_fetch": sum(s.throttled for s in servers),
         "eta_seconds": round(eta, 1) if eta is not None else None,
         "bound_by": bound.name if bound is not None and bound.remaining_seconds else None,
         # Why the run is slowed, as the running fetch saw it: paused, held, failing servers.

@@ -73,8 +73,9 @@ class FetchPlan:
     batches_total: int
     batches_done: int
     rows_total: int
-    rows_done: int
+    rows_done: int  # in finished batches
     reopened_rows: int = 0
+    rows_committed: int = 0  # every row already written (unfinished batches' chunks too)
     pending_rows: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -219,7 +220,7 @@ def record_state(layout: RunLayout, scheduler: Scheduler, plan: FetchPlan,
                  running: bool) -> None:
     """For `status`: each server's live budget (rewritten), and a line of the run's history."""
     now = time.time()
-    done = plan.rows_done + scheduler.successes + scheduler.errors
+    done = min(plan.rows_total, plan.rows_committed + scheduler.successes + scheduler.errors)
     atomic_write_json(layout.fetch_state, {
         "updated": now,
         "running": running,
@@ -367,6 +368,7 @@ def run_fetch(
     save_settings(settings)
     fix_output_settings(layout, settings)
     before = output_counts(layout)
+    plan.rows_committed = before["successes"] + before["errors"]
     if on_plan:
         on_plan(plan)
     interrupted = False
