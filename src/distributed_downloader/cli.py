@@ -6,6 +6,7 @@ can never disagree (`--batch-size` is `batch_size`).
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -73,6 +74,8 @@ def setting_option(name: str, *extra_flags: str) -> Callable[[Callable], Callabl
         return click.option(flag, name, type=click.Path(path_type=Path), multiple=True,
                             callback=lambda ctx, param, value: list(value) or None,
                             help=help_text + " Repeat for several.")
+    if field.annotation == list[str]:
+        help_text += " Several: comma-separated, a,b."
     return click.option(flag, *extra_flags, name, type=click_type, default=None, help=help_text)
 
 
@@ -91,6 +94,30 @@ config_option = click.option(
     type=click.Path(path_type=Path, dir_okay=False),
     help="Settings file: YAML (ours or the original downloader's) or the first version's .env.",
 )
+
+
+def run_folder(exists: bool = False) -> Callable[[Callable], Callable]:
+    """The run's folder, named the same way on every command: `OUT` or `--output/-o OUT`."""
+    path = click.Path(path_type=Path, file_okay=False, exists=exists)
+
+    def decorate(function: Callable) -> Callable:
+        @functools.wraps(function)
+        def command(*args: Any, output: Path | None = None, output_option: Path | None = None,
+                    **kwargs: Any) -> Any:
+            if output is not None and output_option is not None and output != output_option:
+                raise click.UsageError(f"two run folders given: {output} and --output "
+                                       f"{output_option}")
+            folder = output or output_option
+            if folder is None:
+                raise click.UsageError("the run's folder is missing: give it as OUTPUT or "
+                                       "--output/-o OUTPUT")
+            return function(*args, output=folder, **kwargs)
+
+        command = click.option("--output", "-o", "output_option", type=path,
+                               help="The run's folder (or give it as OUTPUT).")(command)
+        return click.argument("output", type=path, required=False)(command)
+
+    return decorate
 
 
 save_overrides_option = click.option(
@@ -318,7 +345,7 @@ def _fetch(settings: Settings, retry_errors: bool, started: float | None = None)
 
 
 @cli.command()
-@click.argument("output", type=click.Path(path_type=Path, file_okay=False))
+@run_folder()
 @setting_options(*FETCH_SETTINGS)
 @click.option("--retry-errors", is_flag=True,
               help="Fetch again the rows whose error is retryable (timeouts, 429, 5xx, ...).")
@@ -395,7 +422,7 @@ def _profile(settings: Settings) -> None:
 
 
 @cli.command()
-@click.argument("output", type=click.Path(path_type=Path, file_okay=False))
+@run_folder()
 @setting_options(*PROFILE_SETTINGS)
 @save_overrides_option
 @config_option
@@ -406,7 +433,7 @@ def profile(output: Path, config_file: Path | None, **flags: Any) -> None:
 
 
 @cli.command()
-@click.argument("output", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@run_folder(exists=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON (for scripts).")
 @click.option("--report", "report_path", type=click.Path(path_type=Path, dir_okay=False),
               help="Also write an HTML page with plots (and the plots as PNG beside it).")
@@ -466,7 +493,7 @@ def status(output: Path, as_json: bool, report_path: Path | None) -> None:
 
 
 @cli.command()
-@click.argument("output", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@run_folder(exists=True)
 @click.option("--fix", is_flag=True,
               help="Move broken batches aside (OUT/verify/quarantine/) so fetch redoes them.")
 @click.option("--workers", type=int, default=None, help="Checking processes [default: cores].")
@@ -497,14 +524,25 @@ def verify(output: Path, fix: bool, workers: int | None) -> None:
 TOOL_NAMES = ("resize", "image_verification", "duplication_based", "size_based")
 
 
+# Each tool's own options (its command's --help shows them, and only them).
+TOOL_OPTIONS: dict[str, list[Callable]] = {
+    "resize": [click.option("--image-size", type=int, default=None,
+                            help="The new longest side [default: new_resize_size, 720].")],
+    "size_based": [click.option("--min-side", type=int, default=None,
+                                help="Smallest side an original must have [default: "
+                                "threshold_size, 224].")],
+}
+TOOL_SUMMARIES = {
+    "resize": "Make stored images smaller (longest side --image-size).",
+    "image_verification": "Decode every stored image; list the ones that fail.",
+    "duplication_based": "Find images with the same original; keep the lowest UUID.",
+    "size_based": "List images whose original is smaller than --min-side pixels.",
+}
+
+
 def tool_options(command: Callable) -> Callable:
-    """What a tool run takes: its own options, and where it runs."""
+    """Where a tool runs, for every tool."""
     for option in reversed([
-        click.option("--image-size", type=int, default=None,
-                     help="resize: the new longest side [default: new_resize_size, 720]."),
-        click.option("--min-side", type=int, default=None,
-                     help="size_based: smallest side an original must have [default: "
-                     "threshold_size, 224]."),
         click.option("--restart", is_flag=True, help="Start the tool over (drop its results)."),
         click.option("--workers", type=int, default=None, help="Local processes [default: "
                      "tools_num_workers, or one per core when that is 1]."),
@@ -528,14 +566,15 @@ def _tool_settings(name: str, output: Path, config_file: Path | None, image_size
     return settings, options
 
 
-@cli.command()
-@click.argument("name", type=click.Choice(TOOL_NAMES))
-@click.argument("output", type=click.Path(path_type=Path, file_okay=False, exists=True))
-@tool_options
-def tools(name: str, output: Path, config_file: Path | None, image_size: int | None,
-          min_side: int | None, restart: bool, workers: int | None, executor: str) -> None:
-    """Post-process a download: resize, image_verification, duplication_based, size_based.
-    Results go to OUTPUT/tools/NAME/; a re-run resumes."""
+@cli.group()
+def tools() -> None:
+    """Post-process a download (`tools NAME OUTPUT`); results go to OUTPUT/tools/NAME/, and a
+    re-run resumes. `tools NAME --help` shows a tool's options."""
+
+
+def _run_tool_command(name: str, output: Path, config_file: Path | None, restart: bool,
+                      workers: int | None, executor: str, image_size: int | None = None,
+                      min_side: int | None = None) -> None:
     from distributed_downloader.tools import run_tool
 
     settings, options = _tool_settings(name, output, config_file, image_size, min_side)
@@ -561,8 +600,22 @@ def tools(name: str, output: Path, config_file: Path | None, image_size: int | N
     console.print(f"results in [bold]{output / 'tools' / name}[/]")
 
 
+def _tool_command(name: str) -> None:
+    def command(output: Path, **options: Any) -> None:
+        _run_tool_command(name, output, **options)
+
+    command.__doc__ = TOOL_SUMMARIES[name] + " Results go to OUTPUT/tools/" + name + "/."
+    for option in reversed(TOOL_OPTIONS.get(name, [])):
+        command = option(command)
+    tools.command(name=name)(run_folder(exists=True)(tool_options(command)))
+
+
+for _name in TOOL_NAMES:
+    _tool_command(_name)
+
+
 @cli.command()
-@click.argument("output", type=click.Path(path_type=Path, file_okay=False))
+@run_folder()
 @setting_option("max_nodes", "--nodes")
 @setting_options("workers_per_node", "cpu_per_worker", "default_rate_limit", "min_worker_rate",
                  "rates")
@@ -641,7 +694,7 @@ def submit(input: Path | None, config_file: Path | None, **flags: Any) -> None:
 
 
 @slurm.command(name="status")
-@click.argument("output", type=click.Path(path_type=Path, file_okay=False))
+@run_folder()
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 def slurm_status(output: Path, as_json: bool) -> None:
     """Show the chain's jobs and the run's progress."""
@@ -671,7 +724,7 @@ def slurm_status(output: Path, as_json: bool) -> None:
 
 
 @slurm.command()
-@click.argument("output", type=click.Path(path_type=Path, file_okay=False))
+@run_folder()
 def cancel(output: Path) -> None:
     """Stop the chain: cancel its queued and running jobs (committed chunks stay)."""
     from distributed_downloader.executors.slurm import cancel_chain
@@ -681,7 +734,7 @@ def cancel(output: Path) -> None:
 
 
 @slurm.command(hidden=True)
-@click.argument("output", type=click.Path(path_type=Path, file_okay=False))
+@run_folder()
 def period(output: Path) -> None:
     """Inside a download job: queue the next period and go on, or end the chain."""
     import os
@@ -696,7 +749,7 @@ def period(output: Path) -> None:
 
 
 @cli.command()
-@click.argument("output", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@run_folder(exists=True)
 @click.option("--to", "to_format", type=click.Choice(["webdataset", "files", "hdf5"]),
               required=True, help="The format to write, under OUTPUT/export/FORMAT/.")
 @click.option("--restart", is_flag=True, help="Start the export over.")
@@ -716,7 +769,7 @@ def export(output: Path, to_format: str, restart: bool, workers: int | None) -> 
 
 @slurm.command(name="tool")
 @click.argument("name", type=click.Choice(TOOL_NAMES))
-@click.argument("output", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@run_folder(exists=True)
 @click.option("--image-size", type=int, default=None, help="resize: the new longest side.")
 @click.option("--min-side", type=int, default=None, help="size_based: smallest side.")
 @config_option

@@ -70,13 +70,13 @@ class Settings(BaseModel):
     input_format: InputFormat = Field("auto", description="How to read the input.")
     url_column: str | None = Field(
         None,
-        description="Column holding the URL (default: the first of url, image_url, "
-        "ac:accessURI, accessURI, identifier).",
+        description="Column holding the URL [default: the first of url, image_url, "
+        "ac:accessURI, accessURI, identifier].",
     )
     id_column: str | None = Field(
         None,
-        description="Column used as source_id (default: gbifID, source_id or id when present, "
-        "else the row's line number).",
+        description="Column used as source_id [default: gbifID, source_id or id when present, "
+        "else the row's line number].",
     )
     keep_columns: list[str] = Field(
         default_factory=list, description="Input columns to carry along into the batches."
@@ -116,7 +116,7 @@ class Settings(BaseModel):
         None,
         gt=0,
         description="Most requests per second the engine may raise a server to on its own "
-        "(default: default_rate_limit).",
+        "[default: default_rate_limit].",
     )
     rate_multiplier: float = Field(
         1.0, gt=0, description="Scales every server's rate budget (0.5 halves them)."
@@ -234,7 +234,7 @@ class Settings(BaseModel):
     )
     # fetch: where
     workers: int | None = Field(
-        None, gt=0, description="Worker processes on this machine (default: one per core)."
+        None, gt=0, description="Worker processes on this machine [default: one per core]."
     )
     log_level: LogLevel = Field("INFO", description="Least severe log messages shown.")
 
@@ -247,7 +247,7 @@ class Settings(BaseModel):
     num_downloads: int = Field(
         20, gt=0, description="Most download periods (Slurm jobs) one chain submits."
     )
-    partition: str | None = Field(None, description="Slurm partition (default: the cluster's).")
+    partition: str | None = Field(None, description="Slurm partition [default: the cluster's].")
     time_limit: str = Field(
         "01:00:00", description="Time limit of each Slurm download period (Slurm's format: "
         "minutes, HH:MM:SS or D-HH:MM:SS)."
@@ -369,13 +369,13 @@ FETCH_SETTINGS = (
     "timeout", "connect_timeout", "max_body_size", "max_image_pixels",
     "user_agent", "allow_network", "cpu_per_worker", "rates", "executor", "min_worker_rate",
     "contact", "opt_out_directives", "opt_out_server_after", "ignore_opt_out", "dns_servers",
-    "respect_robots", "previous_mode",
+    "respect_robots",
 )
 PROFILE_SETTINGS = ("default_rate_limit", "max_rate_limit", "max_connections_per_server",
                     "profile_requests", "timeout", "connect_timeout", "user_agent", "contact",
                     "allow_network", "dns_servers", "rates", "respect_robots")
 PREP_SETTINGS = ("url_column", "id_column", "keep_columns", "batch_size", "keep_duplicates",
-                 "strict_image_format", "uuid", "memory_limit", "previous")
+                 "strict_image_format", "uuid", "memory_limit", "previous", "previous_mode")
 
 
 def one_off_flags(settings: Settings, accepted: tuple[str, ...]) -> list[str]:

@@ -51,17 +51,17 @@ def _export(output_format: str, source: Path, result: Path) -> dict[str, int]:
     return {"images": len(rows), "errors": errors.num_rows}
 
 
-def _format_tool(output_format: str, summary: str) -> Tool:
+def _format_tool(output_format: str) -> Tool:
     def per_batch(source: Path, result: Path, options: dict[str, Any]) -> dict[str, int]:
         return _export(output_format, source, result)
 
     per_batch.__name__ = f"export_{output_format}"
-    return Tool(output_format, summary, per_batch=per_batch, home="export",
+    return Tool(output_format, per_batch=per_batch, home="export",
                 needs=FORMAT_NEEDS.get(output_format))
 
 
 FORMATS = [
-    _format_tool("webdataset", "tar shards of {uuid}.jpg + {uuid}.json"),
-    _format_tool("files", "one image file per UUID + metadata.parquet"),
-    _format_tool("hdf5", "one HDF5 file per batch (h5py)"),
+    _format_tool("webdataset"),
+    _format_tool("files"),
+    _format_tool("hdf5"),
 ]

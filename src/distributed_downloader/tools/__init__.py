@@ -45,8 +45,7 @@ TOOL_DONE = COMPLETED_MARKER  # written last in a batch's result folder, with it
 
 @dataclass(frozen=True)
 class Tool:
-    name: str
-    summary: str
+    name: str  # its command: `tools NAME` (summary and options in cli.py)
     per_batch: BatchWork | None = None  # (downloaded batch folder, result folder, options)
     whole_run: RunWork | None = None  # (layout, tool folder, options)
     home: str = "tools"  # results go to OUT/{home}/{name}/ (exports: OUT/export/FORMAT/)

@@ -27,5 +27,4 @@ def find_duplicates(layout: RunLayout, folder: Path, options: dict[str, Any]) ->
             "result": str(target)}
 
 
-TOOL = Tool("duplication_based", "Find images with the same original; keep the lowest UUID.",
-            whole_run=find_duplicates)
+TOOL = Tool("duplication_based", whole_run=find_duplicates)

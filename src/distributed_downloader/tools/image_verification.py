@@ -32,5 +32,4 @@ def verify_batch(source: Path, result: Path, options: dict[str, Any]) -> dict[st
     return {"images": len(rows), "failed": len(failures)}
 
 
-TOOL = Tool("image_verification", "Decode every stored image; list the ones that fail.",
-            per_batch=verify_batch)
+TOOL = Tool("image_verification", per_batch=verify_batch)

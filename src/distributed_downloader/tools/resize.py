@@ -55,5 +55,4 @@ def resize_batch(source: Path, result: Path, options: dict[str, Any]) -> dict[st
     return counts
 
 
-TOOL = Tool("resize", "Make stored images smaller (--image-size N, longest side).",
-            per_batch=resize_batch)
+TOOL = Tool("resize", per_batch=resize_batch)

@@ -26,5 +26,4 @@ def find_small(layout: RunLayout, folder: Path, options: dict[str, Any]) -> dict
             "result": str(target)}
 
 
-TOOL = Tool("size_based", "List images whose original is smaller than --min-side pixels.",
-            whole_run=find_small)
+TOOL = Tool("size_based", whole_run=find_small)
