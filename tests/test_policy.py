@@ -188,6 +188,38 @@ def test_a_slow_server_met_at_the_default_rate_costs_a_few_429s() -> None:
     assert run.count(429) <= 0.02 * run.total()
 
 
+def test_first_contact_starts_as_a_probe_and_reaches_the_default_in_seconds() -> None:
+    """A server nothing is known of: its first requests at first_contact_rate (as profile's
+    probe), the rate doubling with each good answer, at the default within a few seconds."""
+    server = fresh(rate=10)
+    server.control.first_contact()
+    assert server.rate == 1.0
+    run = simulate(server, 60, limit=lambda t: 1000)
+    assert run.total(0, 1.0) <= 2  # the first second is a probe's
+    assert run.rate_at(5) >= 10 / PACING_MARGIN - 1e-9  # then the default, soon
+    assert run.count(429) == 0
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3, 5, 7])
+def test_first_contact_with_a_slow_server_meets_its_limit_gently(limit: int) -> None:
+    """A server allowing a few requests/s: the careful start never bursts above twice its
+    limit, costs a few 429s, and settles just below the limit."""
+    server = fresh(rate=10)
+    server.control.first_contact()
+    run = simulate(server, 300, limit=lambda t: limit)
+    assert run.peak(0, 10) <= 2 * limit
+    assert run.count(429, 0, 10) <= 3
+    assert run.count(429) <= max(6, 0.02 * run.total())  # five minutes: tries of the limit too
+    assert 0.85 * limit <= run.rate_at(200) <= limit
+
+
+def test_a_server_known_from_before_has_no_first_contact() -> None:
+    server = fresh(rate=10)
+    server.control.remember(LearnedRate(4.0, None, None), 10.0)
+    server.control.first_contact()
+    assert server.rate == 4.0 and server.control.warm_up_to is None
+
+
 def test_the_wait_before_trying_again_carries_over_a_restart() -> None:
     first = fresh(rate=10)
     simulate(first, 900, limit=lambda t: 100)

@@ -362,17 +362,20 @@ def fetch(output: Path, config_file: Path | None, retry_errors: bool, **flags: A
 @setting_options(*PREP_SETTINGS, *FETCH_SETTINGS, "profile_requests")
 @click.option("--retry-errors", is_flag=True,
               help="Fetch again the rows whose error is retryable (timeouts, 429, 5xx, ...).")
-@click.option("--no-profile", is_flag=True,
-              help="Skip probing the servers; start every server at default_rate_limit.")
+@click.option("--profile", "run_profile", is_flag=True,
+              help="Probe every server (the profile command) before fetching. Without it, "
+              "fetching starts at once and a server's first requests are its probe: "
+              "first_contact_rate, doubling with each good answer.")
+@click.option("--no-profile", is_flag=True, hidden=True,
+              help="The default now: kept so that earlier scripts run unchanged.")
 @click.option("--force", is_flag=True,
               help="Prepare INPUT again although OUT holds a prep (of another input too), as "
               "long as nothing was downloaded into OUT yet.")
 @save_overrides_option
 @config_option
-def download(input: Path, config_file: Path | None, retry_errors: bool, no_profile: bool,
-             force: bool, **flags: Any) -> None:
-    """One shot: prep INPUT into OUT, profile its servers (each unless done), then fetch;
-    re-run to resume."""
+def download(input: Path, config_file: Path | None, retry_errors: bool, run_profile: bool,
+             no_profile: bool, force: bool, **flags: Any) -> None:
+    """One shot: prep INPUT into OUT (unless done), then fetch; re-run to resume."""
     from distributed_downloader.fetch import check_output_settings
     from distributed_downloader.formats import require_format
     from distributed_downloader.prep import check_same_input, prep_is_finished
@@ -397,7 +400,7 @@ def download(input: Path, config_file: Path | None, retry_errors: bool, no_profi
         err_console.print(f"prep: already done in {layout.prep}, resuming")
     else:
         _prep(settings)
-    if not no_profile and not layout.profile_summary.exists():
+    if run_profile and not no_profile and not layout.profile_summary.exists():
         _profile(settings)
     _fetch(settings, retry_errors, started)  # robots.txt files fetched since: used as they are
 

@@ -135,6 +135,11 @@ class Settings(BaseModel):
     retry_delay_max: float = Field(
         600.0, gt=0, description="Longest wait before a failed URL is asked again."
     )
+    first_contact_rate: float = Field(
+        1.0, gt=0, description="Requests per second to a server that no profile or earlier "
+        "run knows: its first answers are its probe; the rate doubles with each good answer up "
+        "to default_rate_limit."
+    )
     profile_requests: int = Field(
         5, ge=1, le=20, description="Requests the profile stage sends to each server (one a "
         "second at most)."
@@ -361,7 +366,7 @@ SETTING_NAMES = tuple(Settings.model_fields)
 # The settings each stage's command takes as flags (`download` takes all three).
 FETCH_SETTINGS = (
     "workers", "image_size", "output_image_format", "output_format", "image_quality",
-    "default_rate_limit",
+    "default_rate_limit", "first_contact_rate",
     "max_rate_limit", "rate_multiplier", "max_connections_per_server", "max_retries",
     "server_down_after", "retry_delay", "retry_delay_max", "rate_increase_interval",
     "rate_growth_factor", "rate_decrease_factor", "throttle_memory", "throttle_memory_max",
@@ -580,7 +585,8 @@ def saved_settings_path(output: Path) -> Path:
 # command given it (and to the Slurm chain it submits), never to the run's later commands,
 # unless the user asks (`--save-overrides`); a flag that makes the run gentler is kept as usual.
 POLITENESS_AND_SAFETY = ("allow_network", "respect_robots", "ignore_opt_out", "max_rate_limit",
-                         "default_rate_limit", "rate_multiplier", "max_connections_per_server")
+                         "default_rate_limit", "first_contact_rate", "rate_multiplier",
+                         "max_connections_per_server")
 FROM_FLAG = "command line"
 
 

@@ -75,6 +75,7 @@ class RatePolicy:
     breaker_failures: int
     breaker_max_pause: float
     server_down_after: float
+    first_contact_rate: float = 1.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RatePolicy:
@@ -89,6 +90,7 @@ class RatePolicy:
             breaker_failures=settings.breaker_failures,
             breaker_max_pause=settings.breaker_max_pause,
             server_down_after=settings.server_down_after,
+            first_contact_rate=settings.first_contact_rate,
         )
 
 
@@ -210,6 +212,7 @@ class RateController:
     last_decrease: float = -math.inf
     accepted: deque[tuple[float, int]] = field(default_factory=deque)  # (time, answers)
     overloaded: bool = False  # the latest decrease came from failures, not from a throttle
+    warm_up_to: float | None = None  # first contact: the rate its good answers lead up to
 
     def __post_init__(self) -> None:
         self.memory = self.memory or self.policy.throttle_memory
@@ -240,6 +243,25 @@ class RateController:
             self.memory = min(self.policy.throttle_memory_max,
                               max(self.policy.throttle_memory, learned.wait or 0.0))
         self.rate = self._within(self.start_rate(start_rate))
+
+    def first_contact(self) -> None:
+        """A server nothing is known of starts as a probe would (`first_contact_rate`) and
+        doubles with each report of good answers up to its starting rate: the probe's answers
+        are results, and no time is spent on a separate profile."""
+        if self.held is None and self.throttled_rate is None and \
+                self.rate > self.policy.first_contact_rate:
+            self.warm_up_to = self.rate
+            self.rate = self._within(self.policy.first_contact_rate)
+
+    def warm_up(self, answered: int) -> bool:
+        """A report of good answers (about one a second) during the first contact: double the
+        rate, as TCP's slow start does each round trip. True if the rate changed."""
+        if self.warm_up_to is None or not answered:
+            return False
+        self.rate = self._within(min(self.warm_up_to, self.rate * 2))
+        if self.rate >= self.warm_up_to:
+            self.warm_up_to = None
+        return True
 
     def start_rate(self, default: float) -> float:
         """Where a run starts (and where this one would rest): what held, else `default`, below
@@ -314,6 +336,7 @@ class RateController:
         the rate changed. An overload lowers the rate the same way but is not kept as what
         the server tolerates: it is evidence for this run only."""
         first_contact = self.last_decrease == -math.inf and self.held is None
+        warming_up, self.warm_up_to = self.warm_up_to is not None, None  # a limit is found
         self.throttled_at = now
         self.overloaded = overload
         if now - self.last_decrease < DECREASE_COOLDOWN:
@@ -323,12 +346,14 @@ class RateController:
             self.probing = False
         rate = self.rate
         self.throttled_rate = rate
+        accepted = sum(count for when, count in self.accepted if now - when <= 1.0)
+        if warming_up:  # the last doubling crossed its limit: it lies just above the rate before
+            self.throttled_rate = min(rate, ACCEPTED_HEADROOM * rate / 2)
         if self.held is not None and rate > self.held:
             self.rate = self.held  # above what held: back to it, the limit is in between
         else:  # nothing held, or the limit fell below it: lower, at most to what it accepted
             lowered = rate * self.policy.decrease_factor
-            accepted = sum(count for when, count in self.accepted if now - when <= 1.0)
-            if first_contact and 0 < accepted < lowered:
+            if first_contact and not warming_up and 0 < accepted < lowered:
                 # It took far less than it was asked: its limit is near that, not near `rate`.
                 lowered = accepted
                 self.throttled_rate = min(rate, ACCEPTED_HEADROOM * accepted)
@@ -445,6 +470,8 @@ class ServerPolicy:
             changed = True
         if news.throttled:
             changed |= self.control.throttled(now)
+        else:
+            changed |= self.control.warm_up(news.answered)
         self.outcomes.add(now, news.answered, news.failed_urls)
         if self.outcomes.overloaded(self.control.policy):
             self.outcomes.samples.clear()  # the next decision needs fresh evidence

@@ -194,6 +194,7 @@ def _starting_budget(server: ServerState, profile: ServerProfile | None,
             server.connections = override.max_connections
         return
     if profile is None:
+        policy.control.first_contact()
         return
     if profile.status == ProfileStatus.DOWN:
         if not retry_errors:
