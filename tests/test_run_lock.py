@@ -172,6 +172,7 @@ def test_a_holder_that_stopped_renewing_is_waited_for_until_its_lease_runs_out(
 CONTENDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
+    import distributed_downloader.storage  # imported now: every contender starts at "go"
     from distributed_downloader.runlock import RunLocked, hold_run_lock
 
     out, me = Path(sys.argv[1]), sys.argv[2]
@@ -239,7 +240,7 @@ def test_a_refused_command_leaves_no_lock_behind(tmp_path: Path) -> None:
     result = run_cli("download", tmp_path / "missing.txt", "--output", out, check=False)
     assert result.returncode == 2 and "missing.txt" in result.stderr
     assert not out.exists()  # the lock made the folder, and took it away again
-    with pytest.raises(RunLocked):  # and a held lock refuses the same process a second time
-        with hold_run_lock(tmp_path / "x", "fetch", LEASE):
-            with hold_run_lock(tmp_path / "x", "prep", LEASE):
-                pass
+    # A held lock refuses even its own process a second time.
+    with pytest.raises(RunLocked), hold_run_lock(tmp_path / "x", "fetch", LEASE), \
+            hold_run_lock(tmp_path / "x", "prep", LEASE):
+        pass

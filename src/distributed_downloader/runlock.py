@@ -144,7 +144,7 @@ def _read(path: Path) -> tuple[Holder, int] | None:
         names = Holder.__dataclass_fields__
         holder = Holder(**{k: v for k, v in values.items() if k in names and k != "heartbeat"},
                         heartbeat=stat.st_mtime)
-    except (ValueError, TypeError):  # not ours, or damaged: a holder no one can reach
+    except (ValueError, TypeError, AttributeError):  # not ours, or damaged: no one holds it
         holder = Holder("?", "?", 0, stat.st_mtime, 0.0,
                         hashlib.sha1(data).hexdigest()[:16], heartbeat=stat.st_mtime)
     return holder, stat.st_ino
@@ -230,6 +230,9 @@ class RunLock:
             except FileExistsError:
                 time.sleep(secrets.randbelow(50) / 1000)  # another contender got there
                 continue
+            except OSError as exc:
+                raise UserError(f"{self.path.parent}: cannot take the run lock: this file "
+                                f"system refuses hard links ({exc})") from None
             mine = _chain_end(self.path)
             if mine is None or mine[2] != self.inode:  # our view was out of date
                 self._remove_if_mine(target)
