@@ -86,7 +86,7 @@ class Holder:
     heartbeat: float = field(default=0.0, compare=False)
 
     def describe(self) -> str:
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started_at))
+        since = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(self.started_at))
         job = f", Slurm job {self.slurm_job}" if self.slurm_job else ""
         return f"`{self.command}` on host {self.host} (PID {self.pid}{job}) since {since}"
 
