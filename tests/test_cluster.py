@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ import pytest
 
 from conftest import FAST_FETCH, read_errors, read_successes, run_cli, write_lines
 from distributed_downloader.farm import Farm, ServerSpec, make_small_image
+from distributed_downloader.runlock import hold_run_lock
 
 MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
            "OMPI_MCA_rmaps_base_oversubscribe": "1"}
@@ -242,3 +244,26 @@ def test_slurm_tool_job_runs_a_tool_on_mpi_ranks(tmp_path: Path) -> None:
     assert (summary["images"], summary["failed"], summary["batches_done"]) == (12, 0, 3)
     log = next((out / "slurm" / "logs").glob("dd-tool-image_verification-*.out")).read_text()
     assert "tools image_verification" in log
+
+
+def test_under_mpi_rank_0_holds_the_run_for_every_rank(tmp_path: Path) -> None:
+    cluster_piece("mpirun")
+    out = tmp_path / "out"
+    source = write_lines(tmp_path / "u.txt", ["http://127.0.0.2:9/a.jpg"])
+    run_cli("prep", source, "--output", out)
+    with hold_run_lock(out, "fetch", 60):  # a fetch by hand, on this host
+        for command in (["fetch", out], ["download", source, "--output", out],
+                        ["tools", "resize", out]):
+            completed = subprocess.run(
+                ["mpirun", "--oversubscribe", "-n", "3", sys.executable, "-m",
+                 "distributed_downloader", *map(str, command), "--executor", "mpi"],
+                capture_output=True, text=True, timeout=120, check=False,
+                env={**os.environ, **MPI_ENV, "COLUMNS": "200"})
+            output = completed.stdout + completed.stderr
+            assert completed.returncode == 2, output
+            assert output.count(f"is being written by `fetch` on host "
+                                f"{socket.gethostname()} (PID {os.getpid()})") == 1, output
+            assert "MPI_ABORT" not in output  # every rank ended on its own
+    # Free again: one mpirun is one writer, its ranks are not refused by rank 0's lock.
+    run_mpi(3, "tools", "image_verification", out, "--executor", "mpi")
+    assert not (out / "run.lock").exists()

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +18,7 @@ import pytest
 from conftest import run_cli, write_lines
 from distributed_downloader.config import Settings
 from distributed_downloader.executors import slurm
+from distributed_downloader.runlock import RunLock, RunLocked, hold_run_lock
 
 
 @pytest.fixture
@@ -204,3 +208,44 @@ def test_job_scripts_stop_before_the_limit_and_keep_the_cores(prepared: Settings
     ("1-00:00:05", 86405)])
 def test_time_limits_in_slurm_formats(limit: str, seconds: int) -> None:
     assert slurm.time_limit_seconds(limit) == seconds
+
+
+def test_a_period_does_not_fetch_while_another_command_writes(prepared: Settings) -> None:
+    chain = slurm.submit_chain(prepared)
+    with hold_run_lock(prepared.output, "fetch", 60):  # a fetch started by hand
+        fetch, reason = slurm.start_period(prepared, chain.downloads[0].id)
+        with pytest.raises(RunLocked, match=f"PID {os.getpid()}"):
+            slurm.submit_chain(prepared)  # and no new chain is queued behind its back
+    assert not fetch
+    assert f"`fetch` on host {socket.gethostname()} (PID {os.getpid()})" in reason
+    assert "`slurm submit` again once it is done" in reason
+    chain = slurm.read_chain(slurm.RunLayout(prepared.output))
+    assert (chain.state, chain.reason) == ("blocked", reason)
+    # Once it is done, a new submission fetches.
+    chain = slurm.submit_chain(prepared)
+    assert slurm.start_period(prepared, chain.downloads[-1].id)[0]
+
+
+@pytest.mark.parametrize("holder", ["the period before, ending", "another host, gone quiet"])
+def test_a_period_waits_for_a_holder_about_to_let_go(prepared: Settings, holder: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = prepared.model_copy(update={"run_lock_lease": 30})
+    layout = slurm.RunLayout(settings.output)
+    first = slurm.submit_chain(settings).downloads[0].id
+    assert slurm.start_period(settings, first)[0]
+    fetch_ended(settings, requests=5)
+    if holder == "the period before, ending":  # its rank 0 lets go 3 s after this one starts
+        monkeypatch.setenv("SLURM_JOB_ID", first)
+        lock = RunLock(layout.run_lock, "fetch", 60)
+        lock.acquire()
+        threading.Timer(3, lock.release).start()
+    else:  # lease 8 s, no heartbeat for 5 s: another host's fetch killed hard, most likely
+        content = {"command": "fetch", "host": "node-17.cluster", "pid": 4242,
+                   "started_at": time.time() - 60, "lease_seconds": 8, "token": "0" * 16}
+        layout.run_lock.write_text(json.dumps(content))
+        os.utime(layout.run_lock, (time.time() - 5, time.time() - 5))
+    started = time.monotonic()
+    fetch, reason = slurm.start_period(settings, next_period(settings))
+    assert fetch, reason
+    assert time.monotonic() - started >= 2.5  # it did wait
+    assert slurm.read_chain(layout).state == "running"

@@ -6,6 +6,7 @@ can never disagree (`--batch-size` is `batch_size`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -264,7 +265,9 @@ def _prep(settings: Settings, force: bool = False) -> None:
 @config_option
 def prep(input: Path, config_file: Path | None, force: bool, **flags: Any) -> None:
     """Filter INPUT, give every row a UUID, and cut it into batches by server."""
-    _prep(gather_settings(config_file, {"input": input, **flags}, announce=True), force)
+    settings = gather_settings(config_file, {"input": input, **flags}, announce=True)
+    with _run_lock(settings.output, "prep", settings):
+        _prep(settings, force)
 
 
 def print_fetch_summary(summary: dict[str, Any], output: Path) -> None:
@@ -299,6 +302,25 @@ def _mpi_prelude() -> None:
         interrupted = mpi.run_worker_rank(comm)
         sys.exit(130 if interrupted else 0)
     mpi.stop_on_signals()
+
+
+def _run_lock(output: Path | None, command: str, settings: Settings | None = None,
+              mpi_ranks: bool = False) -> contextlib.AbstractContextManager[Any]:
+    """OUT's lock (runlock.py) for a command that writes into OUT. Under MPI rank 0 holds it
+    for every rank (`mpi_ranks`: they wait for its word); refused, it sends them home first, so
+    that every rank ends cleanly and the message is printed once."""
+    from distributed_downloader.runlock import hold_run_lock
+
+    assert output is not None
+    lease = (settings or gather_settings(None, {"output": output})).run_lock_lease
+
+    def send_ranks_home() -> None:
+        from distributed_downloader.executors import mpi
+
+        mpi.release_task_ranks()
+        ON_ERROR.clear()  # every rank was told: nothing to abort
+
+    return hold_run_lock(output, command, lease, send_ranks_home if mpi_ranks else None)
 
 
 def _mpi_executor(settings: Settings) -> Any:
@@ -353,8 +375,11 @@ def _fetch(settings: Settings, retry_errors: bool, started: float | None = None)
 @config_option
 def fetch(output: Path, config_file: Path | None, retry_errors: bool, **flags: Any) -> None:
     """Download the batches that prep wrote in OUTPUT; re-run to resume."""
-    _fetch(gather_settings(config_file, {"output": output, **flags}, announce=True),
-           retry_errors)
+    settings = gather_settings(config_file, {"output": output, **flags}, announce=True)
+    if settings.executor == "mpi":
+        _mpi_prelude()  # the other ranks wait in here for rank 0's word
+    with _run_lock(output, "fetch", settings, mpi_ranks=settings.executor == "mpi"):
+        _fetch(settings, retry_errors)
 
 
 @cli.command()
@@ -387,22 +412,22 @@ def download(input: Path, config_file: Path | None, retry_errors: bool, run_prof
     layout = RunLayout(settings.output)
     if settings.executor == "mpi":
         _mpi_prelude()  # the other ranks fetch; rank 0 alone preps and profiles
-    layout.check_writable()
     require_format(settings.output_format)
-    check_output_settings(layout, settings)
-    if not settings.contact:
-        err_console.print("[yellow]note:[/] no contact in the User-Agent; set --contact "
-                          "EMAIL_OR_URL so that hosts can reach you before they block you")
-    if prep_is_finished(layout) and force:
-        _prep(settings, force=True)  # refused once anything was downloaded
-    elif prep_is_finished(layout):
-        check_same_input(layout, input)
-        err_console.print(f"prep: already done in {layout.prep}, resuming")
-    else:
-        _prep(settings)
-    if run_profile and not no_profile and not layout.profile_summary.exists():
-        _profile(settings)
-    _fetch(settings, retry_errors, started)  # robots.txt files fetched since: used as they are
+    with _run_lock(settings.output, "download", settings, mpi_ranks=settings.executor == "mpi"):
+        check_output_settings(layout, settings)
+        if not settings.contact:
+            err_console.print("[yellow]note:[/] no contact in the User-Agent; set --contact "
+                              "EMAIL_OR_URL so that hosts can reach you before they block you")
+        if prep_is_finished(layout) and force:
+            _prep(settings, force=True)  # refused once anything was downloaded
+        elif prep_is_finished(layout):
+            check_same_input(layout, input)
+            err_console.print(f"prep: already done in {layout.prep}, resuming")
+        else:
+            _prep(settings)
+        if run_profile and not no_profile and not layout.profile_summary.exists():
+            _profile(settings)
+        _fetch(settings, retry_errors, started)  # robots.txt fetched since: used as they are
 
 
 def print_profile_summary(summary: dict[str, Any], output: Path) -> None:
@@ -432,7 +457,9 @@ def _profile(settings: Settings) -> None:
 def profile(output: Path, config_file: Path | None, **flags: Any) -> None:
     """Probe every server of OUTPUT (a few requests each, one a second at most) for a safe
     starting rate; writes OUTPUT/profiles/servers.csv."""
-    _profile(gather_settings(config_file, {"output": output, **flags}, announce=True))
+    settings = gather_settings(config_file, {"output": output, **flags}, announce=True)
+    with _run_lock(output, "profile", settings):
+        _profile(settings)
 
 
 @cli.command()
@@ -505,7 +532,8 @@ def verify(output: Path, fix: bool, workers: int | None) -> None:
     their hashes, each prepared UUID exactly once. Exit code 1 when something is broken."""
     from distributed_downloader.verify import run_verify
 
-    summary = run_verify(output, fix, workers)
+    with _run_lock(output, "verify --fix") if fix else contextlib.nullcontext():
+        summary = run_verify(output, fix, workers)
     console.print(f"verify: {summary['batches_checked']:,} finished batches, "
                   f"{summary['rows_checked']:,} rows, {summary['images_decoded']:,} images "
                   f"decoded in {summary['seconds']:.1f} s; {summary['batches_unfinished']:,} "
@@ -589,14 +617,16 @@ def _run_tool_command(name: str, output: Path, config_file: Path | None, restart
         if comm.Get_rank() != mpi.SCHEDULER_RANK:
             mpi.serve_tasks(comm)
             return
-        try:
-            summary = run_tool(name, output, options, restart, executor="mpi")
-        finally:
-            mpi.release_task_ranks()
+        with _run_lock(output, f"tools {name}", settings, mpi_ranks=True):
+            try:
+                summary = run_tool(name, output, options, restart, executor="mpi")
+            finally:
+                mpi.release_task_ranks()
     else:
         if workers is None and settings.tools_num_workers > 1:
             workers = settings.tools_num_workers
-        summary = run_tool(name, output, options, restart, workers)
+        with _run_lock(output, f"tools {name}", settings):
+            summary = run_tool(name, output, options, restart, workers)
     details = ", ".join(f"{key.replace('_', ' ')} {value:,}" for key, value in summary.items()
                         if isinstance(value, int) and key != "finished_at")
     console.print(f"tools {name}: {details} in {summary['seconds']:.1f} s")
@@ -762,7 +792,8 @@ def export(output: Path, to_format: str, restart: bool, workers: int | None) -> 
     or HDF5, without downloading again; a re-run resumes."""
     from distributed_downloader.tools import run_tool
 
-    summary = run_tool(to_format, output, {}, restart, workers)
+    with _run_lock(output, f"export --to {to_format}"):
+        summary = run_tool(to_format, output, {}, restart, workers)
     console.print(f"export {to_format}: {summary.get('images', 0):,} images, "
                   f"{summary.get('errors', 0):,} errors in {summary['batches_this_run']:,} "
                   f"batches this run ({summary['batches_done']:,} in all), "

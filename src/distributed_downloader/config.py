@@ -248,6 +248,12 @@ class Settings(BaseModel):
         "local", description="local: worker processes on this machine; mpi: under mpirun/srun, "
         "rank 0 schedules and the other ranks fetch."
     )
+    run_lock_lease: int = Field(
+        120, ge=10, description="Seconds without a heartbeat after which the lock of a run "
+        "folder held from another host (a shared file system) counts as abandoned and may be "
+        "taken over; the holder renews it four times per lease. On the same host a lock is "
+        "abandoned as soon as its process is gone."
+    )
     account: str | None = Field(None, description="Slurm account to charge.")
     num_downloads: int = Field(
         20, gt=0, description="Most download periods (Slurm jobs) one chain submits."

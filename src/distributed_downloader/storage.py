@@ -134,6 +134,11 @@ class RunLayout:
         return self.prep / "summary.json"
 
     @property
+    def run_lock(self) -> Path:
+        """Who writes into the run folder now: one command at a time (runlock.py)."""
+        return self.root / "run.lock"
+
+    @property
     def output_settings(self) -> Path:
         """The settings that shape what is stored, fixed by the run's first fetch."""
         return self.root / "output_settings.json"

@@ -4,7 +4,8 @@ The worker code and the messages are those of the local executor; only the carri
 Rank 0 sends its effective settings to every rank first, so all ranks work on the same run
 whatever each one's environment. Both sides poll with `iprobe` and sleep between polls: a
 blocking MPI receive spins a core, and here the cores belong to the decoders (and, while rank 0
-prepares the input, to prep).
+prepares the input, to prep). Rank 0 alone holds the run folder's lock (runlock.py) for every
+rank; refused it, it sends None instead of the settings, and every rank ends cleanly.
 
 When a rank dies, `mpirun` ends the whole job; what the ranks committed stays, and the next run
 resumes from it (each batch's chunks are written by the rank that fetched it).
@@ -87,7 +88,9 @@ def run_worker_rank(comm: Any) -> bool:
         if signalled:
             return True
         time.sleep(WORKER_POLL_SECONDS)
-    settings: Settings = comm.recv(source=SCHEDULER_RANK)
+    settings: Settings | None = comm.recv(source=SCHEDULER_RANK)
+    if settings is None:  # rank 0 will not fetch (another command holds the run folder)
+        return False
     logging.basicConfig(level=settings.log_level,
                         format=f"%(asctime)s rank {comm.Get_rank()}: %(message)s")
     return run_worker(comm.Get_rank(), settings, MpiChannel(comm))
@@ -229,6 +232,8 @@ def serve_tasks(comm: Any) -> None:
 
 
 def release_task_ranks() -> None:
+    """Send every other rank home: task ranks, and fetching ranks still waiting for their
+    settings."""
     comm = world()
     for rank in range(1, comm.Get_size()):
         comm.send(None, dest=rank)

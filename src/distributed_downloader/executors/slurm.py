@@ -8,6 +8,15 @@ committed and no request sent, or `STALL_PERIODS` periods in a row without a com
 the chain instead of fetching. Slurm signals each period `stop_margin` seconds before its limit; the
 ranks flush their chunks and exit, and the next period resumes from them.
 
+One command writes into a run folder at a time (runlock.py). `slurm submit` does not hold the
+run's lock, since its jobs must take it: it only refuses while another command holds it. Each
+job takes it as it runs (prep, profile, and rank 0 of a period's fetch). A period starting while
+the lock is held waits, up to `run_lock_lease`, for a holder that is an earlier period of the
+chain (still ending) or a holder on another host that stopped renewing it; held by anything
+else (a fetch started by hand), the chain ends as `blocked`, naming the holder, and the job
+exits 0 (`slurm submit` again resumes once it is done): a period refused by its fetch would fail
+and be judged as one that made no progress.
+
 Each period runs `fetch --executor mpi` under `srun` or `mpirun`: one scheduler rank plus
 `workers_per_node` fetching ranks on each node. The chain's history is kept in
 `OUT/slurm/chain.json`, since small clusters often run without Slurm's accounting.
@@ -38,6 +47,7 @@ from distributed_downloader.config import (
     save_settings,
 )
 from distributed_downloader.errors import UserError
+from distributed_downloader.runlock import FADING, LIVE, Holder, RunLocked, current_writer
 from distributed_downloader.storage import (
     RunLayout,
     atomic_write_json,
@@ -56,6 +66,7 @@ ACTIVE_STATES = frozenset({"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "S
 # without ever being given up: the chain stops rather than spend periods on it for ever.
 STALL_PERIODS = 3
 WAITING_SHOWN = 3  # servers a period's record and a stall's reason name; the rest are counted
+LOCK_POLL_SECONDS = 2.0  # a period waiting for the run's lock looks again this often
 
 
 @dataclass
@@ -75,7 +86,8 @@ class ChainJob:
 
 @dataclass
 class Chain:
-    state: str = "running"  # running | finished | stalled | cancelled | period_limit
+    state: str = "running"  # running | finished | stalled | cancelled | period_limit |
+    # blocked (another command held the run folder as a period started)
     reason: str = ""
     jobs: list[ChainJob] = field(default_factory=list)
 
@@ -236,6 +248,7 @@ def _submit(layout: RunLayout, settings: Settings) -> Chain:
             state in ACTIVE_STATES for state in job_states(current).values()):
         raise UserError(f"a chain is already running for {layout.root}; see `slurm status`, "
                         "or `slurm cancel` it first")
+    _refuse_while_written(layout)
     folder = slurm_folder(layout)
     (folder / "logs").mkdir(parents=True, exist_ok=True)
     save_settings(settings)
@@ -262,6 +275,13 @@ def _submit(layout: RunLayout, settings: Settings) -> Chain:
     return chain
 
 
+def _refuse_while_written(layout: RunLayout) -> None:
+    """Submitting while another command writes into OUT would only queue jobs it refuses."""
+    holder = current_writer(layout.run_lock)
+    if holder is not None and holder.state() == LIVE:
+        raise RunLocked(layout.root, holder)
+
+
 def _batches_total(layout: RunLayout) -> int:
     return json.loads(layout.prep_summary.read_text())["batches"]
 
@@ -283,8 +303,25 @@ def start_period(settings: Settings, job_id: str) -> tuple[bool, str]:
     """At a download period's start: fetch (and queue the next period), or end the chain."""
     assert settings.output is not None
     layout = RunLayout(settings.output)
+    holder = _writer_at_start(layout, settings.run_lock_lease)
     with chain_lock(layout):
-        return _start_period(layout, settings, job_id)
+        return _start_period(layout, settings, job_id, holder)
+
+
+def _writer_at_start(layout: RunLayout, lease: float) -> Holder | None:
+    """Who writes into OUT as a period starts: an earlier period of the chain (ending as this
+    one starts) or a holder gone quiet on another host is waited for, up to `lease` seconds;
+    any other writer is returned at once. None: the period's fetch can take the lock."""
+    deadline = time.monotonic() + lease
+    ours = {job.id for job in read_chain(layout).jobs}
+    while True:
+        holder = current_writer(layout.run_lock)
+        if holder is None:
+            return None
+        if (holder.slurm_job not in ours and holder.state() != FADING) or \
+                time.monotonic() > deadline:
+            return holder
+        time.sleep(LOCK_POLL_SECONDS)
 
 
 def _fetch_since(layout: RunLayout, since: float) -> tuple[int, list[str]]:
@@ -339,10 +376,17 @@ def _stall_reason(started: list[ChainJob]) -> str:
     return ""
 
 
-def _start_period(layout: RunLayout, settings: Settings, job_id: str) -> tuple[bool, str]:
+def _start_period(layout: RunLayout, settings: Settings, job_id: str,
+                  writer: Holder | None = None) -> tuple[bool, str]:
     chain = read_chain(layout)
     if chain.state != "running":
         return False, f"the chain is {chain.state}"
+    if writer is not None:
+        chain.state, chain.reason = "blocked", (
+            f"{layout.root} is being written by {writer.describe()}; `slurm submit` again "
+            "once it is done")
+        write_chain(layout, chain)
+        return False, chain.reason
     upgrade_layout(layout)
     done = committed_rows(layout)
     finished = len(layout.finished_markers())
@@ -432,6 +476,7 @@ def submit_tool(settings: Settings, name: str, options: list[str]) -> str:
     if settings.output is None:
         raise UserError("slurm tool needs the run's folder OUT")
     layout = RunLayout(settings.output.resolve())
+    _refuse_while_written(layout)
     ranks = f"$(( SLURM_JOB_NUM_NODES * {settings.tools_workers_per_node} + 1 ))"
     lines = _header(settings, layout, f"tool-{name}", [
         f"--nodes={settings.tools_max_nodes}",
