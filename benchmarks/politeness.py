@@ -62,7 +62,7 @@ from distributed_downloader.farm import (
     ServerSpec,
     make_small_image,
 )
-from distributed_downloader.profile import ServerProfile, write_profiles
+from distributed_downloader.profiles import ServerProfile, write_profiles
 
 WORK = Path(__file__).parent / "work"
 CLI = [sys.executable, "-m", "distributed_downloader"]

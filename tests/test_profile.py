@@ -19,7 +19,7 @@ from conftest import (
 )
 from distributed_downloader.farm import Farm, ServerSpec, make_small_image
 from distributed_downloader.policy import advertised_rate
-from distributed_downloader.profile import parse_rate_overrides
+from distributed_downloader.profiles import parse_rate_overrides
 
 
 def add_images(server, count: int) -> list[str]:

@@ -103,7 +103,8 @@ def test_an_unreachable_robots_txt_pauses_the_server(tmp_path: Path) -> None:
         # profile first: it does not probe them, and leaves the pausing to fetch.
         run_cli("download", write_lines(tmp_path / "u.txt",
                                         failing_urls + throttling_urls + fine_urls),
-                "--output", out, "--server-down-after", 3, *FAST_FETCH, timeout=300)
+                "--output", out, "--profile", "--server-down-after", 3, *FAST_FETCH,
+                timeout=300)
         with open(out / "profiles" / "servers.csv") as handle:
             notes = {row["server_name"]: (row["status"], row["notes"])
                      for row in csv.DictReader(handle)}

@@ -184,7 +184,7 @@ def test_a_pause_the_server_asked_for_outlives_the_run() -> None:
     """Retry-After 3600 at the end of a Slurm period: the next period keeps it, and a pause
     longer than a failing server is waited for gives the server up for this run."""
     from distributed_downloader.fetch import _starting_budget
-    from distributed_downloader.profile import ServerProfile
+    from distributed_downloader.profiles import ServerProfile
 
     settings = Settings(server_down_after=60)
     state = server("s", 2, rate=10, settings=settings)

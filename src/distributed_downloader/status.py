@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from distributed_downloader.errors import UserError
-from distributed_downloader.profile import read_profiles
+from distributed_downloader.profiles import read_profiles
 from distributed_downloader.storage import BatchFiles, RunLayout, upgrade_layout
 from distributed_downloader.writers import chunk_row_counts, errors_by_code
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from distributed_downloader.errors import UserError
@@ -218,6 +220,27 @@ def upgrade_layout(layout: RunLayout) -> int:
 def batch_folder(batches_root: Path, server_name: str, partition_id: int) -> Path:
     """A batch's Hive-partition folder, the same under prep's batches and fetch's output."""
     return batches_root / f"server_name={server_name}" / f"partition_id={partition_id}"
+
+
+def sample_urls(layout: RunLayout, server_name: str, count: int,
+                to_fetch_only: bool = True) -> list[str]:
+    """The server's first `count` URLs (to fetch: rows an earlier download holds are not)."""
+    urls: list[str] = []
+    for partition in itertools.count():
+        folder = batch_folder(layout.batches, server_name, partition)
+        if not folder.is_dir():
+            break
+        for path in sorted(folder.glob("*.parquet")):
+            wanted = [name for name in ("identifier", "reuse_from", "reuse_error_code")
+                      if name in pq.read_schema(path).names]
+            table = pq.read_table(path, columns=wanted)
+            if to_fetch_only and "reuse_from" in table.column_names:
+                table = table.filter(pc.and_(pc.is_null(table["reuse_from"]),
+                                             pc.is_null(table["reuse_error_code"])))
+            urls += table.column("identifier").to_pylist()[:count - len(urls)]
+            if len(urls) >= count:
+                return urls
+    return urls
 
 
 def fsync_dir(path: Path) -> None:

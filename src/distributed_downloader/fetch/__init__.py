@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import duckdb
@@ -20,16 +20,16 @@ import pyarrow.parquet as pq
 
 from distributed_downloader.config import Settings, save_settings
 from distributed_downloader.errors import ErrorCode, UserError
-from distributed_downloader.formats import require_format
 from distributed_downloader.fetch.robots import RobotsGate
+from distributed_downloader.formats import require_format
 from distributed_downloader.policy import RatePolicy, ServerPolicy
-from distributed_downloader.profile import (
+from distributed_downloader.profiles import (
     ProfileStatus,
     RateOverride,
     ServerProfile,
+    apply_overrides,
     load_rate_overrides,
     read_profiles,
-    sample_urls,
     write_profiles,
 )
 from distributed_downloader.protocol import BatchRef, GiveUp
@@ -44,6 +44,7 @@ from distributed_downloader.storage import (
     SUCCESS_PREFIX,
     RunLayout,
     atomic_write_json,
+    sample_urls,
     upgrade_layout,
 )
 from distributed_downloader.writers import reopen_for_retry
@@ -248,9 +249,10 @@ def waits_as_json(scheduler: Scheduler, now: float, count: int = 20) -> list[dic
             for wait in scheduler.waits(now)[:count]]
 
 
-def learned_profiles(layout: RunLayout, scheduler: Scheduler) -> list[ServerProfile]:
+def learned_profiles(layout: RunLayout, settings: Settings,
+                     scheduler: Scheduler) -> list[ServerProfile]:
     """Previous profiles, updated with what this run saw of its servers: the rates they
-    tolerated, never a rate driven down by failures."""
+    tolerated, never a rate driven down by failures; hand-set rates say so."""
     profiles = read_profiles(layout.server_profiles)
     for server in scheduler.servers.values():
         previous = profiles.get(server.name)
@@ -265,6 +267,7 @@ def learned_profiles(layout: RunLayout, scheduler: Scheduler) -> list[ServerProf
         if previous is not None and previous.status == ProfileStatus.MANUAL:
             continue
         profiles[server.name] = _learned_profile(server, previous)
+    apply_overrides(profiles, load_rate_overrides(layout, settings, keep=False), settings)
     return list(profiles.values())
 
 
@@ -332,7 +335,7 @@ def _run_plan(layout: RunLayout, settings: Settings, plan: FetchPlan, executor: 
             record_state(layout, current, plan, running=True)
         if time.monotonic() - last_save[0] > PROFILE_SAVE_SECONDS:
             last_save[0] = time.monotonic()
-            write_profiles(layout.server_profiles, learned_profiles(layout, current))
+            write_profiles(layout.server_profiles, learned_profiles(layout, settings, current))
 
     try:
         interrupted = executor.run(scheduler, tick)
@@ -340,7 +343,7 @@ def _run_plan(layout: RunLayout, settings: Settings, plan: FetchPlan, executor: 
         if robots is not None:
             robots.close()
     record_state(layout, scheduler, plan, running=False)
-    write_profiles(layout.server_profiles, learned_profiles(layout, scheduler))
+    write_profiles(layout.server_profiles, learned_profiles(layout, settings, scheduler))
     return scheduler, interrupted
 
 
