@@ -20,13 +20,20 @@ from rich.table import Table
 
 from distributed_downloader import __version__
 from distributed_downloader.config import SETTING_NAMES, InputFormat, Settings, load_settings
-from distributed_downloader.errors import UserError
+from distributed_downloader.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_OUT_OF_SPACE,
+    EXIT_USER_ERROR,
+    UserError,
+    is_out_of_space,
+)
 
 console = Console()
 err_console = Console(stderr=True)
 
 PROGRESS_LOG_SECONDS = 5.0
-ON_ERROR: list[Callable[[], None]] = []  # run before exiting on a user error (MPI: end all ranks)
+# Run with the exit code before exiting on an error (MPI: end all ranks).
+ON_ERROR: list[Callable[[int], None]] = []
 
 
 def _click_type(annotation: Any) -> tuple[Any, bool]:
@@ -245,7 +252,7 @@ def _mpi_prelude() -> None:
     if ON_ERROR:
         return  # already done (download, then its fetch)
     comm = mpi.world()
-    ON_ERROR.append(lambda: mpi.abort_world(2))
+    ON_ERROR.append(mpi.abort_world)
     if comm.Get_rank() != mpi.SCHEDULER_RANK:
         interrupted = mpi.run_worker_rank(comm)
         sys.exit(130 if interrupted else 0)
@@ -508,7 +515,7 @@ def tools(name: str, output: Path, config_file: Path | None, image_size: int | N
         from distributed_downloader.executors import mpi
 
         comm = mpi.world()
-        ON_ERROR.append(lambda: mpi.abort_world(2))
+        ON_ERROR.append(mpi.abort_world)
         if comm.Get_rank() != mpi.SCHEDULER_RANK:
             mpi.serve_tasks(comm)
             return
@@ -706,16 +713,29 @@ def main() -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except UserError as exc:
-        err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        for action in ON_ERROR:
-            action()
-        sys.exit(2)
+        _exit_with_error(str(exc), exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted")
         for action in ON_ERROR:
-            action()
-        sys.exit(130)
+            action(EXIT_USER_ERROR)
+        sys.exit(EXIT_INTERRUPTED)
+    except OSError as exc:
+        if not is_out_of_space(exc):  # one a write did not name (the writers name theirs)
+            _fail(EXIT_USER_ERROR)
+            raise
+        _exit_with_error(f"out of space: {exc}; free space (or raise the quota), then run the "
+                         "same command again", EXIT_OUT_OF_SPACE)
     except Exception:
-        for action in ON_ERROR:  # under MPI: the other ranks must not wait for rank 0
-            action()
+        _fail(EXIT_USER_ERROR)
         raise
+
+
+def _exit_with_error(message: str, code: int) -> None:
+    err_console.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    _fail(code)
+    sys.exit(code)
+
+
+def _fail(code: int) -> None:
+    for action in ON_ERROR:  # under MPI: the other ranks must not wait for rank 0
+        action(code)

@@ -33,7 +33,10 @@ from distributed_downloader.storage import (
     RunLayout,
     atomic_write_json,
     chunk_files,
+    committing,
     fsync_dir,
+    space_errors,
+    temporary_name,
 )
 
 CHUNK_MAX_ROWS = 500
@@ -100,14 +103,16 @@ def reopen_for_retry(batch: BatchFiles) -> int:
 
 
 def write_chunk(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """Write a chunk atomically; on a full disk, `OutOfSpace` and no file at all."""
+    tmp = temporary_name(path)
     # Encoded images do not compress: storing them as they are saves a copy and the CPU.
     compression = {name: "none" if name == "image" else PARQUET_COMPRESSION
                    for name in table.column_names}
-    pq.write_table(table, tmp, compression=compression, row_group_size=ROWS_PER_ROW_GROUP)
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    with committing(tmp, table.nbytes):
+        pq.write_table(table, tmp, compression=compression, row_group_size=ROWS_PER_ROW_GROUP)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
 
 
 @dataclass
@@ -142,11 +147,15 @@ class BatchWriter:
         self._oldest: float | None = None
         self.written_successes = 0
         self.written_errors = 0
-        batch.successes.mkdir(parents=True, exist_ok=True)
-        batch.errors.mkdir(parents=True, exist_ok=True)
+        self.discarded = False
+        for folder in (batch.successes, batch.errors):
+            with space_errors(folder.parent, 0):
+                folder.mkdir(parents=True, exist_ok=True)
         budget.writers.append(self)
 
     def add_success(self, row: dict[str, Any]) -> None:
+        if self.discarded:
+            return
         self._successes.append(row)
         size = len(row["image"] or b"")  # nothing held for a row reused by link
         self.buffered_bytes += size
@@ -154,6 +163,8 @@ class BatchWriter:
         self._added()
 
     def add_error(self, row: dict[str, Any]) -> None:
+        if self.discarded:
+            return
         self._errors.append(row)
         self._added()
 
@@ -174,8 +185,10 @@ class BatchWriter:
             self.flush()
 
     def flush(self) -> None:
-        """Commit what is buffered as one successes and one errors chunk."""
-        if not self._successes and not self._errors:
+        """Commit what is buffered as one successes and one errors chunk. Each is forgotten
+        once committed: after a failure (a full disk) what was committed stays so, and no
+        row is counted that was not written."""
+        if self.discarded or (not self._successes and not self._errors):
             return
         name = f"{self.token}-{self.sequence:05d}.parquet"
         self.sequence += 1
@@ -184,18 +197,29 @@ class BatchWriter:
             write_chunk(table, self.batch.successes / (SUCCESS_PREFIX + name))
             fsync_dir(self.batch.successes)
             self.written_successes += len(self._successes)
+            self.budget.used -= self.buffered_bytes
+            self._successes, self.buffered_bytes = [], 0
         if self._errors:
             table = pa.Table.from_pylist(self._errors, schema=ERRORS)
             write_chunk(table, self.batch.errors / (ERROR_PREFIX + name))
             fsync_dir(self.batch.errors)
             self.written_errors += len(self._errors)
-        self.budget.used -= self.buffered_bytes
-        self._successes, self._errors = [], []
-        self.buffered_bytes = 0
+            self._errors = []
         self._oldest = None
 
     def close(self) -> None:
         self.flush()
+        self._leave_budget()
+
+    def discard(self) -> None:
+        """Write nothing more (the disk is full): the buffered rows are dropped, and fetched
+        again by the next run."""
+        self.discarded = True
+        self.budget.used -= self.buffered_bytes
+        self._successes, self._errors, self.buffered_bytes = [], [], 0
+        self._leave_budget()
+
+    def _leave_budget(self) -> None:
         if self in self.budget.writers:
             self.budget.writers.remove(self)
 
@@ -224,6 +248,17 @@ def chunk_row_counts(batch: BatchFiles) -> tuple[int, int]:
         return sum(pq.read_metadata(path).num_rows for path in chunks)
 
     return rows(batch.success_chunks()), rows(batch.error_chunks())
+
+
+def bytes_per_row(layout: RunLayout) -> float | None:
+    """What a committed row has taken on disk so far (chunks, artifacts), on average; None
+    before the first."""
+    rows = committed_rows(layout)
+    if not rows:
+        return None
+    size = sum(path.stat().st_size for root in (layout.downloaded, layout.download_errors)
+               for path in root.rglob("*") if path.is_file())
+    return size / rows
 
 
 def committed_rows(layout: RunLayout) -> int:
