@@ -440,30 +440,39 @@ def status(output: Path, as_json: bool, report_path: Path | None) -> None:
 @cli.command()
 @click.argument("output", type=click.Path(path_type=Path, file_okay=False, exists=True))
 @click.option("--fix", is_flag=True,
-              help="Move broken batches aside (OUT/verify/quarantine/) so fetch redoes them.")
+              help="Move broken finished batches aside (OUT/verify/quarantine/) and broken "
+              "chunks of unfinished ones (OUT/quarantine/), so fetch redoes them.")
 @click.option("--workers", type=int, default=None, help="Checking processes [default: cores].")
 def verify(output: Path, fix: bool, workers: int | None) -> None:
-    """Check every finished batch of OUTPUT: files readable, counts, images decode and match
-    their hashes, each prepared UUID exactly once. Exit code 1 when something is broken."""
+    """Check every chunk of OUTPUT: files readable, images decode and match their hashes, each
+    UUID once; in finished batches also the counts and each prepared UUID present. Exit code 1
+    when something is broken."""
     from distributed_downloader.verify import run_verify
 
     summary = run_verify(output, fix, workers)
     console.print(f"verify: {summary['batches_checked']:,} finished batches, "
                   f"{summary['rows_checked']:,} rows, {summary['images_decoded']:,} images "
                   f"decoded in {summary['seconds']:.1f} s; {summary['batches_unfinished']:,} "
-                  f"batches not finished (not checked)")
+                  f"batches not finished ({summary['unfinished_chunks_checked']:,} chunks "
+                  "checked)")
     for batch in summary["broken"]:
         more = f" (+{batch['more_problems']} more)" if batch["more_problems"] else ""
-        console.print(f"[red]broken[/] {batch['batch']}: {'; '.join(batch['problems'])}{more}",
-                      highlight=False, soft_wrap=True)
+        state = "" if batch["finished"] else " (unfinished)"
+        console.print(f"[red]broken[/] {batch['batch']}{state}: {'; '.join(batch['problems'])}"
+                      f"{more}", highlight=False, soft_wrap=True)
     if summary["moved_aside"]:
         console.print(f"moved {len(summary['moved_aside'])} broken batches aside; run fetch "
                       "to download them again")
-    elif summary["broken"]:
+    if summary["chunks_set_aside"]:
+        console.print(f"set {len(summary['chunks_set_aside'])} chunks of unfinished batches "
+                      f"aside, into {output / 'quarantine'}; run fetch to download their rows "
+                      "again", highlight=False, soft_wrap=True)
+    if summary["broken"] and not fix:
         console.print("run `verify --fix`, then fetch, to download them again")
         sys.exit(1)
-    else:
-        console.print("[green]every finished batch is sound[/]")
+    if not summary["broken"]:
+        console.print("[green]every finished batch is sound[/], and every chunk of the "
+                      "unfinished ones")
 
 
 TOOL_NAMES = ("resize", "image_verification", "duplication_based", "size_based")

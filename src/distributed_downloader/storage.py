@@ -123,6 +123,12 @@ class RunLayout:
         """The settings that shape what is stored, fixed by the run's first fetch."""
         return self.root / "output_settings.json"
 
+    @property
+    def quarantine(self) -> Path:
+        """Files taken out of the result (unreadable chunks, duplicated rows' chunks), each
+        under its own path relative to `OUT`: never deleted, never read as results."""
+        return self.root / "quarantine"
+
 
 def sql_path(path: Path | str) -> str:
     """A path as a SQL string literal (quotes doubled): the one way paths enter a query."""
@@ -148,6 +154,18 @@ class BatchFiles:
         """The batch whose successes folder this is (e.g. a `linked_from` of a reused row)."""
         run = RunLayout(successes.parent.parent.parent)
         return cls(successes, run.download_errors / successes.parent.name / successes.name)
+
+    @classmethod
+    def of_chunk(cls, chunk: Path) -> BatchFiles:
+        """The batch a chunk (successes or errors) belongs to."""
+        tree = chunk.parent.parent.parent
+        run = RunLayout(tree.parent)
+        relative = chunk.parent.relative_to(tree)
+        return cls(run.downloaded / relative, run.download_errors / relative)
+
+    @property
+    def run(self) -> RunLayout:
+        return RunLayout(self.successes.parent.parent.parent)
 
     @property
     def marker(self) -> Path:

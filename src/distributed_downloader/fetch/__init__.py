@@ -47,7 +47,12 @@ from distributed_downloader.storage import (
     space_errors,
     upgrade_layout,
 )
-from distributed_downloader.writers import bytes_per_row, committed_rows, reopen_for_retry
+from distributed_downloader.writers import (
+    bytes_per_row,
+    committed_rows,
+    reopen_for_retry,
+    set_aside_unreadable,
+)
 
 PROFILE_SAVE_SECONDS = 60.0
 STATE_SECONDS = 5.0  # how often a running fetch records its state for `status`
@@ -291,7 +296,17 @@ def _learned_profile(server: ServerState, previous: ServerProfile | None) -> Ser
 
 
 def output_counts(layout: RunLayout) -> dict[str, Any]:
-    """Successes and errors (by code) over every committed chunk of the run."""
+    """Successes and errors (by code) over every committed chunk of the run. A chunk that
+    cannot be read is set aside (its rows are fetched again) rather than stopping the run."""
+    try:
+        return _count_chunks(layout)
+    except duckdb.Error:
+        if not set_aside_unreadable(layout):
+            raise
+        return _count_chunks(layout)
+
+
+def _count_chunks(layout: RunLayout) -> dict[str, Any]:
     counts: dict[str, Any] = {"successes": 0, "errors": 0, "errors_by_code": {}}
     con = duckdb.connect()
     if layout.has_chunks(SUCCESS_PREFIX):
@@ -400,10 +415,12 @@ def _fetch(layout: RunLayout, settings: Settings, retry_errors: bool,
     started = time.monotonic()
     upgrade_layout(layout)
     check_output_settings(layout, settings)
+    # Counted before the plan: an unreadable chunk is set aside first, and its batch is
+    # planned as unfinished (rows reopened for retry are added back below).
+    before = output_counts(layout)
     plan = build_plan(layout, settings, retry_errors)
     save_settings(settings)
     fix_output_settings(layout, settings)
-    before = output_counts(layout)
     if on_plan:
         on_plan(plan)
     interrupted = False
@@ -416,7 +433,8 @@ def _fetch(layout: RunLayout, settings: Settings, retry_errors: bool,
         executor.close()  # MPI: the ranks wait for word even when nothing was left to do
     seconds = time.monotonic() - started
     after = output_counts(layout)
-    fetched_now = after["successes"] + after["errors"] - before["successes"] - before["errors"]
+    fetched_now = after["successes"] + after["errors"] - before["successes"] - \
+        before["errors"] + plan.reopened_rows
     batches_done = len(layout.finished_markers())
     summary = {
         "finished": batches_done == plan.batches_total,
