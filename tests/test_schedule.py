@@ -9,6 +9,8 @@ from distributed_downloader.protocol import (
     BatchFinished,
     BatchRef,
     Budget,
+    DiskFull,
+    NoWorkYet,
     Report,
     ServerNews,
     Stop,
@@ -197,3 +199,30 @@ def test_a_pause_the_server_asked_for_outlives_the_run() -> None:
     assert "3599 s" in state.give_up.message
     assigned = [m for _, m in scheduler.handle(WantWork(0), now=1001.0) if isinstance(m, Assign)]
     assert assigned[0].give_up is state.give_up and out == []
+
+
+def test_a_full_disk_stops_every_worker_and_hands_out_nothing_more() -> None:
+    scheduler = Scheduler([server("a", 4, rate=40), server("b", 4, rate=40)], Settings(),
+                          range(3), now=0)
+    for worker in range(3):
+        scheduler.handle(WantWork(worker), now=0)
+    out = scheduler.handle(DiskFull(1, "/run/downloaded_images", 4096, 0), now=1)
+    assert out == [(0, Stop()), (1, Stop()), (2, Stop())]
+    # Nothing more is handed out: not the next batch of a finished one, not a lost
+    # worker's batch, not to a worker asking.
+    [batch] = scheduler.leases[0].values()
+    finished = scheduler.handle(BatchFinished(0, batch, 100, 0), now=2)
+    assert [m for _, m in finished if isinstance(m, Assign)] == []
+    assert [m for _, m in scheduler.worker_lost(1, now=2) if isinstance(m, Assign)] == []
+    assert scheduler.handle(WantWork(2), now=2) == [(2, NoWorkYet())]
+    assert scheduler.tick(now=3) == []  # the Stops are not sent twice
+    assert scheduler.disk_full == DiskFull(1, "/run/downloaded_images", 4096, 0)
+
+
+def test_the_coordinators_own_full_disk_stops_the_workers_at_the_next_tick() -> None:
+    scheduler = Scheduler([server("a", 4, rate=40)], Settings(), range(2), now=0)
+    scheduler.handle(WantWork(0), now=0)
+    scheduler.out_of_space(DiskFull(None, "/run", 512))
+    assert [m for _, m in scheduler.handle(WantWork(1), now=1) if isinstance(m, Assign)] == []
+    assert [(w, m) for w, m in scheduler.tick(now=1) if isinstance(m, Stop)] == \
+        [(0, Stop()), (1, Stop())]

@@ -33,14 +33,22 @@ from distributed_downloader.config import (
     Settings,
     load_settings,
 )
-from distributed_downloader.errors import UserError, require_module
+from distributed_downloader.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_OUT_OF_SPACE,
+    EXIT_USER_ERROR,
+    UserError,
+    is_out_of_space,
+    require_module,
+)
 
 # Piped or logged output is not cut at 80 columns: a line stays a line (and a number whole).
 console = Console(soft_wrap=not sys.stdout.isatty())
 err_console = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
 
 PROGRESS_LOG_SECONDS = 5.0
-ON_ERROR: list[Callable[[], None]] = []  # run before exiting on a user error (MPI: end all ranks)
+# Run with the exit code before exiting on an error (MPI: end all ranks).
+ON_ERROR: list[Callable[[int], None]] = []
 
 
 def _click_type(annotation: Any) -> tuple[Any, bool]:
@@ -297,7 +305,7 @@ def _mpi_prelude() -> None:
     if ON_ERROR:
         return  # already done (download, then its fetch)
     comm = mpi.world()
-    ON_ERROR.append(lambda: mpi.abort_world(2))
+    ON_ERROR.append(mpi.abort_world)
     if comm.Get_rank() != mpi.SCHEDULER_RANK:
         interrupted = mpi.run_worker_rank(comm)
         sys.exit(130 if interrupted else 0)
@@ -525,11 +533,13 @@ def status(output: Path, as_json: bool, report_path: Path | None) -> None:
 @cli.command()
 @run_folder(exists=True)
 @click.option("--fix", is_flag=True,
-              help="Move broken batches aside (OUT/verify/quarantine/) so fetch redoes them.")
+              help="Move broken finished batches aside (OUT/verify/quarantine/) and broken "
+              "chunks of unfinished ones (OUT/quarantine/), so fetch redoes them.")
 @click.option("--workers", type=int, default=None, help="Checking processes [default: cores].")
 def verify(output: Path, fix: bool, workers: int | None) -> None:
-    """Check every finished batch of OUTPUT: files readable, counts, images decode and match
-    their hashes, each prepared UUID exactly once. Exit code 1 when something is broken."""
+    """Check every chunk of OUTPUT: files readable, images decode and match their hashes, each
+    UUID once; in finished batches also the counts and each prepared UUID present. Exit code 1
+    when something is broken."""
     from distributed_downloader.verify import run_verify
 
     with _run_lock(output, "verify --fix") if fix else contextlib.nullcontext():
@@ -537,19 +547,26 @@ def verify(output: Path, fix: bool, workers: int | None) -> None:
     console.print(f"verify: {summary['batches_checked']:,} finished batches, "
                   f"{summary['rows_checked']:,} rows, {summary['images_decoded']:,} images "
                   f"decoded in {summary['seconds']:.1f} s; {summary['batches_unfinished']:,} "
-                  f"batches not finished (not checked)")
+                  f"batches not finished ({summary['unfinished_chunks_checked']:,} chunks "
+                  "checked)")
     for batch in summary["broken"]:
         more = f" (+{batch['more_problems']} more)" if batch["more_problems"] else ""
-        console.print(f"[red]broken[/] {batch['batch']}: {'; '.join(batch['problems'])}{more}",
-                      highlight=False, soft_wrap=True)
+        state = "" if batch["finished"] else " (unfinished)"
+        console.print(f"[red]broken[/] {batch['batch']}{state}: {'; '.join(batch['problems'])}"
+                      f"{more}", highlight=False, soft_wrap=True)
     if summary["moved_aside"]:
         console.print(f"moved {len(summary['moved_aside'])} broken batches aside; run fetch "
                       "to download them again")
-    elif summary["broken"]:
+    if summary["chunks_set_aside"]:
+        console.print(f"set {len(summary['chunks_set_aside'])} chunks of unfinished batches "
+                      f"aside, into {output / 'quarantine'}; run fetch to download their rows "
+                      "again", highlight=False, soft_wrap=True)
+    if summary["broken"] and not fix:
         console.print("run `verify --fix`, then fetch, to download them again")
         sys.exit(1)
-    else:
-        console.print("[green]every finished batch is sound[/]")
+    if not summary["broken"]:
+        console.print("[green]every finished batch is sound[/], and every chunk of the "
+                      "unfinished ones")
 
 
 TOOL_NAMES = ("resize", "image_verification", "duplication_based", "size_based")
@@ -613,7 +630,7 @@ def _run_tool_command(name: str, output: Path, config_file: Path | None, restart
         from distributed_downloader.executors import mpi
 
         comm = mpi.world()
-        ON_ERROR.append(lambda: mpi.abort_world(2))
+        ON_ERROR.append(mpi.abort_world)
         if comm.Get_rank() != mpi.SCHEDULER_RANK:
             mpi.serve_tasks(comm)
             return
@@ -830,16 +847,29 @@ def main() -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except UserError as exc:
-        err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        for action in ON_ERROR:
-            action()
-        sys.exit(2)
+        _exit_with_error(str(exc), exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted")
         for action in ON_ERROR:
-            action()
-        sys.exit(130)
+            action(EXIT_USER_ERROR)
+        sys.exit(EXIT_INTERRUPTED)
+    except OSError as exc:
+        if not is_out_of_space(exc):  # one a write did not name (the writers name theirs)
+            _fail(EXIT_USER_ERROR)
+            raise
+        _exit_with_error(f"out of space: {exc}; free space (or raise the quota), then run the "
+                         "same command again", EXIT_OUT_OF_SPACE)
     except Exception:
-        for action in ON_ERROR:  # under MPI: the other ranks must not wait for rank 0
-            action()
+        _fail(EXIT_USER_ERROR)
         raise
+
+
+def _exit_with_error(message: str, code: int) -> None:
+    err_console.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    _fail(code)
+    sys.exit(code)
+
+
+def _fail(code: int) -> None:
+    for action in ON_ERROR:  # under MPI: the other ranks must not wait for rank 0
+        action(code)

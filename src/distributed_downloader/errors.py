@@ -6,12 +6,63 @@ row-level outcomes are values from the enumerations below, written into the outp
 
 from __future__ import annotations
 
+import errno
 import importlib
 from enum import StrEnum
+from pathlib import Path
+
+# Exit codes of the command line (besides 0, and 1 for `verify` finding damage).
+EXIT_USER_ERROR = 2
+# ENOSPC's own number: a script (or a Slurm job's exit code) tells a full disk from other
+# errors at a glance, and knows the same command resumes once space is freed.
+EXIT_OUT_OF_SPACE = 28
+EXIT_INTERRUPTED = 130
+# A full disk, or a full quota (common on cluster scratch and home folders): the same remedy.
+OUT_OF_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class UserError(Exception):
     """A problem with the user's input, settings or output folder; the CLI prints it in one line."""
+
+    exit_code = EXIT_USER_ERROR
+
+
+class OutOfSpace(UserError):
+    """No room left where the run writes. Whatever was being written was removed (readers never
+    see half a file); the same command resumes once space is freed."""
+
+    exit_code = EXIT_OUT_OF_SPACE
+
+    def __init__(self, folder: Path | str, needed: int, free: int | None = None) -> None:
+        super().__init__(str(folder), needed, free)
+        self.folder, self.needed, self.free = Path(folder), needed, free
+        self.rows_left: int | None = None  # set by fetch: what the rest of the run needs
+        self.bytes_per_row: float | None = None
+
+    def __str__(self) -> str:
+        free = "" if self.free is None else f" ({_size(self.free)} free)"
+        text = f"out of space in {self.folder}{free}: writing {_size(self.needed)} failed"
+        if self.rows_left and self.bytes_per_row:
+            text += (f"; the {self.rows_left:,} rows left take about "
+                     f"{_size(self.rows_left * self.bytes_per_row)} "
+                     f"({_size(self.bytes_per_row)} per row so far)")
+        return text + (". Nothing was half-written: free space (or raise the quota), then run "
+                       "the same command again")
+
+
+def is_out_of_space(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in OUT_OF_SPACE_ERRNOS
+
+
+def _size(count: float) -> str:
+    if count < 1024:
+        return f"{count:,.0f} bytes"
+    unit = "KiB"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        count /= 1024
+        if count < 1024:
+            break
+    return f"{count:,.1f} {unit}"
 
 
 class ConfigError(UserError):

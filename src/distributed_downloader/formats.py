@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from distributed_downloader.errors import require_module
-from distributed_downloader.storage import SUCCESS_PREFIX, chunk_files, fsync_dir
+from distributed_downloader.storage import SUCCESS_PREFIX, chunk_files, committing, fsync_dir
 
 OUTPUT_FORMATS = ("parquet", "webdataset", "files", "hdf5")
 EXTENSIONS = {"jpeg": "jpg", "webp": "webp", "png": "png", "gif": "gif", "tiff": "tif"}
@@ -96,7 +96,8 @@ def write_artifact(folder: Path, output_format: str, rows: list[dict[str, Any]])
         shutil.rmtree(temporary)
     elif temporary.exists():
         temporary.unlink()
-    WRITERS[output_format](temporary, rows)
+    with committing(temporary, sum(len(row["image"] or b"") for row in rows)):
+        WRITERS[output_format](temporary, rows)
     if final.is_dir():  # a folder cannot be renamed over: move the old one out of the way
         old = folder / f".{final.name}.old"
         shutil.rmtree(old, ignore_errors=True)

@@ -65,6 +65,17 @@ class Report:
 
 
 @dataclass
+class DiskFull:
+    """A write failed for want of space: the scheduler stops every worker, and the run ends
+    with one line naming the folder. `worker` is None when the coordinator's own write failed."""
+
+    worker: int | None
+    folder: str
+    needed: int  # bytes of the write that failed
+    free: int | None = None
+
+
+@dataclass
 class WorkerStopped:
     worker: int
     interrupted: bool  # stopped by a signal before its work was done

@@ -23,6 +23,7 @@ from distributed_downloader.protocol import (
     BatchFinished,
     BatchRef,
     Budget,
+    DiskFull,
     GiveUp,
     NoWorkYet,
     Report,
@@ -143,6 +144,7 @@ class Scheduler:
         self.opt_outs_ignored = 0
         self.bytes = 0
         self.stopped = False
+        self.disk_full: DiskFull | None = None  # the first write that found no room: run over
         self.worker_peak_rss_mib = 0.0
 
     @property
@@ -158,9 +160,25 @@ class Scheduler:
             return self._batch_finished(message, now)
         if isinstance(message, Report):
             return self._report(message, now)
+        if isinstance(message, DiskFull):
+            self.out_of_space(message)
+            return self._stop_all()
         if isinstance(message, WorkerStopped):
             self.worker_peak_rss_mib = max(self.worker_peak_rss_mib, message.peak_rss_mib)
         return []
+
+    def out_of_space(self, message: DiskFull) -> None:
+        """No room for results: every worker is stopped (now, or by the next tick when the
+        coordinator's own write failed) and no batch is handed out any more; rows not yet
+        written are fetched by the next run."""
+        if self.disk_full is None:
+            self.disk_full = message
+
+    def _stop_all(self) -> Outgoing:
+        if self.stopped:
+            return []
+        self.stopped = True
+        return [(worker, Stop()) for worker in sorted(self.active_workers)]
 
     def worker_lost(self, worker: int, now: float) -> Outgoing:
         """A worker died: its batches go back to the front of their queues."""
@@ -189,9 +207,8 @@ class Scheduler:
             elif server.policy.tick(now):
                 out += self._budgets(server)
         out += self._feed_hungry(now)
-        if self.finished and not self.stopped:
-            self.stopped = True
-            out += [(worker, Stop()) for worker in sorted(self.active_workers)]
+        if self.finished or self.disk_full is not None:
+            out += self._stop_all()
         return out
 
     # --- holds (robots.txt) ------------------------------------------------------------------
@@ -241,6 +258,8 @@ class Scheduler:
         return best, False
 
     def _assign(self, worker: int, now: float) -> Outgoing:
+        if self.stopped or self.disk_full is not None:
+            return []
         choice = self._next_for(worker)
         if choice is None:
             return []
@@ -286,7 +305,7 @@ class Scheduler:
         server.remaining_rows -= batch.rows
         out: Outgoing = []
         if worker in server.workers:
-            if server.pending and not server.dead:
+            if server.pending and not server.dead and self.disk_full is None:
                 # Keep the worker on this server: its share stays, its connections stay warm.
                 next_batch = server.pending.popleft()
                 self.leases[worker][next_batch.key] = next_batch

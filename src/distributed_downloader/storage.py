@@ -6,6 +6,8 @@ import itertools
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from distributed_downloader.errors import UserError
+from distributed_downloader.errors import OutOfSpace, UserError, is_out_of_space
 
 PARQUET_COMPRESSION = "zstd"
 
@@ -145,6 +147,12 @@ class RunLayout:
         """The settings that shape what is stored, fixed by the run's first fetch."""
         return self.root / "output_settings.json"
 
+    @property
+    def quarantine(self) -> Path:
+        """Files taken out of the result (unreadable chunks, duplicated rows' chunks), each
+        under its own path relative to `OUT`: never deleted, never read as results."""
+        return self.root / "quarantine"
+
 
 def sql_path(path: Path | str) -> str:
     """A path as a SQL string literal (quotes doubled): the one way paths enter a query."""
@@ -170,6 +178,18 @@ class BatchFiles:
         """The batch whose successes folder this is (e.g. a `linked_from` of a reused row)."""
         run = RunLayout(successes.parent.parent.parent)
         return cls(successes, run.download_errors / successes.parent.name / successes.name)
+
+    @classmethod
+    def of_chunk(cls, chunk: Path) -> BatchFiles:
+        """The batch a chunk (successes or errors) belongs to."""
+        tree = chunk.parent.parent.parent
+        run = RunLayout(tree.parent)
+        relative = chunk.parent.relative_to(tree)
+        return cls(run.downloaded / relative, run.download_errors / relative)
+
+    @property
+    def run(self) -> RunLayout:
+        return RunLayout(self.successes.parent.parent.parent)
 
     @property
     def marker(self) -> Path:
@@ -251,19 +271,56 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _temporary_name(path: Path) -> Path:
+def temporary_name(path: Path) -> Path:
+    """Where `path` is written before its rename: hidden, so no glob of results sees it."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+@contextmanager
+def space_errors(folder: Path, size: int) -> Iterator[None]:
+    """A full disk (or quota) while writing `size` bytes into `folder` becomes `OutOfSpace`,
+    naming the folder: one line for the user instead of a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        if is_out_of_space(exc):
+            raise OutOfSpace(folder, size, free_bytes(folder)) from exc
+        raise
+
+
+@contextmanager
+def committing(temporary: Path, size: int) -> Iterator[None]:
+    """Around writing `temporary` and renaming it into place: on any failure (a full disk, a
+    kill by exception) the temporary is removed, so nothing half-written stays behind."""
+    try:
+        with space_errors(temporary.parent, size):
+            yield
+    except BaseException:
+        if temporary.is_dir() and not temporary.is_symlink():
+            shutil.rmtree(temporary, ignore_errors=True)
+        else:
+            temporary.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary name in the same folder, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_name(path)
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    with space_errors(path.parent, len(data)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path)
+    with committing(tmp, len(data)):
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
     fsync_dir(path.parent)
 
 
@@ -277,12 +334,14 @@ def atomic_write_json(path: Path, data: Any) -> None:
 
 def write_parquet(table: pa.Table, path: Path) -> None:
     """Write a whole table atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_name(path)
-    pq.write_table(table, tmp, compression=PARQUET_COMPRESSION)
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    with space_errors(path.parent, table.nbytes):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path)
+    with committing(tmp, table.nbytes):
+        pq.write_table(table, tmp, compression=PARQUET_COMPRESSION)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
 
 
 def publish(source: Path, destination: Path) -> None:

@@ -1,10 +1,13 @@
-"""`verify`: is what the download wrote sound? Every finished batch, checked against its prep.
+"""`verify`: is what the download wrote sound? Every chunk, finished batch or not.
 
-A batch is sound when every chunk reads, the counts match its `_completed` marker, every stored
-image decodes and hashes to its `hashsum_resized`, and its output holds each prepared UUID
-exactly once, in successes or in errors. Batches are checked in parallel processes (decoding
-is the cost). `--fix` moves broken batches aside, under `OUT/verify/quarantine/`, so that the
-next fetch downloads them again; nothing is deleted.
+A finished batch is sound when every chunk reads, the counts match its `_completed` marker, every
+stored image decodes and hashes to its `hashsum_resized`, and its output holds each prepared
+UUID exactly once, in successes or in errors. An unfinished batch's chunks must read, hold
+sound images and UUIDs of the batch, each once. Batches are checked in parallel processes
+(decoding is the cost). `--fix` moves broken finished batches aside, under
+`OUT/verify/quarantine/`, and an unfinished batch's broken chunks under `OUT/quarantine/` (as
+fetch does with a chunk it cannot read), so that the next fetch downloads their rows again;
+nothing is deleted.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from distributed_downloader.storage import (
     batch_folder,
     upgrade_layout,
 )
-from distributed_downloader.writers import finished_batches
+from distributed_downloader.writers import resolve_duplicates, set_aside
 
 MAX_PROBLEMS_LISTED = 5  # per batch; the count says how many more
 
@@ -43,9 +46,13 @@ MAX_PROBLEMS_LISTED = 5  # per batch; the count says how many more
 class BatchCheck:
     server_name: str
     partition_id: int
+    finished: bool = True
     rows: int = 0
     images: int = 0
+    chunks: int = 0
     problems: list[str] = field(default_factory=list)
+    bad_chunks: dict[str, str] = field(default_factory=dict)  # path -> its first problem
+    duplicates: int = 0  # UUIDs in more than one row
 
     @property
     def folder_name(self) -> str:
@@ -64,30 +71,38 @@ def _image_problem(data: bytes, expected_md5: str) -> str | None:
 
 
 def check_batch(root: str, server_name: str, partition_id: int) -> BatchCheck:
-    """Check one finished batch; problems are plain sentences."""
+    """Check one batch, finished or not; problems are plain sentences."""
     layout = RunLayout(Path(root))
-    check = BatchCheck(server_name, partition_id)
     files = layout.batch_files(server_name, partition_id)
-    folder = files.successes
+    check = BatchCheck(server_name, partition_id, finished=files.finished)
     problems = check.problems
-    try:
-        marker = json.loads(files.marker.read_text())
-    except (OSError, ValueError) as exc:
-        problems.append(f"unreadable _completed marker ({exc})")
-        return check
+    marker: dict = {}
+    if check.finished:
+        try:
+            marker = json.loads(files.marker.read_text())
+        except (OSError, ValueError) as exc:
+            problems.append(f"unreadable _completed marker ({exc})")
+            return check
     prepared = set()
     for path in sorted(batch_folder(layout.batches, server_name, partition_id).glob("*.parquet")):
         prepared.update(pq.read_table(path, columns=["uuid"]).column(0).to_pylist())
     seen: Counter = Counter()
     successes = errors = 0
     artifact: dict[str, bytes] | None = None
+
+    def bad(path: Path, problem: str) -> None:
+        problems.append(problem)
+        check.bad_chunks.setdefault(str(path), problem)
+
     for prefix, chunks in ((SUCCESS_PREFIX, files.success_chunks()),
                            (ERROR_PREFIX, files.error_chunks())):
         for path in chunks:
+            check.chunks += 1
             try:
                 table = pq.read_table(path)
             except Exception as exc:  # noqa: BLE001 - a damaged file is the finding
-                problems.append(f"{path.name} is unreadable ({type(exc).__name__}: {exc})")
+                bad(path, f"{path.name} is unreadable ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0]})")
                 continue
             uuids = table.column("uuid").to_pylist()
             seen.update(uuids)
@@ -97,31 +112,57 @@ def check_batch(root: str, server_name: str, partition_id: int) -> BatchCheck:
             successes += len(uuids)
             rows = table.to_pylist()
             # From the chunk, the batch's artifact (read once), or an earlier download.
-            artifact = fill_images(folder, rows, artifact)
+            artifact = fill_images(files.successes, rows, artifact)
             stored = [row["image"] for row in rows]
             for uuid, image, md5 in zip(uuids, stored,
                                         table.column("hashsum_resized").to_pylist()):
                 problem = _image_problem(image, md5) if image is not None else \
                     "stored image missing from the batch's images"
                 if problem:
-                    problems.append(f"uuid {uuid}: {problem}")
+                    bad(path, f"uuid {uuid} in {path.name}: {problem}")
             check.images += len(uuids)
     check.rows = successes + errors
-    if (successes, errors) != (marker.get("successes"), marker.get("errors")):
+    if check.finished and (successes, errors) != (marker.get("successes"),
+                                                  marker.get("errors")):
         problems.append(f"chunks hold {successes} successes and {errors} errors, the marker "
                         f"says {marker.get('successes')} and {marker.get('errors')}")
     twice = [uuid for uuid, count in seen.items() if count > 1]
+    check.duplicates = len(twice)
     missing = prepared - set(seen)
     unknown = set(seen) - prepared
     if twice:
         problems.append(f"{len(twice)} UUIDs written more than once (e.g. {twice[0]})")
-    if missing:
+    if missing and check.finished:
         problems.append(f"{len(missing)} prepared UUIDs are in neither successes nor errors "
                         f"(e.g. {sorted(missing)[0]})")
     if unknown:
         problems.append(f"{len(unknown)} UUIDs that this batch never had (e.g. "
                         f"{sorted(unknown)[0]})")
     return check
+
+
+def _batches_with_output(layout: RunLayout) -> list[tuple[str, int]]:
+    """(server_name, partition_id) of every prepared batch that holds a chunk or a marker."""
+    batches = []
+    for row in pq.read_table(layout.servers).to_pylist():
+        for partition in range(row["batches"]):
+            files = layout.batch_files(row["server_name"], partition)
+            if files.finished or files.chunks():
+                batches.append((row["server_name"], partition))
+    return batches
+
+
+def _fix_unfinished(check: BatchCheck, layout: RunLayout) -> list[dict[str, str]]:
+    """Set an unfinished batch's broken chunks aside (as fetch does with an unreadable one)
+    and keep one row per UUID: fetch downloads the rows set aside again."""
+    moved = []
+    for chunk, problem in check.bad_chunks.items():
+        for item in set_aside(Path(chunk), problem):
+            moved.append({"chunk": str(item.source), "to": str(item.target),
+                          "reason": item.reason})
+    if check.duplicates:
+        resolve_duplicates(layout.batch_files(check.server_name, check.partition_id))
+    return moved
 
 
 def run_verify(output: Path, fix: bool = False, workers: int | None = None) -> dict[str, Any]:
@@ -131,16 +172,20 @@ def run_verify(output: Path, fix: bool = False, workers: int | None = None) -> d
     layout.check_writable()  # it writes its findings into OUT/verify/
     upgrade_layout(layout)
     started = time.monotonic()
-    finished = [(str(output), server, partition)
-                for server, partition in finished_batches(layout)]
-    unfinished = json.loads(layout.prep_summary.read_text())["batches"] - len(finished)
+    batches = [(str(output), server, partition)
+               for server, partition in _batches_with_output(layout)]
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        checks = list(pool.map(check_batch, *zip(*finished), chunksize=4)) if finished else []
+        checks = list(pool.map(check_batch, *zip(*batches), chunksize=4)) if batches else []
+    finished = [check for check in checks if check.finished]
+    unfinished = [check for check in checks if not check.finished]
     broken = [check for check in checks if check.problems]
-    moved = []
+    moved, set_aside_chunks = [], []
     if fix:
         quarantine = layout.root / "verify" / "quarantine" / time.strftime("%Y%m%d-%H%M%S")
         for check in broken:
+            if not check.finished:
+                set_aside_chunks += _fix_unfinished(check, layout)
+                continue
             files = layout.batch_files(check.server_name, check.partition_id)
             target = quarantine / check.folder_name
             target.mkdir(parents=True, exist_ok=True)
@@ -149,16 +194,19 @@ def run_verify(output: Path, fix: bool = False, workers: int | None = None) -> d
                     shutil.move(str(folder), target / kind)
             moved.append(str(target))
     summary = {
-        "batches_checked": len(checks),
-        "batches_unfinished": unfinished,
-        "rows_checked": sum(check.rows for check in checks),
-        "images_decoded": sum(check.images for check in checks),
-        "broken": [{"batch": check.folder_name, "problems": check.problems[:MAX_PROBLEMS_LISTED],
+        "batches_checked": len(finished),
+        "batches_unfinished": json.loads(layout.prep_summary.read_text())["batches"]
+        - len(finished),
+        "unfinished_chunks_checked": sum(check.chunks for check in unfinished),
+        "rows_checked": sum(check.rows for check in finished),
+        "images_decoded": sum(check.images for check in finished),
+        "broken": [{"batch": check.folder_name, "finished": check.finished,
+                    "problems": check.problems[:MAX_PROBLEMS_LISTED],
                     "more_problems": max(0, len(check.problems) - MAX_PROBLEMS_LISTED)}
                    for check in broken],
         "moved_aside": moved,
+        "chunks_set_aside": set_aside_chunks,
         "seconds": round(time.monotonic() - started, 2),
     }
     atomic_write_json(layout.root / "verify" / "summary.json", summary)
     return summary
-

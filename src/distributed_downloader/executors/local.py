@@ -137,7 +137,7 @@ class LocalExecutor:
                     for process in processes.values():
                         process.kill()
                 if not scheduler.active_workers and not scheduler.finished and \
-                        not self.stop_requested:
+                        not self.stop_requested and scheduler.disk_full is None:
                     raise RuntimeError("every worker died; see the log above")
         finally:
             for signum, handler in previous.items():

@@ -3,7 +3,8 @@
 `run_fetch` finds what is left to do (batches without a `_completed` marker; with
 `retry_errors`, also finished batches holding retryable errors), sets each server's starting
 budget (defaults, or what a previous run learned), runs the workers on an executor, and saves
-what it learned about the servers for the next run.
+what it learned about the servers for the next run. A full disk, anywhere, stops every worker
+and ends the run with one line (`OutOfSpace`); the same command resumes once space is freed.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import duckdb
 import pyarrow.parquet as pq
 
 from distributed_downloader.config import Settings, save_settings
-from distributed_downloader.errors import ErrorCode, UserError
+from distributed_downloader.errors import ErrorCode, OutOfSpace, UserError
 from distributed_downloader.fetch.robots import RobotsGate
 from distributed_downloader.formats import require_format
 from distributed_downloader.policy import RatePolicy, ServerPolicy
@@ -32,7 +33,7 @@ from distributed_downloader.profiles import (
     read_profiles,
     write_profiles,
 )
-from distributed_downloader.protocol import BatchRef, GiveUp
+from distributed_downloader.protocol import BatchRef, DiskFull, GiveUp
 from distributed_downloader.schedule import (
     SERVER_KEPT_FAILING,
     SERVER_OPTED_OUT,
@@ -45,9 +46,15 @@ from distributed_downloader.storage import (
     RunLayout,
     atomic_write_json,
     sample_urls,
+    space_errors,
     upgrade_layout,
 )
-from distributed_downloader.writers import reopen_for_retry
+from distributed_downloader.writers import (
+    bytes_per_row,
+    committed_rows,
+    reopen_for_retry,
+    set_aside_unreadable,
+)
 
 PROFILE_SAVE_SECONDS = 60.0
 STATE_SECONDS = 5.0  # how often a running fetch records its state for `status`
@@ -238,8 +245,10 @@ def record_state(layout: RunLayout, scheduler: Scheduler, plan: FetchPlan,
     })
     line = {"time": round(now, 1), "rows_done": done, "successes": scheduler.successes,
             "errors": scheduler.errors, "throttled": scheduler.throttled, "running": running}
-    with open(layout.fetch_log, "a", encoding="utf-8") as log:
-        log.write(json.dumps(line) + "\n")
+    text = json.dumps(line) + "\n"
+    with space_errors(layout.root, len(text)), open(layout.fetch_log, "a",
+                                                     encoding="utf-8") as log:
+        log.write(text)
 
 
 def waits_as_json(scheduler: Scheduler, now: float, count: int = 20) -> list[dict[str, Any]]:
@@ -293,7 +302,17 @@ def _learned_profile(server: ServerState, previous: ServerProfile | None) -> Ser
 
 
 def output_counts(layout: RunLayout) -> dict[str, Any]:
-    """Successes and errors (by code) over every committed chunk of the run."""
+    """Successes and errors (by code) over every committed chunk of the run. A chunk that
+    cannot be read is set aside (its rows are fetched again) rather than stopping the run."""
+    try:
+        return _count_chunks(layout)
+    except duckdb.Error:
+        if not set_aside_unreadable(layout):
+            raise
+        return _count_chunks(layout)
+
+
+def _count_chunks(layout: RunLayout) -> dict[str, Any]:
     counts: dict[str, Any] = {"successes": 0, "errors": 0, "errors_by_code": {}}
     con = duckdb.connect()
     if layout.has_chunks(SUCCESS_PREFIX):
@@ -330,21 +349,46 @@ def _run_plan(layout: RunLayout, settings: Settings, plan: FetchPlan, executor: 
             robots.apply(current, time.time())
         if on_tick:
             on_tick(current)
-        if time.monotonic() - last_state[0] > STATE_SECONDS:
-            last_state[0] = time.monotonic()
-            record_state(layout, current, plan, running=True)
-        if time.monotonic() - last_save[0] > PROFILE_SAVE_SECONDS:
-            last_save[0] = time.monotonic()
-            write_profiles(layout.server_profiles, learned_profiles(layout, settings, current))
+        try:
+            if time.monotonic() - last_state[0] > STATE_SECONDS:
+                last_state[0] = time.monotonic()
+                record_state(layout, current, plan, running=True)
+            if time.monotonic() - last_save[0] > PROFILE_SAVE_SECONDS:
+                last_save[0] = time.monotonic()
+                write_profiles(layout.server_profiles,
+                               learned_profiles(layout, settings, current))
+        except OutOfSpace as exc:  # the workers would find it too: stop them all now
+            current.out_of_space(disk_full(exc))
 
     try:
         interrupted = executor.run(scheduler, tick)
     finally:
         if robots is not None:
             robots.close()
-    record_state(layout, scheduler, plan, running=False)
-    write_profiles(layout.server_profiles, learned_profiles(layout, settings, scheduler))
+    try:
+        record_state(layout, scheduler, plan, running=False)
+        write_profiles(layout.server_profiles, learned_profiles(layout, settings, scheduler))
+    except OutOfSpace as exc:
+        scheduler.out_of_space(disk_full(exc))
     return scheduler, interrupted
+
+
+def disk_full(exc: OutOfSpace) -> DiskFull:
+    """The coordinator's own failed write, as the news a worker would send."""
+    return DiskFull(None, str(exc.folder), exc.needed, exc.free)
+
+
+def _add_estimate(exc: OutOfSpace, layout: RunLayout) -> None:
+    """Say what the rest of the run needs: the rows left at this run's bytes per row."""
+    if exc.bytes_per_row is not None:
+        return
+    try:
+        per_row = bytes_per_row(layout)
+        if per_row is not None:
+            rows = json.loads(layout.prep_summary.read_text())["download_rows"]
+            exc.rows_left, exc.bytes_per_row = rows - committed_rows(layout), per_row
+    except (OSError, ValueError, KeyError):
+        pass  # without the estimate: the line still names the folder and the failed write
 
 
 def run_fetch(
@@ -363,21 +407,34 @@ def run_fetch(
     if settings.output is None:
         raise UserError("fetch needs the run's folder OUT")
     layout = RunLayout(settings.output)
+    try:
+        return _fetch(layout, settings, retry_errors, on_tick, on_plan,
+                      executor or LocalExecutor(settings), robots_fetched_since)
+    except OutOfSpace as exc:
+        _add_estimate(exc, layout)
+        raise
+
+
+def _fetch(layout: RunLayout, settings: Settings, retry_errors: bool,
+           on_tick: Callable[[Scheduler], None] | None,
+           on_plan: Callable[[FetchPlan], None] | None, executor: Executor,
+           robots_fetched_since: float | None) -> dict[str, Any]:
     started = time.monotonic()
     layout.check_writable()
     require_format(settings.output_format)
     upgrade_layout(layout)
     check_output_settings(layout, settings)
+    # Counted before the plan: an unreadable chunk is set aside first, and its batch is
+    # planned as unfinished (rows reopened for retry are added back below).
+    before = output_counts(layout)
     plan = build_plan(layout, settings, retry_errors)
     save_settings(settings)
     fix_output_settings(layout, settings)
-    before = output_counts(layout)
-    plan.rows_committed = before["successes"] + before["errors"]
+    plan.rows_committed = before["successes"] + before["errors"] - plan.reopened_rows
     if on_plan:
         on_plan(plan)
     interrupted = False
     scheduler = None
-    executor = executor or LocalExecutor(settings)
     try:
         if plan.servers:
             scheduler, interrupted = _run_plan(layout, settings, plan, executor, on_tick,
@@ -386,7 +443,8 @@ def run_fetch(
         executor.close()  # MPI: the ranks wait for word even when nothing was left to do
     seconds = time.monotonic() - started
     after = output_counts(layout)
-    fetched_now = after["successes"] + after["errors"] - before["successes"] - before["errors"]
+    fetched_now = after["successes"] + after["errors"] - before["successes"] - \
+        before["errors"] + plan.reopened_rows
     batches_done = len(layout.finished_markers())
     summary = {
         "finished": batches_done == plan.batches_total,
@@ -406,5 +464,15 @@ def run_fetch(
         "worker_peak_rss_mib": scheduler.worker_peak_rss_mib if scheduler else None,
         "ended_at": round(time.time(), 3),
     }
-    atomic_write_json(layout.root / "fetch_summary.json", summary)
-    return summary
+    full = scheduler.disk_full if scheduler is not None else None
+    if full is None:
+        atomic_write_json(layout.root / "fetch_summary.json", summary)
+        return summary
+    error = OutOfSpace(full.folder, full.needed, full.free)
+    _add_estimate(error, layout)
+    try:  # for `status` and the Slurm chain, when there is room for it
+        atomic_write_json(layout.root / "fetch_summary.json",
+                          {**summary, "out_of_space": str(error)})
+    except OutOfSpace:
+        pass
+    raise error

@@ -32,10 +32,10 @@ from urllib.parse import quote, urlsplit
 from protego import Protego
 
 from distributed_downloader.config import Settings
-from distributed_downloader.errors import ErrorCode
+from distributed_downloader.errors import ErrorCode, OutOfSpace
 from distributed_downloader.fetch.opt_out import PRODUCT_TOKEN
 from distributed_downloader.prep.urls import normalise_one
-from distributed_downloader.protocol import GiveUp
+from distributed_downloader.protocol import DiskFull, GiveUp
 from distributed_downloader.storage import RunLayout, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -212,6 +212,7 @@ class RobotsGate:
         self.news: queue.SimpleQueue[tuple[RobotsFile, float]] = queue.SimpleQueue()
         self.held: dict[str, tuple[float, RobotsFile | None]] = {}  # since, latest answer
         self.given_up: set[str] = set()  # read by the fetching thread too
+        self.out_of_space: OutOfSpace | None = None  # set by the fetching thread
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -243,7 +244,11 @@ class RobotsGate:
 
     def apply(self, scheduler: Any, now: float) -> None:
         """Hand the answers that came in to the scheduler; give up the servers held too long
-        (or all of them, should the fetching thread have died)."""
+        (or all of them, should the fetching thread have died). A robots.txt that could not
+        be saved for want of space stops the run: the workers read it from the disk."""
+        full = self.out_of_space
+        if full is not None:
+            scheduler.out_of_space(DiskFull(None, str(full.folder), full.needed, full.free))
         while True:
             try:
                 robots, asked_at = self.news.get_nowait()
@@ -315,6 +320,9 @@ class RobotsGate:
                     robots = await fetch_robots(client, name, url, previous,
                                                 longest_pause=self.settings.server_down_after)
                     save_robots(self.layout, robots)
+                except OutOfSpace as exc:  # the server stays held; `apply` stops the run
+                    self.out_of_space = exc
+                    return
                 except Exception:  # noqa: BLE001 - this server is given up, not the others
                     log.exception("%s: fetching robots.txt failed", name)
                     return

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distributed_downloader.config import Settings
-from distributed_downloader.errors import ErrorCode
+from distributed_downloader.errors import ErrorCode, OutOfSpace
 from distributed_downloader.fetch.client import Body, BodyBudget, FetchFailure, HttpClient
 from distributed_downloader.fetch.frontier import Frontier, Pending
 from distributed_downloader.fetch.opt_out import PRODUCT_TOKEN, opted_out
@@ -53,6 +53,7 @@ from distributed_downloader.protocol import (
     BatchFinished,
     BatchRef,
     Budget,
+    DiskFull,
     GiveUp,
     NoWorkYet,
     Report,
@@ -150,6 +151,7 @@ class Worker:
         self.asking = False  # a WantWork is unanswered, or the scheduler holds us as hungry
         self.bytes = 0
         self.interrupted = False
+        self.out_of_space: OutOfSpace | None = None  # set: this worker writes nothing more
         self._stop = asyncio.Event()
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -215,7 +217,10 @@ class Worker:
                 self._send_report()
                 last_report = now
             for writer in list(self.budget.writers):
-                writer.flush_if_old()
+                try:
+                    writer.flush_if_old()
+                except OutOfSpace as exc:
+                    self._disk_full(exc)
             await asyncio.sleep(TICK_SECONDS)
 
     def _wants_more_work(self) -> bool:
@@ -257,10 +262,11 @@ class Worker:
 
     async def _run_batch(self, batch: BatchRef, give_up: GiveUp | None) -> None:
         files = self.layout.batch_files(batch.server_name, batch.partition_id)
-        # Chunk names say which worker wrote them: successes-w{worker}.{random}-{seq}.parquet
-        writer = BatchWriter(files, self.settings.keep_columns, self.budget,
-                             f"w{self.id}.{secrets.token_hex(3)}", self.settings.output_format)
+        writer: BatchWriter | None = None
         try:
+            # Chunk names say which worker wrote them: successes-w{worker}.{random}-{seq}.parquet
+            writer = BatchWriter(files, self.settings.keep_columns, self.budget,
+                                 f"w{self.id}.{secrets.token_hex(3)}", self.settings.output_format)
             remove_stale_temporaries(files)
             done = committed_uuids(files)
             source = batch_folder(self.layout.batches, batch.server_name, batch.partition_id)
@@ -282,17 +288,43 @@ class Worker:
             self.channel.send(BatchFinished(self.id, batch, counts["successes"],
                                             counts["errors"]))
         except asyncio.CancelledError:
-            writer.close()  # commit what is finished; the rest is fetched on resume
+            self._close(writer)  # commit what is finished; the rest is fetched on resume
             raise
+        except OutOfSpace as exc:
+            self._disk_full(exc)
         except Exception:
             log.exception("worker %s: batch %s failed", self.id, batch.key)
-            writer.close()
-            self.interrupt()
+            self.interrupt()  # first: the batch is released even if closing fails too
+            self._close(writer)
             raise
         finally:
             self.tasks.pop(batch.key, None)
             if not any(key[0] == batch.server_name for key in self.tasks):
                 self.failing.pop(batch.server_name, None)  # no stale streak once we leave
+
+    def _close(self, writer: BatchWriter | None) -> None:
+        """Commit a batch's finished rows on the way out; a full disk stops the worker
+        instead of raising again."""
+        if writer is None:
+            return
+        try:
+            writer.close()
+        except OutOfSpace as exc:
+            self._disk_full(exc)
+
+    def _disk_full(self, exc: OutOfSpace) -> None:
+        """No room for results: write nothing more (rows not yet written are fetched by the
+        next run), tell the scheduler, which stops every worker, and stop."""
+        for writer in list(self.budget.writers):
+            writer.discard()
+        if self.out_of_space is None:
+            self.out_of_space = exc
+            log.warning("worker %s: out of space in %s; stopping", self.id, exc.folder)
+            try:
+                self.channel.send(DiskFull(self.id, str(exc.folder), exc.needed, exc.free))
+            except (OSError, EOFError, BrokenPipeError):
+                pass
+        self._stop.set()
 
     async def _reuse_earlier(self, rows: list[dict[str, Any]], server: str,
                              writer: BatchWriter) -> list[dict[str, Any]]:
