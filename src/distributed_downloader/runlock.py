@@ -44,6 +44,7 @@ HEARTBEATS_PER_LEASE = 4
 # other use more than two.
 CLAIM_ATTEMPTS = 20
 WAIT_POLL_SECONDS = 1.0  # while waiting out the lease of a holder that stopped renewing it
+LOCK_FILE_BYTES = 512  # about the size of the lock file: what a full disk refused
 
 LIVE, FADING, STALE = "live", "fading", "stale"
 State = Literal["live", "fading", "stale"]
@@ -193,11 +194,15 @@ class RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         content = {k: v for k, v in asdict(self.holder).items() if k != "heartbeat"}
         scratch = self.path.with_name(f".{self.path.name}.tmp-{self.holder.token}")
-        with open(scratch, "w") as handle:
-            json.dump(content, handle, indent=2)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with open(scratch, "w") as handle:
+                json.dump(content, handle, indent=2)
+                handle.write("\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        except BaseException:  # a full disk: nothing half-written stays
+            scratch.unlink(missing_ok=True)
+            raise
         self.fd = os.open(scratch, os.O_RDONLY)
         self.inode = os.fstat(self.fd).st_ino
         try:
@@ -317,13 +322,14 @@ def hold_run_lock(root: Path, command: str, lease_seconds: float,
     else handles it) stops the command like Ctrl-C, so that the lock is released on the way
     out; after `kill -9` it is stale at once on this host and after its lease elsewhere.
     """
-    from distributed_downloader.storage import RunLayout
+    from distributed_downloader.storage import RunLayout, space_errors
 
     created = not root.exists()
     RunLayout(root).check_writable()  # a file, or read-only: one line, before any work
     lock = RunLock(RunLayout(root).run_lock, command, lease_seconds)
     try:
-        lock.acquire()
+        with space_errors(root, LOCK_FILE_BYTES):
+            lock.acquire()
     except RunLocked:
         if on_refused is not None:
             on_refused()

@@ -82,6 +82,8 @@ class RunLayout:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
+            if is_out_of_space(exc):
+                raise OutOfSpace(self.root, 0, free_bytes(self.root)) from None
             raise UserError(f"cannot write into {self.root}: {exc.strerror}") from None
 
     def batch_files(self, server_name: str, partition_id: int) -> BatchFiles:
