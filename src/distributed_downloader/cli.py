@@ -88,7 +88,7 @@ FETCH_SETTINGS = (
     "server_down_after", "retry_delay", "retry_delay_max", "rate_increase_interval",
     "rate_growth_factor", "rate_decrease_factor", "throttle_memory", "throttle_memory_max",
     "overload_failure_share", "overload_min_failures", "breaker_failures", "breaker_max_pause",
-    "timeout", "connect_timeout", "max_body_size", "max_image_pixels",
+    "timeout", "connect_timeout", "max_body_size", "max_image_pixels", "max_decode_memory",
     "user_agent", "allow_network", "cpu_per_worker", "rates", "executor", "min_worker_rate",
     "contact", "opt_out_directives", "opt_out_server_after", "ignore_opt_out", "dns_servers",
     "respect_robots", "previous_mode",

@@ -231,6 +231,12 @@ class Settings(BaseModel):
     max_image_pixels: int = Field(
         89_478_485, gt=0, description="Images with more pixels are refused (decompression bombs)."
     )
+    max_decode_memory: int = Field(
+        96 << 20, gt=0, description="Bytes of decoded pixels one worker holds at once, counted "
+        "from each image's header before it is decoded: an image waits while it would go "
+        "over, and one larger than the whole budget is decoded alone. Sized, beside the "
+        "worker's 48 MB for bodies and 48 MB for unwritten output, for workers under 400 MiB."
+    )
     # fetch: where
     workers: int | None = Field(
         None, gt=0, description="Worker processes on this machine (default: one per core)."
