@@ -237,6 +237,12 @@ class Settings(BaseModel):
     max_image_pixels: int = Field(
         89_478_485, gt=0, description="Images with more pixels are refused (decompression bombs)."
     )
+    max_decode_memory: int = Field(
+        96 << 20, gt=0, description="Bytes of decoded pixels one worker holds at once, counted "
+        "from each image's header before it is decoded: an image waits while it would go "
+        "over, and one larger than the whole budget is decoded alone. Sized, beside the "
+        "worker's 48 MB for bodies and 48 MB for unwritten output, for workers under 400 MiB."
+    )
     # fetch: where
     workers: int | None = Field(
         None, gt=0, description="Worker processes on this machine [default: one per core]."
@@ -377,7 +383,7 @@ FETCH_SETTINGS = (
     "server_down_after", "retry_delay", "retry_delay_max", "rate_increase_interval",
     "rate_growth_factor", "rate_decrease_factor", "throttle_memory", "throttle_memory_max",
     "overload_failure_share", "overload_min_failures", "breaker_failures", "breaker_max_pause",
-    "timeout", "connect_timeout", "max_body_size", "max_image_pixels",
+    "timeout", "connect_timeout", "max_body_size", "max_image_pixels", "max_decode_memory",
     "user_agent", "allow_network", "cpu_per_worker", "rates", "executor", "min_worker_rate",
     "contact", "opt_out_directives", "opt_out_server_after", "ignore_opt_out", "dns_servers",
     "respect_robots",

@@ -72,6 +72,55 @@ def make_png_bomb(width: int = 30_000, height: int = 30_000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
 
 
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(
+        ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def make_scan_png(width: int, height: int, mode: str = "RGBA", seed: int = 0,
+                  bit_depth: int = 8) -> bytes:
+    """A large, scan-like PNG: a flat background and a few rectangles, half-transparent ones
+    when there is alpha. Written row by row, so making even a 9000x9000 one needs almost no
+    memory; it is a few hundred KB on the wire and width x height x 4 bytes once decoded."""
+    colour_type, bands = {"L": (0, 1), "LA": (4, 2), "RGB": (2, 3), "RGBA": (6, 4)}[mode]
+    sample = bit_depth // 8  # bytes a sample: 1 or 2
+    rng = random.Random(seed)
+
+    def colour(alpha: int) -> bytes:
+        values = [rng.randrange(256) for _ in range(3 if bands >= 3 else 1)]
+        return bytes(value for value in values + ([alpha] if bands in (2, 4) else [])
+                     for _ in range(sample))
+
+    background = colour(255) * width
+    pixel = bands * sample
+    boxes = []
+    for _ in range(3):
+        left, top = rng.randrange(width // 2), rng.randrange(height // 2)
+        right, bottom = left + rng.randrange(1, width // 2), top + rng.randrange(1, height // 2)
+        boxes.append((left, top, right, bottom, colour(rng.choice((0, 128, 255)))))
+    rows: dict[tuple[int, ...], bytes] = {}
+    packer, idat, previous = zlib.compressobj(6), [], None
+    for y in range(height):
+        inside = tuple(i for i, box in enumerate(boxes) if box[1] <= y < box[3])
+        if inside not in rows:
+            row = bytearray(background)
+            for i in inside:
+                left, _, right, _, fill = boxes[i]
+                row[left * pixel:right * pixel] = fill * (right - left)
+            rows[inside] = bytes(row)
+        row = rows[inside]
+        # A row like the one above is filtered "up": all zeros, which deflate to nothing.
+        idat.append(packer.compress(b"\x02" + bytes(len(row)) if row is previous
+                                    else b"\x00" + row))
+        previous = row
+    idat.append(packer.flush())
+    data = b"".join(idat)
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + b"".join(
+        _png_chunk(b"IDAT", data[at:at + (1 << 20)]) for at in range(0, len(data), 1 << 20)
+    ) + _png_chunk(b"IEND", b"")
+
+
 HTML_ERROR_PAGE = b"<html><body><h1>Sorry</h1><p>The image is not available.</p></body></html>"
 
 

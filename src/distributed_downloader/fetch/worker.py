@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from distributed_downloader.config import Settings
 from distributed_downloader.errors import ErrorCode, OutOfSpace
 from distributed_downloader.fetch.client import Body, BodyBudget, FetchFailure, HttpClient
+from distributed_downloader.fetch.decode_budget import DecodeBudget
 from distributed_downloader.fetch.frontier import Frontier, Pending
 from distributed_downloader.fetch.opt_out import PRODUCT_TOKEN, opted_out
 from distributed_downloader.fetch.politeness import ServerDead, ServerSlot
@@ -40,7 +41,7 @@ from distributed_downloader.fetch.retry import (
 )
 from distributed_downloader.fetch.robots import RobotsFile, load_robots
 from distributed_downloader.formats import read_successes
-from distributed_downloader.images import ImageFailure, StoredImage, process_image
+from distributed_downloader.images import ImageFailure, StoredImage, finish_image, open_image
 from distributed_downloader.policy import (
     DEFAULT_THROTTLE_PAUSE,
     Signal,
@@ -83,6 +84,11 @@ BODY_BUDGET = 48 << 20  # downloaded bodies held at once (reading, or waiting to
 # fast network cannot pile up bodies in memory faster than the cores decode them.
 DECODE_BACKLOG_PER_THREAD = 4
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+# Allocations from this size up get their own mapping, returned when freed. glibc would raise
+# the threshold to the largest block freed (up to 32 MiB), after which decoders' buffers come
+# from the heap and their holes stay resident: a mix of large images then peaked at 660 MiB
+# instead of 300 (benchmarks/decode_memory.py --scenario mix).
+MMAP_THRESHOLD = 1 << 20
 
 
 class Channel(Protocol):
@@ -95,9 +101,12 @@ class Channel(Protocol):
 
 
 def tune_allocator() -> None:
-    """Few malloc arenas: each decode thread would otherwise keep its own high-water mark."""
+    """Few malloc arenas: each decode thread would otherwise keep its own high-water mark; and
+    a fixed mmap threshold, so that freed pixel buffers go back to the system at once."""
     try:
-        ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD; fixing it stops glibc raising it
     except (OSError, AttributeError):
         pass
     # Arrow's own pool keeps freed chunk buffers for reuse; the system's gives them back.
@@ -147,6 +156,8 @@ class Worker:
         self.decode_threads = settings.cpu_per_worker + 1
         self.backlog_limit = self.decode_threads * DECODE_BACKLOG_PER_THREAD
         self.decoding = 0  # bodies handed to the decode threads, not yet back
+        # Decoded pixels dwarf the bodies: each image reserves its cost, read from its header.
+        self.pixels = DecodeBudget(settings.max_decode_memory)
         self._decode_room = asyncio.Event()
         self.asking = False  # a WantWork is unanswered, or the scheduler holds us as hungry
         self.bytes = 0
@@ -488,9 +499,7 @@ class Worker:
             news.opt_outs_ignored += 1
         self.decoding += 1
         try:
-            image = await asyncio.get_running_loop().run_in_executor(
-                self.pool, process_image, outcome.data, settings.image_size,
-                settings.output_image_format, settings.image_quality, settings.max_image_pixels)
+            image = await self._decode(outcome.data)
         finally:
             self.decoding -= 1
             self._decode_room.set()
@@ -502,6 +511,24 @@ class Worker:
         else:
             writer.add_success(success_row(row, image))
             self._news(slot.name).successes += 1
+
+    async def _decode(self, body: bytes) -> StoredImage | ImageFailure:
+        """Decode off the loop once the memory the image will hold fits in the worker's budget.
+
+        The header is read here, on the loop (tens of microseconds), so that waiting for room
+        costs no decode thread."""
+        settings = self.settings
+        opened = open_image(body, settings.image_size, settings.output_image_format,
+                            settings.max_image_pixels)
+        if isinstance(opened, ImageFailure):
+            return opened
+        reservation = self.pixels.reserve(opened.cost)
+        try:
+            await reservation.granted.wait()
+            return await asyncio.get_running_loop().run_in_executor(
+                self.pool, finish_image, opened, settings.image_quality)
+        finally:
+            self.pixels.release(reservation)
 
     def _observe(self, slot: ServerSlot, outcome: Body | FetchFailure, seconds: float,
                  item: Pending) -> Signal:
