@@ -197,3 +197,21 @@ def test_a_pause_the_server_asked_for_outlives_the_run() -> None:
     assert "3599 s" in state.give_up.message
     assigned = [m for _, m in scheduler.handle(WantWork(0), now=1001.0) if isinstance(m, Assign)]
     assert assigned[0].give_up is state.give_up and out == []
+
+
+def test_a_stop_hands_out_no_batch_after_it() -> None:
+    scheduler = Scheduler([server("a", 6, rate=10), server("b", 6, rate=10)], Settings(),
+                          range(3), now=0)
+    first = [m for _, m in scheduler.handle(WantWork(0), now=0) if isinstance(m, Assign)][0]
+    scheduler.handle(WantWork(1), now=0)  # worker 2 is still starting: it has not asked yet
+    out = scheduler.stop()
+    assert sorted(w for w, m in out if isinstance(m, Stop)) == [0, 1, 2]
+    assert scheduler.stop() == []  # told once
+    # Whatever asks afterwards gets no batch: a late WantWork, a finished batch, a lost worker.
+    late = scheduler.handle(WantWork(2), now=1)
+    finished = scheduler.handle(BatchFinished(0, first.batch, 10, 0), now=1)
+    lost = scheduler.worker_lost(1, now=1)
+    ticked = scheduler.tick(now=2)
+    assert not [m for _, m in late + finished + lost + ticked if isinstance(m, Assign)]
+    assert not scheduler.finished  # the batches left are fetched on resume
+

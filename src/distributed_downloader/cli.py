@@ -21,6 +21,7 @@ from rich.table import Table
 from distributed_downloader import __version__
 from distributed_downloader.config import SETTING_NAMES, InputFormat, Settings, load_settings
 from distributed_downloader.errors import UserError
+from distributed_downloader.executors import stop_on_signals
 
 console = Console()
 err_console = Console(stderr=True)
@@ -249,7 +250,7 @@ def _mpi_prelude() -> None:
     if comm.Get_rank() != mpi.SCHEDULER_RANK:
         interrupted = mpi.run_worker_rank(comm)
         sys.exit(130 if interrupted else 0)
-    mpi.stop_on_signals()
+    stop_on_signals()
 
 
 def _mpi_executor(settings: Settings) -> Any:
@@ -265,6 +266,8 @@ def _fetch(settings: Settings, retry_errors: bool, started: float | None = None)
 
     assert settings.output is not None
     executor = _mpi_executor(settings) if settings.executor == "mpi" else None
+    if executor is None:
+        stop_on_signals()  # the local executor takes the signals over before its workers start
     progress: list[FetchProgress] = []
 
     def on_plan(plan: FetchPlan) -> None:
@@ -328,6 +331,8 @@ def download(input: Path, config_file: Path | None, retry_errors: bool, no_profi
     layout = RunLayout(settings.output)
     if settings.executor == "mpi":
         _mpi_prelude()  # the other ranks fetch; rank 0 alone preps and profiles
+    else:
+        stop_on_signals()
     check_output_settings(layout, settings)
     if not settings.contact:
         err_console.print("[yellow]note:[/] no contact in the User-Agent; set --contact "

@@ -142,7 +142,7 @@ class Scheduler:
         self.throttled = 0
         self.opt_outs_ignored = 0
         self.bytes = 0
-        self.stopped = False
+        self.stopped = False  # every worker was told to stop: no batch is handed out any more
         self.worker_peak_rss_mib = 0.0
 
     @property
@@ -174,7 +174,18 @@ class Scheduler:
             out += self._budgets(server)
         return out + self._feed_hungry(now)
 
+    def stop(self) -> Outgoing:
+        """A stop was asked for (a signal): tell every worker at once, and from now on hand out
+        no batch, whatever asks for one (the unfinished ones are fetched on resume)."""
+        if self.stopped:
+            return []
+        self.stopped = True
+        self.hungry.clear()
+        return [(worker, Stop()) for worker in sorted(self.active_workers)]
+
     def tick(self, now: float) -> Outgoing:
+        if self.stopped:
+            return []
         out: Outgoing = []
         for server in self.servers.values():
             if server.dead:
@@ -189,9 +200,8 @@ class Scheduler:
             elif server.policy.tick(now):
                 out += self._budgets(server)
         out += self._feed_hungry(now)
-        if self.finished and not self.stopped:
-            self.stopped = True
-            out += [(worker, Stop()) for worker in sorted(self.active_workers)]
+        if self.finished:
+            out += self.stop()
         return out
 
     # --- holds (robots.txt) ------------------------------------------------------------------
@@ -241,6 +251,8 @@ class Scheduler:
         return best, False
 
     def _assign(self, worker: int, now: float) -> Outgoing:
+        if self.stopped:
+            return []
         choice = self._next_for(worker)
         if choice is None:
             return []
@@ -258,7 +270,7 @@ class Scheduler:
         return out + [(worker, Assign(batch, give_up=server.give_up if give_up else None))]
 
     def _want_work(self, worker: int, now: float) -> Outgoing:
-        if worker not in self.active_workers:
+        if worker not in self.active_workers or self.stopped:
             return []
         out = self._assign(worker, now)
         if out:
@@ -286,7 +298,7 @@ class Scheduler:
         server.remaining_rows -= batch.rows
         out: Outgoing = []
         if worker in server.workers:
-            if server.pending and not server.dead:
+            if server.pending and not server.dead and not self.stopped:
                 # Keep the worker on this server: its share stays, its connections stay warm.
                 next_batch = server.pending.popleft()
                 self.leases[worker][next_batch.key] = next_batch
