@@ -1,9 +1,10 @@
 """A fetch cut short: a stop signal at any moment, even while its workers are still starting,
 stops handing out work at once and ends the run within the grace period, and the next fetch
-finishes with every prepared row exactly once."""
+finishes with every prepared row exactly once; a killed worker's rows are counted once."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -108,3 +109,51 @@ def test_a_stop_signal_while_the_fetch_starts_ends_it(target: str, tmp_path: Pat
         assert sorted(finished) == prepared
         assert max(Counter(finished).values()) == 1
 
+
+def worker_processes(coordinator: int) -> list[int]:
+    """The fetch workers the coordinator spawned (not multiprocessing's resource tracker)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == coordinator and b"spawn_main" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_progress_ends_at_the_prepared_rows_after_a_worker_is_killed(tmp_path: Path) -> None:
+    """A killed worker's batch is fetched again by another: the run's progress counts its rows
+    once, ending at exactly the prepared rows (not 451/400)."""
+    with Farm([ServerSpec(host, generate_images=True, generated_size=(64, 48))
+               for host in HOSTS]) as farm:
+        urls = [server.url(f"/img/{i}.jpg") for server in farm.servers for i in range(60)]
+        out = tmp_path / "out"
+        run_cli("prep", write_lines(tmp_path / "urls.txt", urls), "--output", out,
+                "--batch-size", 30)
+        command = [*fetch_command(out), "--default-rate-limit", "10"]
+        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 text=True, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 60
+            while image_requests(farm) < 30 and time.monotonic() < deadline:
+                time.sleep(0.05)  # each worker is about half-way through its first batch
+            workers = worker_processes(child.pid)
+            assert len(workers) == 2, workers
+            os.kill(workers[0], signal.SIGKILL)
+            _, stderr = child.communicate(timeout=120)
+        finally:
+            if child.poll() is None:
+                os.killpg(child.pid, signal.SIGKILL)
+        assert child.returncode == 0, stderr
+        # Guard: the killed worker's unwritten rows were fetched again by the other.
+        asked = Counter((server.spec.host, r.path) for server in farm.servers
+                        for r in server.image_requests())
+        assert max(asked.values()) >= 2, "the kill came after its worker's rows were written"
+        summary = json.loads((out / "fetch_summary.json").read_text())
+        assert summary["finished"] and summary["successes"] + summary["errors"] == len(urls)
+        progress = [json.loads(line)["rows_done"]
+                    for line in (out / "fetch_progress.jsonl").read_text().splitlines()]
+        assert max(progress) <= len(urls) and progress[-1] == len(urls), progress

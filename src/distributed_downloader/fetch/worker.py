@@ -155,6 +155,7 @@ class Worker:
         self.answered: set[str] = set()  # servers that answered well at least once here
         self.robots: dict[str, RobotsFile | None] = {}
         self.tasks: dict[tuple[str, int], asyncio.Task] = {}
+        self.writers: dict[tuple[str, int], BatchWriter] = {}  # until their last report
         self.budget = BufferBudget(BUFFER_BUDGET)
         # One thread more than the worker's cores: Pillow releases the GIL while it decodes, so
         # the spare one keeps the cores busy, and a worker left alone with the last batch
@@ -255,7 +256,10 @@ class Worker:
             self.news.setdefault(name, ServerNews()).failures = len(urls)
         if not self.news and not self.bytes:
             return
-        report = Report(self.id, self.news, self.bytes, urgent)
+        batches = {key: writer.rows_added for key, writer in self.writers.items()}
+        for key in [key for key in self.writers if key not in self.tasks]:
+            del self.writers[key]  # finished or stopped: these were its last counts
+        report = Report(self.id, self.news, self.bytes, urgent, batches)
         self.news, self.bytes = {}, 0
         try:
             self.channel.send(report)
@@ -278,6 +282,7 @@ class Worker:
         # Chunk names say which worker wrote them: successes-w{worker}.{random}-{seq}.parquet
         writer = BatchWriter(folder, self.settings.keep_columns, self.budget,
                              f"w{self.id}.{secrets.token_hex(3)}", self.settings.output_format)
+        self.writers[batch.key] = writer
         try:
             remove_stale_temporaries(folder)
             done = committed_uuids(folder)
