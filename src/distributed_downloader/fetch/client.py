@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import ada_url
 import aiohttp
+from aiohttp.http_exceptions import LineTooLong
 from yarl import URL
 
 from distributed_downloader.config import Settings
@@ -79,6 +81,7 @@ class FetchFailure:
 
 
 Pace = Callable[[], Awaitable[None]]
+E = TypeVar("E", bound=BaseException)
 
 
 def browser_form(url: URL) -> URL | None:
@@ -91,13 +94,18 @@ def browser_form(url: URL) -> URL | None:
     return URL(href.partition("#")[0], encoded=True)
 
 
-def _blocked_cause(exc: BaseException) -> BlockedAddress | None:
+def _cause(exc: BaseException, kind: type[E]) -> E | None:
+    """The exception of that kind behind `exc` (aiohttp wraps what went wrong)."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, BlockedAddress):
+        if isinstance(seen, kind):
             return seen
         seen = getattr(seen, "os_error", None) or seen.__cause__
     return None
+
+
+def _blocked_cause(exc: BaseException) -> BlockedAddress | None:
+    return _cause(exc, BlockedAddress)
 
 
 class HttpClient:
@@ -228,4 +236,8 @@ class HttpClient:
             blocked = _blocked_cause(exc)
             if blocked is not None:
                 return FetchFailure(ErrorCode.BLOCKED_ADDRESS, str(blocked))
+            too_long = _cause(exc, LineTooLong)
+            if too_long is not None:  # the same answer next time: final, not retried
+                return FetchFailure(ErrorCode.HEADERS_TOO_LARGE,
+                                    f"a header line over {too_long.args[1]} bytes")
             return FetchFailure(ErrorCode.CONNECTION_ERROR, f"{type(exc).__name__}: {exc}")
