@@ -9,7 +9,6 @@ what it learned about the servers for the next run.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from distributed_downloader.schedule import (
     Scheduler,
     ServerState,
 )
+from distributed_downloader.status import process_identity
 from distributed_downloader.storage import RunLayout, atomic_write_json, batch_folder
 from distributed_downloader.writers import COMPLETED_MARKER, reopen_for_retry
 
@@ -216,7 +216,7 @@ def record_state(layout: RunLayout, scheduler: Scheduler, plan: FetchPlan,
     atomic_write_json(layout.fetch_state, {
         "updated": now,
         "running": running,
-        "pid": os.getpid(),
+        **process_identity(),
         "servers": {
             server.name: {"rate": server.rate, "workers": len(server.workers),
                           "paused": server.paused_until > now, "dead": server.dead,
