@@ -141,7 +141,9 @@ class LocalExecutor:
             ready = multiprocessing.connection.wait(
                 list(connections) + list(sentinels), timeout=LOOP_SECONDS)
             now = time.time()
-            for item in ready:
+            # Pipes first: a worker's last words (its final report, WorkerStopped) before its
+            # exit is handled, so that the rows it committed stay counted.
+            for item in sorted(ready, key=lambda item: item in sentinels):
                 if item in connections:
                     worker = connections[item]
                     try:
