@@ -168,6 +168,38 @@ def test_the_client_reports_dns_failures_as_dns_error_and_still_blocks_addresses
     assert ErrorCode.DNS_ERROR in RETRYABLE
 
 
+def test_a_redirect_to_a_numeric_host_form_is_checked_as_the_address_it_is() -> None:
+    """0x7f0000fa, 2130706682 and 0177.0.0.250 are 127.0.0.250 to a browser, as in prep: a
+    redirect there is refused as that address, with no DNS query and no request."""
+    async def story(farm: Farm, dns: DnsServer) -> None:
+        a, canary = farm["127.0.0.2"], farm["127.0.0.250"]
+        client = HttpClient(Settings(dns_servers=[dns.address], allow_network=["127.0.0.0/25"]))
+        try:
+            for host in ("0x7f0000fa", "2130706682", "0177.0.0.250", "0x7f.0.0.0xfa"):
+                target = f"http://{host}:{canary.port}/img/c.jpg"
+                outcome = await client.get(a.url(f"/redirect-to?url={target}"))
+                assert isinstance(outcome, FetchFailure), host
+                assert outcome.code is ErrorCode.BLOCKED_ADDRESS, (host, outcome)
+                assert "127.0.0.250" in outcome.message
+            # One that is allowed is fetched from the address it names.
+            allowed = await client.get(a.url(f"/redirect-to?url=http://0x7f000002:{a.port}"
+                                              "/img/a.jpg"))
+            assert not isinstance(allowed, FetchFailure), allowed
+            assert allowed.final_url == a.url("/img/a.jpg")
+            # A host no browser would read: refused as an invalid redirect, no query either.
+            bad = await client.get(a.url(f"/redirect-to?url=http://1.2.3.256:{a.port}/x"))
+            assert isinstance(bad, FetchFailure) and bad.code is ErrorCode.INVALID_REDIRECT
+        finally:
+            await client.close()
+
+    with Farm([ServerSpec("127.0.0.2"), ServerSpec("127.0.0.250")]) as farm, DnsServer() as dns:
+        farm["127.0.0.2"].images["a.jpg"] = make_small_image(1)
+        farm["127.0.0.250"].images["c.jpg"] = make_small_image(2)
+        run(story(farm, dns))
+        assert farm["127.0.0.250"].log == []  # the canary saw no request
+        assert dns.log == []  # and nothing was looked up
+
+
 def test_dns_servers_setting_is_checked() -> None:
     assert Settings(dns_servers="127.0.0.1:5353, ::1").dns_servers == ["127.0.0.1:5353", "::1"]
     assert Settings(dns_servers=["[::1]:53"]).dns_servers == ["[::1]:53"]

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import FAST_FETCH, read_batches, read_errors, read_successes, run_cli, write_lines
+from distributed_downloader.errors import RETRYABLE, ErrorCode
 from distributed_downloader.farm import Farm, ServerSpec, make_photo, make_small_image
 
 GOOD_PER_SERVER = 15
@@ -32,6 +33,7 @@ FAULTS = {
     "/bomb/1": "decompression_bomb",
     "/large/1": "too_large",
     "/large-chunked/1": "too_large",
+    "/huge-headers/h.jpg": "headers_too_large",
     "/trickle/1": "timeout",
     "/reset/1": "connection_error",
 }
@@ -61,7 +63,7 @@ def farm_run(tmp_path_factory: pytest.TempPathFactory):
         for name in ("rotated.jpg", "alpha.png", "big.jpg"):
             urls.append(a.url(f"/img/{name}"))
             expected[urls[-1]] = a.images[name]
-        for name in ("f.jpg", "s.jpg", "r.jpg"):
+        for name in ("f.jpg", "s.jpg", "r.jpg", "h.jpg"):
             a.images[name] = make_small_image(len(name) + ord(name[0]))
         a.images["t.jpg"] = make_photo(800, 600, seed=4)
         for path in FAULTS:
@@ -101,6 +103,10 @@ def test_every_bad_url_has_the_right_error_code(farm_run) -> None:
     assert errors[a.url("/missing/1")]["http_status"] == 404
     assert errors[a.url("/missing/1")]["retry_count"] == 1  # final: not retried
     assert errors[a.url("/reset/1")]["retry_count"] == 5  # retried up to max_retries
+    # 100 KB of headers will not get shorter: final, asked once.
+    assert errors[a.url("/huge-headers/h.jpg")]["retry_count"] == 1
+    assert a.requests_to("/huge-headers/") == 1
+    assert ErrorCode.HEADERS_TOO_LARGE not in RETRYABLE  # `--retry-errors` leaves it too
     assert a.requests_to("/reset/") == 5
     assert a.requests_to("/flaky/") == 3  # 503, 503, then the image
 

@@ -226,3 +226,58 @@ def test_the_coordinators_own_full_disk_stops_the_workers_at_the_next_tick() -> 
     assert [m for _, m in scheduler.handle(WantWork(1), now=1) if isinstance(m, Assign)] == []
     assert [(w, m) for w, m in scheduler.tick(now=1) if isinstance(m, Stop)] == \
         [(0, Stop()), (1, Stop())]
+
+
+def test_a_stop_hands_out_no_batch_after_it() -> None:
+    scheduler = Scheduler([server("a", 6, rate=10), server("b", 6, rate=10)], Settings(),
+                          range(3), now=0)
+    first = [m for _, m in scheduler.handle(WantWork(0), now=0) if isinstance(m, Assign)][0]
+    scheduler.handle(WantWork(1), now=0)  # worker 2 is still starting: it has not asked yet
+    out = scheduler.stop()
+    assert sorted(w for w, m in out if isinstance(m, Stop)) == [0, 1, 2]
+    assert scheduler.stop() == []  # told once
+    # Whatever asks afterwards gets no batch: a late WantWork, a finished batch, a lost worker.
+    late = scheduler.handle(WantWork(2), now=1)
+    finished = scheduler.handle(BatchFinished(0, first.batch, 10, 0), now=1)
+    lost = scheduler.worker_lost(1, now=1)
+    ticked = scheduler.tick(now=2)
+    assert not [m for _, m in late + finished + lost + ticked if isinstance(m, Assign)]
+    assert not scheduler.finished  # the batches left are fetched on resume
+
+
+def test_progress_counts_a_batch_once_when_its_worker_is_lost() -> None:
+    """451/400 once: a killed worker's uncommitted rows are fetched again by another; counted by
+    batch, the run's progress ends at exactly its rows."""
+    scheduler = Scheduler([server("s", 2, rate=10, rows=100)], Settings(), range(2), now=0)
+    batch = [m for _, m in scheduler.handle(WantWork(0), now=0) if isinstance(m, Assign)][0].batch
+    scheduler.handle(Report(0, {"s": ServerNews(successes=60)}, batches={batch.key: (58, 2)}),
+                     now=1)
+    assert (scheduler.successes, scheduler.errors) == (58, 2)
+    scheduler.worker_lost(0, now=2)  # killed: 20 of its rows were committed, 40 not
+    assert scheduler.successes + scheduler.errors == 0
+    again = [m for _, m in scheduler.handle(WantWork(1), now=2) if isinstance(m, Assign)][0]
+    assert again.batch == batch
+    scheduler.handle(Report(1, {"s": ServerNews(successes=80)}, batches={batch.key: (79, 1)}),
+                     now=3)
+    scheduler.handle(Report(0, {"s": ServerNews(successes=1)}, batches={batch.key: (59, 2)}),
+                     now=3)  # a late report of the lost worker counts for nothing
+    scheduler.handle(BatchFinished(1, batch, 97, 3), now=4)  # the batch's committed rows
+    assert (scheduler.successes, scheduler.errors) == (97, 3)
+
+
+def test_progress_keeps_the_rows_of_a_worker_that_stopped_cleanly() -> None:
+    from distributed_downloader.protocol import WorkerStopped
+
+    scheduler = Scheduler([server("s", 1, rate=10, rows=100)], Settings(), range(2), now=0)
+    batch = [m for _, m in scheduler.handle(WantWork(0), now=0) if isinstance(m, Assign)][0].batch
+    scheduler.handle(Report(0, {"s": ServerNews(successes=30)}, batches={batch.key: (30, 0)}),
+                     now=1)
+    scheduler.handle(WorkerStopped(0, interrupted=True), now=2)  # its rows were committed
+    scheduler.worker_lost(0, now=2)
+    assert scheduler.successes == 30
+    scheduler.handle(WantWork(1), now=2)
+    scheduler.handle(Report(1, {"s": ServerNews(successes=70)}, batches={batch.key: (70, 0)}),
+                     now=3)
+    assert scheduler.successes == 100
+    scheduler.handle(BatchFinished(1, batch, 100, 0), now=4)
+    assert (scheduler.successes, scheduler.errors) == (100, 0)

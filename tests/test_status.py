@@ -147,3 +147,34 @@ def test_the_progress_bar_keeps_its_numbers_in_80_columns() -> None:
     last = screen.getvalue().split("\r")[-1].replace("\x1b[2K", "").split("\n")[0]
     assert len(last) <= 80
     assert "65123/106000" in last and "img/s" in last and "errors 123" in last
+
+
+def test_status_says_stopped_when_the_fetch_was_killed(tmp_path: Path) -> None:
+    """A fetch killed with -9 leaves fetch_state.json saying "running" behind: status looks
+    whether its process still runs instead of believing the file until it is old."""
+    import os
+    import signal
+
+    with Farm([ServerSpec("127.0.0.2")]) as farm:
+        urls = farm["127.0.0.2"].add_images(60)  # 30 s at 2/s
+        out = tmp_path / "out"
+        run_cli("prep", write_lines(tmp_path / "u.txt", urls), "--output", out)
+        running = subprocess.Popen(
+            [sys.executable, "-m", "distributed_downloader", "fetch", str(out), "--workers", "1",
+             "--default-rate-limit", "2", *map(str, FAST_FETCH)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 60
+            while not (out / "fetch_state.json").exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert status_json(out)["phase"] == "fetching"  # alive: believed
+            os.killpg(running.pid, signal.SIGKILL)
+            running.wait(timeout=30)
+        finally:
+            running.kill()
+        state = json.loads((out / "fetch_state.json").read_text())
+        assert state["running"] and time.time() - state["updated"] < 20  # left as it was
+        after = status_json(out)
+        assert after["phase"] == "stopped"
+        assert all(row["state"] != "fetching" for row in after["all_servers"])
+        assert "stopped" in run_cli("status", out).stdout

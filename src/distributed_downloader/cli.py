@@ -41,6 +41,7 @@ from distributed_downloader.errors import (
     is_out_of_space,
     require_module,
 )
+from distributed_downloader.executors import stop_on_signals
 
 # Piped or logged output is not cut at 80 columns: a line stays a line (and a number whole).
 console = Console(soft_wrap=not sys.stdout.isatty())
@@ -309,7 +310,7 @@ def _mpi_prelude() -> None:
     if comm.Get_rank() != mpi.SCHEDULER_RANK:
         interrupted = mpi.run_worker_rank(comm)
         sys.exit(130 if interrupted else 0)
-    mpi.stop_on_signals()
+    stop_on_signals()
 
 
 def _run_lock(output: Path | None, command: str, settings: Settings | None = None,
@@ -344,6 +345,8 @@ def _fetch(settings: Settings, retry_errors: bool, started: float | None = None)
 
     assert settings.output is not None
     executor = _mpi_executor(settings) if settings.executor == "mpi" else None
+    if executor is None:
+        stop_on_signals()  # the local executor takes the signals over before its workers start
     progress: list[FetchProgress] = []
 
     def on_plan(plan: FetchPlan) -> None:
@@ -420,6 +423,8 @@ def download(input: Path, config_file: Path | None, retry_errors: bool, run_prof
     layout = RunLayout(settings.output)
     if settings.executor == "mpi":
         _mpi_prelude()  # the other ranks fetch; rank 0 alone preps and profiles
+    else:
+        stop_on_signals()
     require_format(settings.output_format)
     with _run_lock(settings.output, "download", settings, mpi_ranks=settings.executor == "mpi"):
         check_output_settings(layout, settings)

@@ -127,6 +127,7 @@ class ErrorCode(StrEnum):
     ROBOTS_DISALLOWED = "robots_disallowed"  # the server's robots.txt disallows it; not requested
     ROBOTS_UNREACHABLE = "robots_unreachable"  # robots.txt stayed unreachable: not requested
     TOO_LARGE = "too_large"  # body over max_body_size
+    HEADERS_TOO_LARGE = "headers_too_large"  # a header line longer than HTTP clients read
     NOT_AN_IMAGE = "not_an_image"
     TRUNCATED_IMAGE = "truncated_image"
     DECOMPRESSION_BOMB = "decompression_bomb"  # more pixels than max_image_pixels

@@ -5,9 +5,9 @@ address (anything else is refused), so each one is a different "host" to the dow
 server can enforce a rate limit (429 with Retry-After over it; the limit may be changed while
 the farm runs), answer one error status to everything, and its paths play the faults real hosts
 have: 404s, transient 503s (with or without Retry-After), slow answers, redirects, HTML error
-pages with status 200, truncated images, decompression bombs, over-size bodies, trickling bodies,
-connection resets. Every request is logged with its time, status and Retry-After, so tests can
-check the downloader's manners.
+pages with status 200, truncated images, decompression bombs, over-size bodies and headers,
+trickling bodies, connection resets. Every request is logged with its time, status and
+Retry-After, so tests can check the downloader's manners.
 """
 
 from __future__ import annotations
@@ -122,6 +122,7 @@ def make_scan_png(width: int, height: int, mode: str = "RGBA", seed: int = 0,
 
 
 HTML_ERROR_PAGE = b"<html><body><h1>Sorry</h1><p>The image is not available.</p></body></html>"
+HUGE_HEADER_BYTES = 100_000  # /huge-headers/: one header line this long (clients read ~8 KB)
 
 
 def peak_in_one_second(times: Iterable[float]) -> int:
@@ -317,6 +318,9 @@ class FarmServer:
             return web.Response(body=body[: len(body) // 2], content_type="image/jpeg")
         if kind == "bomb":
             return web.Response(body=make_png_bomb(), content_type="image/png")
+        if kind == "huge-headers":
+            return web.Response(body=self.image_named(name), content_type="image/jpeg",
+                                headers={"X-Padding": "a" * HUGE_HEADER_BYTES})
         if kind == "large":
             return web.Response(body=b"\xff" * spec.large_size, content_type="image/jpeg")
         if kind == "large-chunked":

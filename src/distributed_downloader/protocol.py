@@ -62,6 +62,9 @@ class Report:
     servers: dict[str, ServerNews] = field(default_factory=dict)
     bytes: int = 0
     urgent: bool = False  # sent at once: a throttle, failures in a row, an opt-out
+    # Batch key -> (successes, errors) this worker has for it so far, written or not: the
+    # run's progress counts rows by batch, so rows a lost worker had are not counted twice.
+    batches: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass

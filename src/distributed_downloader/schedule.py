@@ -138,12 +138,18 @@ class Scheduler:
         self.unfinished = sum(len(s.pending) for s in self.servers.values())
         self.total_rows = sum(s.remaining_rows for s in self.servers.values())
         self.rows_done = 0
+        # The run's progress, counted by batch: a finished batch by its committed rows; an
+        # unfinished one by what its worker has (reported); rows a lost worker had are dropped,
+        # since the batch is fetched again (a worker that stopped cleanly committed its rows).
         self.successes = 0
         self.errors = 0
+        self.batch_counts: dict[tuple[str, int], tuple[int, int]] = {}  # running batches
+        self.kept_counts: dict[tuple[str, int], tuple[int, int]] = {}  # of clean stops
+        self.stopped_cleanly: set[int] = set()
         self.throttled = 0
         self.opt_outs_ignored = 0
         self.bytes = 0
-        self.stopped = False
+        self.stopped = False  # every worker was told to stop: no batch is handed out any more
         self.disk_full: DiskFull | None = None  # the first write that found no room: run over
         self.worker_peak_rss_mib = 0.0
 
@@ -162,8 +168,9 @@ class Scheduler:
             return self._report(message, now)
         if isinstance(message, DiskFull):
             self.out_of_space(message)
-            return self._stop_all()
+            return self.stop()
         if isinstance(message, WorkerStopped):
+            self.stopped_cleanly.add(message.worker)
             self.worker_peak_rss_mib = max(self.worker_peak_rss_mib, message.peak_rss_mib)
         return []
 
@@ -174,25 +181,36 @@ class Scheduler:
         if self.disk_full is None:
             self.disk_full = message
 
-    def _stop_all(self) -> Outgoing:
-        if self.stopped:
-            return []
-        self.stopped = True
-        return [(worker, Stop()) for worker in sorted(self.active_workers)]
-
     def worker_lost(self, worker: int, now: float) -> Outgoing:
-        """A worker died: its batches go back to the front of their queues."""
+        """A worker died (or stopped): its batches go back to the front of their queues."""
         self.active_workers.discard(worker)
         self.hungry.discard(worker)
         out: Outgoing = []
         for batch in self.leases.pop(worker, {}).values():
+            counts = self.batch_counts.pop(batch.key, (0, 0))
+            if worker in self.stopped_cleanly:  # its rows are committed: not fetched again
+                kept = self.kept_counts.get(batch.key, (0, 0))
+                self.kept_counts[batch.key] = (kept[0] + counts[0], kept[1] + counts[1])
+            else:
+                self._count(-counts[0], -counts[1])
             server = self.servers[batch.server_name]
             server.pending.appendleft(batch)
             self._leave(server, worker)
             out += self._budgets(server)
         return out + self._feed_hungry(now)
 
+    def stop(self) -> Outgoing:
+        """A stop was asked for (a signal): tell every worker at once, and from now on hand out
+        no batch, whatever asks for one (the unfinished ones are fetched on resume)."""
+        if self.stopped:
+            return []
+        self.stopped = True
+        self.hungry.clear()
+        return [(worker, Stop()) for worker in sorted(self.active_workers)]
+
     def tick(self, now: float) -> Outgoing:
+        if self.stopped:
+            return []
         out: Outgoing = []
         for server in self.servers.values():
             if server.dead:
@@ -208,7 +226,7 @@ class Scheduler:
                 out += self._budgets(server)
         out += self._feed_hungry(now)
         if self.finished or self.disk_full is not None:
-            out += self._stop_all()
+            out += self.stop()
         return out
 
     # --- holds (robots.txt) ------------------------------------------------------------------
@@ -277,7 +295,7 @@ class Scheduler:
         return out + [(worker, Assign(batch, give_up=server.give_up if give_up else None))]
 
     def _want_work(self, worker: int, now: float) -> Outgoing:
-        if worker not in self.active_workers:
+        if worker not in self.active_workers or self.stopped:
             return []
         out = self._assign(worker, now)
         if out:
@@ -301,11 +319,16 @@ class Scheduler:
             return []  # not (or no longer) this worker's: e.g. reassigned after it was lost
         self.unfinished -= 1
         self.rows_done += batch.rows
+        counted = [self.batch_counts.pop(batch.key, (0, 0)),
+                   self.kept_counts.pop(batch.key, (0, 0))]
+        self._count(message.successes - sum(c[0] for c in counted),
+                    message.errors - sum(c[1] for c in counted))
         server = self.servers[batch.server_name]
         server.remaining_rows -= batch.rows
         out: Outgoing = []
         if worker in server.workers:
-            if server.pending and not server.dead and self.disk_full is None:
+            if server.pending and not server.dead and not self.stopped and \
+                    self.disk_full is None:
                 # Keep the worker on this server: its share stays, its connections stay warm.
                 next_batch = server.pending.popleft()
                 self.leases[worker][next_batch.key] = next_batch
@@ -337,15 +360,23 @@ class Scheduler:
         server.dead = True
         return self._budgets(server)
 
+    def _count(self, successes: int, errors: int) -> None:
+        self.successes += successes
+        self.errors += errors
+
     def _report(self, report: Report, now: float) -> Outgoing:
         self.bytes += report.bytes
+        leased = self.leases.get(report.worker, {})
+        for key, (successes, errors) in report.batches.items():
+            if key in leased:  # else finished, or no longer this worker's
+                before = self.batch_counts.get(key, (0, 0))
+                self.batch_counts[key] = (successes, errors)
+                self._count(successes - before[0], errors - before[1])
         out: Outgoing = []
         for name, news in report.servers.items():
             server = self.servers.get(name)
             if server is None:
                 continue
-            self.successes += news.successes
-            self.errors += news.errors
             self.throttled += news.throttled
             if self._apply_news(server, report.worker, news, now):
                 out += self._budgets(server)

@@ -4,11 +4,17 @@ Everything comes from small files, so status answers in a second or two at any s
 prep summary and servers table, each finished batch's `_completed` marker (its counts, errors
 by code), the chunk footers of unfinished batches only, the live `fetch_state.json` a running
 fetch rewrites every few seconds, and `fetch_progress.jsonl`, its history.
+
+A fetch killed with -9 leaves a state that says "running": it is believed only while the
+process that wrote it runs (when it ran on this machine) and, from any machine, while it is
+fresh.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -24,6 +30,32 @@ from distributed_downloader.writers import chunk_row_counts, errors_by_code
 
 SPEED_WINDOW_SECONDS = 300.0  # "images/s over the last minutes"
 LIVE_SECONDS = 30.0  # a state older than this belongs to a fetch that is not running any more
+
+
+def process_identity() -> dict[str, Any]:
+    """Who writes fetch_state.json: enough for `status` to tell whether it still runs."""
+    return {"host": socket.gethostname(), "pid": os.getpid(),
+            "pid_started": _started(os.getpid())}
+
+
+def _started(pid: int) -> int | None:
+    """When the process started (clock ticks after boot), None when it is gone or a zombie; a
+    pid reused by another process has another start."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == "Z" else int(fields[19])
+
+
+def fetch_running(state: dict[str, Any], now: float) -> bool:
+    """Whether the fetch that wrote `state` still runs."""
+    if not state.get("running") or now - state.get("updated", 0) >= LIVE_SECONDS:
+        return False
+    if state.get("host") != socket.gethostname() or not Path("/proc/self/stat").exists():
+        return True  # another machine's (or no /proc here): fresh is all we can tell
+    started = _started(state["pid"])
+    return started is not None and started == state.get("pid_started", started)
 
 
 @dataclass
@@ -104,7 +136,7 @@ def run_status(output: Path) -> dict[str, Any]:
     prep = json.loads(layout.prep_summary.read_text())
     now = time.time()
     state = json.loads(layout.fetch_state.read_text()) if layout.fetch_state.exists() else {}
-    running = bool(state.get("running")) and now - state.get("updated", 0) < LIVE_SECONDS
+    running = fetch_running(state, now)
     live = state.get("servers", {}) if running else {}
     last_fetch = state.get("servers", {})  # its throttle counts hold after it ended too
     profiles = read_profiles(layout.server_profiles)

@@ -281,6 +281,12 @@ class BatchWriter:
         self._errors.append(row)
         self._added()
 
+    @property
+    def rows_added(self) -> tuple[int, int]:
+        """(successes, errors) given to this writer so far, committed or still buffered."""
+        return (self.written_successes + len(self._successes),
+                self.written_errors + len(self._errors))
+
     def _added(self) -> None:
         if self._oldest is None:
             self._oldest = time.monotonic()

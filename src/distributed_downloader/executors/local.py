@@ -1,4 +1,10 @@
-"""The local executor: worker processes on this machine, talking to the scheduler over pipes."""
+"""The local executor: worker processes on this machine, talking to the scheduler over pipes.
+
+A stop signal is handled from before the first worker is spawned: the workers start with the
+stop signals blocked (they inherit the mask) and take them over as their first instruction, and
+the coordinator relays the stop over each pipe, so a worker still importing when it comes stops
+as soon as it listens, and no batch is handed out after it.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import asyncio
 import logging
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.resource_tracker
 import os
 import signal
 import time
@@ -13,12 +20,12 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from distributed_downloader.config import Settings
+from distributed_downloader.executors import STOP_SIGNALS
 from distributed_downloader.protocol import WorkerStopped
 from distributed_downloader.schedule import Scheduler
 
 LOOP_SECONDS = 0.1
-STOP_GRACE_SECONDS = 60.0
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+STOP_GRACE_SECONDS = 60.0  # after a stop signal, before workers that did not stop are killed
 
 
 class PipeChannel:
@@ -46,10 +53,10 @@ class PipeChannel:
 
 
 def _worker_entry(worker_id: int, settings: Settings, connection: Connection) -> None:
-    for signum in STOP_SIGNALS:  # until the worker's loop installs its own handlers
-        signal.signal(signum, signal.SIG_IGN)
+    from distributed_downloader.fetch.worker import catch_stop_signals, run_worker
+
+    catch_stop_signals()  # a stop signal sent while this process started is delivered here
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(message)s")
-    from distributed_downloader.fetch.worker import run_worker
 
     run_worker(worker_id, settings, PipeChannel(connection))
 
@@ -71,23 +78,50 @@ class LocalExecutor:
     def _request_stop(self, signum: int, frame: object) -> None:
         self.stop_requested = True
 
+    def _spawn(self, processes: dict[int, multiprocessing.Process],
+               pipes: dict[int, Connection]) -> None:
+        """Start the workers with the stop signals blocked: each inherits the mask and takes the
+        signals over as its first instruction (fetch.worker.catch_stop_signals), so a signal
+        sent to the process group while a worker starts is neither lost nor fatal to it."""
+        context = multiprocessing.get_context("spawn")
+        # Started before blocking: starting it unblocks the stop signals.
+        multiprocessing.resource_tracker.ensure_running()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            for worker in range(self.count):
+                parent_end, child_end = context.Pipe()
+                process = context.Process(target=_worker_entry, name=f"fetch-worker-{worker}",
+                                          args=(worker, self.settings, child_end))
+                process.start()
+                child_end.close()
+                processes[worker], pipes[worker] = process, parent_end
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a signal that came runs now
+
     def run(self, scheduler: Scheduler, on_tick: Callable[[Scheduler], None]) -> bool:
         """Run the workers until the scheduler is done; True when interrupted."""
-        context = multiprocessing.get_context("spawn")
-        connections: dict[Connection, int] = {}
-        processes: dict[int, multiprocessing.Process] = {}
-        for worker in range(self.count):
-            parent_end, child_end = context.Pipe()
-            process = context.Process(target=_worker_entry, name=f"fetch-worker-{worker}",
-                                      args=(worker, self.settings, child_end))
-            process.start()
-            child_end.close()
-            connections[parent_end] = worker
-            processes[worker] = process
+        # Before any worker exists: from here on a stop signal is ours to relay.
         previous = {signum: signal.signal(signum, self._request_stop) for signum in STOP_SIGNALS}
-        pipes = {worker: conn for conn, worker in connections.items()}
+        processes: dict[int, multiprocessing.Process] = {}
+        pipes: dict[int, Connection] = {}
+        try:
+            self._spawn(processes, pipes)
+            return self._serve(scheduler, on_tick, processes, pipes)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            for process in processes.values():
+                process.join(timeout=5)
+                if process.is_alive():
+                    process.kill()
+                    process.join(timeout=5)
+
+    def _serve(self, scheduler: Scheduler, on_tick: Callable[[Scheduler], None],
+               processes: dict[int, multiprocessing.Process],
+               pipes: dict[int, Connection]) -> bool:
+        """Carry messages until every worker is gone; True when interrupted."""
+        connections = {pipe: worker for worker, pipe in pipes.items()}
         stopped_cleanly: set[int] = set()
-        forwarded = False
         stop_deadline = None
 
         def send(outgoing: list[tuple[int, object]]) -> None:
@@ -98,52 +132,43 @@ class LocalExecutor:
                     except (OSError, BrokenPipeError):
                         pass
 
-        try:
-            while any(process.is_alive() for process in processes.values()) or \
-                    any(conn.poll() for conn in connections):
-                if self.stop_requested and not forwarded:
-                    forwarded = True
-                    stop_deadline = time.monotonic() + STOP_GRACE_SECONDS
-                    for process in processes.values():
-                        if process.is_alive() and process.pid:
-                            os.kill(process.pid, signal.SIGTERM)
-                sentinels = {p.sentinel: w for w, p in processes.items()}
-                ready = multiprocessing.connection.wait(
-                    list(connections) + list(sentinels), timeout=LOOP_SECONDS)
-                now = time.time()
-                for item in ready:
-                    if item in connections:
-                        worker = connections[item]
-                        try:
-                            while item.poll():
-                                message = item.recv()
-                                if isinstance(message, WorkerStopped):
-                                    stopped_cleanly.add(worker)
-                                send(scheduler.handle(message, now))
-                        except (EOFError, OSError):
-                            del connections[item]
-                    elif item in sentinels:
-                        worker = sentinels[item]
-                        if worker in scheduler.active_workers:
-                            if worker not in stopped_cleanly and not self.stop_requested:
-                                logging.getLogger(__name__).warning(
-                                    "worker %s exited (code %s); its batches go to others",
-                                    worker, processes[worker].exitcode)
-                            send(scheduler.worker_lost(worker, now))
-                if not self.stop_requested:
-                    send(scheduler.tick(now))
-                on_tick(scheduler)
-                if stop_deadline and time.monotonic() > stop_deadline:
-                    for process in processes.values():
-                        process.kill()
-                if not scheduler.active_workers and not scheduler.finished and \
-                        not self.stop_requested and scheduler.disk_full is None:
-                    raise RuntimeError("every worker died; see the log above")
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-            for process in processes.values():
-                process.join(timeout=5)
-                if process.is_alive():
+        while any(process.is_alive() for process in processes.values()) or \
+                any(conn.poll() for conn in connections):
+            if self.stop_requested and stop_deadline is None:
+                stop_deadline = time.monotonic() + STOP_GRACE_SECONDS
+                send(scheduler.stop())  # read even by a worker still starting
+            sentinels = {p.sentinel: w for w, p in processes.items()}
+            ready = multiprocessing.connection.wait(
+                list(connections) + list(sentinels), timeout=LOOP_SECONDS)
+            now = time.time()
+            # Pipes first: a worker's last words (its final report, WorkerStopped) before its
+            # exit is handled, so that the rows it committed stay counted.
+            for item in sorted(ready, key=lambda item: item in sentinels):
+                if item in connections:
+                    worker = connections[item]
+                    try:
+                        while item.poll():
+                            message = item.recv()
+                            if isinstance(message, WorkerStopped):
+                                stopped_cleanly.add(worker)
+                            send(scheduler.handle(message, now))
+                    except (EOFError, OSError):
+                        del connections[item]
+                elif item in sentinels:
+                    worker = sentinels[item]
+                    if worker in scheduler.active_workers:
+                        if worker not in stopped_cleanly and not self.stop_requested:
+                            logging.getLogger(__name__).warning(
+                                "worker %s exited (code %s); its batches go to others",
+                                worker, processes[worker].exitcode)
+                        send(scheduler.worker_lost(worker, now))
+            if not self.stop_requested:
+                send(scheduler.tick(now))
+            on_tick(scheduler)
+            if stop_deadline and time.monotonic() > stop_deadline:
+                for process in processes.values():
                     process.kill()
+            if not scheduler.active_workers and not scheduler.finished and \
+                    not self.stop_requested and scheduler.disk_full is None:
+                raise RuntimeError("every worker died; see the log above")
         return self.stop_requested or not scheduler.finished

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from distributed_downloader.config import Settings
+from distributed_downloader.executors import STOP_SIGNALS
 from distributed_downloader.protocol import Stop, WorkerStopped
 from distributed_downloader.schedule import Scheduler
 
@@ -28,7 +29,6 @@ SCHEDULER_RANK = 0
 POLL_SECONDS = 0.005  # rank 0, idle: how long to sleep between two polls
 WORKER_POLL_SECONDS = 0.02
 STOP_GRACE_SECONDS = 60.0
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 log = logging.getLogger(__name__)
 
 
@@ -42,13 +42,6 @@ def world() -> Any:
         raise UserError(f"--executor mpi needs mpi4py and an MPI library ({exc}); "
                         "install them with `bash scripts/setup-cluster.sh`") from None
     return MPI.COMM_WORLD
-
-
-def stop_on_signals() -> None:
-    """Rank 0, before its executor runs (prep, profile, planning): a stop signal interrupts it
-    like Ctrl-C, instead of killing the rank and leaving the job to the launcher."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.default_int_handler)
 
 
 def abort_world(code: int) -> None:
@@ -79,13 +72,11 @@ class MpiChannel:
 
 def run_worker_rank(comm: Any) -> bool:
     """A fetching rank: take the run's settings from rank 0, then work until told to stop."""
-    from distributed_downloader.fetch.worker import run_worker
+    from distributed_downloader.fetch.worker import catch_stop_signals, run_worker, stop_signalled
 
-    signalled = []  # until the worker's loop has its own handlers: a stop is not a crash
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, lambda number, frame: signalled.append(number))
+    catch_stop_signals()  # until the worker's loop has its own handlers: a stop is not a crash
     while not comm.iprobe(source=SCHEDULER_RANK):  # rank 0 may still be preparing
-        if signalled:
+        if stop_signalled():
             return True
         time.sleep(WORKER_POLL_SECONDS)
     settings: Settings | None = comm.recv(source=SCHEDULER_RANK)
@@ -137,15 +128,15 @@ class MpiExecutor:
                 if self.stop_requested and not stop_sent:
                     stop_sent = True
                     deadline = time.monotonic() + self.grace
-                    self._send([(rank, Stop()) for rank in self.worker_ranks])
+                    self._send(scheduler.stop())  # and no batch is handed out from now on
                 busy = False
                 while self.comm.iprobe():
                     busy = True
                     message = self.comm.recv()
+                    self._send(scheduler.handle(message, time.time()))
                     if isinstance(message, WorkerStopped):
                         self.stopped.add(message.worker)
                         self._send(scheduler.worker_lost(message.worker, time.time()))
-                    self._send(scheduler.handle(message, time.time()))
                 now = time.monotonic()
                 if now - last_tick >= 0.1:
                     last_tick = now

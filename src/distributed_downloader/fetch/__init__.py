@@ -10,7 +10,6 @@ and ends the run with one line (`OutOfSpace`); the same command resumes once spa
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from distributed_downloader.schedule import (
     Scheduler,
     ServerState,
 )
+from distributed_downloader.status import process_identity
 from distributed_downloader.storage import (
     ERROR_PREFIX,
     SUCCESS_PREFIX,
@@ -233,7 +233,7 @@ def record_state(layout: RunLayout, scheduler: Scheduler, plan: FetchPlan,
     atomic_write_json(layout.fetch_state, {
         "updated": now,
         "running": running,
-        "pid": os.getpid(),
+        **process_identity(),
         "servers": {
             server.name: {"rate": server.rate, "workers": len(server.workers),
                           "paused": server.paused_until > now, "dead": server.dead,

@@ -1,5 +1,9 @@
 """HTTP GET of one URL: redirects checked hop by hop, bodies capped while they stream.
 
+A redirect target is read as a browser reads it, with the parser prep reads every URL with
+(WHATWG, ada): `http://0x7f000001/` is 127.0.0.1, so the address check at each hop sees the
+address a numeric host names, as it does for a prepared URL, and no DNS lookup is made for it.
+
 Every outcome is a value: a `Body`, or a `FetchFailure` whose `ErrorCode` maps straight to the
 errors table. Nothing here decides whether to retry (see retry.py) or how fast to go
 (see politeness.py); `pace` is awaited before every hop so redirects count against the budget.
@@ -10,8 +14,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
+import ada_url
 import aiohttp
+from aiohttp.http_exceptions import LineTooLong
 from yarl import URL
 
 from distributed_downloader.config import Settings
@@ -74,15 +81,31 @@ class FetchFailure:
 
 
 Pace = Callable[[], Awaitable[None]]
+E = TypeVar("E", bound=BaseException)
 
 
-def _blocked_cause(exc: BaseException) -> BlockedAddress | None:
+def browser_form(url: URL) -> URL | None:
+    """The URL as a browser would request it (less the fragment); None when a browser would
+    refuse it (e.g. a host like 1.2.3.256)."""
+    try:
+        href = ada_url.parse_url(str(url), attributes=("href",))["href"]
+    except ValueError:
+        return None
+    return URL(href.partition("#")[0], encoded=True)
+
+
+def _cause(exc: BaseException, kind: type[E]) -> E | None:
+    """The exception of that kind behind `exc` (aiohttp wraps what went wrong)."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, BlockedAddress):
+        if isinstance(seen, kind):
             return seen
         seen = getattr(seen, "os_error", None) or seen.__cause__
     return None
+
+
+def _blocked_cause(exc: BaseException) -> BlockedAddress | None:
+    return _cause(exc, BlockedAddress)
 
 
 class HttpClient:
@@ -123,6 +146,12 @@ class HttpClient:
         except ValueError as exc:
             return FetchFailure(ErrorCode.INVALID_REDIRECT, f"unusable URL: {exc}")
         for hop in range(MAX_REDIRECTS + 1):
+            if hop > 0:  # prepared URLs were read this way already
+                readable = browser_form(current)
+                if readable is None:
+                    return FetchFailure(ErrorCode.INVALID_REDIRECT,
+                                        f"redirected to {current}, not a valid URL")
+                current = readable
             if current.scheme not in ("http", "https") or not current.host:
                 return FetchFailure(ErrorCode.INVALID_REDIRECT, f"redirected to {current}")
             try:
@@ -207,4 +236,8 @@ class HttpClient:
             blocked = _blocked_cause(exc)
             if blocked is not None:
                 return FetchFailure(ErrorCode.BLOCKED_ADDRESS, str(blocked))
+            too_long = _cause(exc, LineTooLong)
+            if too_long is not None:  # the same answer next time: final, not retried
+                return FetchFailure(ErrorCode.HEADERS_TOO_LARGE,
+                                    f"a header line over {too_long.args[1]} bytes")
             return FetchFailure(ErrorCode.CONNECTION_ERROR, f"{type(exc).__name__}: {exc}")

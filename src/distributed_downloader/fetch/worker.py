@@ -6,8 +6,9 @@ rows under its share of the server's budget (see politeness.py), retries what ca
 what it sees of each server; every decision about a server (its rate, pauses, giving it up) is
 the scheduler's (see policy.py). The one thing the worker does at once is honour a pause the
 server itself asked for (Retry-After), until the scheduler's word arrives. On SIGINT, SIGTERM or
-SIGUSR1, or when its scheduler vanishes, it stops cleanly: finished rows are committed, requests
-in flight are dropped (a resumed run fetches them again).
+SIGUSR1 (from its first instruction on: see `catch_stop_signals`), on the scheduler's Stop, or
+when its scheduler vanishes, it stops cleanly: finished rows are committed, requests in flight
+are dropped (a resumed run fetches them again).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import pyarrow.parquet as pq
 
 from distributed_downloader.config import Settings
 from distributed_downloader.errors import ErrorCode, OutOfSpace
+from distributed_downloader.executors import STOP_SIGNALS
 from distributed_downloader.fetch.client import Body, BodyBudget, FetchFailure, HttpClient
 from distributed_downloader.fetch.decode_budget import DecodeBudget
 from distributed_downloader.fetch.frontier import Frontier, Pending
@@ -69,6 +71,7 @@ from distributed_downloader.storage import RunLayout, batch_folder
 from distributed_downloader.writers import (
     BatchWriter,
     BufferBudget,
+    chunk_row_counts,
     committed_uuids,
     remove_stale_temporaries,
 )
@@ -83,12 +86,26 @@ BODY_BUDGET = 48 << 20  # downloaded bodies held at once (reading, or waiting to
 # Bodies waiting for a decode thread, per thread: beyond this no new request starts, so a
 # fast network cannot pile up bodies in memory faster than the cores decode them.
 DECODE_BACKLOG_PER_THREAD = 4
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 # Allocations from this size up get their own mapping, returned when freed. glibc would raise
 # the threshold to the largest block freed (up to 32 MiB), after which decoders' buffers come
 # from the heap and their holes stay resident: a mix of large images then peaked at 660 MiB
 # instead of 300 (benchmarks/decode_memory.py --scenario mix).
 MMAP_THRESHOLD = 1 << 20
+_early_stops: list[int] = []  # stop signals received before the worker's loop handles them
+
+
+def catch_stop_signals() -> None:
+    """First thing in a worker process: a stop signal from now on is remembered until the
+    worker's loop takes the signals over (and stops at once), instead of being lost or killing
+    the worker half-started. The local executor spawns workers with these signals blocked, so
+    one sent before this call waits for it."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, lambda number, frame: _early_stops.append(number))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def stop_signalled() -> bool:
+    return bool(_early_stops)
 
 
 class Channel(Protocol):
@@ -149,6 +166,7 @@ class Worker:
         self.answered: set[str] = set()  # servers that answered well at least once here
         self.robots: dict[str, RobotsFile | None] = {}
         self.tasks: dict[tuple[str, int], asyncio.Task] = {}
+        self.writers: dict[tuple[str, int], BatchWriter] = {}  # until their last report
         self.budget = BufferBudget(BUFFER_BUDGET)
         # One thread more than the worker's cores: Pillow releases the GIL while it decodes, so
         # the spare one keeps the cores busy, and a worker left alone with the last batch
@@ -175,6 +193,8 @@ class Worker:
                 loop.add_signal_handler(signum, self.interrupt)
             except (NotImplementedError, RuntimeError, ValueError):
                 pass
+        if stop_signalled():  # while the worker was starting
+            self.interrupt()
         self.client = HttpClient(self.settings, BodyBudget(BODY_BUDGET))
         self.pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
         self.channel.listen(loop, self.deliver, self.interrupt)
@@ -253,7 +273,10 @@ class Worker:
             self.news.setdefault(name, ServerNews()).failures = len(urls)
         if not self.news and not self.bytes:
             return
-        report = Report(self.id, self.news, self.bytes, urgent)
+        batches = {key: writer.rows_added for key, writer in self.writers.items()}
+        for key in [key for key in self.writers if key not in self.tasks]:
+            del self.writers[key]  # finished or stopped: these were its last counts
+        report = Report(self.id, self.news, self.bytes, urgent, batches)
         self.news, self.bytes = {}, 0
         try:
             self.channel.send(report)
@@ -278,8 +301,10 @@ class Worker:
             # Chunk names say which worker wrote them: successes-w{worker}.{random}-{seq}.parquet
             writer = BatchWriter(files, self.settings.keep_columns, self.budget,
                                  f"w{self.id}.{secrets.token_hex(3)}", self.settings.output_format)
+            self.writers[batch.key] = writer
             remove_stale_temporaries(files)
             done = committed_uuids(files)
+            earlier = chunk_row_counts(files)  # committed by an earlier run: not this one's
             source = batch_folder(self.layout.batches, batch.server_name, batch.partition_id)
             rows = [row for path in sorted(source.glob("*.parquet"))
                     for row in pq.read_table(path).to_pylist() if row["uuid"] not in done]
@@ -296,8 +321,8 @@ class Worker:
                 await asyncio.gather(*(self._consume(frontier, slot, writer, permitted)
                                        for _ in range(consumers)))
             counts = writer.complete(batch.rows)
-            self.channel.send(BatchFinished(self.id, batch, counts["successes"],
-                                            counts["errors"]))
+            self.channel.send(BatchFinished(self.id, batch, counts["successes"] - earlier[0],
+                                            counts["errors"] - earlier[1]))
         except asyncio.CancelledError:
             self._close(writer)  # commit what is finished; the rest is fetched on resume
             raise
