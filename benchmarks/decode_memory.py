@@ -56,14 +56,14 @@ def encode(image: object, image_format: str, **options: object) -> bytes:
 def photo(width: int, height: int, seed: int, **options: object) -> bytes:
     from PIL import Image
 
-    from distributed_downloader.farm import make_photo
+    from distributed_downloader.testing.farm import make_photo
 
     return encode(Image.open(io.BytesIO(make_photo(width, height, seed))), "JPEG", quality=90,
                   **options)
 
 
 def scenario_images(name: str) -> dict[str, bytes]:
-    from distributed_downloader.farm import make_scan_png
+    from distributed_downloader.testing.farm import make_scan_png
 
     images = {"square.png": make_scan_png(9000, 9000, "RGBA", seed=1),
               "portrait.png": make_scan_png(6000, 9000, "RGB", seed=2)}
@@ -75,7 +75,7 @@ def scenario_images(name: str) -> dict[str, bytes]:
 
 
 def fetch_run(args: argparse.Namespace) -> None:
-    from distributed_downloader.farm import Farm, ServerSpec
+    from distributed_downloader.testing.farm import Farm, ServerSpec
 
     images = scenario_images(args.scenario)
     with Farm([ServerSpec(HOST)]) as farm, tempfile.TemporaryDirectory() as tmp:
@@ -108,13 +108,13 @@ def fetch_run(args: argparse.Namespace) -> None:
 def _photo_image(width: int, height: int) -> object:
     from PIL import Image
 
-    from distributed_downloader.farm import make_photo
+    from distributed_downloader.testing.farm import make_photo
 
     return Image.open(io.BytesIO(make_photo(width, height, seed=1)))
 
 
 def _scan_png(width: int, height: int, mode: str) -> bytes:
-    from distributed_downloader.farm import make_scan_png
+    from distributed_downloader.testing.farm import make_scan_png
 
     return make_scan_png(width, height, mode, seed=1)
 

@@ -55,7 +55,7 @@ from urllib.parse import urlsplit
 
 import duckdb
 
-from distributed_downloader.farm import (
+from distributed_downloader.testing.farm import (
     Farm,
     FarmServer,
     RequestRecord,

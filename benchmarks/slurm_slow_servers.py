@@ -46,7 +46,7 @@ from pathlib import Path
 
 import duckdb
 
-from distributed_downloader.farm import Farm, RequestRecord, ServerSpec
+from distributed_downloader.testing.farm import Farm, RequestRecord, ServerSpec
 
 WORK = Path(__file__).parent / "work" / "slurm-slow-servers"
 CLI = [sys.executable, "-m", "distributed_downloader"]

@@ -45,7 +45,7 @@ def in_loopback_namespace() -> None:
 
 
 def photos() -> list[bytes]:
-    from distributed_downloader.farm import make_photo
+    from distributed_downloader.testing.farm import make_photo
 
     folder = WORK / "photos"
     folder.mkdir(parents=True, exist_ok=True)
@@ -121,7 +121,7 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true")
     args = parser.parse_args()
     in_loopback_namespace()
-    from distributed_downloader.farm import Farm, ServerSpec
+    from distributed_downloader.testing.farm import Farm, ServerSpec
 
     cores = os.cpu_count() or 1
     bodies = photos()

@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from distributed_downloader.farm import Farm, ServerSpec
+from distributed_downloader.testing.farm import Farm, ServerSpec
 
 EXAMPLE = Path(__file__).parent / "gbif-small" / "multimedia.txt"
 HOSTS = ("127.0.0.21", "127.0.0.22", "127.0.0.23", "127.0.0.24")

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import FAST_FETCH, read_batches, read_errors, read_successes, run_cli, write_lines
-from distributed_downloader.farm import Farm, ServerSpec, make_small_image
+from distributed_downloader.testing.farm import Farm, ServerSpec, make_small_image
 from distributed_downloader.schema import ERRORS
 from distributed_downloader.storage import BatchFiles, RunLayout
 

@@ -21,7 +21,7 @@ import pytest
 from conftest import FAST_FETCH, read_batches, read_errors, read_successes, run_cli, write_lines
 from test_cluster import MPI_ENV, cluster_piece
 from distributed_downloader.errors import EXIT_OUT_OF_SPACE
-from distributed_downloader.farm import Farm, ServerSpec, make_photo
+from distributed_downloader.testing.farm import Farm, ServerSpec, make_photo
 
 HOSTS = ("127.0.0.2", "127.0.0.3")
 IMAGES_PER_SERVER = 24

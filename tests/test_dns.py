@@ -24,7 +24,7 @@ from conftest import (
 )
 from distributed_downloader.config import Settings
 from distributed_downloader.errors import RETRYABLE, ErrorCode
-from distributed_downloader.farm import Farm, FarmServer, ServerSpec, make_small_image
+from distributed_downloader.testing.farm import Farm, FarmServer, ServerSpec, make_small_image
 from distributed_downloader.fetch.client import FetchFailure, HttpClient
 from distributed_downloader.fetch.dns import CachingResolver
 from dns_server import DnsServer

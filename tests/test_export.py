@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import FAST_FETCH, read_errors, read_successes, run_cli, write_lines
-from distributed_downloader.farm import Farm, ServerSpec, make_small_image
+from distributed_downloader.testing.farm import Farm, ServerSpec, make_small_image
 
 
 def serve_pictures(farm: Farm) -> list[str]:

@@ -6,7 +6,7 @@ import http.client
 import threading
 import time
 
-from distributed_downloader.farm import Farm, FarmServer, ServerSpec, make_small_image
+from distributed_downloader.testing.farm import Farm, FarmServer, ServerSpec, make_small_image
 
 
 def get(server: FarmServer, path: str) -> tuple[int, http.client.HTTPMessage]:

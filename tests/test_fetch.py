@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import FAST_FETCH, read_batches, read_errors, read_successes, run_cli, write_lines
 from distributed_downloader.errors import RETRYABLE, ErrorCode
-from distributed_downloader.farm import Farm, ServerSpec, make_photo, make_small_image
+from distributed_downloader.testing.farm import Farm, ServerSpec, make_photo, make_small_image
 
 GOOD_PER_SERVER = 15
 LIMIT = 5

@@ -13,7 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from conftest import FAST_FETCH, read_batches, read_errors, read_successes, run_cli, write_lines
-from distributed_downloader.farm import Farm, ServerSpec, make_scan_png
+from distributed_downloader.testing.farm import Farm, ServerSpec, make_scan_png
 
 WORKER_MEMORY_MIB = 400
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from conftest import FAST_FETCH, read_errors, read_successes, run_cli, write_lines
-from distributed_downloader.farm import Farm, ServerSpec, make_small_image
+from distributed_downloader.testing.farm import Farm, ServerSpec, make_small_image
 
 
 def add_images(server, count: int, prefix: str = "") -> list[str]:
@@ -109,7 +109,7 @@ def test_image_settings_reach_the_workers(tmp_path: Path) -> None:
 
     from PIL import Image
 
-    from distributed_downloader.farm import make_photo
+    from distributed_downloader.testing.farm import make_photo
 
     with Farm([ServerSpec("127.0.0.2")]) as farm:
         server = farm["127.0.0.2"]

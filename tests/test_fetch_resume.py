@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import FAST_FETCH, read_batches, read_errors, read_successes, run_cli, write_lines
-from distributed_downloader.farm import Farm, ServerSpec, make_small_image
+from distributed_downloader.testing.farm import Farm, ServerSpec, make_small_image
 
 HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 PER_SERVER = 60

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from conftest import FAST_FETCH, read_errors, read_successes, run_cli, write_lines
 from distributed_downloader.config import Settings
-from distributed_downloader.farm import Farm, ServerSpec, make_small_image
+from distributed_downloader.testing.farm import Farm, ServerSpec, make_small_image
 from distributed_downloader.fetch import starting_servers
 from distributed_downloader.storage import RunLayout
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from distributed_downloader import images
 from distributed_downloader.errors import ErrorCode
-from distributed_downloader.farm import (
+from distributed_downloader.testing.farm import (
     make_photo,
     make_png_bomb,
     make_scan_png,

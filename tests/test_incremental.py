@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from conftest import FAST_FETCH, read_errors, read_successes, run_cli, write_lines
-from distributed_downloader.farm import Farm, ServerSpec, make_small_image
+from distributed_downloader.testing.farm import Farm, ServerSpec, make_small_image
 
 
 def add(server, names: list[str], seed: int) -> list[str]:

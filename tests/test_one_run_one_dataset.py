@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from conftest import FAST_FETCH, read_batches, read_successes, run_cli, write_lines
-from distributed_downloader.farm import Farm, ServerSpec, make_small_image
+from distributed_downloader.testing.farm import Farm, ServerSpec, make_small_image
 
 ROOT = Path(__file__).parent.parent
 

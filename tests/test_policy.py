@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from distributed_downloader.config import Settings
-from distributed_downloader.farm import peak_in_one_second
+from distributed_downloader.testing.farm import peak_in_one_second
 from distributed_downloader.policy import (
     LearnedRate,
     RatePolicy,

@@ -17,7 +17,7 @@ from conftest import (
     run_cli,
     write_lines,
 )
-from distributed_downloader.farm import Farm, ServerSpec, make_small_image
+from distributed_downloader.testing.farm import Farm, ServerSpec, make_small_image
 from distributed_downloader.policy import advertised_rate
 from distributed_downloader.profiles import parse_rate_overrides
 

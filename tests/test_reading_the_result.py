@@ -10,7 +10,7 @@ import duckdb
 import pytest
 
 from conftest import FAST_FETCH, run_cli, write_lines
-from distributed_downloader.farm import Farm, ServerSpec, make_small_image
+from distributed_downloader.testing.farm import Farm, ServerSpec, make_small_image
 
 GOOD, MISSING = 9, 3
 ORIGINAL_COLUMNS = {"uuid", "source_id", "identifier", "hashsum_original", "hashsum_resized",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from conftest import FAST_FETCH, read_errors, read_successes, run_cli, write_lines
 from distributed_downloader.config import Settings
-from distributed_downloader.farm import Farm, ServerSpec, make_small_image
+from distributed_downloader.testing.farm import Farm, ServerSpec, make_small_image
 from distributed_downloader.fetch.client import HttpClient
 from distributed_downloader.fetch.robots import (
     MAX_AGE,

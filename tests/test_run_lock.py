@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import FAST_FETCH, read_batches, read_errors, read_successes, run_cli, write_lines
-from distributed_downloader.farm import Farm, ServerSpec
+from distributed_downloader.testing.farm import Farm, ServerSpec
 from distributed_downloader.runlock import Holder, RunLocked, hold_run_lock
 
 HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")

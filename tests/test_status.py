@@ -12,7 +12,7 @@ from pathlib import Path
 from PIL import Image
 
 from conftest import FAST_FETCH, read_errors, read_successes, run_cli, write_lines
-from distributed_downloader.farm import Farm, ServerSpec, make_small_image
+from distributed_downloader.testing.farm import Farm, ServerSpec, make_small_image
 
 
 def status_json(out: Path) -> dict:

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import FAST_FETCH, read_successes, run_cli, write_lines
-from distributed_downloader.farm import Farm, ServerSpec, make_small_image
+from distributed_downloader.testing.farm import Farm, ServerSpec, make_small_image
 
 # (name, size): three copies of one picture under different URLs, small and large images.
 SIZES = {"tiny": (40, 30), "small": (64, 48), "big": (200, 150), "wide": (300, 60)}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import FAST_FETCH, FAST_REQUESTS, FIXTURES, read_successes, run_cli, write_lines
-from distributed_downloader.farm import Farm, ServerSpec, make_small_image
+from distributed_downloader.testing.farm import Farm, ServerSpec, make_small_image
 
 
 def assert_one_line_error(result, *parts: str) -> None:

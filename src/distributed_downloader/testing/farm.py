@@ -48,7 +48,8 @@ def make_small_image(seed: int, size: tuple[int, int] = (96, 64), exif_orientati
     rng = random.Random(seed)
     color = tuple(rng.randrange(256) for _ in range(3))
     image = Image.new("RGB", size, color)
-    image.paste((255 - color[0], 255 - color[1], 255 - color[2]), (0, 0, size[0] // 3, size[1] // 2))
+    inverse = (255 - color[0], 255 - color[1], 255 - color[2])
+    image.paste(inverse, (0, 0, size[0] // 3, size[1] // 2))
     buffer = io.BytesIO()
     if exif_orientation:
         exif = Image.Exif()
@@ -69,7 +70,8 @@ def make_png_bomb(width: int = 30_000, height: int = 30_000) -> bytes:
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     rows = zlib.compress(b"\x00" * (1 + 3 * 16) * 16)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows)
+            + chunk(b"IEND", b""))
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -262,7 +264,8 @@ class FarmServer:
             return web.Response(status=500)
         return response
 
-    async def _answer(self, request: web.Request, path: str, now: float) -> web.StreamResponse | None:
+    async def _answer(self, request: web.Request, path: str,
+                      now: float) -> web.StreamResponse | None:
         spec = self.spec
         if self._over_limit(now):
             return web.Response(status=429, headers={"Retry-After": f"{spec.retry_after:g}"})
