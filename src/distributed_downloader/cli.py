@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import sys
 import time
 import types
@@ -18,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -29,7 +27,6 @@ from distributed_downloader.config import (
     PROFILE_SETTINGS,
     SETTING_NAMES,
     InputFormat,
-    LoadedSettings,
     Settings,
     load_settings,
 )
@@ -41,15 +38,9 @@ from distributed_downloader.errors import (
     is_out_of_space,
     require_module,
 )
-from distributed_downloader.executors import stop_on_signals
+from distributed_downloader import pipeline, render
+from distributed_downloader.render import console, err_console
 
-# Piped or logged output is not cut at 80 columns: a line stays a line (and a number whole).
-console = Console(soft_wrap=not sys.stdout.isatty())
-err_console = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
-
-PROGRESS_LOG_SECONDS = 5.0
-# Run with the exit code before exiting on an error (MPI: end all ranks).
-ON_ERROR: list[Callable[[int], None]] = []
 
 
 def _click_type(annotation: Any) -> tuple[Any, bool]:
@@ -149,89 +140,8 @@ def gather_settings(config_file: Path | None, flags: dict[str, Any],
             f"{', '.join(loaded.without_effect)}"
         )
     if announce:
-        announce_settings(loaded)
+        render.announce_settings(loaded)
     return loaded.settings
-
-
-RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")  # set by MPI launchers
-
-
-def announce_settings(loaded: LoadedSettings) -> None:
-    """One line per setting that is not at its default, with where it came from."""
-    rows = loaded.not_default()
-    if not rows or any(int(os.environ.get(name, 0)) > 0 for name in RANK_VARIABLES):
-        return  # said once, by rank 0 of an MPI run
-    one_off = loaded.settings.one_off
-    lines = ["settings not at their default:"]
-    for name, value, source in rows:
-        shown = ",".join(map(str, value)) if isinstance(value, list) else value
-        note = ", this command only (--save-overrides keeps it)" if name in one_off else ""
-        lines.append(f"  {name} = {shown}  ({source}{note})")
-    console.print("\n".join(lines), highlight=False, markup=False, soft_wrap=True)
-
-
-def _prep_progress() -> Callable:
-    """Live row counts on a terminal; a log line every few seconds otherwise."""
-    from distributed_downloader.prep import PrepProgress
-
-    last = [0.0]
-    status = err_console.status("prep: starting") if err_console.is_terminal else None
-    if status:
-        status.start()
-
-    def report(progress: PrepProgress) -> None:
-        text = (
-            f"prep: {progress.phase} — {progress.rows_read:,} rows read, "
-            f"{progress.rows_kept:,} kept"
-        )
-        if status:
-            status.update(text)
-        elif time.monotonic() - last[0] >= PROGRESS_LOG_SECONDS:
-            last[0] = time.monotonic()
-            err_console.print(text)
-
-    report.stop = status.stop if status else (lambda: None)  # type: ignore[attr-defined]
-    return report
-
-
-def print_prep_summary(summary: dict[str, Any], output: Path) -> None:
-    table = Table(title="prep summary", show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column(justify="right", no_wrap=True)
-    table.add_row("rows read", f"{summary['rows_read']:,}")
-    table.add_row("rows kept", f"{summary['rows_kept']:,}")
-    for reason, count in summary["dropped"].items():
-        table.add_row(f"  dropped: {reason}", f"{count:,}")
-    if summary.get("kept_without_image_format"):
-        table.add_row("  kept without an image/* format",
-                      f"{summary['kept_without_image_format']:,}")
-    table.add_row("duplicate URLs", f"{summary['duplicates']:,}")
-    table.add_row("rows to download", f"{summary['download_rows']:,}")
-    overlap = summary.get("overlap")
-    if overlap is not None:
-        table.add_row("  of which in an earlier download", f"{summary['reused_rows']:,}")
-        table.add_row("URLs new", f"{overlap['new']:,}")
-        table.add_row("URLs reused (stored earlier)", f"{overlap['reused']:,}")
-        table.add_row("URLs carried as errors", f"{overlap['carried_errors']:,}")
-        table.add_row("URLs fetched again", f"{overlap['fetched_again']:,}")
-        table.add_row("URLs gone since", f"{overlap['gone']:,}")
-    table.add_row("servers", f"{summary['servers']:,}")
-    table.add_row("batches", f"{summary['batches']:,}")
-    table.add_row("seconds", f"{summary['seconds']:.1f}")
-    table.add_row("peak memory (MiB)", f"{summary['peak_memory_mib']:.0f}")
-    console.print(table)
-    for warning in summary.get("warnings", []):
-        err_console.print(f"[yellow]warning:[/] {warning}")
-    if summary["rows_kept"] == 0 and summary["dropped"]:
-        reason, count = max(summary["dropped"].items(), key=lambda item: item[1])
-        err_console.print(f"[yellow]warning:[/] no row kept: {count:,} of "
-                          f"{summary['rows_read']:,} were dropped as {reason} (see the counts "
-                          "above; prep/dropped.parquet lists the rows each filter left out, "
-                          "prep/rejected.parquet those that could not be used)",
-                          highlight=False)
-    console.print(f"batches in [bold]{output / 'prep' / 'batches'}[/]")
-    if overlap is not None:
-        console.print(f"overlap by server in [bold]{output / 'prep' / 'overlap.parquet'}[/]")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -255,18 +165,6 @@ def input_options(command: Callable) -> Callable:
     return click.argument("input", type=click.Path(path_type=Path))(command)
 
 
-def _prep(settings: Settings, force: bool = False) -> None:
-    from distributed_downloader.prep import run_prep
-
-    assert settings.output is not None
-    report = _prep_progress()
-    try:
-        summary = run_prep(settings, force=force, progress=report)
-    finally:
-        report.stop()  # type: ignore[attr-defined]
-    print_prep_summary(summary, settings.output)
-
-
 @cli.command()
 @input_options
 @setting_options(*PREP_SETTINGS)
@@ -275,106 +173,8 @@ def _prep(settings: Settings, force: bool = False) -> None:
 def prep(input: Path, config_file: Path | None, force: bool, **flags: Any) -> None:
     """Filter INPUT, give every row a UUID, and cut it into batches by server."""
     settings = gather_settings(config_file, {"input": input, **flags}, announce=True)
-    with _run_lock(settings.output, "prep", settings):
-        _prep(settings, force)
-
-
-def print_fetch_summary(summary: dict[str, Any], output: Path) -> None:
-    table = Table(title="fetch summary", show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column(justify="right", no_wrap=True)
-    table.add_row("batches done", f"{summary['batches_done']:,} / {summary['batches']:,}")
-    table.add_row("images stored", f"{summary['successes']:,}")
-    table.add_row("errors", f"{summary['errors']:,}")
-    for code, count in summary["errors_by_code"].items():
-        table.add_row(f"  {code}", f"{count:,}")
-    table.add_row("fetched this run", f"{summary['fetched_this_run']:,}")
-    table.add_row("images/s this run", f"{summary['images_per_second']:.1f}")
-    table.add_row("throttled answers (429/503)", f"{summary['throttled_this_run']:,}")
-    table.add_row("seconds", f"{summary['seconds']:.1f}")
-    console.print(table)
-    console.print(f"images in [bold]{output / 'downloaded_images'}[/]")
-    if not summary["finished"]:
-        err_console.print("[yellow]not finished:[/] run the same command again to resume")
-
-
-def _mpi_prelude() -> None:
-    """First thing under --executor mpi: every rank but 0 becomes a worker here (and exits
-    when rank 0 says so); on rank 0, any error from now on ends every rank."""
-    from distributed_downloader.executors import mpi
-
-    if ON_ERROR:
-        return  # already done (download, then its fetch)
-    comm = mpi.world()
-    ON_ERROR.append(mpi.abort_world)
-    if comm.Get_rank() != mpi.SCHEDULER_RANK:
-        interrupted = mpi.run_worker_rank(comm)
-        sys.exit(130 if interrupted else 0)
-    stop_on_signals()
-
-
-def _run_lock(output: Path | None, command: str, settings: Settings | None = None,
-              mpi_ranks: bool = False) -> contextlib.AbstractContextManager[Any]:
-    """OUT's lock (runlock.py) for a command that writes into OUT. Under MPI rank 0 holds it
-    for every rank (`mpi_ranks`: they wait for its word); refused, it sends them home first, so
-    that every rank ends cleanly and the message is printed once."""
-    from distributed_downloader.runlock import hold_run_lock
-
-    assert output is not None
-    lease = (settings or gather_settings(None, {"output": output})).run_lock_lease
-
-    def send_ranks_home() -> None:
-        from distributed_downloader.executors import mpi
-
-        mpi.release_task_ranks()
-        ON_ERROR.clear()  # every rank was told: nothing to abort
-
-    return hold_run_lock(output, command, lease, send_ranks_home if mpi_ranks else None)
-
-
-def _mpi_executor(settings: Settings) -> Any:
-    from distributed_downloader.executors import mpi
-
-    _mpi_prelude()
-    return mpi.MpiExecutor(mpi.world(), settings)
-
-
-def _fetch(settings: Settings, retry_errors: bool, started: float | None = None) -> None:
-    from distributed_downloader.fetch import FetchPlan, run_fetch
-    from distributed_downloader.progress import FetchProgress
-
-    assert settings.output is not None
-    executor = _mpi_executor(settings) if settings.executor == "mpi" else None
-    if executor is None:
-        stop_on_signals()  # the local executor takes the signals over before its workers start
-    progress: list[FetchProgress] = []
-
-    def on_plan(plan: FetchPlan) -> None:
-        if plan.reopened_rows:
-            err_console.print(f"retrying {plan.reopened_rows:,} rows with retryable errors")
-        if plan.rows_committed:
-            err_console.print(f"resuming: {plan.rows_committed:,} of {plan.rows_total:,} rows "
-                              "were done before", highlight=False)
-        progress.append(FetchProgress(err_console, plan.rows_total, plan.rows_committed))
-
-    try:
-        summary = run_fetch(settings, retry_errors, on_tick=lambda s: progress[0](s),
-                            on_plan=on_plan, executor=executor, robots_fetched_since=started)
-    finally:
-        if progress:
-            progress[0].stop()
-    print_fetch_summary(summary, settings.output)
-    if summary["opt_outs_ignored"]:
-        err_console.print(f"[yellow]warning:[/] ignored the opt-out (X-Robots-Tag) of "
-                          f"{summary['opt_outs_ignored']:,} images (--ignore-opt-out)")
-    blocked = summary["errors_by_code"].get("blocked_address", 0)
-    if blocked:
-        err_console.print(f"[yellow]note:[/] {blocked:,} URLs were refused as blocked_address "
-                          "(private, loopback or other non-public addresses); if you trust "
-                          "them, `--allow-network CIDR` admits them and `fetch --retry-errors` "
-                          "fetches them", highlight=False)
-    if summary["interrupted"]:
-        sys.exit(130)
+    with pipeline.run_lock(settings.output, "prep", settings):
+        pipeline.prep(settings, force)
 
 
 @cli.command()
@@ -388,9 +188,9 @@ def fetch(output: Path, config_file: Path | None, retry_errors: bool, **flags: A
     """Download the batches that prep wrote in OUTPUT; re-run to resume."""
     settings = gather_settings(config_file, {"output": output, **flags}, announce=True)
     if settings.executor == "mpi":
-        _mpi_prelude()  # the other ranks wait in here for rank 0's word
-    with _run_lock(output, "fetch", settings, mpi_ranks=settings.executor == "mpi"):
-        _fetch(settings, retry_errors)
+        pipeline.start_mpi()  # the other ranks wait in here for rank 0's word
+    with pipeline.run_lock(output, "fetch", settings, mpi_ranks=settings.executor == "mpi"):
+        pipeline.fetch(settings, retry_errors)
 
 
 @cli.command()
@@ -412,54 +212,9 @@ def fetch(output: Path, config_file: Path | None, retry_errors: bool, **flags: A
 def download(input: Path, config_file: Path | None, retry_errors: bool, run_profile: bool,
              no_profile: bool, force: bool, **flags: Any) -> None:
     """One shot: prep INPUT into OUT (unless done), then fetch; re-run to resume."""
-    from distributed_downloader.fetch import check_output_settings
-    from distributed_downloader.formats import require_format
-    from distributed_downloader.prep import check_same_input, prep_is_finished
-    from distributed_downloader.storage import RunLayout
-
-    started = time.time()
     settings = gather_settings(config_file, {"input": input, **flags}, announce=True)
-    assert settings.output is not None
-    layout = RunLayout(settings.output)
-    if settings.executor == "mpi":
-        _mpi_prelude()  # the other ranks fetch; rank 0 alone preps and profiles
-    else:
-        stop_on_signals()
-    require_format(settings.output_format)
-    with _run_lock(settings.output, "download", settings, mpi_ranks=settings.executor == "mpi"):
-        check_output_settings(layout, settings)
-        if not settings.contact:
-            err_console.print("[yellow]note:[/] no contact in the User-Agent; set --contact "
-                              "EMAIL_OR_URL so that hosts can reach you before they block you")
-        if prep_is_finished(layout) and force:
-            _prep(settings, force=True)  # refused once anything was downloaded
-        elif prep_is_finished(layout):
-            check_same_input(layout, input)
-            err_console.print(f"prep: already done in {layout.prep}, resuming")
-        else:
-            _prep(settings)
-        if run_profile and not no_profile and not layout.profile_summary.exists():
-            _profile(settings)
-        _fetch(settings, retry_errors, started)  # robots.txt fetched since: used as they are
-
-
-def print_profile_summary(summary: dict[str, Any], output: Path) -> None:
-    parts = [f"{status} {count:,}" for status, count in sorted(summary["by_status"].items())]
-    if summary["excluded"]:
-        parts.append(f"excluded by hand {summary['excluded']:,}")
-    if summary["overridden"]:
-        parts.append(f"rates set by hand {summary['overridden']:,}")
-    console.print(f"profile: {summary['servers']:,} servers probed with "
-                  f"{summary['requests']:,} requests in {summary['seconds']:.1f} s "
-                  f"({', '.join(parts)})")
-    console.print(f"rates in [bold]{output / 'profiles' / 'servers.csv'}[/]")
-
-
-def _profile(settings: Settings) -> None:
-    from distributed_downloader.profile import run_profile
-
-    assert settings.output is not None
-    print_profile_summary(run_profile(settings), settings.output)
+    pipeline.download(settings, input, retry_errors=retry_errors, force=force,
+                      run_profile=run_profile and not no_profile)
 
 
 @cli.command()
@@ -471,8 +226,8 @@ def profile(output: Path, config_file: Path | None, **flags: Any) -> None:
     """Probe every server of OUTPUT (a few requests each, one a second at most) for a safe
     starting rate; writes OUTPUT/profiles/servers.csv."""
     settings = gather_settings(config_file, {"output": output, **flags}, announce=True)
-    with _run_lock(output, "profile", settings):
-        _profile(settings)
+    with pipeline.run_lock(output, "profile", settings):
+        pipeline.profile(settings)
 
 
 @cli.command()
@@ -485,7 +240,6 @@ def status(output: Path, as_json: bool, report_path: Path | None) -> None:
     a fetch runs and after."""
     import json
 
-    from distributed_downloader.plan import duration
     from distributed_downloader.status import run_status
 
     if report_path is not None:
@@ -499,40 +253,7 @@ def status(output: Path, as_json: bool, report_path: Path | None) -> None:
     if as_json:
         click.echo(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
         return
-    share = result["done"] / result["rows"] if result["rows"] else 1.0
-    console.print(f"{output}: [bold]{result['phase']}[/]")
-    console.print(f"rows: {result['done']:,} / {result['rows']:,} done ({share:.1%}); "
-                  f"{result['successes']:,} images, {result['errors']:,} errors; batches "
-                  f"{result['batches_done']:,} / {result['batches']:,}; servers done "
-                  f"{result['servers_done']:,} / {result['servers']:,}")
-    if result["errors_by_code"]:
-        console.print("errors: " + ", ".join(f"{code} {count:,}" for code, count
-                                             in result["errors_by_code"].items()))
-    reused = result["reused"]
-    if reused["previous"]:
-        overlap = reused["overlap"] or {}
-        console.print(f"reused: {reused['rows']:,} rows taken from earlier downloads (images "
-                      f"or final errors), not requested ({', '.join(reused['previous'])}); URLs "
-                      + ", ".join(f"{kind.replace('_', ' ')} {count:,}"
-                                  for kind, count in overlap.items()))
-    eta = duration(result["eta_seconds"]) if result["eta_seconds"] else "—"
-    bound = f" (bound by {result['bound_by']})" if result["bound_by"] else ""
-    console.print(f"speed: {result['images_per_second']:.1f} images/s over the last minutes; "
-                  f"ETA {eta}{bound}")
-    for wait in result["waiting"][:10]:
-        left = "" if wait["seconds_left"] is None else f" {duration(wait['seconds_left'])}"
-        console.print(f"waiting: {wait['server']}: {wait['reason']}{left}", highlight=False)
-    table = Table(title="busiest and slowest servers", title_justify="left")
-    for column in ("server", "done / rows", "rate/s", "429s", "state", "time left"):
-        table.add_column(column, justify="left" if column in ("server", "state") else "right",
-                         no_wrap=column != "server")
-    for row in result["busiest"] + result["slowest"]:
-        table.add_row(row["server"], f"{row['done']:,} / {row['rows']:,}",
-                      "—" if row["rate"] is None else f"{row['rate']:.3g}",
-                      f"{row['throttled']:,}", row["state"],
-                      duration(row["remaining_seconds"]) if row["remaining_seconds"] else "—")
-    if result["busiest"]:
-        console.print(table)
+    render.print_status(result, output)
 
 
 @cli.command()
@@ -547,7 +268,8 @@ def verify(output: Path, fix: bool, workers: int | None) -> None:
     when something is broken."""
     from distributed_downloader.verify import run_verify
 
-    with _run_lock(output, "verify --fix") if fix else contextlib.nullcontext():
+    with pipeline.run_lock(output, "verify --fix", gather_settings(None, {"output": output})) \
+            if fix else contextlib.nullcontext():
         summary = run_verify(output, fix, workers)
     console.print(f"verify: {summary['batches_checked']:,} finished batches, "
                   f"{summary['rows_checked']:,} rows, {summary['images_decoded']:,} images "
@@ -628,31 +350,8 @@ def tools() -> None:
 def _run_tool_command(name: str, output: Path, config_file: Path | None, restart: bool,
                       workers: int | None, executor: str, image_size: int | None = None,
                       min_side: int | None = None) -> None:
-    from distributed_downloader.tools import run_tool
-
     settings, options = _tool_settings(name, output, config_file, image_size, min_side)
-    if executor == "mpi":
-        from distributed_downloader.executors import mpi
-
-        comm = mpi.world()
-        ON_ERROR.append(mpi.abort_world)
-        if comm.Get_rank() != mpi.SCHEDULER_RANK:
-            mpi.serve_tasks(comm)
-            return
-        with _run_lock(output, f"tools {name}", settings, mpi_ranks=True):
-            try:
-                summary = run_tool(name, output, options, restart, executor="mpi")
-            finally:
-                mpi.release_task_ranks()
-    else:
-        if workers is None and settings.tools_num_workers > 1:
-            workers = settings.tools_num_workers
-        with _run_lock(output, f"tools {name}", settings):
-            summary = run_tool(name, output, options, restart, workers)
-    details = ", ".join(f"{key.replace('_', ' ')} {value:,}" for key, value in summary.items()
-                        if isinstance(value, int) and key != "finished_at")
-    console.print(f"tools {name}: {details} in {summary['seconds']:.1f} s")
-    console.print(f"results in [bold]{output / 'tools' / name}[/]")
+    pipeline.tool(name, output, settings, options, restart, workers, executor)
 
 
 def _tool_command(name: str) -> None:
@@ -814,7 +513,8 @@ def export(output: Path, to_format: str, restart: bool, workers: int | None) -> 
     or HDF5, without downloading again; a re-run resumes."""
     from distributed_downloader.tools import run_tool
 
-    with _run_lock(output, f"export --to {to_format}"):
+    with pipeline.run_lock(output, f"export --to {to_format}",
+                           gather_settings(None, {"output": output})):
         summary = run_tool(to_format, output, {}, restart, workers)
     console.print(f"export {to_format}: {summary.get('images', 0):,} images, "
                   f"{summary.get('errors', 0):,} errors in {summary['batches_this_run']:,} "
@@ -855,7 +555,7 @@ def main() -> None:
         _exit_with_error(str(exc), exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted")
-        for action in ON_ERROR:
+        for action in pipeline.ON_ERROR:
             action(EXIT_USER_ERROR)
         sys.exit(EXIT_INTERRUPTED)
     except OSError as exc:
@@ -876,5 +576,5 @@ def _exit_with_error(message: str, code: int) -> None:
 
 
 def _fail(code: int) -> None:
-    for action in ON_ERROR:  # under MPI: the other ranks must not wait for rank 0
+    for action in pipeline.ON_ERROR:  # under MPI: the other ranks must not wait for rank 0
         action(code)

@@ -70,6 +70,24 @@ class MpiChannel:
         loop.call_soon(poll)
 
 
+def start(on_error: list[Callable[[int], None]]) -> None:
+    """First thing under --executor mpi: every rank but 0 becomes a worker here (and the
+    process exits when rank 0 says so); on rank 0, any error from now on ends every rank
+    (`abort_world` joins `on_error`). Done once per process."""
+    import sys
+
+    from distributed_downloader.executors import stop_on_signals
+
+    if abort_world in on_error:
+        return  # already started (download, then its fetch)
+    comm = world()
+    on_error.append(abort_world)
+    if comm.Get_rank() != SCHEDULER_RANK:
+        interrupted = run_worker_rank(comm)
+        sys.exit(130 if interrupted else 0)
+    stop_on_signals()
+
+
 def run_worker_rank(comm: Any) -> bool:
     """A fetching rank: take the run's settings from rank 0, then work until told to stop."""
     from distributed_downloader.fetch.worker import catch_stop_signals, run_worker, stop_signalled

@@ -1,0 +1,164 @@
+"""What the commands run, top to bottom: each stage with its progress and summary, and
+`download` (prep unless done, profile when asked, fetch) as one sequence. The CLI gathers the
+settings and calls one function here; the stages themselves know nothing of terminals."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from distributed_downloader.config import Settings
+from distributed_downloader.executors import stop_on_signals
+from distributed_downloader.render import (
+    err_console,
+    fetch_notes,
+    fetch_plan_notes,
+    prep_progress,
+    print_fetch_summary,
+    print_prep_summary,
+    print_profile_summary,
+    print_tool_summary,
+)
+
+# Run with the exit code before exiting on an error (MPI: end all ranks).
+ON_ERROR: list[Callable[[int], None]] = []
+
+
+def start_mpi() -> None:
+    from distributed_downloader.executors import mpi
+
+    mpi.start(ON_ERROR)
+
+
+def run_lock(output: Path | None, command: str, settings: Settings,
+             mpi_ranks: bool = False) -> contextlib.AbstractContextManager[Any]:
+    """OUT's lock (runlock.py) for a command that writes into OUT. Under MPI rank 0 holds it
+    for every rank (`mpi_ranks`: they wait for its word); refused, it sends them home first, so
+    that every rank ends cleanly and the message is printed once."""
+    from distributed_downloader.runlock import hold_run_lock
+
+    assert output is not None
+
+    def send_ranks_home() -> None:
+        from distributed_downloader.executors import mpi
+
+        mpi.release_task_ranks()
+        ON_ERROR.clear()  # every rank was told: nothing to abort
+
+    return hold_run_lock(output, command, settings.run_lock_lease,
+                         send_ranks_home if mpi_ranks else None)
+
+
+def prep(settings: Settings, force: bool = False) -> None:
+    from distributed_downloader.prep import run_prep
+
+    assert settings.output is not None
+    report = prep_progress()
+    try:
+        summary = run_prep(settings, force=force, progress=report)
+    finally:
+        report.stop()  # type: ignore[attr-defined]
+    print_prep_summary(summary, settings.output)
+
+
+def profile(settings: Settings) -> None:
+    from distributed_downloader.profile import run_profile
+
+    assert settings.output is not None
+    print_profile_summary(run_profile(settings), settings.output)
+
+
+def fetch(settings: Settings, retry_errors: bool, started: float | None = None) -> None:
+    """Fetch what is left, with a progress bar; exits 130 when interrupted. robots.txt files
+    fetched since `started` (by this download's profile) are used as they are."""
+    from distributed_downloader.fetch import FetchPlan, run_fetch
+    from distributed_downloader.progress import FetchProgress
+
+    assert settings.output is not None
+    executor = None
+    if settings.executor == "mpi":
+        from distributed_downloader.executors import mpi
+
+        start_mpi()
+        executor = mpi.MpiExecutor(mpi.world(), settings)
+    else:
+        stop_on_signals()  # the local executor takes the signals over before its workers start
+    progress: list[FetchProgress] = []
+
+    def on_plan(plan: FetchPlan) -> None:
+        fetch_plan_notes(plan)
+        progress.append(FetchProgress(err_console, plan.rows_total, plan.rows_committed))
+
+    try:
+        summary = run_fetch(settings, retry_errors, on_tick=lambda s: progress[0](s),
+                            on_plan=on_plan, executor=executor, robots_fetched_since=started)
+    finally:
+        if progress:
+            progress[0].stop()
+    print_fetch_summary(summary, settings.output)
+    fetch_notes(summary)
+    if summary["interrupted"]:
+        sys.exit(130)
+
+
+def download(settings: Settings, input: Path, retry_errors: bool, force: bool,
+             run_profile: bool) -> None:
+    """One shot: prep INPUT into OUT (unless done), profile when asked, then fetch."""
+    from distributed_downloader.fetch import check_output_settings
+    from distributed_downloader.formats import require_format
+    from distributed_downloader.prep import check_same_input, prep_is_finished
+    from distributed_downloader.storage import RunLayout
+
+    started = time.time()
+    assert settings.output is not None
+    layout = RunLayout(settings.output)
+    if settings.executor == "mpi":
+        start_mpi()  # the other ranks fetch; rank 0 alone preps and profiles
+    else:
+        stop_on_signals()
+    require_format(settings.output_format)
+    with run_lock(settings.output, "download", settings, mpi_ranks=settings.executor == "mpi"):
+        check_output_settings(layout, settings)
+        if not settings.contact:
+            err_console.print("[yellow]note:[/] no contact in the User-Agent; set --contact "
+                              "EMAIL_OR_URL so that hosts can reach you before they block you")
+        if prep_is_finished(layout) and force:
+            prep(settings, force=True)  # refused once anything was downloaded
+        elif prep_is_finished(layout):
+            check_same_input(layout, input)
+            err_console.print(f"prep: already done in {layout.prep}, resuming")
+        else:
+            prep(settings)
+        if run_profile and not layout.profile_summary.exists():
+            profile(settings)
+        fetch(settings, retry_errors, started)
+
+
+def tool(name: str, output: Path, settings: Settings, options: dict[str, Any], restart: bool,
+         workers: int | None, executor: str) -> None:
+    """A post-processing tool over the run, on local processes or MPI ranks."""
+    from distributed_downloader.tools import run_tool
+
+    if executor == "mpi":
+        from distributed_downloader.executors import mpi
+
+        comm = mpi.world()
+        ON_ERROR.append(mpi.abort_world)
+        if comm.Get_rank() != mpi.SCHEDULER_RANK:
+            mpi.serve_tasks(comm)
+            return
+        with run_lock(output, f"tools {name}", settings, mpi_ranks=True):
+            try:
+                summary = run_tool(name, output, options, restart, executor="mpi")
+            finally:
+                mpi.release_task_ranks()
+    else:
+        if workers is None and settings.tools_num_workers > 1:
+            workers = settings.tools_num_workers
+        with run_lock(output, f"tools {name}", settings):
+            summary = run_tool(name, output, options, restart, workers)
+    print_tool_summary(name, output, summary)
