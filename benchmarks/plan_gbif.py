@@ -48,7 +48,7 @@ def write_run(out: Path, rows: int) -> list[str]:
 
 
 def plan(out: Path, nodes: int, workers: int, rates: Path | None) -> dict:
-    command = [sys.executable, "-m", "distributed_downloader", "plan", str(out), "--nodes",
+    command = [sys.executable, "-m", "distributed_downloader", "plan", str(out), "--max-nodes",
                str(nodes), "--workers-per-node", str(workers), "--json"]
     if rates:
         command += ["--rates", str(rates)]

@@ -56,8 +56,27 @@ def test_previous_mode_only_where_previous_is() -> None:
 
 def test_each_tool_shows_its_own_options() -> None:
     resize, size_based = help_text("tools", "resize"), help_text("tools", "size_based")
-    assert "--image-size" in resize and "--min-side" not in resize
-    assert "--min-side" in size_based and "--image-size" not in size_based
+    assert "--new-resize-size" in resize and "--threshold-size" not in resize
+    assert "--threshold-size" in size_based and "--new-resize-size" not in size_based
+    # One name per setting: the flags of the first versions are accepted, not shown.
+    assert "--image-size" not in resize and "--min-side" not in size_based
     listing = help_text("tools")
     for name in ("resize", "image_verification", "duplication_based", "size_based"):
         assert name in listing
+
+
+def test_every_flag_is_its_settings_name() -> None:
+    """`--input-format` is `input_format`, `--new-resize-size` is `new_resize_size`: no flag
+    shown under another name than its setting's."""
+    from distributed_downloader.config import SETTING_NAMES
+
+    flags = set()
+    for command in (["prep"], ["download"], ["fetch"], ["profile"], ["tools", "resize"],
+                    ["tools", "size_based"], ["slurm", "submit"], ["plan"]):
+        flags |= set(re.findall(r"^\s+(?:-\w, )?--([a-z][a-z-]+)", help_text(*command), re.M))
+    own = {"help", "output", "config", "force", "retry-errors", "profile", "save-overrides",
+           "restart", "workers", "executor", "json", "worker-speed"}
+    names = {name.replace("_", "-") for name in SETTING_NAMES}
+    negated = {f"no-{name}" for name in names}
+    assert flags - own - names - negated == set()
+    assert "format" not in flags and "image-size" in flags  # image_size is a setting too

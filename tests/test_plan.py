@@ -34,7 +34,7 @@ def plan(out: Path, *args: object) -> dict:
 
 def test_plan_is_bound_by_the_largest_server_when_cores_are_plenty(prepared: Path,
                                                                      tmp_path: Path) -> None:
-    result = plan(prepared, "--nodes", 2, "--workers-per-node", 4, "--default-rate-limit", 10)
+    result = plan(prepared, "--max-nodes", 2, "--workers-per-node", 4, "--default-rate-limit", 10)
     assert result["rows"] == 930 and result["workers"] == 8
     assert result["seconds"] == pytest.approx(60.0)  # a.example: 600 rows at 10/s
     assert [row["server"] for row in result["largest"]] == ["a.example", "b.example",
@@ -44,14 +44,14 @@ def test_plan_is_bound_by_the_largest_server_when_cores_are_plenty(prepared: Pat
 
     # Hand-set rates move the bound: a.example at 20/s finishes in 30 s, b.example then binds.
     rates = write_lines(tmp_path / "rates.csv", ["server_name,rate_limit", "a.example,20"])
-    result = plan(prepared, "--nodes", 2, "--workers-per-node", 4, "--default-rate-limit", 10,
+    result = plan(prepared, "--max-nodes", 2, "--workers-per-node", 4, "--default-rate-limit", 10,
                   "--rates", rates)
     assert result["seconds"] == pytest.approx(30.0)
 
 
 def test_plan_is_bound_by_the_cores_when_servers_allow_more(prepared: Path) -> None:
     # One worker decoding 5 images/s for 930 rows, every server allowing 1000/s: 186 s.
-    result = plan(prepared, "--nodes", 1, "--workers-per-node", 1, "--worker-speed", 5,
+    result = plan(prepared, "--max-nodes", 1, "--workers-per-node", 1, "--worker-speed", 5,
                   "--default-rate-limit", 1000)
     assert result["seconds"] == pytest.approx(930 / 5)
     assert result["capacity_bound_seconds"] == pytest.approx(930 / 5)

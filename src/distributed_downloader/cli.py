@@ -80,6 +80,18 @@ def setting_option(name: str, *extra_flags: str) -> Callable[[Callable], Callabl
     return click.option(flag, *extra_flags, name, type=click_type, default=None, help=help_text)
 
 
+def hidden_alias(flag: str, name: str, click_type: Any) -> Callable[[Callable], Callable]:
+    """A flag an earlier version used for the setting `name`: accepted, not shown. Given with
+    the setting's own flag, the last one on the command line wins."""
+    def keep(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is not None:
+            ctx.params[name] = value
+        return value
+
+    return click.option(flag, f"_alias_{name}", type=click_type, default=None, hidden=True,
+                        expose_value=False, callback=keep)
+
+
 def setting_options(*names: str) -> Callable[[Callable], Callable]:
     def decorate(command: Callable) -> Callable:
         for name in reversed(names):
@@ -154,11 +166,10 @@ def cli() -> None:
 
 
 def input_options(command: Callable) -> Callable:
-    """INPUT, --output and --format: what prep and download share."""
-    command = click.option(
-        "--format", "input_format", default=None,
-        type=click.Choice(list(typing.get_args(InputFormat))),
-        help=f"{Settings.model_fields['input_format'].description} [default: auto]")(command)
+    """INPUT, --output and --input-format: what prep and download share."""
+    command = setting_option("input_format")(command)
+    command = hidden_alias("--format", "input_format",
+                           click.Choice(list(typing.get_args(InputFormat))))(command)
     command = click.option(
         "--output", "-o", "output", type=click.Path(path_type=Path), required=True,
         help=Settings.model_fields["output"].description)(command)
@@ -299,19 +310,19 @@ def verify(output: Path, fix: bool, workers: int | None) -> None:
 TOOL_NAMES = ("resize", "image_verification", "duplication_based", "size_based")
 
 
-# Each tool's own options (its command's --help shows them, and only them).
+# Each tool's own settings (its command's --help shows them, and only them); the flags the
+# first versions used stay accepted, hidden.
 TOOL_OPTIONS: dict[str, list[Callable]] = {
-    "resize": [click.option("--image-size", type=int, default=None,
-                            help="The new longest side [default: new_resize_size, 720].")],
-    "size_based": [click.option("--min-side", type=int, default=None,
-                                help="Smallest side an original must have [default: "
-                                "threshold_size, 224].")],
+    "resize": [setting_option("new_resize_size"),
+               hidden_alias("--image-size", "new_resize_size", int)],
+    "size_based": [setting_option("threshold_size"),
+                   hidden_alias("--min-side", "threshold_size", int)],
 }
 TOOL_SUMMARIES = {
-    "resize": "Make stored images smaller (longest side --image-size).",
+    "resize": "Make stored images smaller (longest side --new-resize-size).",
     "image_verification": "Decode every stored image; list the ones that fail.",
     "duplication_based": "Find images with the same original; keep the lowest UUID.",
-    "size_based": "List images whose original is smaller than --min-side pixels.",
+    "size_based": "List images whose original is smaller than --threshold-size pixels.",
 }
 
 
@@ -329,15 +340,15 @@ def tool_options(command: Callable) -> Callable:
     return command
 
 
-def _tool_settings(name: str, output: Path, config_file: Path | None, image_size: int | None,
-                   min_side: int | None) -> tuple[Settings, dict[str, Any]]:
-    settings = gather_settings(config_file, {"output": output})
+def _tool_settings(name: str, output: Path, config_file: Path | None,
+                   flags: dict[str, Any]) -> tuple[Settings, dict[str, Any]]:
+    settings = gather_settings(config_file, {"output": output, **flags})
     options: dict[str, Any] = {}
     if name == "resize":
-        options = {"image_size": image_size or settings.new_resize_size,
+        options = {"image_size": settings.new_resize_size,
                    "image_quality": settings.image_quality}
     elif name == "size_based":
-        options = {"min_side": settings.threshold_size if min_side is None else min_side}
+        options = {"min_side": settings.threshold_size}
     return settings, options
 
 
@@ -348,9 +359,8 @@ def tools() -> None:
 
 
 def _run_tool_command(name: str, output: Path, config_file: Path | None, restart: bool,
-                      workers: int | None, executor: str, image_size: int | None = None,
-                      min_side: int | None = None) -> None:
-    settings, options = _tool_settings(name, output, config_file, image_size, min_side)
+                      workers: int | None, executor: str, **flags: Any) -> None:
+    settings, options = _tool_settings(name, output, config_file, flags)
     pipeline.tool(name, output, settings, options, restart, workers, executor)
 
 
@@ -370,7 +380,8 @@ for _name in TOOL_NAMES:
 
 @cli.command()
 @run_folder()
-@setting_option("max_nodes", "--nodes")
+@setting_option("max_nodes")
+@hidden_alias("--nodes", "max_nodes", int)
 @setting_options("workers_per_node", "cpu_per_worker", "default_rate_limit", "min_worker_rate",
                  "rates")
 @click.option("--worker-speed", type=float, default=None,
@@ -526,18 +537,19 @@ def export(output: Path, to_format: str, restart: bool, workers: int | None) -> 
 @slurm.command(name="tool")
 @click.argument("name", type=click.Choice(TOOL_NAMES))
 @run_folder(exists=True)
-@click.option("--image-size", type=int, default=None, help="resize: the new longest side.")
-@click.option("--min-side", type=int, default=None, help="size_based: smallest side.")
+@setting_options("new_resize_size", "threshold_size")
+@hidden_alias("--image-size", "new_resize_size", int)
+@hidden_alias("--min-side", "threshold_size", int)
 @config_option
-def slurm_tool(name: str, output: Path, image_size: int | None, min_side: int | None,
-               config_file: Path | None) -> None:
+def slurm_tool(name: str, output: Path, new_resize_size: int | None,
+               threshold_size: int | None, config_file: Path | None) -> None:
     """Submit a post-processing tool as one MPI job (tools_max_nodes × tools_workers_per_node);
     submit it again to resume after a time limit."""
     from distributed_downloader.executors.slurm import submit_tool
 
     settings = gather_settings(config_file, {"output": output})
-    options = [*(["--image-size", str(image_size)] if image_size else []),
-               *(["--min-side", str(min_side)] if min_side is not None else [])]
+    options = [*(["--new-resize-size", str(new_resize_size)] if new_resize_size else []),
+               *(["--threshold-size", str(threshold_size)] if threshold_size is not None else [])]
     job = submit_tool(settings, name, options)
     console.print(f"submitted tools {name}: job {job}; log in {output / 'slurm' / 'logs'}")
 
