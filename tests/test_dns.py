@@ -23,9 +23,9 @@ from conftest import (
     write_lines,
 )
 from distributed_downloader.config import Settings
-from distributed_downloader.errors import RETRYABLE, ErrorCode
+from distributed_downloader.errors import ErrorCode, Failure, RETRYABLE
 from distributed_downloader.testing.farm import Farm, FarmServer, ServerSpec, make_small_image
-from distributed_downloader.fetch.client import FetchFailure, HttpClient
+from distributed_downloader.fetch.client import HttpClient
 from distributed_downloader.fetch.dns import CachingResolver
 from dns_server import DnsServer
 
@@ -153,11 +153,11 @@ def test_the_client_reports_dns_failures_as_dns_error_and_still_blocks_addresses
         client = HttpClient(Settings(dns_servers=[dns.address], allow_network=["127.0.0.0/25"]))
         try:
             unknown = await client.get("http://nowhere.test:9/a.jpg")
-            assert isinstance(unknown, FetchFailure) and unknown.code is ErrorCode.DNS_ERROR
+            assert isinstance(unknown, Failure) and unknown.code is ErrorCode.DNS_ERROR
             failing = await client.get(f"http://{NAME}:9/a.jpg")
-            assert isinstance(failing, FetchFailure) and failing.code is ErrorCode.DNS_ERROR
+            assert isinstance(failing, Failure) and failing.code is ErrorCode.DNS_ERROR
             private = await client.get("http://canary.test:9/a.jpg")  # 127.0.0.250
-            assert isinstance(private, FetchFailure)
+            assert isinstance(private, Failure)
             assert private.code is ErrorCode.BLOCKED_ADDRESS
         finally:
             await client.close()
@@ -178,17 +178,17 @@ def test_a_redirect_to_a_numeric_host_form_is_checked_as_the_address_it_is() -> 
             for host in ("0x7f0000fa", "2130706682", "0177.0.0.250", "0x7f.0.0.0xfa"):
                 target = f"http://{host}:{canary.port}/img/c.jpg"
                 outcome = await client.get(a.url(f"/redirect-to?url={target}"))
-                assert isinstance(outcome, FetchFailure), host
+                assert isinstance(outcome, Failure), host
                 assert outcome.code is ErrorCode.BLOCKED_ADDRESS, (host, outcome)
                 assert "127.0.0.250" in outcome.message
             # One that is allowed is fetched from the address it names.
             allowed = await client.get(a.url(f"/redirect-to?url=http://0x7f000002:{a.port}"
                                               "/img/a.jpg"))
-            assert not isinstance(allowed, FetchFailure), allowed
+            assert not isinstance(allowed, Failure), allowed
             assert allowed.final_url == a.url("/img/a.jpg")
             # A host no browser would read: refused as an invalid redirect, no query either.
             bad = await client.get(a.url(f"/redirect-to?url=http://1.2.3.256:{a.port}/x"))
-            assert isinstance(bad, FetchFailure) and bad.code is ErrorCode.INVALID_REDIRECT
+            assert isinstance(bad, Failure) and bad.code is ErrorCode.INVALID_REDIRECT
         finally:
             await client.close()
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from distributed_downloader import images
-from distributed_downloader.errors import ErrorCode
+from distributed_downloader.errors import ErrorCode, Failure
 from distributed_downloader.testing.farm import (
     make_photo,
     make_png_bomb,
@@ -22,7 +22,6 @@ from distributed_downloader.testing.farm import (
     make_small_image,
 )
 from distributed_downloader.images import (
-    ImageFailure,
     OpenedImage,
     StoredImage,
     finish_image,
@@ -115,13 +114,13 @@ def test_original_output_keeps_the_bytes_when_no_resize_is_needed() -> None:
 )
 def test_bad_bodies_become_error_codes(body: bytes, code: ErrorCode) -> None:
     result = process_image(body, 720)
-    assert isinstance(result, ImageFailure)
+    assert isinstance(result, Failure)
     assert result.code == code
 
 
 def test_max_pixels_is_a_setting() -> None:
     result = process_image(make_photo(400, 300, seed=9), 720, max_pixels=100_000)
-    assert isinstance(result, ImageFailure) and result.code == ErrorCode.DECOMPRESSION_BOMB
+    assert isinstance(result, Failure) and result.code == ErrorCode.DECOMPRESSION_BOMB
 
 
 # --- large images: decoded at reduced size, at a cost known from the header ---------------------
@@ -281,13 +280,13 @@ def test_a_png_orientation_written_after_its_pixels_is_applied() -> None:
 def test_a_truncated_png_decoded_in_strips_is_a_truncated_image() -> None:
     body = make_scan_png(3000, 3000, "RGB", seed=6)
     result = process_image(body[:len(body) * 2 // 3], 720)
-    assert isinstance(result, ImageFailure) and result.code == ErrorCode.TRUNCATED_IMAGE
+    assert isinstance(result, Failure) and result.code == ErrorCode.TRUNCATED_IMAGE
 
 
 def test_the_pixel_cap_refuses_a_large_png_before_any_decoding() -> None:
     body = make_scan_png(9000, 9000, "RGBA", seed=1)  # 81 million pixels
     result = process_image(body, 720, max_pixels=80_000_000)
-    assert isinstance(result, ImageFailure) and result.code == ErrorCode.DECOMPRESSION_BOMB
+    assert isinstance(result, Failure) and result.code == ErrorCode.DECOMPRESSION_BOMB
     assert "max_image_pixels" in result.message
     assert isinstance(process_image(body, 720, max_pixels=81_000_000), StoredImage)
 

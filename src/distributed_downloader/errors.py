@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import errno
 import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
@@ -174,3 +176,16 @@ SERVER_FAILURES = frozenset(
         ErrorCode.HTTP_504,
     }
 )
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why one row was not stored, whatever found it (the request, the image check, or the
+    scheduler giving a server up): the row's `error_code` and message, and what the server
+    said when it answered."""
+
+    code: ErrorCode
+    message: str
+    http_status: int | None = None
+    retry_after: float | None = None
+    headers: Mapping[str, str] = field(default_factory=dict, compare=False)

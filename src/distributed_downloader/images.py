@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-from distributed_downloader.errors import ErrorCode
+from distributed_downloader.errors import ErrorCode, Failure
 
 # Pillow's own bomb check would warn or raise at its default size; ours is explicit instead.
 Image.MAX_IMAGE_PIXELS = None
@@ -74,12 +74,6 @@ class StoredImage:
     resized_size: tuple[int, int]
     hashsum_original: str
     hashsum_resized: str
-
-
-@dataclass
-class ImageFailure:
-    code: ErrorCode
-    message: str
 
 
 @dataclass
@@ -129,10 +123,10 @@ def process_image(
     output_format: str = "jpeg",
     quality: int = 95,
     max_pixels: int = 89_478_485,
-) -> StoredImage | ImageFailure:
+) -> StoredImage | Failure:
     """Turn a downloaded body into the stored image, or say why it cannot be one."""
     opened = open_image(body, image_size, output_format, max_pixels)
-    if isinstance(opened, ImageFailure):
+    if isinstance(opened, Failure):
         return opened
     return finish_image(opened, quality)
 
@@ -142,17 +136,17 @@ def open_image(
     image_size: int,
     output_format: str = "jpeg",
     max_pixels: int = 89_478_485,
-) -> OpenedImage | ImageFailure:
+) -> OpenedImage | Failure:
     """Read the header: refuse bombs, choose how to decode, and say what decoding will cost."""
     try:
         image = Image.open(io.BytesIO(body))
     except UnidentifiedImageError:
-        return ImageFailure(ErrorCode.NOT_AN_IMAGE, "not an image Pillow can identify")
+        return Failure(ErrorCode.NOT_AN_IMAGE, "not an image Pillow can identify")
     except Exception as exc:  # a damaged or cut-off header
         return _decode_failure(exc)
     width, height = image.size
     if width * height > max_pixels:
-        return ImageFailure(
+        return Failure(
             ErrorCode.DECOMPRESSION_BOMB,
             f"{width}x{height} is {width * height:,} pixels, over max_image_pixels {max_pixels:,}",
         )
@@ -179,7 +173,7 @@ def open_image(
     return opened
 
 
-def finish_image(opened: OpenedImage, quality: int = 95) -> StoredImage | ImageFailure:
+def finish_image(opened: OpenedImage, quality: int = 95) -> StoredImage | Failure:
     """Decode, orient, resize, encode and hash an opened image: the costly part."""
     body, image, target = opened.body, opened.image, opened.target
     hashsum_original = hashlib.md5(body).hexdigest()
@@ -215,7 +209,7 @@ def finish_image(opened: OpenedImage, quality: int = 95) -> StoredImage | ImageF
         options = {"quality": quality} if encoding in ("JPEG", "WEBP") else {}
         image.save(buffer, format=encoding, **options)
     except Exception as exc:
-        return ImageFailure(ErrorCode.IMAGE_ERROR, f"cannot convert or encode: {exc}")
+        return Failure(ErrorCode.IMAGE_ERROR, f"cannot convert or encode: {exc}")
     stored = buffer.getvalue()
     width, height = image.size
     return StoredImage(
@@ -518,10 +512,10 @@ def _flatten(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _decode_failure(exc: Exception) -> ImageFailure:
+def _decode_failure(exc: Exception) -> Failure:
     text = str(exc)
     if isinstance(exc, EOFError) or any(
         sign in text.lower() for sign in ("truncated", "premature end")
     ):
-        return ImageFailure(ErrorCode.TRUNCATED_IMAGE, f"truncated image: {text}")
-    return ImageFailure(ErrorCode.NOT_AN_IMAGE, f"cannot decode: {text}")
+        return Failure(ErrorCode.TRUNCATED_IMAGE, f"truncated image: {text}")
+    return Failure(ErrorCode.NOT_AN_IMAGE, f"cannot decode: {text}")

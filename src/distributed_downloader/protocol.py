@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from distributed_downloader.errors import Failure
+
 
 @dataclass(frozen=True)
 class BatchRef:
@@ -88,18 +90,10 @@ class WorkerStopped:
 # --- scheduler -> worker --------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class GiveUp:
-    """Why a server's rows are written as errors without being requested."""
-
-    code: str  # an ErrorCode value
-    message: str
-
-
 @dataclass
 class Assign:
     batch: BatchRef
-    give_up: GiveUp | None = None  # set: write every remaining row as this error, no request
+    give_up: Failure | None = None  # set: write every remaining row as this error, no request
 
 
 @dataclass
@@ -111,7 +105,7 @@ class Budget:
     connections: int
     paused_until: float = 0.0
     dead: bool = False
-    give_up: GiveUp | None = None  # with dead: what the server's remaining rows become
+    give_up: Failure | None = None  # with dead: what the server's remaining rows become
     probing: bool = False  # the server keeps failing: one request at a time, new URLs first
 
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from distributed_downloader.config import Settings
-from distributed_downloader.errors import ErrorCode
+from distributed_downloader.errors import ErrorCode, Failure
 from distributed_downloader.policy import ServerPolicy
 from distributed_downloader.protocol import (
     Assign,
@@ -24,7 +24,6 @@ from distributed_downloader.protocol import (
     BatchRef,
     Budget,
     DiskFull,
-    GiveUp,
     NoWorkYet,
     Report,
     ServerNews,
@@ -34,9 +33,9 @@ from distributed_downloader.protocol import (
 )
 
 Outgoing = list[tuple[int, object]]
-SERVER_KEPT_FAILING = GiveUp(ErrorCode.SERVER_UNAVAILABLE,
+SERVER_KEPT_FAILING = Failure(ErrorCode.SERVER_UNAVAILABLE,
                              "server kept failing; gave up on it for this run")
-SERVER_OPTED_OUT = GiveUp(ErrorCode.OPTED_OUT_SERVER,
+SERVER_OPTED_OUT = Failure(ErrorCode.OPTED_OUT_SERVER,
                           "every answer of the server opted out (X-Robots-Tag); not asked again")
 
 
@@ -65,7 +64,7 @@ class ServerState:
     remaining_rows: int = 0
     workers: set[int] = field(default_factory=set)
     dead: bool = False
-    give_up: GiveUp = SERVER_KEPT_FAILING  # what the rows of a dead server become
+    give_up: Failure = SERVER_KEPT_FAILING  # what the rows of a dead server become
     successes: int = 0
     errors: int = 0
     throttled: int = 0
@@ -218,7 +217,7 @@ class Scheduler:
             if server.policy.breaker.down(now):
                 out += self._give_up(server)
             elif (pause := server.policy.pause_too_long(now)) is not None:
-                server.give_up = GiveUp(
+                server.give_up = Failure(
                     ErrorCode.HTTP_429, f"the server asked for a pause of {pause:.0f} s "
                     "(Retry-After); not asked again this run")
                 out += self._give_up(server)
@@ -244,7 +243,7 @@ class Scheduler:
         server.policy.control.set_cap("robots", rate_cap)
         server.next_start = max(server.next_start, last_request + 1.0 / server.rate)
 
-    def give_up_held(self, name: str, reason: GiveUp) -> None:
+    def give_up_held(self, name: str, reason: Failure) -> None:
         """A held server that will not be released this run: its rows become `reason` errors."""
         server = self.servers[name]
         server.held = None

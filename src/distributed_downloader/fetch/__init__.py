@@ -19,7 +19,7 @@ import duckdb
 import pyarrow.parquet as pq
 
 from distributed_downloader.config import Settings, save_settings
-from distributed_downloader.errors import ErrorCode, OutOfSpace, UserError
+from distributed_downloader.errors import ErrorCode, Failure, OutOfSpace, UserError
 from distributed_downloader.fetch.robots import RobotsGate
 from distributed_downloader.formats import require_format
 from distributed_downloader.policy import RatePolicy, ServerPolicy
@@ -32,7 +32,7 @@ from distributed_downloader.profiles import (
     read_profiles,
     write_profiles,
 )
-from distributed_downloader.protocol import BatchRef, DiskFull, GiveUp
+from distributed_downloader.protocol import BatchRef, DiskFull
 from distributed_downloader.schedule import (
     SERVER_KEPT_FAILING,
     SERVER_OPTED_OUT,
@@ -60,8 +60,8 @@ PROFILE_SAVE_SECONDS = 60.0
 STATE_SECONDS = 5.0  # how often a running fetch records its state for `status`
 # Profile statuses whose max_rate_limit is a hard ceiling (advertised, Crawl-delay, by hand).
 CEILING_STATUSES = (ProfileStatus.PROBED, ProfileStatus.MANUAL)
-EXCLUDED = GiveUp(ErrorCode.SERVER_EXCLUDED, "server excluded by the rates file")
-DOWN_AT_PROFILE = GiveUp(ErrorCode.SERVER_UNAVAILABLE,
+EXCLUDED = Failure(ErrorCode.SERVER_EXCLUDED, "server excluded by the rates file")
+DOWN_AT_PROFILE = Failure(ErrorCode.SERVER_UNAVAILABLE,
                          "server did not answer the profile probe; run `profile` again to retry")
 
 

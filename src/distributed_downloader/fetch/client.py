@@ -4,7 +4,7 @@ A redirect target is read as a browser reads it, with the parser prep reads ever
 (WHATWG, ada): `http://0x7f000001/` is 127.0.0.1, so the address check at each hop sees the
 address a numeric host names, as it does for a prepared URL, and no DNS lookup is made for it.
 
-Every outcome is a value: a `Body`, or a `FetchFailure` whose `ErrorCode` maps straight to the
+Every outcome is a value: a `Body`, or a `Failure` whose `ErrorCode` maps straight to the
 errors table. Nothing here decides whether to retry (see retry.py) or how fast to go
 (see politeness.py); `pace` is awaited before every hop so redirects count against the budget.
 """
@@ -22,7 +22,7 @@ from aiohttp.http_exceptions import LineTooLong
 from yarl import URL
 
 from distributed_downloader.config import Settings
-from distributed_downloader.errors import ErrorCode
+from distributed_downloader.errors import ErrorCode, Failure
 from distributed_downloader.fetch.dns import CachingResolver
 from distributed_downloader.fetch.retry import parse_retry_after
 from distributed_downloader.fetch.safety import AddressPolicy, BlockedAddress, SafeResolver
@@ -69,15 +69,6 @@ class BodyBudget:
     def release(self, amount: int) -> None:
         self.used -= amount
         self._room.set()
-
-
-@dataclass
-class FetchFailure:
-    code: ErrorCode
-    message: str
-    http_status: int | None = None
-    retry_after: float | None = None
-    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 Pace = Callable[[], Awaitable[None]]
@@ -139,27 +130,27 @@ class HttpClient:
         await self.resolver.close()  # not the connector's to close: it did not make it
 
     async def get(self, url: str, pace: Pace | None = None,
-                  permitted: Callable[[str], bool] | None = None) -> Body | FetchFailure:
+                  permitted: Callable[[str], bool] | None = None) -> Body | Failure:
         """GET `url`; `permitted` (robots.txt) is asked about every redirect target."""
         try:
             current = URL(url, encoded=True)
         except ValueError as exc:
-            return FetchFailure(ErrorCode.INVALID_REDIRECT, f"unusable URL: {exc}")
+            return Failure(ErrorCode.INVALID_REDIRECT, f"unusable URL: {exc}")
         for hop in range(MAX_REDIRECTS + 1):
             if hop > 0:  # prepared URLs were read this way already
                 readable = browser_form(current)
                 if readable is None:
-                    return FetchFailure(ErrorCode.INVALID_REDIRECT,
+                    return Failure(ErrorCode.INVALID_REDIRECT,
                                         f"redirected to {current}, not a valid URL")
                 current = readable
             if current.scheme not in ("http", "https") or not current.host:
-                return FetchFailure(ErrorCode.INVALID_REDIRECT, f"redirected to {current}")
+                return Failure(ErrorCode.INVALID_REDIRECT, f"redirected to {current}")
             try:
                 self.policy.check_literal(current.host)
             except BlockedAddress as exc:
-                return FetchFailure(ErrorCode.BLOCKED_ADDRESS, str(exc))
+                return Failure(ErrorCode.BLOCKED_ADDRESS, str(exc))
             if hop > 0 and permitted is not None and not permitted(str(current)):
-                return FetchFailure(ErrorCode.ROBOTS_DISALLOWED,
+                return Failure(ErrorCode.ROBOTS_DISALLOWED,
                                     f"redirected to {current}, which robots.txt disallows")
             if pace is not None and hop > 0:
                 await pace()
@@ -168,7 +159,7 @@ class HttpClient:
                 current = outcome
                 continue
             return outcome
-        return FetchFailure(ErrorCode.TOO_MANY_REDIRECTS, f"more than {MAX_REDIRECTS} redirects")
+        return Failure(ErrorCode.TOO_MANY_REDIRECTS, f"more than {MAX_REDIRECTS} redirects")
 
     async def _read_body(self, response: aiohttp.ClientResponse) -> bytes | None:
         """The whole body, or None as soon as it grows past max_body_size."""
@@ -181,22 +172,22 @@ class HttpClient:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _one_hop(self, url: URL) -> Body | FetchFailure | URL:
+    async def _one_hop(self, url: URL) -> Body | Failure | URL:
         try:
             async with self.session.get(url, allow_redirects=False) as response:
                 status = response.status
                 if status in REDIRECT_STATUSES:
                     location = response.headers.get("Location")
                     if not location:
-                        return FetchFailure(ErrorCode.HTTP_ERROR, f"{status} without Location",
+                        return Failure(ErrorCode.HTTP_ERROR, f"{status} without Location",
                                             status)
                     try:
                         return url.join(URL(location))
                     except ValueError:
-                        return FetchFailure(ErrorCode.INVALID_REDIRECT,
+                        return Failure(ErrorCode.INVALID_REDIRECT,
                                             f"unusable Location {location!r}", status)
                 if status >= 400 or status < 200 or status >= 300:
-                    return FetchFailure(
+                    return Failure(
                         ErrorCode.for_status(status) if status >= 400 else ErrorCode.HTTP_ERROR,
                         f"HTTP {status} {response.reason or ''}".strip(),
                         status,
@@ -204,7 +195,7 @@ class HttpClient:
                         response.headers,
                     )
                 if (response.content_length or 0) > self.max_body_size:
-                    return FetchFailure(
+                    return Failure(
                         ErrorCode.TOO_LARGE,
                         f"Content-Length {response.content_length:,} over max_body_size "
                         f"{self.max_body_size:,}", status)
@@ -216,28 +207,28 @@ class HttpClient:
                     raise
                 if data is None:
                     self.budget.release(reserved)
-                    return FetchFailure(
+                    return Failure(
                         ErrorCode.TOO_LARGE, f"body over max_body_size {self.max_body_size:,}",
                         status)
                 return Body(data, status, str(response.url),
                             response.headers.get("Content-Type", ""), reserved, response.headers)
         except asyncio.TimeoutError:
-            return FetchFailure(ErrorCode.TIMEOUT, "no complete answer in time")
+            return Failure(ErrorCode.TIMEOUT, "no complete answer in time")
         except aiohttp.ClientConnectorError as exc:
             blocked = _blocked_cause(exc)
             if blocked is not None:
-                return FetchFailure(ErrorCode.BLOCKED_ADDRESS, str(blocked))
+                return Failure(ErrorCode.BLOCKED_ADDRESS, str(blocked))
             if isinstance(exc, aiohttp.ClientConnectorDNSError):
-                return FetchFailure(ErrorCode.DNS_ERROR, str(exc))
-            return FetchFailure(ErrorCode.CONNECTION_ERROR, str(exc))
+                return Failure(ErrorCode.DNS_ERROR, str(exc))
+            return Failure(ErrorCode.CONNECTION_ERROR, str(exc))
         except aiohttp.InvalidURL as exc:
-            return FetchFailure(ErrorCode.INVALID_REDIRECT, f"invalid URL {exc}")
+            return Failure(ErrorCode.INVALID_REDIRECT, f"invalid URL {exc}")
         except (aiohttp.ClientError, OSError) as exc:
             blocked = _blocked_cause(exc)
             if blocked is not None:
-                return FetchFailure(ErrorCode.BLOCKED_ADDRESS, str(blocked))
+                return Failure(ErrorCode.BLOCKED_ADDRESS, str(blocked))
             too_long = _cause(exc, LineTooLong)
             if too_long is not None:  # the same answer next time: final, not retried
-                return FetchFailure(ErrorCode.HEADERS_TOO_LARGE,
+                return Failure(ErrorCode.HEADERS_TOO_LARGE,
                                     f"a header line over {too_long.args[1]} bytes")
-            return FetchFailure(ErrorCode.CONNECTION_ERROR, f"{type(exc).__name__}: {exc}")
+            return Failure(ErrorCode.CONNECTION_ERROR, f"{type(exc).__name__}: {exc}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from distributed_downloader.protocol import GiveUp
+from distributed_downloader.errors import Failure
 
 # Requests leave a little slower than the share allows: network jitter can bunch evenly paced
 # requests together, and a server counting strictly per second would see one too many.
@@ -28,7 +28,7 @@ class ServerSlot:
         self.connections = connections
         self.paused_until = 0.0  # wall-clock time (shared with other processes and nodes)
         self.dead = False
-        self.give_up: GiveUp | None = None  # why, when dead (default: it kept failing)
+        self.give_up: Failure | None = None  # why, when dead (default: it kept failing)
         self.probing = False  # failing: new URLs first, one request at a time
         self.open = 0
         self._next_send = 0.0  # monotonic
@@ -36,7 +36,7 @@ class ServerSlot:
         self._changed = asyncio.Event()  # set (and replaced) whenever the share changes
 
     def update(self, rate: float, connections: int, paused_until: float, dead: bool,
-               give_up: GiveUp | None = None, probing: bool = False) -> None:
+               give_up: Failure | None = None, probing: bool = False) -> None:
         self.give_up = give_up
         if rate < self.rate:  # slower from the last request on, not from the next one
             self._next_send = max(self._next_send, self._last_send + PACING_MARGIN / rate)

@@ -32,10 +32,10 @@ from urllib.parse import quote, urlsplit
 from protego import Protego
 
 from distributed_downloader.config import Settings
-from distributed_downloader.errors import ErrorCode, OutOfSpace
+from distributed_downloader.errors import ErrorCode, Failure, OutOfSpace
 from distributed_downloader.fetch.opt_out import PRODUCT_TOKEN
 from distributed_downloader.prep.urls import normalise_one
-from distributed_downloader.protocol import DiskFull, GiveUp
+from distributed_downloader.protocol import DiskFull
 from distributed_downloader.storage import RunLayout, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -272,15 +272,15 @@ class RobotsGate:
                 scheduler.give_up_held(name, self._give_up_reason(robots, now - since))
 
     @staticmethod
-    def _give_up_reason(robots: RobotsFile | None, seconds: float) -> GiveUp:
+    def _give_up_reason(robots: RobotsFile | None, seconds: float) -> Failure:
         # A server that cannot be reached at all says so (dns_error, timeout, ...); one that
         # answers, but not with its robots.txt, is robots_unreachable.
         if robots is None:
-            return GiveUp(ErrorCode.ROBOTS_UNREACHABLE,
+            return Failure(ErrorCode.ROBOTS_UNREACHABLE,
                           f"no answer for robots.txt in {seconds:.0f} s; not asked this run")
         code = robots.failure if robots.failure in NETWORK_FAILURES \
             else ErrorCode.ROBOTS_UNREACHABLE
-        return GiveUp(code, f"{robots.message} for {seconds:.0f} s; not asked this run")
+        return Failure(code, f"{robots.message} for {seconds:.0f} s; not asked this run")
 
     def close(self) -> None:
         self._stop.set()

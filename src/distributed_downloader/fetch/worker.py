@@ -29,9 +29,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distributed_downloader.config import Settings
-from distributed_downloader.errors import ErrorCode, OutOfSpace
+from distributed_downloader.errors import ErrorCode, Failure, OutOfSpace
 from distributed_downloader.executors import STOP_SIGNALS
-from distributed_downloader.fetch.client import Body, BodyBudget, FetchFailure, HttpClient
+from distributed_downloader.fetch.client import Body, BodyBudget, HttpClient
 from distributed_downloader.fetch.decode_budget import DecodeBudget
 from distributed_downloader.fetch.frontier import Frontier, Pending
 from distributed_downloader.fetch.opt_out import PRODUCT_TOKEN, opted_out
@@ -43,7 +43,7 @@ from distributed_downloader.fetch.retry import (
 )
 from distributed_downloader.fetch.robots import RobotsFile, load_robots
 from distributed_downloader.formats import read_successes
-from distributed_downloader.images import ImageFailure, StoredImage, finish_image, open_image
+from distributed_downloader.images import StoredImage, finish_image, open_image
 from distributed_downloader.policy import (
     DEFAULT_THROTTLE_PAUSE,
     Signal,
@@ -57,7 +57,6 @@ from distributed_downloader.protocol import (
     BatchRef,
     Budget,
     DiskFull,
-    GiveUp,
     NoWorkYet,
     Report,
     ServerNews,
@@ -294,7 +293,7 @@ class Worker:
 
     # --- batches ------------------------------------------------------------------------------
 
-    async def _run_batch(self, batch: BatchRef, give_up: GiveUp | None) -> None:
+    async def _run_batch(self, batch: BatchRef, give_up: Failure | None) -> None:
         files = self.layout.batch_files(batch.server_name, batch.partition_id)
         writer: BatchWriter | None = None
         try:
@@ -441,8 +440,8 @@ class Worker:
         self._send_report(urgent=True)
 
     def _give_up_row(self, row: dict[str, Any], server: str, writer: BatchWriter,
-                     attempts: int, reason: GiveUp = SERVER_KEPT_FAILING) -> None:
-        writer.add_error(error_row(row, ErrorCode(reason.code), reason.message, attempts))
+                     attempts: int, reason: Failure = SERVER_KEPT_FAILING) -> None:
+        writer.add_error(error_row(row, reason.code, reason.message, attempts))
         self._news(server).errors += 1
 
     async def _consume(self, frontier: Frontier, slot: ServerSlot, writer: BatchWriter,
@@ -466,19 +465,19 @@ class Worker:
         return self.retry.delay(item.failures) if item.failures and not item.throttles else 0.0
 
     async def _request(self, item: Pending, slot: ServerSlot,
-                       permitted: Callable[[str], bool] | None) -> Body | FetchFailure | None:
+                       permitted: Callable[[str], bool] | None) -> Body | Failure | None:
         """One attempt at a row's URL: its outcome, or None when it should be retried later."""
         try:
             await slot.acquire()
         except ServerDead:
-            return FetchFailure(ErrorCode.SERVER_UNAVAILABLE, "server given up")
+            return Failure(ErrorCode.SERVER_UNAVAILABLE, "server given up")
         item.attempts += 1
         started = time.monotonic()
         try:
             outcome = await self.client.get(item.row["identifier"], pace=slot.pace,
                                             permitted=permitted)
         except ServerDead:
-            outcome = FetchFailure(ErrorCode.SERVER_UNAVAILABLE, "server given up")
+            outcome = Failure(ErrorCode.SERVER_UNAVAILABLE, "server given up")
         finally:
             slot.release()
         signal = self._observe(slot, outcome, time.monotonic() - started, item)
@@ -497,11 +496,11 @@ class Worker:
             return None
         return outcome
 
-    async def _record(self, item: Pending, outcome: Body | FetchFailure, slot: ServerSlot,
+    async def _record(self, item: Pending, outcome: Body | Failure, slot: ServerSlot,
                       writer: BatchWriter) -> None:
         """Write a row's final outcome: an error, or the image once decoded."""
         row, attempts, settings = item.row, item.attempts, self.settings
-        if isinstance(outcome, FetchFailure):
+        if isinstance(outcome, Failure):
             if outcome.code == ErrorCode.SERVER_UNAVAILABLE:
                 self._give_up_row(row, slot.name, writer, attempts,
                                   slot.give_up or SERVER_KEPT_FAILING)
@@ -530,14 +529,14 @@ class Worker:
             self._decode_room.set()
             self.client.budget.release(outcome.reserved)
         # News objects are handed over at every report: look it up after the await.
-        if isinstance(image, ImageFailure):
+        if isinstance(image, Failure):
             writer.add_error(error_row(row, image.code, image.message, attempts, outcome.status))
             self._news(slot.name).errors += 1
         else:
             writer.add_success(success_row(row, image))
             self._news(slot.name).successes += 1
 
-    async def _decode(self, body: bytes) -> StoredImage | ImageFailure:
+    async def _decode(self, body: bytes) -> StoredImage | Failure:
         """Decode off the loop once the memory the image will hold fits in the worker's budget.
 
         The header is read here, on the loop (tens of microseconds), so that waiting for room
@@ -545,7 +544,7 @@ class Worker:
         settings = self.settings
         opened = open_image(body, settings.image_size, settings.output_image_format,
                             settings.max_image_pixels)
-        if isinstance(opened, ImageFailure):
+        if isinstance(opened, Failure):
             return opened
         reservation = self.pixels.reserve(opened.cost)
         try:
@@ -555,7 +554,7 @@ class Worker:
         finally:
             self.pixels.release(reservation)
 
-    def _observe(self, slot: ServerSlot, outcome: Body | FetchFailure, seconds: float,
+    def _observe(self, slot: ServerSlot, outcome: Body | Failure, seconds: float,
                  item: Pending) -> Signal:
         """Count what an answer says about the server; honour a pause it asked for at once."""
         news = self._news(slot.name)

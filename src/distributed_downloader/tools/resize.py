@@ -14,8 +14,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from distributed_downloader.errors import Failure
 from distributed_downloader.formats import fill_images
-from distributed_downloader.images import ImageFailure, process_image
+from distributed_downloader.images import process_image
 from distributed_downloader.storage import PARQUET_COMPRESSION
 from distributed_downloader.tools import Tool
 from distributed_downloader.writers import SUCCESS_PREFIX, chunk_files
@@ -43,7 +44,7 @@ def resize_batch(source: Path, result: Path, options: dict[str, Any]) -> dict[st
             encoding = row["image_format"] if row["image_format"] in ("jpeg", "webp") \
                 else "original"
             smaller = process_image(row["image"], size, encoding, quality)
-            if isinstance(smaller, ImageFailure):
+            if isinstance(smaller, Failure):
                 counts["failed"] += 1  # kept as it was; image_verification reports it
                 continue
             row.update(image=smaller.image, image_format=smaller.image_format,
