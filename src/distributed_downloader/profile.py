@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from distributed_downloader.config import Settings, save_settings
-from distributed_downloader.errors import UserError
+from distributed_downloader.errors import Failure, UserError
 from distributed_downloader.fetch.client import Body, HttpClient
 from distributed_downloader.fetch.politeness import PACING_MARGIN
 from distributed_downloader.fetch.robots import (
@@ -70,6 +70,21 @@ class ProbeResult:
     robots: RobotsFile | None = None
 
 
+class ProbePace:
+    """One request at a time, `interval` seconds apart at least (redirect hops included)."""
+
+    def __init__(self, result: ProbeResult, interval: float) -> None:
+        self.result, self.interval = result, interval
+        self.last_request = -interval
+
+    async def __call__(self) -> None:
+        wait = self.last_request + self.interval - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        self.last_request = time.monotonic()
+        self.result.requests += 1
+
+
 async def probe_server(client: Any, server_name: str, urls: list[str],
                        robots: RobotsFile | None = None, robots_url: str | None = None,
                        count: int | None = None,
@@ -82,17 +97,8 @@ async def probe_server(client: Any, server_name: str, urls: list[str],
     Crawl-delay, and a server whose robots.txt is unreachable is not probed at all.
     """
     result = ProbeResult(server_name, Counter(), [], robots=robots)
-    interval = [PROBE_INTERVAL if not learned_rate else
-                max(PROBE_INTERVAL, PACING_MARGIN / learned_rate)]
-    last_request = [-interval[0]]
-
-    async def pace() -> None:
-        wait = last_request[0] + interval[0] - time.monotonic()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        last_request[0] = time.monotonic()
-        result.requests += 1
-
+    pace = ProbePace(result, PROBE_INTERVAL if not learned_rate else
+                     max(PROBE_INTERVAL, PACING_MARGIN / learned_rate))
     if robots_url is not None:
         await pace()
         result.robots = await fetch_robots(client, server_name, robots_url, robots, pace)
@@ -102,38 +108,43 @@ async def probe_server(client: Any, server_name: str, urls: list[str],
         urls = [url for url in urls if result.robots.allows(url)]
         cap = result.robots.rate_cap()
         if cap:
-            interval[0] = max(interval[0], PACING_MARGIN / cap)
-    urls = urls[:count]
+            pace.interval = max(pace.interval, PACING_MARGIN / cap)
     permitted = result.robots.permits_redirect(server_name) \
         if result.robots is not None else None
-    for url in urls:
+    for url in urls[:count]:
         await pace()
         started = time.monotonic()
         outcome = await client.get(url, pace=pace, permitted=permitted)
-        seconds = time.monotonic() - started
-        if isinstance(outcome, Body):
-            result.statuses[str(outcome.status)] += 1
-            client.budget.release(outcome.reserved)
-        else:
-            result.statuses[str(outcome.http_status or outcome.code)] += 1
-        signal = signal_of(None, None) if isinstance(outcome, Body) else \
-            signal_of(outcome.code, outcome.retry_after)
-        if signal is Signal.THROTTLED:
-            result.throttled += 1
-            if outcome.retry_after is not None:  # type: ignore[union-attr]
-                result.retry_after = outcome.retry_after
-            break  # told to slow down: that is all the probe needs to know
-        elif signal is Signal.FAILED:
-            result.failures += 1
-        elif signal is Signal.ANSWERED:
-            result.latencies.append(seconds)
-        headers = outcome.headers
-        result.advertised = advertised_rate(headers) or result.advertised
-        if headers and headers.get("Connection", "").lower() == "close":
-            result.closes_connection += 1
-        if result.failures >= 2 and not result.latencies:
-            break  # two failures and no answer: down, no need to insist
+        if not _note_answer(result, client, outcome, time.monotonic() - started):
+            break
     return result
+
+
+def _note_answer(result: ProbeResult, client: Any, outcome: Body | Failure,
+                 seconds: float) -> bool:
+    """What one probe answer says of the server; False when probing it further is pointless
+    (told to slow down, or failing without a single answer)."""
+    if isinstance(outcome, Body):
+        result.statuses[str(outcome.status)] += 1
+        client.budget.release(outcome.reserved)
+        signal = signal_of(None, None)
+    else:
+        result.statuses[str(outcome.http_status or outcome.code)] += 1
+        signal = signal_of(outcome.code, outcome.retry_after)
+    if signal is Signal.THROTTLED:
+        result.throttled += 1
+        if outcome.retry_after is not None:
+            result.retry_after = outcome.retry_after
+        return False  # told to slow down: that is all the probe needs to know
+    if signal is Signal.FAILED:
+        result.failures += 1
+    elif signal is Signal.ANSWERED:
+        result.latencies.append(seconds)
+    headers = outcome.headers
+    result.advertised = advertised_rate(headers) or result.advertised
+    if headers and headers.get("Connection", "").lower() == "close":
+        result.closes_connection += 1
+    return not (result.failures >= 2 and not result.latencies)  # down: no need to insist
 
 
 def profile_from_probe(result: ProbeResult, settings: Settings) -> ServerProfile:

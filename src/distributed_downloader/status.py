@@ -129,6 +129,8 @@ def recent_speed(history: list[dict[str, Any]], now: float, running: bool,
 
 
 def run_status(output: Path) -> dict[str, Any]:
+    """Where the run stands, from small files only: the prep's summary, each batch's marker or
+    chunk footers, the running fetch's state and history, the saved profiles."""
     layout = RunLayout(output)
     if not layout.prep_summary.exists():
         raise UserError(f"{output} has no finished prep: nothing to report yet")
@@ -137,38 +139,7 @@ def run_status(output: Path) -> dict[str, Any]:
     now = time.time()
     state = json.loads(layout.fetch_state.read_text()) if layout.fetch_state.exists() else {}
     running = fetch_running(state, now)
-    live = state.get("servers", {}) if running else {}
-    last_fetch = state.get("servers", {})  # its throttle counts hold after it ended too
-    profiles = read_profiles(layout.server_profiles)
-    servers: list[ServerProgress] = []
-    by_code: Counter = Counter()
-    for row in pq.read_table(layout.servers).to_pylist():
-        server = ServerProgress(row["server_name"], row["rows"], row["batches"],
-                                reused=row.get("reused_rows") or 0)
-        for partition in range(server.batches):
-            finished, successes, errors, codes = _batch_counts(
-                layout.batch_files(server.name, partition))
-            server.batches_done += finished
-            server.successes += successes
-            server.errors += errors
-            by_code.update(codes)
-        server.done = server.successes + server.errors
-        now_state = live.get(server.name)
-        profile = profiles.get(server.name)
-        server.throttled = last_fetch.get(server.name, {}).get("throttled", 0)
-        if now_state is not None:
-            server.rate = now_state["rate"]
-        elif profile is not None:
-            server.rate = profile.rate_limit
-        if server.batches_done == server.batches:
-            server.state = "done"
-        elif now_state is not None and now_state["dead"]:
-            server.state = "down"
-        elif now_state is not None and now_state["paused"]:
-            server.state = "paused"
-        elif now_state is not None and now_state["workers"]:
-            server.state = "fetching"
-        servers.append(server)
+    servers, by_code = _servers_progress(layout, state, running)
     history = read_history(layout)
     speed = recent_speed(history, now, running)
     rows_speed = recent_speed(history, now, running, count="rows_done")
@@ -176,10 +147,7 @@ def run_status(output: Path) -> dict[str, Any]:
     total = prep["download_rows"]
     left = [s for s in servers if s.remaining > 0]
     bound = max(left, key=lambda s: s.remaining_seconds, default=None)
-    eta = None
-    if total > done:
-        by_speed = (total - done) / rows_speed if rows_speed else 0.0
-        eta = max(by_speed, bound.remaining_seconds if bound else 0.0) or None
+    eta = _eta(total - done, rows_speed, bound)
     phase = "finished" if done >= total and all(s.state == "done" for s in servers) else \
         "fetching" if running else "stopped" if history else "prepared"
     busiest = sorted(left, key=lambda s: -s.remaining_seconds)[:5]
@@ -211,6 +179,54 @@ def run_status(output: Path) -> dict[str, Any]:
         "all_servers": [_server_json(s) for s in servers],
         "history": history,
     }
+
+
+def _servers_progress(layout: RunLayout, state: dict[str, Any],
+                      running: bool) -> tuple[list[ServerProgress], Counter]:
+    """Each server's counts (from its batches), rate and state; and the errors by code."""
+    live = state.get("servers", {}) if running else {}
+    last_fetch = state.get("servers", {})  # its throttle counts hold after it ended too
+    profiles = read_profiles(layout.server_profiles)
+    servers: list[ServerProgress] = []
+    by_code: Counter = Counter()
+    for row in pq.read_table(layout.servers).to_pylist():
+        server = ServerProgress(row["server_name"], row["rows"], row["batches"],
+                                reused=row.get("reused_rows") or 0)
+        for partition in range(server.batches):
+            finished, successes, errors, codes = _batch_counts(
+                layout.batch_files(server.name, partition))
+            server.batches_done += finished
+            server.successes += successes
+            server.errors += errors
+            by_code.update(codes)
+        server.done = server.successes + server.errors
+        server.throttled = last_fetch.get(server.name, {}).get("throttled", 0)
+        profile = profiles.get(server.name)
+        _live_state(server, live.get(server.name), profile.rate_limit if profile else None)
+        servers.append(server)
+    return servers, by_code
+
+
+def _live_state(server: ServerProgress, now_state: dict[str, Any] | None,
+                profiled_rate: float | None) -> None:
+    """The rate and state a running fetch reports for the server (else its profile's rate)."""
+    server.rate = now_state["rate"] if now_state is not None else profiled_rate
+    if server.batches_done == server.batches:
+        server.state = "done"
+    elif now_state is not None and now_state["dead"]:
+        server.state = "down"
+    elif now_state is not None and now_state["paused"]:
+        server.state = "paused"
+    elif now_state is not None and now_state["workers"]:
+        server.state = "fetching"
+
+
+def _eta(rows_left: int, rows_per_second: float, bound: ServerProgress | None) -> float | None:
+    """Seconds left: the run's recent pace, but never less than its slowest server needs."""
+    if rows_left <= 0:
+        return None
+    by_speed = rows_left / rows_per_second if rows_per_second else 0.0
+    return max(by_speed, bound.remaining_seconds if bound else 0.0) or None
 
 
 def _server_json(server: ServerProgress) -> dict[str, Any]:
