@@ -30,8 +30,7 @@ from PIL import Image
 from distributed_downloader.errors import UserError
 from distributed_downloader.formats import fill_images
 from distributed_downloader.storage import (
-    ERROR_PREFIX,
-    SUCCESS_PREFIX,
+    BatchFiles,
     RunLayout,
     atomic_write_json,
     batch_folder,
@@ -75,70 +74,81 @@ def check_batch(root: str, server_name: str, partition_id: int) -> BatchCheck:
     layout = RunLayout(Path(root))
     files = layout.batch_files(server_name, partition_id)
     check = BatchCheck(server_name, partition_id, finished=files.finished)
-    problems = check.problems
     marker: dict = {}
     if check.finished:
         try:
             marker = json.loads(files.marker.read_text())
         except (OSError, ValueError) as exc:
-            problems.append(f"unreadable _completed marker ({exc})")
+            check.problems.append(f"unreadable _completed marker ({exc})")
             return check
-    prepared = set()
-    for path in sorted(batch_folder(layout.batches, server_name, partition_id).glob("*.parquet")):
-        prepared.update(pq.read_table(path, columns=["uuid"]).column(0).to_pylist())
     seen: Counter = Counter()
-    successes = errors = 0
-    artifact: dict[str, bytes] | None = None
-
-    def bad(path: Path, problem: str) -> None:
-        problems.append(problem)
-        check.bad_chunks.setdefault(str(path), problem)
-
-    for prefix, chunks in ((SUCCESS_PREFIX, files.success_chunks()),
-                           (ERROR_PREFIX, files.error_chunks())):
-        for path in chunks:
-            check.chunks += 1
-            try:
-                table = pq.read_table(path)
-            except Exception as exc:  # noqa: BLE001 - a damaged file is the finding
-                bad(path, f"{path.name} is unreadable ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0]})")
-                continue
-            uuids = table.column("uuid").to_pylist()
-            seen.update(uuids)
-            if prefix == ERROR_PREFIX:
-                errors += len(uuids)
-                continue
-            successes += len(uuids)
-            rows = table.to_pylist()
-            # From the chunk, the batch's artifact (read once), or an earlier download.
-            artifact = fill_images(files.successes, rows, artifact)
-            stored = [row["image"] for row in rows]
-            for uuid, image, md5 in zip(uuids, stored,
-                                        table.column("hashsum_resized").to_pylist()):
-                problem = _image_problem(image, md5) if image is not None else \
-                    "stored image missing from the batch's images"
-                if problem:
-                    bad(path, f"uuid {uuid} in {path.name}: {problem}")
-            check.images += len(uuids)
+    successes = _check_chunks(check, files, files.success_chunks(), seen, images=True)
+    errors = _check_chunks(check, files, files.error_chunks(), seen, images=False)
     check.rows = successes + errors
     if check.finished and (successes, errors) != (marker.get("successes"),
                                                   marker.get("errors")):
-        problems.append(f"chunks hold {successes} successes and {errors} errors, the marker "
-                        f"says {marker.get('successes')} and {marker.get('errors')}")
+        check.problems.append(f"chunks hold {successes} successes and {errors} errors, the "
+                              f"marker says {marker.get('successes')} and {marker.get('errors')}")
+    _check_uuids(check, seen, _prepared_uuids(layout, server_name, partition_id))
+    return check
+
+
+def _prepared_uuids(layout: RunLayout, server_name: str, partition_id: int) -> set[str]:
+    prepared: set[str] = set()
+    for path in sorted(batch_folder(layout.batches, server_name, partition_id).glob("*.parquet")):
+        prepared.update(pq.read_table(path, columns=["uuid"]).column(0).to_pylist())
+    return prepared
+
+
+def _check_chunks(check: BatchCheck, files: BatchFiles, chunks: list[Path], seen: Counter,
+                  images: bool) -> int:
+    """Read every chunk of one kind (successes: decode and hash each image too); returns the
+    rows found. A chunk that fails is noted as bad, for --fix to set aside."""
+    def bad(path: Path, problem: str) -> None:
+        check.problems.append(problem)
+        check.bad_chunks.setdefault(str(path), problem)
+
+    rows_found = 0
+    artifact: dict[str, bytes] | None = None
+    for path in chunks:
+        check.chunks += 1
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # noqa: BLE001 - a damaged file is the finding
+            bad(path, f"{path.name} is unreadable ({type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0]})")
+            continue
+        uuids = table.column("uuid").to_pylist()
+        seen.update(uuids)
+        rows_found += len(uuids)
+        if not images:
+            continue
+        rows = table.to_pylist()
+        # From the chunk, the batch's artifact (read once), or an earlier download.
+        artifact = fill_images(files.successes, rows, artifact)
+        for uuid, row, md5 in zip(uuids, rows, table.column("hashsum_resized").to_pylist()):
+            problem = _image_problem(row["image"], md5) if row["image"] is not None else \
+                "stored image missing from the batch's images"
+            if problem:
+                bad(path, f"uuid {uuid} in {path.name}: {problem}")
+        check.images += len(uuids)
+    return rows_found
+
+
+def _check_uuids(check: BatchCheck, seen: Counter, prepared: set[str]) -> None:
+    """Each prepared UUID once (all of them, once the batch is finished), and no other."""
     twice = [uuid for uuid, count in seen.items() if count > 1]
     check.duplicates = len(twice)
     missing = prepared - set(seen)
     unknown = set(seen) - prepared
     if twice:
-        problems.append(f"{len(twice)} UUIDs written more than once (e.g. {twice[0]})")
+        check.problems.append(f"{len(twice)} UUIDs written more than once (e.g. {twice[0]})")
     if missing and check.finished:
-        problems.append(f"{len(missing)} prepared UUIDs are in neither successes nor errors "
-                        f"(e.g. {sorted(missing)[0]})")
+        check.problems.append(f"{len(missing)} prepared UUIDs are in neither successes nor "
+                              f"errors (e.g. {sorted(missing)[0]})")
     if unknown:
-        problems.append(f"{len(unknown)} UUIDs that this batch never had (e.g. "
-                        f"{sorted(unknown)[0]})")
-    return check
+        check.problems.append(f"{len(unknown)} UUIDs that this batch never had (e.g. "
+                              f"{sorted(unknown)[0]})")
 
 
 def _batches_with_output(layout: RunLayout) -> list[tuple[str, int]]:
