@@ -21,7 +21,7 @@ from rich.table import Table
 from distributed_downloader import __version__
 from distributed_downloader.config import SETTING_NAMES, InputFormat, Settings, load_settings
 from distributed_downloader.errors import UserError
-from distributed_downloader.executors import stop_on_signals
+from distributed_downloader.executors import remember_stop_signals, stop_on_signals
 
 console = Console()
 err_console = Console(stderr=True)
@@ -266,8 +266,7 @@ def _fetch(settings: Settings, retry_errors: bool, started: float | None = None)
 
     assert settings.output is not None
     executor = _mpi_executor(settings) if settings.executor == "mpi" else None
-    if executor is None:
-        stop_on_signals()  # the local executor takes the signals over before its workers start
+    remember_stop_signals()  # acted on when the executor starts, before any worker does
     progress: list[FetchProgress] = []
 
     def on_plan(plan: FetchPlan) -> None:
@@ -331,8 +330,6 @@ def download(input: Path, config_file: Path | None, retry_errors: bool, no_profi
     layout = RunLayout(settings.output)
     if settings.executor == "mpi":
         _mpi_prelude()  # the other ranks fetch; rank 0 alone preps and profiles
-    else:
-        stop_on_signals()
     check_output_settings(layout, settings)
     if not settings.contact:
         err_console.print("[yellow]note:[/] no contact in the User-Agent; set --contact "

@@ -6,9 +6,9 @@ rows under its share of the server's budget (see politeness.py), retries what ca
 what it sees of each server; every decision about a server (its rate, pauses, giving it up) is
 the scheduler's (see policy.py). The one thing the worker does at once is honour a pause the
 server itself asked for (Retry-After), until the scheduler's word arrives. On SIGINT, SIGTERM or
-SIGUSR1 (from its first instruction on: see `catch_stop_signals`), on the scheduler's Stop, or
-when its scheduler vanishes, it stops cleanly: finished rows are committed, requests in flight
-are dropped (a resumed run fetches them again).
+SIGUSR1 (remembered from its first instruction on: see executors.remember_stop_signals), on the
+scheduler's Stop, or when its scheduler vanishes, it stops cleanly: finished rows are committed,
+requests in flight are dropped (a resumed run fetches them again).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import ctypes
 import logging
 import resource
 import secrets
-import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +29,7 @@ import pyarrow.parquet as pq
 
 from distributed_downloader.config import Settings
 from distributed_downloader.errors import ErrorCode
-from distributed_downloader.executors import STOP_SIGNALS
+from distributed_downloader.executors import STOP_SIGNALS, stop_signalled
 from distributed_downloader.fetch.client import Body, BodyBudget, FetchFailure, HttpClient
 from distributed_downloader.fetch.frontier import Frontier, Pending
 from distributed_downloader.fetch.opt_out import PRODUCT_TOKEN, opted_out
@@ -83,21 +82,6 @@ BODY_BUDGET = 48 << 20  # downloaded bodies held at once (reading, or waiting to
 # Bodies waiting for a decode thread, per thread: beyond this no new request starts, so a
 # fast network cannot pile up bodies in memory faster than the cores decode them.
 DECODE_BACKLOG_PER_THREAD = 4
-_early_stops: list[int] = []  # stop signals received before the worker's loop handles them
-
-
-def catch_stop_signals() -> None:
-    """First thing in a worker process: a stop signal from now on is remembered until the
-    worker's loop takes the signals over (and stops at once), instead of being lost or killing
-    the worker half-started. The local executor spawns workers with these signals blocked, so
-    one sent before this call waits for it."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, lambda number, frame: _early_stops.append(number))
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-
-
-def stop_signalled() -> bool:
-    return bool(_early_stops)
 
 
 class Channel(Protocol):
