@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from distributed_downloader.config import Settings
-from distributed_downloader.executors import stop_on_signals
+from distributed_downloader.executors import remember_stop_signals
 from distributed_downloader.render import (
     err_console,
     fetch_notes,
@@ -85,8 +85,7 @@ def fetch(settings: Settings, retry_errors: bool, started: float | None = None) 
 
         start_mpi()
         executor = mpi.MpiExecutor(mpi.world(), settings)
-    else:
-        stop_on_signals()  # the local executor takes the signals over before its workers start
+    remember_stop_signals()  # acted on when the executor starts, before any worker does
     progress: list[FetchProgress] = []
 
     def on_plan(plan: FetchPlan) -> None:
@@ -118,8 +117,6 @@ def download(settings: Settings, input: Path, retry_errors: bool, force: bool,
     layout = RunLayout(settings.output)
     if settings.executor == "mpi":
         start_mpi()  # the other ranks fetch; rank 0 alone preps and profiles
-    else:
-        stop_on_signals()
     require_format(settings.output_format)
     with run_lock(settings.output, "download", settings, mpi_ranks=settings.executor == "mpi"):
         check_output_settings(layout, settings)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from distributed_downloader.config import Settings
-from distributed_downloader.executors import STOP_SIGNALS
+from distributed_downloader.executors import STOP_SIGNALS, remember_stop_signals, stop_signalled
 from distributed_downloader.protocol import WorkerStopped
 from distributed_downloader.schedule import Scheduler
 
@@ -53,9 +53,9 @@ class PipeChannel:
 
 
 def _worker_entry(worker_id: int, settings: Settings, connection: Connection) -> None:
-    from distributed_downloader.fetch.worker import catch_stop_signals, run_worker
+    remember_stop_signals()  # one sent while this process started is delivered here
+    from distributed_downloader.fetch.worker import run_worker
 
-    catch_stop_signals()  # a stop signal sent while this process started is delivered here
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(message)s")
 
     run_worker(worker_id, settings, PipeChannel(connection))
@@ -81,8 +81,8 @@ class LocalExecutor:
     def _spawn(self, processes: dict[int, multiprocessing.Process],
                pipes: dict[int, Connection]) -> None:
         """Start the workers with the stop signals blocked: each inherits the mask and takes the
-        signals over as its first instruction (fetch.worker.catch_stop_signals), so a signal
-        sent to the process group while a worker starts is neither lost nor fatal to it."""
+        signals over as its first instruction (remember_stop_signals), so a signal sent to the
+        process group while a worker starts is neither lost nor fatal to it."""
         context = multiprocessing.get_context("spawn")
         # Started before blocking: starting it unblocks the stop signals.
         multiprocessing.resource_tracker.ensure_running()
@@ -102,6 +102,7 @@ class LocalExecutor:
         """Run the workers until the scheduler is done; True when interrupted."""
         # Before any worker exists: from here on a stop signal is ours to relay.
         previous = {signum: signal.signal(signum, self._request_stop) for signum in STOP_SIGNALS}
+        self.stop_requested = self.stop_requested or stop_signalled()  # while fetch planned
         processes: dict[int, multiprocessing.Process] = {}
         pipes: dict[int, Connection] = {}
         try:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from distributed_downloader.config import Settings
-from distributed_downloader.executors import STOP_SIGNALS
+from distributed_downloader.executors import STOP_SIGNALS, remember_stop_signals, stop_signalled
 from distributed_downloader.protocol import Stop, WorkerStopped
 from distributed_downloader.schedule import Scheduler
 
@@ -90,9 +90,9 @@ def start(on_error: list[Callable[[int], None]]) -> None:
 
 def run_worker_rank(comm: Any) -> bool:
     """A fetching rank: take the run's settings from rank 0, then work until told to stop."""
-    from distributed_downloader.fetch.worker import catch_stop_signals, run_worker, stop_signalled
+    from distributed_downloader.fetch.worker import run_worker
 
-    catch_stop_signals()  # until the worker's loop has its own handlers: a stop is not a crash
+    remember_stop_signals()  # until the worker's loop has its own handlers: a stop is not a crash
     while not comm.iprobe(source=SCHEDULER_RANK):  # rank 0 may still be preparing
         if stop_signalled():
             return True
@@ -138,6 +138,7 @@ class MpiExecutor:
     def run(self, scheduler: Scheduler, on_tick: Callable[[Scheduler], None]) -> bool:
         """Run until every worker rank stopped; True when interrupted before the end."""
         previous = {signum: signal.signal(signum, self._request_stop) for signum in STOP_SIGNALS}
+        self.stop_requested = self.stop_requested or stop_signalled()  # while fetch planned
         stop_sent = False
         deadline = None
         last_tick = 0.0

@@ -6,9 +6,9 @@ rows under its share of the server's budget (see politeness.py), retries what ca
 what it sees of each server; every decision about a server (its rate, pauses, giving it up) is
 the scheduler's (see policy.py). The one thing the worker does at once is honour a pause the
 server itself asked for (Retry-After), until the scheduler's word arrives. On SIGINT, SIGTERM or
-SIGUSR1 (from its first instruction on: see `catch_stop_signals`), on the scheduler's Stop, or
-when its scheduler vanishes, it stops cleanly: finished rows are committed, requests in flight
-are dropped (a resumed run fetches them again).
+SIGUSR1 (remembered from its first instruction on: see executors.remember_stop_signals), on the
+scheduler's Stop, or when its scheduler vanishes, it stops cleanly: finished rows are committed,
+requests in flight are dropped (a resumed run fetches them again).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import ctypes
 import logging
 import resource
 import secrets
-import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +29,7 @@ import pyarrow.parquet as pq
 
 from distributed_downloader.config import Settings
 from distributed_downloader.errors import ErrorCode, Failure, OutOfSpace
-from distributed_downloader.executors import STOP_SIGNALS
+from distributed_downloader.executors import STOP_SIGNALS, stop_signalled
 from distributed_downloader.fetch.client import Body, BodyBudget, HttpClient
 from distributed_downloader.fetch.decode_budget import DecodeBudget
 from distributed_downloader.fetch.frontier import Frontier, Pending
@@ -90,21 +89,6 @@ DECODE_BACKLOG_PER_THREAD = 4
 # from the heap and their holes stay resident: a mix of large images then peaked at 660 MiB
 # instead of 300 (benchmarks/decode_memory.py --scenario mix).
 MMAP_THRESHOLD = 1 << 20
-_early_stops: list[int] = []  # stop signals received before the worker's loop handles them
-
-
-def catch_stop_signals() -> None:
-    """First thing in a worker process: a stop signal from now on is remembered until the
-    worker's loop takes the signals over (and stops at once), instead of being lost or killing
-    the worker half-started. The local executor spawns workers with these signals blocked, so
-    one sent before this call waits for it."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, lambda number, frame: _early_stops.append(number))
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-
-
-def stop_signalled() -> bool:
-    return bool(_early_stops)
 
 
 class Channel(Protocol):
