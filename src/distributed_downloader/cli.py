@@ -39,6 +39,7 @@ from distributed_downloader.errors import (
     require_module,
 )
 from distributed_downloader import pipeline, render
+from distributed_downloader.executors import remember_stop_signals
 from distributed_downloader.render import console, err_console
 
 
@@ -200,6 +201,7 @@ def fetch(output: Path, config_file: Path | None, retry_errors: bool, **flags: A
     settings = gather_settings(config_file, {"output": output, **flags}, announce=True)
     if settings.executor == "mpi":
         pipeline.start_mpi()  # the other ranks wait in here for rank 0's word
+    remember_stop_signals()  # from here a stop ends the run cleanly, lock released
     with pipeline.run_lock(output, "fetch", settings, mpi_ranks=settings.executor == "mpi"):
         pipeline.fetch(settings, retry_errors)
 
