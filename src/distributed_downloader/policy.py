@@ -258,6 +258,7 @@ class RateController:
         rate, as TCP's slow start does each round trip. True if the rate changed."""
         if self.warm_up_to is None or not answered:
             return False
+        self.held = max(self.held or 0.0, self.rate)  # it was answered well at this rate
         self.rate = self._within(min(self.warm_up_to, self.rate * 2))
         if self.rate >= self.warm_up_to:
             self.warm_up_to = None
