@@ -90,6 +90,10 @@ class RunLayout:
         return BatchFiles(batch_folder(self.downloaded, server_name, partition_id),
                           batch_folder(self.download_errors, server_name, partition_id))
 
+    def prepared_chunks(self, server_name: str, partition_id: int) -> list[Path]:
+        """The Parquet files prep wrote for one batch (its rows to fetch)."""
+        return sorted(batch_folder(self.batches, server_name, partition_id).glob("*.parquet"))
+
     def finished_markers(self) -> list[Path]:
         return list(self.downloaded.glob(f"*/*/{COMPLETED_MARKER}"))
 

@@ -33,7 +33,6 @@ from distributed_downloader.storage import (
     BatchFiles,
     RunLayout,
     atomic_write_json,
-    batch_folder,
     upgrade_layout,
 )
 from distributed_downloader.writers import resolve_duplicates, set_aside
@@ -95,7 +94,7 @@ def check_batch(root: str, server_name: str, partition_id: int) -> BatchCheck:
 
 def _prepared_uuids(layout: RunLayout, server_name: str, partition_id: int) -> set[str]:
     prepared: set[str] = set()
-    for path in sorted(batch_folder(layout.batches, server_name, partition_id).glob("*.parquet")):
+    for path in layout.prepared_chunks(server_name, partition_id):
         prepared.update(pq.read_table(path, columns=["uuid"]).column(0).to_pylist())
     return prepared
 

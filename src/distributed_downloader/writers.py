@@ -403,8 +403,7 @@ def committed_rows(layout: RunLayout) -> int:
 
 def has_downloads(layout: RunLayout) -> bool:
     """Whether any row was committed in the run (a chunk, or a finished batch)."""
-    return any(layout.downloaded.glob(f"*/*/{SUCCESS_PREFIX}*.parquet")) or \
-        any(layout.download_errors.glob(f"*/*/{ERROR_PREFIX}*.parquet")) or \
+    return layout.has_chunks(SUCCESS_PREFIX) or layout.has_chunks(ERROR_PREFIX) or \
         bool(layout.finished_markers())
 
 

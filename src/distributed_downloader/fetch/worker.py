@@ -65,7 +65,7 @@ from distributed_downloader.protocol import (
 )
 from distributed_downloader.schedule import SERVER_KEPT_FAILING
 from distributed_downloader.schema import REUSE_NAMES
-from distributed_downloader.storage import RunLayout, batch_folder
+from distributed_downloader.storage import RunLayout
 from distributed_downloader.writers import (
     BatchWriter,
     BufferBudget,
@@ -288,8 +288,8 @@ class Worker:
             remove_stale_temporaries(files)
             done = committed_uuids(files)
             earlier = chunk_row_counts(files)  # committed by an earlier run: not this one's
-            source = batch_folder(self.layout.batches, batch.server_name, batch.partition_id)
-            rows = [row for path in sorted(source.glob("*.parquet"))
+            rows = [row for path in self.layout.prepared_chunks(batch.server_name,
+                                                                batch.partition_id)
                     for row in pq.read_table(path).to_pylist() if row["uuid"] not in done]
             rows = await self._reuse_earlier(rows, batch.server_name, writer)
             if give_up is not None:
