@@ -213,6 +213,17 @@ def test_first_contact_with_a_slow_server_meets_its_limit_gently(limit: int) -> 
     assert 0.85 * limit <= run.rate_at(200) <= limit
 
 
+def test_first_contact_reaches_a_high_default_in_a_few_reports() -> None:
+    """Told servers take 1000/s, a fresh one is still met at 1/s, but the rate reaches 1000 in
+    three reports of good answers, not ten doublings."""
+    server = fresh(rate=1000)
+    server.control.first_contact()
+    run = simulate(server, 30, limit=lambda t: 100_000)
+    assert run.total(0, 1.0) <= 2
+    assert run.rate_at(4) >= 1000 / PACING_MARGIN - 1e-6
+    assert run.count(429) == 0
+
+
 def test_a_server_known_from_before_has_no_first_contact() -> None:
     server = fresh(rate=10)
     server.control.remember(LearnedRate(4.0, None, None), 10.0)

@@ -214,7 +214,7 @@ def fetch(output: Path, config_file: Path | None, retry_errors: bool, **flags: A
 @click.option("--profile", "run_profile", is_flag=True,
               help="Probe every server (the profile command) before fetching. Without it, "
               "fetching starts at once and a server's first requests are its probe: "
-              "first_contact_rate, doubling with each good answer.")
+              "first_contact_rate, stepping up with each report of good answers.")
 @click.option("--no-profile", is_flag=True, hidden=True,
               help="The default now: kept so that earlier scripts run unchanged.")
 @click.option("--force", is_flag=True,

@@ -137,8 +137,8 @@ class Settings(BaseModel):
     )
     first_contact_rate: float = Field(
         1.0, gt=0, description="Requests per second to a server that no profile or earlier "
-        "run knows: its first answers are its probe; the rate doubles with each good answer up "
-        "to default_rate_limit."
+        "run knows: its first answers are its probe; the rate steps up with each report of good "
+        "answers (about one a second), reaching default_rate_limit in three."
     )
     profile_requests: int = Field(
         5, ge=1, le=20, description="Requests the profile stage sends to each server (one a "

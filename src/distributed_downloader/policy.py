@@ -41,6 +41,7 @@ from distributed_downloader.protocol import ServerNews
 
 # Failures are judged over this many seconds: long enough to hold a few dozen answers of a
 # slow server, short enough that a past bad spell does not count against a recovered one.
+WARM_UP_STEPS = 3  # reports of good answers from first_contact_rate to the starting rate
 OVERLOAD_WINDOW = 20.0
 # An interval counts as "held" only if the server was really asked at about that rate: a rate
 # nobody used says nothing about the server (TCP's congestion-window validation, RFC 7661).
@@ -213,6 +214,7 @@ class RateController:
     accepted: deque[tuple[float, int]] = field(default_factory=deque)  # (time, answers)
     overloaded: bool = False  # the latest decrease came from failures, not from a throttle
     warm_up_to: float | None = None  # first contact: the rate its good answers lead up to
+    warm_up_factor: float = 2.0  # the step of each report of good answers while warming up
 
     def __post_init__(self) -> None:
         self.memory = self.memory or self.policy.throttle_memory
@@ -246,20 +248,22 @@ class RateController:
 
     def first_contact(self) -> None:
         """A server nothing is known of starts as a probe would (`first_contact_rate`) and
-        doubles with each report of good answers up to its starting rate: the probe's answers
-        are results, and no time is spent on a separate profile."""
+        steps up with each report of good answers, reaching its starting rate in
+        WARM_UP_STEPS reports: the probe's answers are results, and no time is spent on a
+        separate profile."""
         if self.held is None and self.throttled_rate is None and \
                 self.rate > self.policy.first_contact_rate:
             self.warm_up_to = self.rate
             self.rate = self._within(self.policy.first_contact_rate)
+            self.warm_up_factor = max(2.0, (self.warm_up_to / self.rate) ** (1 / WARM_UP_STEPS))
 
     def warm_up(self, answered: int) -> bool:
-        """A report of good answers (about one a second) during the first contact: double the
-        rate, as TCP's slow start does each round trip. True if the rate changed."""
+        """A report of good answers (about one a second) during the first contact: step the
+        rate up, as TCP's slow start does each round trip. True if the rate changed."""
         if self.warm_up_to is None or not answered:
             return False
         self.held = max(self.held or 0.0, self.rate)  # it was answered well at this rate
-        self.rate = self._within(min(self.warm_up_to, self.rate * 2))
+        self.rate = self._within(min(self.warm_up_to, self.rate * self.warm_up_factor))
         if self.rate >= self.warm_up_to:
             self.warm_up_to = None
         return True
@@ -348,8 +352,10 @@ class RateController:
         rate = self.rate
         self.throttled_rate = rate
         accepted = sum(count for when, count in self.accepted if now - when <= 1.0)
-        if warming_up:  # the last doubling crossed its limit: it lies just above the rate before
-            self.throttled_rate = min(rate, ACCEPTED_HEADROOM * rate / 2)
+        if warming_up:  # the last step crossed its limit: it lies above the rate before, near
+            # what it took when it was asked far more than that (a big step), else just above
+            self.throttled_rate = min(rate, ACCEPTED_HEADROOM * max(
+                rate / self.warm_up_factor, accepted if accepted < rate else 0))
         if self.held is not None and rate > self.held:
             self.rate = self.held  # above what held: back to it, the limit is in between
         else:  # nothing held, or the limit fell below it: lower, at most to what it accepted
