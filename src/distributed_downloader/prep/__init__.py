@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from distributed_downloader import __version__
 from distributed_downloader.config import Settings, save_settings
 from distributed_downloader.errors import InputError, UserError
-from distributed_downloader.prep.partition import build_batches
+from distributed_downloader.prep.partition import ServerNumbers, build_batches
 from distributed_downloader.prep.previous import check_previous
 from distributed_downloader.prep.rows import ChunkCleaner, RejectedRow, Tally, resolve_roles
 from distributed_downloader.prep.sources import Source, discover, input_fingerprint
@@ -126,15 +126,17 @@ def _read_sources(
     rejected: _RejectedWriter,
     dropped: pq.ParquetWriter,
     tally: Tally,
+    servers: ServerNumbers,
     progress: ProgressCallback | None,
 ) -> list[str]:
     """Stream every source into the staging file; returns the source formats seen."""
     assert settings.input is not None
     keep_columns = settings.keep_columns
     formats = []
-    with pq.ParquetWriter(
-        staging_path, staging_schema(keep_columns), compression="lz4"
-    ) as staging:
+    schema = staging_schema(keep_columns)
+    schema = pa.schema([f for f in schema if f.name != "server_id"]).append(
+        schema.field("server_id"))
+    with pq.ParquetWriter(staging_path, schema, compression="lz4") as staging:
         for source in sources:
             formats.append(source.format)
             try:
@@ -147,7 +149,8 @@ def _read_sources(
                 for chunk in reader.chunks(readable):
                     table, rejects, left_out = cleaner.clean(chunk, tally.rows_kept)
                     if table.num_rows:
-                        staging.write_table(table)
+                        staging.write_table(table.append_column(
+                            "server_id", servers.of(table["server_name"].combine_chunks())))
                     rejected.add(rejects)
                     if left_out.num_rows:
                         dropped.write_table(left_out)
@@ -191,12 +194,13 @@ def run_prep(
     save_settings(settings)
 
     tally = Tally()
+    servers = ServerNumbers()
     rejected = _RejectedWriter(work / "rejected.parquet")
     dropped = pq.ParquetWriter(work / "dropped.parquet", DROPPED, compression=PARQUET_COMPRESSION)
     staging_path = work / "staging.parquet"
     try:
         formats = _read_sources(sources, settings, staging_path, rejected, dropped, tally,
-                                progress)
+                                servers, progress)
     finally:
         rejected.close()
         dropped.close()
@@ -204,7 +208,8 @@ def run_prep(
         raise InputError(f"{settings.input}: no data rows (only a header, or empty)")
     if progress:
         progress(PrepProgress("", tally.rows_read, tally.rows_kept, "batching"))
-    result = build_batches(staging_path, work, settings, settings.keep_columns, previous)
+    result = build_batches(staging_path, work, settings, settings.keep_columns, servers.names,
+                           previous)
 
     for name in ("batches", "rejected.parquet", "dropped.parquet", "duplicates.parquet",
                  "servers.parquet", "overlap.parquet"):

@@ -156,7 +156,7 @@ class ChunkCleaner:
         self.constants = source.defaults
         self.row_key_prefix = row_key_prefix
         self.tally = tally
-        self.schema = staging_schema(keep_columns)
+        self.schema = pa.schema([f for f in staging_schema(keep_columns) if f.name != "server_id"])
         self.keep_columns = keep_columns
 
     def clean(self, chunk: RawChunk,
