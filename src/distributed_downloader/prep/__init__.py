@@ -146,7 +146,8 @@ def _read_sources(
                 cleaner = ChunkCleaner(roles, source, prefix, tally, keep_columns,
                                        settings.strict_image_format)
                 readable = [name for name in roles.wanted if name in reader.columns]
-                for chunk in reader.chunks(readable):
+                for job in reader.jobs(readable):
+                    chunk = job()
                     table, rejects, left_out = cleaner.clean(chunk, tally.rows_kept)
                     if table.num_rows:
                         staging.write_table(table.append_column(

@@ -3,6 +3,9 @@
 A reader knows the column names once it is opened and then yields chunks of rows as string
 columns, with each row's line number, so memory stays bounded whatever the input's size. Rows
 that cannot be parsed come out beside the chunk, to be rejected one by one.
+
+Reading is sequential, parsing need not be: `jobs()` yields, in order, one callable per chunk,
+which prep may run on another thread (the Arrow and CSV kernels they call release the GIL).
 """
 
 from __future__ import annotations
@@ -11,11 +14,14 @@ import csv
 import io
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from distributed_downloader.errors import InputError, RejectReason
@@ -25,6 +31,7 @@ MAX_LINE_BYTES = 16 << 20  # a longer "line" means the file is not text
 CSV_ROWS_PER_CHUNK = 50_000
 PARQUET_ROWS_PER_CHUNK = 65_536
 UTF8_BOM = b"\xef\xbb\xbf"
+NEWLINE, CARRIAGE_RETURN = 10, 13
 
 Opener = Callable[[], BinaryIO]
 
@@ -41,14 +48,23 @@ class RawChunk:
         return len(self.line_numbers)
 
 
+ChunkJob = Callable[[], RawChunk]
+
+
 class TableReader(Protocol):
     columns: list[str]
 
-    def chunks(self, wanted: list[str]) -> Iterator[RawChunk]: ...
+    def jobs(self, wanted: list[str]) -> Iterator[ChunkJob]:
+        """One callable per chunk, in input order; each returns the chunk it parses."""
+        ...
+
+
+def _done(chunk: RawChunk) -> ChunkJob:
+    return lambda: chunk
 
 
 def _line_numbers(first: int, count: int) -> pa.Array:
-    return pa.array(range(first, first + count), pa.int64())
+    return pa.array(np.arange(first, first + count, dtype=np.int64))
 
 
 def _decode_lines(lines: pa.Array) -> tuple[pa.Array, list[int]]:
@@ -143,21 +159,77 @@ class LinesReader:
             self._pending = data[cut + 1 :]
             yield data[: cut + 1]
 
-    def chunks(self, wanted: list[str]) -> Iterator[RawChunk]:
+    def jobs(self, wanted: list[str]) -> Iterator[ChunkJob]:
         positions = {name: self.columns.index(name) for name in wanted}
-        expected = len(self.columns)
         try:
             for block in self._blocks():
-                lines = pc.split_pattern(pa.array([block], pa.binary()), b"\n").flatten()
-                if block.endswith(b"\n"):
-                    lines = lines.slice(0, len(lines) - 1)
+                ends = np.flatnonzero(np.frombuffer(block, np.uint8) == NEWLINE)
                 first = self._next_line
-                self._next_line += len(lines)
-                yield self._parse(lines, first, positions, expected)
+                self._next_line += len(ends) + (not block.endswith(b"\n"))
+                yield partial(self._parse, block, ends, first, positions)
         finally:
             self._stream.close()
 
     def _parse(
+        self, block: bytes, ends: np.ndarray, first: int, positions: dict[str, int]
+    ) -> RawChunk:
+        chunk = self._parse_clean(block, ends, first, positions)
+        if chunk is not None:
+            return chunk
+        lines = pc.split_pattern(pa.array([block], pa.binary()), b"\n").flatten()
+        if block.endswith(b"\n"):
+            lines = lines.slice(0, len(lines) - 1)
+        return self._parse_lines(lines, first, positions, len(self.columns))
+
+    def _parse_clean(
+        self, block: bytes, ends: np.ndarray, first: int, positions: dict[str, int]
+    ) -> RawChunk | None:
+        """A block with nothing to reject or skip, in one pass of Arrow's CSV parser; None
+        when the block has a blank line, a stray CR, bytes that are not UTF-8 or a row of the
+        wrong width (then `_parse_lines` looks at it line by line)."""
+        if self.delimiter is None or not block:
+            return None
+        data = np.frombuffer(block, np.uint8)
+        count = len(ends) + (not block.endswith(b"\n"))
+        starts = np.empty(count, np.int64)
+        starts[0] = 0
+        starts[1:] = ends[: count - 1] + 1
+        stops = np.append(ends, len(block))[:count]
+        if (stops == starts).any():
+            return None  # a blank line: skipped, which shifts the rows' line numbers
+        if block.find(b"\r") >= 0:
+            returns = np.flatnonzero(data == CARRIAGE_RETURN)
+            after = returns + 1
+            if after[-1] >= len(data) or (data[after] != NEWLINE).any():
+                return None  # a CR that does not end a line: kept in its field
+            if ((stops - starts == 1) & (data[starts] == CARRIAGE_RETURN)).any():
+                return None  # a line holding only a CR: blank
+        try:
+            pa.Array.from_buffers(
+                pa.string(), 1, [None, pa.py_buffer(np.array([0, len(block)], np.int32)),
+                                 pa.py_buffer(block)]).validate(full=True)
+            table = pa_csv.read_csv(
+                pa.BufferReader(block),
+                read_options=pa_csv.ReadOptions(
+                    column_names=self.columns, use_threads=False, block_size=len(block) + 1),
+                parse_options=pa_csv.ParseOptions(
+                    delimiter=self.delimiter, quote_char=False, escape_char=False,
+                    newlines_in_values=False, ignore_empty_lines=False),
+                convert_options=pa_csv.ConvertOptions(
+                    include_columns=list(positions),
+                    column_types={name: pa.string() for name in positions},
+                    strings_can_be_null=False, check_utf8=False),
+            )
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            return None
+        if table.num_rows != count:
+            return None
+        return RawChunk(
+            columns={name: table.column(name).combine_chunks() for name in positions},
+            line_numbers=pa.array(np.arange(first, first + count, dtype=np.int64)),
+        )
+
+    def _parse_lines(
         self, lines: pa.Array, first: int, positions: dict[str, int], expected: int
     ) -> RawChunk:
         text, invalid = _decode_lines(lines)
@@ -230,7 +302,10 @@ class CsvReader:
                 continue
             yield first_line, row, None
 
-    def chunks(self, wanted: list[str]) -> Iterator[RawChunk]:
+    def jobs(self, wanted: list[str]) -> Iterator[ChunkJob]:
+        return map(_done, self._chunks(wanted))
+
+    def _chunks(self, wanted: list[str]) -> Iterator[RawChunk]:
         positions = [self.columns.index(name) for name in wanted]
         expected = len(self.columns)
         batch: list[tuple[int, list[str]]] = []
@@ -293,7 +368,10 @@ class ParquetReader:
             raise InputError(f"{label}: not a readable Parquet file ({exc})") from None
         self.columns = list(self._file.schema_arrow.names)
 
-    def chunks(self, wanted: list[str]) -> Iterator[RawChunk]:
+    def jobs(self, wanted: list[str]) -> Iterator[ChunkJob]:
+        return map(_done, self._chunks(wanted))
+
+    def _chunks(self, wanted: list[str]) -> Iterator[RawChunk]:
         next_row = 1
         try:
             for batch in self._file.iter_batches(
