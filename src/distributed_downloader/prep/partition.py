@@ -288,25 +288,31 @@ def build_batches(
             by_server = overlap_by_server(con)
             pq.write_table(by_server, work / "overlap.parquet", compression=PARQUET_COMPRESSION)
             overlap = overlap_totals(by_server)
-            reuse = ", " + ", ".join(f"previous_outcome.{name}" for name in REUSE_NAMES)
+            reuse = "".join(f", {name}" for name in REUSE_NAMES)
             joined = "LEFT JOIN previous_outcome USING (identifier)"
-        # A row whose URL occurs once is the first of its pair: no repeat number in its name.
-        once = (f"{uuid_v5_sql('source_id || chr(10) || identifier')[0]} AS uuid"
-                if deterministic else "uuid()::VARCHAR AS uuid")
-        twice = f"{digest} AS uuid" if deterministic else "uuid"
+        # A row whose URL occurs once is the first of its pair (pair_repeat 0). The UUIDs are
+        # computed after the sort, so the sort does not carry them; insertion order is kept
+        # for that outer projection.
+        if deterministic:
+            uuid_sql, once, twice = f"{digest} AS uuid", "0 AS pair_repeat", "pair_repeat"
+        else:
+            uuid_sql = "coalesce(uuid, uuid()::VARCHAR) AS uuid"
+            once, twice = "NULL::VARCHAR AS uuid", "uuid"
         cutter = BatchCutter(work / "batches", settings.batch_size,
                              batch_schema(keep_columns, reuse=bool(previous)), server_names)
         (work / "batches").mkdir()
         try:
+            con.execute("SET preserve_insertion_order = true")
             download = con.sql(f"""
-                SELECT server_id, uuid, {payload}{reuse} FROM (
-                    SELECT server_id, row_index, {once}, {payload}
-                    FROM prepared ANTI JOIN repeated USING (identifier)
-                    UNION ALL
-                    SELECT server_id, row_index, {twice}, {payload}
-                    FROM repeats WHERE uuid = carrier_uuid
-                ) {joined}
-                ORDER BY server_id, row_index""").to_arrow_reader(ROWS_PER_FETCH)
+                SELECT server_id, {uuid_sql}, {payload}{reuse} FROM (
+                    SELECT * FROM (
+                        SELECT server_id, row_index, {once}, {payload}
+                        FROM prepared ANTI JOIN repeated USING (identifier)
+                        UNION ALL
+                        SELECT server_id, row_index, {twice}, {payload}
+                        FROM repeats WHERE uuid = carrier_uuid
+                    ) {joined}
+                    ORDER BY server_id, row_index)""").to_arrow_reader(ROWS_PER_FETCH)
             for rows in download:
                 cutter.add(_digests_to_uuids(rows) if deterministic else rows)
             servers = cutter.finish()

@@ -31,7 +31,7 @@ MAX_LINE_BYTES = 16 << 20  # a longer "line" means the file is not text
 CSV_ROWS_PER_CHUNK = 50_000
 PARQUET_ROWS_PER_CHUNK = 65_536
 UTF8_BOM = b"\xef\xbb\xbf"
-NEWLINE, CARRIAGE_RETURN = 10, 13
+NEWLINE = ord("\n")
 
 Opener = Callable[[], BinaryIO]
 
@@ -65,6 +65,17 @@ def _done(chunk: RawChunk) -> ChunkJob:
 
 def _line_numbers(first: int, count: int) -> pa.Array:
     return pa.array(np.arange(first, first + count, dtype=np.int64))
+
+
+def _binary(block: bytes | bytearray, text: bool = False) -> pa.Array:
+    """A block as one binary (or string) value, without copying it."""
+    offsets = pa.py_buffer(np.array([0, len(block)], np.int32))
+    return pa.Array.from_buffers(pa.string() if text else pa.binary(), 1,
+                                 [None, offsets, pa.py_buffer(block)])
+
+
+def _one_chunk(column: pa.ChunkedArray) -> pa.Array:
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
 
 def _decode_lines(lines: pa.Array) -> tuple[pa.Array, list[int]]:
@@ -137,79 +148,83 @@ class LinesReader:
         names = text.split(self.delimiter) if self.delimiter else [text]
         return [name.strip() for name in names]
 
-    def _blocks(self) -> Iterator[bytes]:
-        """Whole lines, a few MiB at a time."""
+    def _fill(self, view: memoryview) -> int:
+        """Reads into `view` until it is full or the input ends; returns the bytes read."""
+        filled = 0
+        while filled < len(view):
+            count = self._stream.readinto(view[filled:])  # type: ignore[attr-defined]
+            if not count:
+                break
+            filled += count
+        return filled
+
+    def _blocks(self) -> Iterator[bytearray]:
+        """Whole lines, a few MiB at a time, each block a buffer of its own (read into, not
+        copied, since parsing may still hold the previous one)."""
         while True:
-            data = self._stream.read(BLOCK_BYTES)
-            if not data:
-                if self._pending:
-                    yield self._pending
+            pending = self._pending
+            block = bytearray(len(pending) + BLOCK_BYTES)
+            block[: len(pending)] = pending
+            size = len(pending) + self._fill(memoryview(block)[len(pending):])
+            if size == len(pending):
+                if pending:
+                    yield bytearray(pending)
                 return
-            data = self._pending + data
-            if self._next_line == 1 and not self._pending:
-                data = data.removeprefix(UTF8_BOM)
-            cut = data.rfind(b"\n")
+            del block[size:]
+            if self._next_line == 1 and not pending and block.startswith(UTF8_BOM):
+                del block[: len(UTF8_BOM)]
+            cut = block.rfind(b"\n")
             if cut < 0:
-                if len(data) > MAX_LINE_BYTES:
+                if len(block) > MAX_LINE_BYTES:
                     raise InputError(
                         f"{self.label}: line {self._next_line} is over 16 MiB; not text?"
                     )
-                self._pending = data
+                self._pending = bytes(block)
                 continue
-            self._pending = data[cut + 1 :]
-            yield data[: cut + 1]
+            self._pending = bytes(block[cut + 1 :])
+            del block[cut + 1 :]
+            yield block
 
     def jobs(self, wanted: list[str]) -> Iterator[ChunkJob]:
         positions = {name: self.columns.index(name) for name in wanted}
         try:
             for block in self._blocks():
-                ends = np.flatnonzero(np.frombuffer(block, np.uint8) == NEWLINE)
+                newlines = np.count_nonzero(np.frombuffer(block, np.uint8) == NEWLINE)
+                count = int(newlines) + (not block.endswith(b"\n"))
                 first = self._next_line
-                self._next_line += len(ends) + (not block.endswith(b"\n"))
-                yield partial(self._parse, block, ends, first, positions)
+                self._next_line += count
+                yield partial(self._parse, block, first, count, positions)
         finally:
             self._stream.close()
 
     def _parse(
-        self, block: bytes, ends: np.ndarray, first: int, positions: dict[str, int]
+        self, block: bytearray, first: int, count: int, positions: dict[str, int]
     ) -> RawChunk:
-        chunk = self._parse_clean(block, ends, first, positions)
+        chunk = self._parse_clean(block, first, count, positions)
         if chunk is not None:
             return chunk
-        lines = pc.split_pattern(pa.array([block], pa.binary()), b"\n").flatten()
+        lines = pc.split_pattern(_binary(block), b"\n").flatten()
         if block.endswith(b"\n"):
             lines = lines.slice(0, len(lines) - 1)
         return self._parse_lines(lines, first, positions, len(self.columns))
 
     def _parse_clean(
-        self, block: bytes, ends: np.ndarray, first: int, positions: dict[str, int]
+        self, block: bytearray, first: int, count: int, positions: dict[str, int]
     ) -> RawChunk | None:
         """A block with nothing to reject or skip, in one pass of Arrow's CSV parser; None
-        when the block has a blank line, a stray CR, bytes that are not UTF-8 or a row of the
-        wrong width (then `_parse_lines` looks at it line by line)."""
-        if self.delimiter is None or not block:
+        when it may hold a blank line, a CR that does not end a line, bytes that are not UTF-8
+        or a row of the wrong width (then `_parse_lines` looks at it line by line).
+
+        With two columns or more, a blank line (or one holding only a CR) is a row of the
+        wrong width to the parser, so it fails on those too."""
+        if self.delimiter is None or len(self.columns) < 2 or block.startswith(UTF8_BOM):
+            return None  # (a BOM: the parser would drop it from the first field)
+        if block.find(b"\r") >= 0 and block.count(b"\r") != block.count(b"\r\n"):
             return None
-        data = np.frombuffer(block, np.uint8)
-        count = len(ends) + (not block.endswith(b"\n"))
-        starts = np.empty(count, np.int64)
-        starts[0] = 0
-        starts[1:] = ends[: count - 1] + 1
-        stops = np.append(ends, len(block))[:count]
-        if (stops == starts).any():
-            return None  # a blank line: skipped, which shifts the rows' line numbers
-        if block.find(b"\r") >= 0:
-            returns = np.flatnonzero(data == CARRIAGE_RETURN)
-            after = returns + 1
-            if after[-1] >= len(data) or (data[after] != NEWLINE).any():
-                return None  # a CR that does not end a line: kept in its field
-            if ((stops - starts == 1) & (data[starts] == CARRIAGE_RETURN)).any():
-                return None  # a line holding only a CR: blank
         try:
-            pa.Array.from_buffers(
-                pa.string(), 1, [None, pa.py_buffer(np.array([0, len(block)], np.int32)),
-                                 pa.py_buffer(block)]).validate(full=True)
+            _binary(block, text=True).validate(full=True)  # checks the UTF-8
             table = pa_csv.read_csv(
-                pa.BufferReader(block),
+                pa.py_buffer(block),
                 read_options=pa_csv.ReadOptions(
                     column_names=self.columns, use_threads=False, block_size=len(block) + 1),
                 parse_options=pa_csv.ParseOptions(
@@ -225,8 +240,8 @@ class LinesReader:
         if table.num_rows != count:
             return None
         return RawChunk(
-            columns={name: table.column(name).combine_chunks() for name in positions},
-            line_numbers=pa.array(np.arange(first, first + count, dtype=np.int64)),
+            columns={name: _one_chunk(table.column(name)) for name in positions},
+            line_numbers=_line_numbers(first, count),
         )
 
     def _parse_lines(
