@@ -231,8 +231,8 @@ class ChunkCleaner:
             if name not in columns and name in roles.wanted:
                 columns[name] = pa.repeat(pa.scalar(value, pa.string()), len(lines))
 
+        alive = None  # every row, until a check removes some
         if roles.gbif_filter:
-            alive = None  # every row, until a check removes some
             checks = [
                 (DropReason.MISSING_GBIF_ID, roles.source_id, None),
                 (DropReason.NOT_STILL_IMAGE, roles.type, STILL_IMAGE),
@@ -259,23 +259,29 @@ class ChunkCleaner:
                     left_out.append(self._dropped(reason, removed, count, lines,
                                                   columns[roles.url], values))
                 alive = ok if alive is None else pc.and_(alive, ok)
-            if alive is not None and not pc.all(alive).as_py():
-                columns = {name: values.filter(alive) for name, values in columns.items()}
-                lines = lines.filter(alive)
 
+        # Every row's URL is checked, the ones just left out too, so that the columns are
+        # filtered once: cheaper than filtering them twice for the few rows the filter drops.
         urls = normalise_urls(columns[roles.url])
-        accepted = pc.is_null(urls.reject_reason)
-        for position in pc.indices_nonzero(pc.invert(accepted)).to_pylist():
+        refused = pc.is_valid(urls.reject_reason)
+        if alive is not None:
+            refused = pc.and_(alive, refused)
+        for position in pc.indices_nonzero(refused).to_pylist():
             reason = RejectReason(urls.reject_reason[position].as_py())
             raw = columns[roles.url][position].as_py()
             rejected.append(RejectedRow(self.label, lines[position].as_py(), raw or "", reason))
             dropped[reason] += 1
 
-        count = pc.sum(accepted).as_py() or 0
-        everything = count == len(lines)
-        if not everything:
-            columns = {name: values.filter(accepted) for name, values in columns.items()}
-            lines = lines.filter(accepted)
+        kept = pc.is_null(urls.reject_reason)
+        if alive is not None:
+            kept = pc.and_(alive, kept)
+        count = pc.sum(kept).as_py() or 0
+        identifier, server_name = urls.identifier, urls.server_name
+        if count != len(lines):
+            needed = {roles.source_id, roles.license, roles.source, roles.title, *roles.keep}
+            columns = {name: columns[name].filter(kept) for name in needed if name}
+            lines = lines.filter(kept)
+            identifier, server_name = identifier.filter(kept), server_name.filter(kept)
         source_id = None
         if roles.source_id is not None:
             ids = pc.utf8_trim_whitespace(columns[roles.source_id])
@@ -297,9 +303,6 @@ class ChunkCleaner:
             pc.and_(pc.is_valid(metadata["license"]), pc.is_valid(metadata["source"])),
             pc.is_valid(metadata["title"]),
         )
-        identifier, server_name = urls.identifier, urls.server_name
-        if not everything:
-            identifier, server_name = identifier.filter(accepted), server_name.filter(accepted)
         rows = {
             "source_id": source_id,
             "identifier": identifier,
