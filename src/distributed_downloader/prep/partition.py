@@ -49,6 +49,8 @@ BATCH_FILE_NAME = "part-0.parquet"
 ROWS_PER_FETCH = 100_000
 WRITE_THREADS = 2  # batch files compressed at once; the writes release the GIL
 HEX_DIGEST = 40  # characters of a SHA-1 digest in hex
+# Batch columns that differ on every row: a dictionary would only add to their size and cost.
+UNIQUE_PER_ROW = ("uuid", "source_id", "identifier")
 
 
 def uuid_v5_sql(name_sql: str) -> tuple[str, str]:
@@ -150,6 +152,7 @@ class BatchCutter:
         self.servers: list[ServerBatches] = []
         self._pending: list[pa.RecordBatch] = []
         self._pending_rows = 0
+        self._dictionary = [name for name in schema.names if name not in UNIQUE_PER_ROW]
         self._pool = ThreadPoolExecutor(WRITE_THREADS)
         self._writes: deque[Future] = deque()
 
@@ -191,7 +194,8 @@ class BatchCutter:
         while len(self._writes) >= 2 * WRITE_THREADS:
             self._writes.popleft().result()
         self._writes.append(self._pool.submit(
-            pq.write_table, table, folder / BATCH_FILE_NAME, compression=PARQUET_COMPRESSION))
+            pq.write_table, table, folder / BATCH_FILE_NAME, compression=PARQUET_COMPRESSION,
+            use_dictionary=self._dictionary))
         server.rows += len(rows)
         server.batches += 1
         if "reuse_from" in table.column_names:
