@@ -1,10 +1,15 @@
-"""Prep throughput and peak memory on a generated GBIF-shaped multimedia.txt.
+"""Prep's speed and memory on a generated GBIF multimedia.txt, against one plain DuckDB query.
 
-    python benchmarks/prep_bench.py --rows 1000000 10000000
+    python benchmarks/prep_bench.py --rows 3000000 10000000 30000000
 
 For each N it writes `benchmarks/work/multimedia-N.txt` (once; reused later), runs
-`distributed-downloader prep` on it in a child process, and reports rows/s and the child's peak
-RSS. Hosts follow a Zipf-like skew over 545 servers (the largest few hold most rows), as in
+`distributed-downloader prep` on it in a child process, then the reference in another: one
+DuckDB query that reads the file (every GBIF column as VARCHAR), keeps StillImage rows with an
+image/* format and a gbifID, drops repeated URLs, takes the host with a regexp and writes the
+columns prep writes to Parquet partitioned by host, under the same `--memory-limit`. It reports
+rows/s and peak RSS of each (from the child's own rusage) and prep's speed as a ratio of the
+reference's. The reference checks, cleans and numbers nothing (no URL normalisation, no UUIDs,
+no rejected rows, no batches): it is the floor of what the engine costs. Hosts follow a Zipf-like skew over 545 servers (the largest few hold most rows), as in
 GBIF; about 5% of URLs need the full URL parser (spaces, non-ASCII, upper-case hosts), 3% repeat
 an earlier URL, and a few rows are dropped by the filter or rejected. Hosts are `*.localhost`
 names: prep never connects, and if anything did, they resolve to loopback.
@@ -14,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
-import resource
 import shutil
 import subprocess
 import sys
@@ -70,38 +75,92 @@ def generate(path: Path, rows: int, seed: int = 7) -> None:
     tmp.rename(path)
 
 
+REFERENCE = """
+import sys, duckdb
+source, output, memory_limit, spill = sys.argv[1:]
+columns = {columns}
+con = duckdb.connect()
+con.execute(f"SET memory_limit = '{{memory_limit}}'")
+con.execute(f"SET temp_directory = '{{spill}}'")
+con.execute("SET preserve_insertion_order = false")
+con.execute(f\"\"\"
+    COPY (
+        SELECT DISTINCT ON (identifier) gbifID AS source_id, identifier, license, source, title,
+               regexp_extract(identifier, '^[A-Za-z][A-Za-z0-9+.-]*://([^/?#]+)', 1) AS server_name
+        FROM read_csv('{{source}}', delim = '\\t', header = true, quote = '', escape = '',
+                      auto_detect = false, columns = {{columns}})
+        WHERE type = 'StillImage' AND format LIKE 'image/%' AND gbifID IS NOT NULL
+    ) TO '{{output}}' (FORMAT parquet, PARTITION_BY (server_name))\"\"\")
+"""
+
+
+def timed_child(command: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of one child process, from its own rusage."""
+    with open(WORK / "child.log", "w+") as log:
+        started = time.monotonic()
+        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+        _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.monotonic() - started
+        if status != 0:
+            log.seek(0)
+            raise SystemExit(f"{' '.join(command[:4])} ... failed:\n{log.read()[-2000:]}")
+    return seconds, usage.ru_maxrss / 1024
+
+
 def run_prep(input_path: Path, output: Path, memory_limit: str) -> dict:
     if output.exists():
         shutil.rmtree(output)
-    started = time.monotonic()
-    subprocess.run(
+    seconds, peak = timed_child(
         [sys.executable, "-m", "distributed_downloader", "prep", str(input_path),
-         "--output", str(output), "--memory-limit", memory_limit],
-        check=True, stdout=subprocess.DEVNULL,
-    )
-    seconds = time.monotonic() - started
+         "--output", str(output), "--memory-limit", memory_limit])
     summary = json.loads((output / "prep" / "summary.json").read_text())
-    summary["wall_seconds"] = seconds
+    summary["wall_seconds"], summary["peak_mib"] = seconds, peak
     return summary
+
+
+def run_reference(input_path: Path, output: Path, memory_limit: str) -> dict:
+    """The plain DuckDB query, in a child process of its own; its rows are counted after."""
+    import duckdb
+
+    for path in (output, output.with_suffix(".spill")):
+        if path.exists():
+            shutil.rmtree(path)
+    columns = {name: "VARCHAR" for name in HEADER.strip().split("\t")}
+    script = REFERENCE.format(columns=repr(columns))
+    seconds, peak = timed_child(
+        [sys.executable, "-c", script, str(input_path), str(output), memory_limit,
+         str(output.with_suffix(".spill"))])
+    rows = duckdb.sql(f"SELECT count(*) FROM read_parquet('{output}/*/*.parquet')").fetchall()
+    return {"wall_seconds": seconds, "peak_mib": peak, "rows": rows[0][0]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000])
     parser.add_argument("--memory-limit", default="512MB")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="time prep only, without the plain DuckDB query")
     args = parser.parse_args()
     WORK.mkdir(exist_ok=True)
-    print(f"{'rows':>12} {'seconds':>8} {'rows/s':>10} {'peak RSS MiB':>13} {'servers':>8} "
-          f"{'batches':>8}")
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"{'rows':>11} | {'prep s':>7} {'rows/s':>9} {'RSS MiB':>7} {'kept':>10} | "
+          f"{'ref s':>7} {'rows/s':>9} {'RSS MiB':>7} {'kept':>10} | {'ratio':>5}")
     for rows in args.rows:
         input_path = WORK / f"multimedia-{rows}.txt"
         if not input_path.exists():
             generate(input_path, rows)
-        summary = run_prep(input_path, WORK / f"out-{rows}", args.memory_limit)
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        print(f"{rows:>12,} {summary['wall_seconds']:>8.1f} "
-              f"{rows / summary['wall_seconds']:>10,.0f} {peak:>13.0f} "
-              f"{summary['servers']:>8} {summary['batches']:>8}", flush=True)
+        prep = run_prep(input_path, WORK / f"out-{rows}", args.memory_limit)
+        line = (f"{rows:>11,} | {prep['wall_seconds']:>7.1f} "
+                f"{rows / prep['wall_seconds']:>9,.0f} {prep['peak_mib']:>7.0f} "
+                f"{prep['download_rows']:>10,} | ")
+        if not args.no_reference:
+            ref = run_reference(input_path, WORK / f"reference-{rows}", args.memory_limit)
+            ratio = ref["wall_seconds"] / prep["wall_seconds"]
+            line += (f"{ref['wall_seconds']:>7.1f} {rows / ref['wall_seconds']:>9,.0f} "
+                     f"{ref['peak_mib']:>7.0f} {ref['rows']:>10,} | {ratio:>5.2f}")
+        print(line, flush=True)
+    print("ratio: prep's rows/s over the reference's (above 1: prep is faster); "
+          f"load average now {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

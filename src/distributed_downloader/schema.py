@@ -106,8 +106,10 @@ ERRORS = pa.schema(
     ]
 )
 
-# Prep's own scratch table: the rows that passed, in input order, before UUIDs and batching.
-STAGING_EXTRA = [("row_index", pa.int64()), ("server_name", pa.string())]
+# Prep's own scratch table: the rows that passed, in input order, before UUIDs and batching;
+# `server_id` numbers the servers in the order they first appear (an integer sorts faster).
+STAGING_EXTRA = [("row_index", pa.int64()), ("server_name", pa.string()),
+                 ("server_id", pa.int32())]
 
 
 def with_kept_columns(schema: pa.Schema, keep_columns: list[str]) -> pa.Schema:

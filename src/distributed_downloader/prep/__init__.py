@@ -1,35 +1,47 @@
 """The prep stage: input → filtered, normalised rows with UUIDs → batches by server.
 
-Two passes keep memory bounded: the input streams through the readers and row checks into a
-staging Parquet file; DuckDB then numbers, deduplicates and sorts it out of core, and the
-batches are cut from its sorted output. Everything is written under `prep/.work/` and published
-into `prep/` at the end, `summary.json` last, so a killed prep leaves nothing a later stage
-could take for finished.
+The input is read once: chunks are parsed and checked on a few threads (Arrow's kernels release
+the GIL) and committed in input order into a staging Parquet file, which keeps memory bounded
+whatever the input's size. DuckDB then deduplicates and sorts the staged rows out of core, and
+the batches are cut from its sorted output. Everything is written under `prep/.work/` and
+published into `prep/` at the end, `summary.json` last, so a killed prep leaves nothing a later
+stage could take for finished.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 import time
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distributed_downloader import __version__
 from distributed_downloader.config import Settings, save_settings
 from distributed_downloader.errors import InputError, UserError
-from distributed_downloader.prep.partition import build_batches
+from distributed_downloader.prep.partition import ServerNumbers, build_batches
 from distributed_downloader.prep.previous import check_previous
-from distributed_downloader.prep.rows import ChunkCleaner, RejectedRow, Tally, resolve_roles
+from distributed_downloader.prep.readers import ChunkJob
+from distributed_downloader.prep.rows import (
+    ChunkCleaner,
+    CleanChunk,
+    RejectedRow,
+    Tally,
+    resolve_roles,
+)
 from distributed_downloader.prep.sources import Source, discover, input_fingerprint
 from distributed_downloader.schema import DROPPED, REJECTED, staging_schema
 from distributed_downloader.storage import (
@@ -42,6 +54,15 @@ from distributed_downloader.storage import (
 from distributed_downloader.writers import has_downloads
 
 REJECTED_ROWS_PER_GROUP = 10_000
+# Threads that parse and check chunks; the main thread reads ahead and commits in order.
+PARSE_THREADS = max(2, min(4, os.cpu_count() or 1))
+CHUNKS_IN_FLIGHT = PARSE_THREADS + 2  # each holds a few tens of MiB
+# Cleaned chunks waiting for the thread that writes them to the staging file, in order.
+WRITES_IN_FLIGHT = 2
+# The staging file is read once by DuckDB and deleted: fast compression, statistics left out,
+# dictionaries only where values repeat.
+STAGING_OPTIONS = {"compression": "lz4", "write_statistics": False,
+                   "use_dictionary": ["license", "source", "server_name"]}
 
 
 @dataclass
@@ -119,6 +140,26 @@ def _row_key_prefix(source: Source, input_path: Path, several: bool) -> str:
     return f"{label}:"
 
 
+def _in_order(pool: ThreadPoolExecutor, tasks: Iterable[Callable[[], CleanChunk]],
+              depth: int) -> Iterator[CleanChunk]:
+    """Runs tasks on the pool, at most `depth` at once, and yields their results in order."""
+    running: deque[Future] = deque()
+    try:
+        for task in tasks:
+            running.append(pool.submit(task))
+            if len(running) >= depth:
+                yield running.popleft().result()
+        while running:
+            yield running.popleft().result()
+    finally:
+        for future in running:
+            future.cancel()
+
+
+def _cleaned(job: ChunkJob, cleaner: ChunkCleaner) -> Callable[[], CleanChunk]:
+    return lambda: cleaner.clean(job())
+
+
 def _read_sources(
     sources: list[Source],
     settings: Settings,
@@ -126,37 +167,61 @@ def _read_sources(
     rejected: _RejectedWriter,
     dropped: pq.ParquetWriter,
     tally: Tally,
+    servers: ServerNumbers,
     progress: ProgressCallback | None,
 ) -> list[str]:
     """Stream every source into the staging file; returns the source formats seen."""
     assert settings.input is not None
     keep_columns = settings.keep_columns
+    schema = staging_schema(keep_columns)
     formats = []
-    with pq.ParquetWriter(
-        staging_path, staging_schema(keep_columns), compression="lz4"
-    ) as staging:
+    writes: deque[Future] = deque()
+
+    def commit(chunk: CleanChunk, first_row_index: int) -> None:
+        if chunk.rows_kept:
+            staging.write_table(_staging_table(chunk, first_row_index, servers, schema))
+        if chunk.left_out.num_rows:
+            dropped.write_table(chunk.left_out)
+
+    with pq.ParquetWriter(staging_path, schema, **STAGING_OPTIONS) as staging, \
+            ThreadPoolExecutor(PARSE_THREADS) as pool, ThreadPoolExecutor(1) as writer:
         for source in sources:
             formats.append(source.format)
             try:
                 reader = source.make_reader()
                 roles = resolve_roles(reader.columns, source, settings)
                 prefix = _row_key_prefix(source, settings.input, len(sources) > 1)
-                cleaner = ChunkCleaner(roles, source, prefix, tally, keep_columns,
+                cleaner = ChunkCleaner(roles, source, prefix, keep_columns,
                                        settings.strict_image_format)
                 readable = [name for name in roles.wanted if name in reader.columns]
-                for chunk in reader.chunks(readable):
-                    table, rejects, left_out = cleaner.clean(chunk, tally.rows_kept)
-                    if table.num_rows:
-                        staging.write_table(table)
-                    rejected.add(rejects)
-                    if left_out.num_rows:
-                        dropped.write_table(left_out)
+                tasks = (_cleaned(job, cleaner) for job in reader.jobs(readable))
+                for chunk in _in_order(pool, tasks, CHUNKS_IN_FLIGHT):
+                    writes.append(writer.submit(commit, chunk, tally.rows_kept))
+                    tally.add(chunk)
+                    rejected.add(chunk.rejected)
+                    while len(writes) > WRITES_IN_FLIGHT:
+                        writes.popleft().result()
                     if progress:
                         progress(PrepProgress(source.label, tally.rows_read, tally.rows_kept,
                                               "reading"))
             except (OSError, EOFError, zlib.error, zipfile.BadZipFile) as exc:
                 raise InputError(f"{source.label}: cannot read further ({exc})") from None
+        while writes:
+            writes.popleft().result()
     return formats
+
+
+def _staging_table(chunk: CleanChunk, first_row_index: int, servers: ServerNumbers,
+                   schema: pa.Schema) -> pa.Table:
+    """A cleaned chunk's rows, numbered in input order, as the staging file holds them."""
+    count = chunk.rows_kept
+    values = {
+        **chunk.columns,
+        "row_index": pa.array(np.arange(first_row_index, first_row_index + count,
+                                        dtype=np.int64)),
+        "server_id": servers.of(chunk.columns["server_name"]),
+    }
+    return pa.Table.from_arrays([values[f.name] for f in schema], schema=schema)
 
 
 def run_prep(
@@ -191,12 +256,13 @@ def run_prep(
     save_settings(settings)
 
     tally = Tally()
+    servers = ServerNumbers()
     rejected = _RejectedWriter(work / "rejected.parquet")
     dropped = pq.ParquetWriter(work / "dropped.parquet", DROPPED, compression=PARQUET_COMPRESSION)
     staging_path = work / "staging.parquet"
     try:
         formats = _read_sources(sources, settings, staging_path, rejected, dropped, tally,
-                                progress)
+                                servers, progress)
     finally:
         rejected.close()
         dropped.close()
@@ -204,7 +270,8 @@ def run_prep(
         raise InputError(f"{settings.input}: no data rows (only a header, or empty)")
     if progress:
         progress(PrepProgress("", tally.rows_read, tally.rows_kept, "batching"))
-    result = build_batches(staging_path, work, settings, settings.keep_columns, previous)
+    result = build_batches(staging_path, work, settings, settings.keep_columns, servers.names,
+                           previous)
 
     for name in ("batches", "rejected.parquet", "dropped.parquet", "duplicates.parquet",
                  "servers.parquet", "overlap.parquet"):

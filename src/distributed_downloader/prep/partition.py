@@ -1,18 +1,23 @@
 """UUIDs, duplicate URLs, and batches by server, out of core.
 
-DuckDB does the work that needs the whole input at once (numbering repeated pairs, finding the
-first row of every URL, sorting by server) under a memory limit, spilling to disk beyond it.
-The sorted rows then stream through Python, which cuts each server's rows into batches.
+DuckDB does the work that needs the whole input at once under a memory limit, spilling to disk
+beyond it: it finds the URLs that occur more than once (few) and numbers only their rows, and
+sorts the rows to download by server. The sorted rows then stream through Python, which formats
+their UUIDs from DuckDB's SHA-1 digests and cuts each server's rows into batches, written on
+a few threads.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -30,13 +35,22 @@ from distributed_downloader.schema import (
     batch_schema,
     duplicates_schema,
 )
-from distributed_downloader.storage import PARQUET_COMPRESSION, RunLayout, batch_folder
+from distributed_downloader.storage import (
+    PARQUET_COMPRESSION,
+    RunLayout,
+    batch_folder,
+    sql_path,
+)
 
 # Deterministic UUIDs are version 5 in this namespace, of "source_id\nURL" (with "\nK" added for
 # the K-th repeat of the same pair), so the same input always gets the same UUIDs.
 UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://pypi.org/project/distributed-downloader/")
 BATCH_FILE_NAME = "part-0.parquet"
 ROWS_PER_FETCH = 100_000
+WRITE_THREADS = 2  # batch files compressed at once; the writes release the GIL
+HEX_DIGEST = 40  # characters of a SHA-1 digest in hex
+# Batch columns that differ on every row: a dictionary would only add to their size and cost.
+UNIQUE_PER_ROW = ("uuid", "source_id", "identifier")
 
 
 def uuid_v5_sql(name_sql: str) -> tuple[str, str]:
@@ -54,6 +68,56 @@ def uuid_v5_python(source_id: str, identifier: str, repeat: int = 0) -> str:
     """The same UUID as the SQL above, for tests and for anyone checking provenance by hand."""
     name = f"{source_id}\n{identifier}" + (f"\n{repeat}" if repeat else "")
     return str(uuid.uuid5(UUID_NAMESPACE, name))
+
+
+# The UUID's variant nibble, by the digest's hex character in that place: 10xx (RFC 9562).
+_VARIANT = np.zeros(256, np.uint8)
+for _nibble, _char in enumerate(b"0123456789abcdef"):
+    _VARIANT[_char] = b"89ab"[_nibble & 3]
+# Where each of the UUID's 36 characters comes from in the 40-character digest (-1: a dash or
+# the version, set apart).
+_FROM_DIGEST = np.array([*range(8), -1, *range(8, 12), -1, -1, *range(13, 16), -1, -1,
+                         *range(17, 20), -1, *range(20, 32)])
+
+
+def format_uuids(digests: pa.Array) -> pa.Array:
+    """UUID v5 strings from hex SHA-1 digests, as `uuid_v5_sql`'s formatting gives them, with
+    NumPy on the digests' bytes (every digest has the same length)."""
+    digests = digests.cast(pa.string())
+    count = len(digests)
+    offsets = np.frombuffer(digests.buffers()[1], np.int32)[digests.offset:][: count + 1]
+    if digests.null_count or count and offsets[-1] - offsets[0] != HEX_DIGEST * count:
+        raise ValueError("format_uuids takes 40-character hex digests, no nulls")
+    data = np.frombuffer(digests.buffers()[2], np.uint8)[offsets[0]:][: HEX_DIGEST * count]
+    hexes = data.reshape(count, HEX_DIGEST)
+    text = hexes[:, np.maximum(_FROM_DIGEST, 0)]
+    text[:, [8, 13, 18, 23]] = ord("-")
+    text[:, 14] = ord("5")
+    text[:, 19] = _VARIANT[hexes[:, 16]]
+    width = len(_FROM_DIGEST)
+    return pa.Array.from_buffers(
+        pa.string(), count,
+        [None, pa.py_buffer(np.arange(0, width * (count + 1), width, dtype=np.int32)),
+         pa.py_buffer(np.ascontiguousarray(text))])
+
+
+class ServerNumbers:
+    """Numbers servers in the order they first appear, so DuckDB sorts by an integer."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self._numbers: dict[str, int] = {}
+
+    def of(self, server_names: pa.Array) -> pa.Array:
+        encoded = server_names.dictionary_encode()
+        numbers = []
+        for name in encoded.dictionary.to_pylist():
+            number = self._numbers.get(name)
+            if number is None:
+                number = self._numbers[name] = len(self.names)
+                self.names.append(name)
+            numbers.append(number)
+        return pa.array(numbers, pa.int32()).take(encoded.indices)
 
 
 @dataclass
@@ -79,24 +143,29 @@ class PartitionResult:
 class BatchCutter:
     """Cuts rows sorted by server into numbered batch files of at most `batch_size` rows."""
 
-    def __init__(self, root: Path, batch_size: int, schema: pa.Schema) -> None:
+    def __init__(self, root: Path, batch_size: int, schema: pa.Schema,
+                 server_names: list[str]) -> None:
         self.root = root
         self.batch_size = batch_size
         self.schema = schema
+        self.server_names = server_names
         self.servers: list[ServerBatches] = []
         self._pending: list[pa.RecordBatch] = []
         self._pending_rows = 0
+        self._dictionary = [name for name in schema.names if name not in UNIQUE_PER_ROW]
+        self._pool = ThreadPoolExecutor(WRITE_THREADS)
+        self._writes: deque[Future] = deque()
 
     def add(self, rows: pa.RecordBatch) -> None:
-        """Rows with a leading `server_name` column, in server order."""
-        names = rows.column(0)
+        """Rows with a leading `server_id` column, in server order."""
+        numbers = rows.column(0)
         changes = pc.indices_nonzero(
-            pc.not_equal(names.slice(1), names.slice(0, len(names) - 1))
+            pc.not_equal(numbers.slice(1), numbers.slice(0, len(numbers) - 1))
         ).to_pylist()
         starts = [0] + [i + 1 for i in changes]
-        ends = starts[1:] + [len(names)]
+        ends = starts[1:] + [len(numbers)]
         for start, end in zip(starts, ends):
-            server = names[start].as_py()
+            server = self.server_names[numbers[start].as_py()]
             if not self.servers or self.servers[-1].server_name != server:
                 self._flush(final=True)
                 self.servers.append(ServerBatches(server))
@@ -121,8 +190,12 @@ class BatchCutter:
         server = self.servers[-1]
         folder = batch_folder(self.root, server.server_name, server.batches)
         folder.mkdir(parents=True, exist_ok=True)
-        table = rows.drop_columns(["server_name"]).cast(self.schema)
-        pq.write_table(table, folder / BATCH_FILE_NAME, compression=PARQUET_COMPRESSION)
+        table = rows.drop_columns(["server_id"]).cast(self.schema)
+        while len(self._writes) >= 2 * WRITE_THREADS:
+            self._writes.popleft().result()
+        self._writes.append(self._pool.submit(
+            pq.write_table, table, folder / BATCH_FILE_NAME, compression=PARQUET_COMPRESSION,
+            use_dictionary=self._dictionary))
         server.rows += len(rows)
         server.batches += 1
         if "reuse_from" in table.column_names:
@@ -132,7 +205,16 @@ class BatchCutter:
 
     def finish(self) -> list[ServerBatches]:
         self._flush(final=True)
+        self.close()
         return self.servers
+
+    def close(self) -> None:
+        """Waits for the writes under way; the first that failed raises."""
+        try:
+            while self._writes:
+                self._writes.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _connect(work: Path, settings: Settings) -> duckdb.DuckDBPyConnection:
@@ -143,42 +225,60 @@ def _connect(work: Path, settings: Settings) -> duckdb.DuckDBPyConnection:
     return con
 
 
+def _digests_to_uuids(rows: pa.RecordBatch) -> pa.RecordBatch:
+    """The `uuid` column of a fetched batch, from the digests DuckDB computed in its place."""
+    position = rows.schema.get_field_index("uuid")
+    return rows.set_column(position, "uuid", format_uuids(rows.column(position)))
+
+
 def build_batches(
     staging: Path, work: Path, settings: Settings, keep_columns: list[str],
-    previous: list[RunLayout] | None = None,
+    server_names: list[str], previous: list[RunLayout] | None = None,
 ) -> PartitionResult:
     """Write `work/batches/`, `work/duplicates.parquet` and `work/servers.parquet` (and, with
-    earlier downloads, `work/overlap.parquet`)."""
+    earlier downloads, `work/overlap.parquet`).
+
+    Only the rows of URLs that occur more than once need numbering (which of a repeated
+    (source id, URL) pair a row is, which row carries the URL): DuckDB finds those URLs with
+    one hash aggregation and numbers their rows alone. Every other row downloads its URL
+    under the UUID of its pair, computed in the query that sorts the rows by server."""
     con = _connect(work, settings)
     overlap = None
+    deterministic = settings.uuid != "random"
     try:
+        payload = ", ".join(f'"{name}"' for name in [*BATCH.names[1:], *keep_columns])
         carried = ", ".join(f'"{name}"' for name in [*BATCH.names, *keep_columns])
-        if settings.uuid == "random":
-            identified = f"SELECT *, uuid()::VARCHAR AS uuid FROM read_parquet('{staging}')"
-        else:
+        con.execute(f"CREATE VIEW prepared AS SELECT * FROM read_parquet({sql_path(staging)})")
+        con.execute("""
+            CREATE TABLE repeated AS
+            SELECT identifier FROM prepared GROUP BY identifier HAVING count(*) > 1""")
+        if deterministic:
             digest, formatted = uuid_v5_sql(
                 "source_id || chr(10) || identifier || CASE WHEN pair_repeat > 0 "
                 "THEN chr(10) || pair_repeat::VARCHAR ELSE '' END"
             )
-            identified = f"""
+            named = f"""
                 SELECT * EXCLUDE (digest), {formatted} AS uuid FROM (
-                    SELECT * EXCLUDE (pair_repeat), {digest} AS digest FROM (
-                        SELECT *, row_number() OVER (
-                            PARTITION BY source_id, identifier ORDER BY row_index) - 1
-                            AS pair_repeat
-                        FROM read_parquet('{staging}')))"""
+                    SELECT *, {digest} AS digest FROM numbered)"""
+        else:
+            named = "SELECT *, uuid()::VARCHAR AS uuid FROM numbered"
         carrier = (
             "uuid" if settings.keep_duplicates
             else "first_value(uuid) OVER (PARTITION BY identifier ORDER BY row_index)"
         )
-        con.execute(
-            f"CREATE TABLE prepared AS SELECT *, {carrier} AS carrier_uuid FROM ({identified})"
-        )
+        con.execute(f"""
+            CREATE TABLE repeats AS
+            WITH numbered AS (
+                SELECT *, row_number() OVER (
+                    PARTITION BY source_id, identifier ORDER BY row_index) - 1 AS pair_repeat
+                FROM prepared SEMI JOIN repeated USING (identifier))
+            SELECT *, {carrier} AS carrier_uuid FROM ({named})""")
+
         duplicates_path = work / "duplicates.parquet"
         duplicates = con.sql(
-            f"SELECT {carried}, server_name, carrier_uuid FROM prepared "
+            f"SELECT {carried}, server_name, carrier_uuid FROM repeats "
             "WHERE uuid <> carrier_uuid ORDER BY row_index"
-        ).fetch_arrow_reader(ROWS_PER_FETCH)
+        ).to_arrow_reader(ROWS_PER_FETCH)
         dup_schema = duplicates_schema(keep_columns)
         duplicate_count = 0
         with pq.ParquetWriter(duplicates_path, dup_schema, compression=PARQUET_COMPRESSION) as out:
@@ -192,18 +292,36 @@ def build_batches(
             by_server = overlap_by_server(con)
             pq.write_table(by_server, work / "overlap.parquet", compression=PARQUET_COMPRESSION)
             overlap = overlap_totals(by_server)
-            reuse = ", " + ", ".join(f"previous_outcome.{name}" for name in REUSE_NAMES)
+            reuse = "".join(f", {name}" for name in REUSE_NAMES)
             joined = "LEFT JOIN previous_outcome USING (identifier)"
+        # A row whose URL occurs once is the first of its pair (pair_repeat 0). The UUIDs are
+        # computed after the sort, so the sort does not carry them; insertion order is kept
+        # for that outer projection.
+        if deterministic:
+            uuid_sql, once, twice = f"{digest} AS uuid", "0 AS pair_repeat", "pair_repeat"
+        else:
+            uuid_sql = "coalesce(uuid, uuid()::VARCHAR) AS uuid"
+            once, twice = "NULL::VARCHAR AS uuid", "uuid"
         cutter = BatchCutter(work / "batches", settings.batch_size,
-                             batch_schema(keep_columns, reuse=bool(previous)))
+                             batch_schema(keep_columns, reuse=bool(previous)), server_names)
         (work / "batches").mkdir()
-        download = con.sql(
-            f"SELECT server_name, {carried}{reuse} FROM prepared {joined} "
-            "WHERE uuid = carrier_uuid ORDER BY server_name, row_index"
-        ).fetch_arrow_reader(ROWS_PER_FETCH)
-        for rows in download:
-            cutter.add(rows)
-        servers = cutter.finish()
+        try:
+            con.execute("SET preserve_insertion_order = true")
+            download = con.sql(f"""
+                SELECT server_id, {uuid_sql}, {payload}{reuse} FROM (
+                    SELECT * FROM (
+                        SELECT server_id, row_index, {once}, {payload}
+                        FROM prepared ANTI JOIN repeated USING (identifier)
+                        UNION ALL
+                        SELECT server_id, row_index, {twice}, {payload}
+                        FROM repeats WHERE uuid = carrier_uuid
+                    ) {joined}
+                    ORDER BY server_id, row_index)""").to_arrow_reader(ROWS_PER_FETCH)
+            for rows in download:
+                cutter.add(_digests_to_uuids(rows) if deterministic else rows)
+            servers = cutter.finish()
+        finally:
+            cutter.close()
     finally:
         con.close()
 

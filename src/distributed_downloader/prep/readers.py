@@ -3,6 +3,9 @@
 A reader knows the column names once it is opened and then yields chunks of rows as string
 columns, with each row's line number, so memory stays bounded whatever the input's size. Rows
 that cannot be parsed come out beside the chunk, to be rejected one by one.
+
+Reading is sequential, parsing need not be: `jobs()` yields, in order, one callable per chunk,
+which prep may run on another thread (the Arrow and CSV kernels they call release the GIL).
 """
 
 from __future__ import annotations
@@ -11,11 +14,14 @@ import csv
 import io
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from distributed_downloader.errors import InputError, RejectReason
@@ -25,6 +31,7 @@ MAX_LINE_BYTES = 16 << 20  # a longer "line" means the file is not text
 CSV_ROWS_PER_CHUNK = 50_000
 PARQUET_ROWS_PER_CHUNK = 65_536
 UTF8_BOM = b"\xef\xbb\xbf"
+NEWLINE = ord("\n")
 
 Opener = Callable[[], BinaryIO]
 
@@ -41,14 +48,34 @@ class RawChunk:
         return len(self.line_numbers)
 
 
+ChunkJob = Callable[[], RawChunk]
+
+
 class TableReader(Protocol):
     columns: list[str]
 
-    def chunks(self, wanted: list[str]) -> Iterator[RawChunk]: ...
+    def jobs(self, wanted: list[str]) -> Iterator[ChunkJob]:
+        """One callable per chunk, in input order; each returns the chunk it parses."""
+        ...
+
+
+def _done(chunk: RawChunk) -> ChunkJob:
+    return lambda: chunk
 
 
 def _line_numbers(first: int, count: int) -> pa.Array:
-    return pa.array(range(first, first + count), pa.int64())
+    return pa.array(np.arange(first, first + count, dtype=np.int64))
+
+
+def _binary(block: bytes | bytearray, text: bool = False) -> pa.Array:
+    """A block as one binary (or string) value, without copying it."""
+    offsets = pa.py_buffer(np.array([0, len(block)], np.int32))
+    return pa.Array.from_buffers(pa.string() if text else pa.binary(), 1,
+                                 [None, offsets, pa.py_buffer(block)])
+
+
+def _one_chunk(column: pa.ChunkedArray) -> pa.Array:
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
 
 def _decode_lines(lines: pa.Array) -> tuple[pa.Array, list[int]]:
@@ -121,43 +148,103 @@ class LinesReader:
         names = text.split(self.delimiter) if self.delimiter else [text]
         return [name.strip() for name in names]
 
-    def _blocks(self) -> Iterator[bytes]:
-        """Whole lines, a few MiB at a time."""
+    def _fill(self, view: memoryview) -> int:
+        """Reads into `view` until it is full or the input ends; returns the bytes read."""
+        filled = 0
+        while filled < len(view):
+            count = self._stream.readinto(view[filled:])  # type: ignore[attr-defined]
+            if not count:
+                break
+            filled += count
+        return filled
+
+    def _blocks(self) -> Iterator[bytearray]:
+        """Whole lines, a few MiB at a time, each block a buffer of its own (read into, not
+        copied, since parsing may still hold the previous one)."""
         while True:
-            data = self._stream.read(BLOCK_BYTES)
-            if not data:
-                if self._pending:
-                    yield self._pending
+            pending = self._pending
+            block = bytearray(len(pending) + BLOCK_BYTES)
+            block[: len(pending)] = pending
+            size = len(pending) + self._fill(memoryview(block)[len(pending):])
+            if size == len(pending):
+                if pending:
+                    yield bytearray(pending)
                 return
-            data = self._pending + data
-            if self._next_line == 1 and not self._pending:
-                data = data.removeprefix(UTF8_BOM)
-            cut = data.rfind(b"\n")
+            del block[size:]
+            if self._next_line == 1 and not pending and block.startswith(UTF8_BOM):
+                del block[: len(UTF8_BOM)]
+            cut = block.rfind(b"\n")
             if cut < 0:
-                if len(data) > MAX_LINE_BYTES:
+                if len(block) > MAX_LINE_BYTES:
                     raise InputError(
                         f"{self.label}: line {self._next_line} is over 16 MiB; not text?"
                     )
-                self._pending = data
+                self._pending = bytes(block)
                 continue
-            self._pending = data[cut + 1 :]
-            yield data[: cut + 1]
+            self._pending = bytes(block[cut + 1 :])
+            del block[cut + 1 :]
+            yield block
 
-    def chunks(self, wanted: list[str]) -> Iterator[RawChunk]:
+    def jobs(self, wanted: list[str]) -> Iterator[ChunkJob]:
         positions = {name: self.columns.index(name) for name in wanted}
-        expected = len(self.columns)
         try:
             for block in self._blocks():
-                lines = pc.split_pattern(pa.array([block], pa.binary()), b"\n").flatten()
-                if block.endswith(b"\n"):
-                    lines = lines.slice(0, len(lines) - 1)
+                newlines = np.count_nonzero(np.frombuffer(block, np.uint8) == NEWLINE)
+                count = int(newlines) + (not block.endswith(b"\n"))
                 first = self._next_line
-                self._next_line += len(lines)
-                yield self._parse(lines, first, positions, expected)
+                self._next_line += count
+                yield partial(self._parse, block, first, count, positions)
         finally:
             self._stream.close()
 
     def _parse(
+        self, block: bytearray, first: int, count: int, positions: dict[str, int]
+    ) -> RawChunk:
+        chunk = self._parse_clean(block, first, count, positions)
+        if chunk is not None:
+            return chunk
+        lines = pc.split_pattern(_binary(block), b"\n").flatten()
+        if block.endswith(b"\n"):
+            lines = lines.slice(0, len(lines) - 1)
+        return self._parse_lines(lines, first, positions, len(self.columns))
+
+    def _parse_clean(
+        self, block: bytearray, first: int, count: int, positions: dict[str, int]
+    ) -> RawChunk | None:
+        """A block with nothing to reject or skip, in one pass of Arrow's CSV parser; None
+        when it may hold a blank line, a CR that does not end a line, bytes that are not UTF-8
+        or a row of the wrong width (then `_parse_lines` looks at it line by line).
+
+        With two columns or more, a blank line (or one holding only a CR) is a row of the
+        wrong width to the parser, so it fails on those too."""
+        if self.delimiter is None or len(self.columns) < 2 or block.startswith(UTF8_BOM):
+            return None  # (a BOM: the parser would drop it from the first field)
+        if block.find(b"\r") >= 0 and block.count(b"\r") != block.count(b"\r\n"):
+            return None
+        try:
+            _binary(block, text=True).validate(full=True)  # checks the UTF-8
+            table = pa_csv.read_csv(
+                pa.py_buffer(block),
+                read_options=pa_csv.ReadOptions(
+                    column_names=self.columns, use_threads=False, block_size=len(block) + 1),
+                parse_options=pa_csv.ParseOptions(
+                    delimiter=self.delimiter, quote_char=False, escape_char=False,
+                    newlines_in_values=False, ignore_empty_lines=False),
+                convert_options=pa_csv.ConvertOptions(
+                    include_columns=list(positions),
+                    column_types={name: pa.string() for name in positions},
+                    strings_can_be_null=False, check_utf8=False),
+            )
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            return None
+        if table.num_rows != count:
+            return None
+        return RawChunk(
+            columns={name: _one_chunk(table.column(name)) for name in positions},
+            line_numbers=_line_numbers(first, count),
+        )
+
+    def _parse_lines(
         self, lines: pa.Array, first: int, positions: dict[str, int], expected: int
     ) -> RawChunk:
         text, invalid = _decode_lines(lines)
@@ -230,7 +317,10 @@ class CsvReader:
                 continue
             yield first_line, row, None
 
-    def chunks(self, wanted: list[str]) -> Iterator[RawChunk]:
+    def jobs(self, wanted: list[str]) -> Iterator[ChunkJob]:
+        return map(_done, self._chunks(wanted))
+
+    def _chunks(self, wanted: list[str]) -> Iterator[RawChunk]:
         positions = [self.columns.index(name) for name in wanted]
         expected = len(self.columns)
         batch: list[tuple[int, list[str]]] = []
@@ -293,7 +383,10 @@ class ParquetReader:
             raise InputError(f"{label}: not a readable Parquet file ({exc})") from None
         self.columns = list(self._file.schema_arrow.names)
 
-    def chunks(self, wanted: list[str]) -> Iterator[RawChunk]:
+    def jobs(self, wanted: list[str]) -> Iterator[ChunkJob]:
+        return map(_done, self._chunks(wanted))
+
+    def _chunks(self, wanted: list[str]) -> Iterator[RawChunk]:
         next_row = 1
         try:
             for batch in self._file.iter_batches(

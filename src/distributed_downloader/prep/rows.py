@@ -6,7 +6,8 @@ already in normal form are looked at one by one (see `urls.py`).
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -17,7 +18,7 @@ from distributed_downloader.errors import DropReason, InputError, RejectReason
 from distributed_downloader.prep.readers import RawChunk
 from distributed_downloader.prep.sources import URL_COLUMN_CANDIDATES, Source
 from distributed_downloader.prep.urls import normalise_urls
-from distributed_downloader.schema import BATCH, DROPPED, staging_schema
+from distributed_downloader.schema import BATCH, DROPPED
 
 ID_COLUMN_CANDIDATES = ("gbifID", "source_id", "id")
 METADATA_COLUMNS = ("license", "source", "title")
@@ -114,6 +115,29 @@ def resolve_roles(columns: list[str], source: Source, settings: Settings) -> Col
 
 
 @dataclass
+class RejectedRow:
+    source_file: str
+    row_number: int | None
+    raw_value: str
+    reason: RejectReason
+
+
+@dataclass
+class CleanChunk:
+    """What became of one chunk: the rows kept (as staging columns, less `row_index` and
+    `server_id`, which only the chunks' order decides), the rows rejected, the rows the GBIF
+    filter left out, and their counts."""
+
+    columns: dict[str, pa.Array]
+    rows_kept: int
+    rejected: list[RejectedRow]
+    left_out: pa.Table
+    rows_read: int
+    dropped: Counter
+    kept_without_image_format: int = 0
+
+
+@dataclass
 class Tally:
     """Row counts of a whole prep, by what became of the rows."""
 
@@ -123,59 +147,92 @@ class Tally:
     # GBIF rows kept although their format is not image/* (empty, or "jpeg" ...)
     kept_without_image_format: int = 0
 
+    def add(self, chunk: CleanChunk) -> None:
+        self.rows_read += chunk.rows_read
+        self.rows_kept += chunk.rows_kept
+        self.dropped.update(chunk.dropped)
+        self.kept_without_image_format += chunk.kept_without_image_format
+
     def as_dict(self) -> dict[str, int]:
         return {str(reason): count for reason, count in sorted(self.dropped.items()) if count}
 
 
+# A column with at most this share of distinct values in a chunk (GBIF's type, format, license)
+# is checked once per distinct value, not once per row.
+LOW_CARDINALITY = 0.25
+
+
+class _PerValue:
+    """Applies a string kernel to a chunk's distinct values when they are few, else to every row.
+
+    A column found not to repeat itself is not encoded again: the hash pass would be wasted.
+    """
+
+    def __init__(self) -> None:
+        self.repeats = True
+
+    def __call__(self, kernel: Callable[[pa.Array], pa.Array], values: pa.Array) -> pa.Array:
+        if self.repeats and len(values) >= 64:
+            encoded = values.dictionary_encode()
+            if len(encoded.dictionary) <= LOW_CARDINALITY * len(values):
+                return kernel(encoded.dictionary).take(encoded.indices)
+            self.repeats = False
+        return kernel(values)
+
+
 def _present(values: pa.Array) -> pa.Array:
     """True where a value is there and not blank."""
-    return pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(values)), 0), False)
+    return pc.fill_null(pc.and_(pc.greater(pc.binary_length(values), 0),
+                                pc.invert(pc.utf8_is_space(values))), False)
 
 
 def _blank_to_null(values: pa.Array) -> pa.Array:
     trimmed = pc.utf8_trim_whitespace(values)
-    return pc.if_else(_present(trimmed), trimmed, pa.scalar(None, pa.string()))
+    return pc.if_else(pc.greater(pc.binary_length(trimmed), 0), trimmed,
+                      pa.scalar(None, pa.string()))
 
 
-@dataclass
-class RejectedRow:
-    source_file: str
-    row_number: int | None
-    raw_value: str
-    reason: RejectReason
+def _matcher(pattern: str) -> Callable[[pa.Array], pa.Array]:
+    return lambda values: pc.match_substring_regex(values, pattern)
 
 
 class ChunkCleaner:
-    """Turns one source's raw chunks into staging rows, counting and rejecting on the way."""
+    """Turns one source's raw chunks into staging rows, counting and rejecting on the way.
 
-    def __init__(self, roles: ColumnRoles, source: Source, row_key_prefix: str, tally: Tally,
+    `clean` keeps no state between chunks (but what it learns about cardinality), so chunks may
+    be cleaned on several threads and committed in order.
+    """
+
+    def __init__(self, roles: ColumnRoles, source: Source, row_key_prefix: str,
                  keep_columns: list[str], strict_image_format: bool = False) -> None:
         self.roles = roles
         self.strict_image_format = strict_image_format
         self.label = source.label
         self.constants = source.defaults
         self.row_key_prefix = row_key_prefix
-        self.tally = tally
-        self.schema = staging_schema(keep_columns)
         self.keep_columns = keep_columns
+        self._per_value: dict[str, _PerValue] = defaultdict(_PerValue)
 
-    def clean(self, chunk: RawChunk,
-              first_row_index: int) -> tuple[pa.Table, list[RejectedRow], pa.Table]:
-        """(rows kept, rows rejected, rows the GBIF filter dropped) of one chunk."""
-        roles, tally = self.roles, self.tally
-        dropped = []
+    def _apply(self, column: str, kernel: Callable[[pa.Array], pa.Array],
+               values: pa.Array) -> pa.Array:
+        return self._per_value[column](kernel, values)
+
+    def clean(self, chunk: RawChunk) -> CleanChunk:
+        roles = self.roles
+        dropped: Counter = Counter()
+        kept_without_image_format = 0
+        left_out = []
         rejected = [RejectedRow(self.label, line, raw, reason)
                     for line, raw, reason in chunk.rejected]
-        tally.rows_read += len(chunk) + len(chunk.rejected)
         for row in chunk.rejected:
-            tally.dropped[row[2]] += 1
+            dropped[row[2]] += 1
         columns, lines = dict(chunk.columns), chunk.line_numbers
         for name, value in self.constants.items():
             if name not in columns and name in roles.wanted:
                 columns[name] = pa.repeat(pa.scalar(value, pa.string()), len(lines))
 
+        alive = None  # every row, until a check removes some
         if roles.gbif_filter:
-            alive = pa.array([True] * len(lines), pa.bool_())
             checks = [
                 (DropReason.MISSING_GBIF_ID, roles.source_id, None),
                 (DropReason.NOT_STILL_IMAGE, roles.type, STILL_IMAGE),
@@ -185,44 +242,60 @@ class ChunkCleaner:
                 if column is None:
                     continue  # a DwC-A table without this column: nothing to check it by
                 values = columns[column]
-                ok = _present(values) if pattern is None else pc.fill_null(
-                    pc.match_substring_regex(values, pattern), False)
+                ok = pc.fill_null(self._apply(column, _present if pattern is None
+                                              else _matcher(pattern), values), False)
                 if reason == DropReason.NOT_IMAGE_FORMAT and not self.strict_image_format:
-                    loose = pc.fill_null(pc.match_substring_regex(values, LOOSE_IMAGE_FORMAT),
-                                         True)
-                    tally.kept_without_image_format += pc.sum(
-                        pc.and_(alive, pc.and_(loose, pc.invert(ok)))).as_py() or 0
+                    loose = pc.fill_null(self._apply(column, _matcher(LOOSE_IMAGE_FORMAT),
+                                                     values), True)
+                    rescued = pc.and_(loose, pc.invert(ok))
+                    if alive is not None:
+                        rescued = pc.and_(alive, rescued)
+                    kept_without_image_format += pc.sum(rescued).as_py() or 0
                     ok = pc.or_(ok, loose)
-                removed = pc.and_(alive, pc.invert(ok))
-                tally.dropped[reason] += pc.sum(removed).as_py() or 0
-                dropped.append(self._dropped(reason, removed, lines, columns[roles.url], values))
-                alive = pc.and_(alive, ok)
-            columns = {name: values.filter(alive) for name, values in columns.items()}
-            lines = lines.filter(alive)
+                removed = pc.invert(ok) if alive is None else pc.and_(alive, pc.invert(ok))
+                count = pc.sum(removed).as_py() or 0
+                dropped[reason] += count
+                if count:
+                    left_out.append(self._dropped(reason, removed, count, lines,
+                                                  columns[roles.url], values))
+                alive = ok if alive is None else pc.and_(alive, ok)
 
+        # Every row's URL is checked, the ones just left out too, so that the columns are
+        # filtered once: cheaper than filtering them twice for the few rows the filter drops.
         urls = normalise_urls(columns[roles.url])
-        accepted = pc.is_null(urls.reject_reason)
-        for position in pc.indices_nonzero(pc.invert(accepted)).to_pylist():
+        refused = pc.is_valid(urls.reject_reason)
+        if alive is not None:
+            refused = pc.and_(alive, refused)
+        for position in pc.indices_nonzero(refused).to_pylist():
             reason = RejectReason(urls.reject_reason[position].as_py())
             raw = columns[roles.url][position].as_py()
             rejected.append(RejectedRow(self.label, lines[position].as_py(), raw or "", reason))
-            tally.dropped[reason] += 1
+            dropped[reason] += 1
 
-        count = pc.sum(accepted).as_py() or 0
-        tally.rows_kept += count
-        columns = {name: values.filter(accepted) for name, values in columns.items()}
-        lines = lines.filter(accepted)
-        row_keys = pc.binary_join_element_wise(
-            self.row_key_prefix, lines.cast(pa.string()), ""
-        )
-        if roles.source_id is None:
-            source_id = row_keys
-        else:
-            ids = columns[roles.source_id]
-            source_id = pc.if_else(_present(ids), pc.utf8_trim_whitespace(ids), row_keys)
+        kept = pc.is_null(urls.reject_reason)
+        if alive is not None:
+            kept = pc.and_(alive, kept)
+        count = pc.sum(kept).as_py() or 0
+        identifier, server_name = urls.identifier, urls.server_name
+        if count != len(lines):
+            needed = {roles.source_id, roles.license, roles.source, roles.title, *roles.keep}
+            columns = {name: columns[name].filter(kept) for name in needed if name}
+            lines = lines.filter(kept)
+            identifier, server_name = identifier.filter(kept), server_name.filter(kept)
+        source_id = None
+        if roles.source_id is not None:
+            ids = pc.utf8_trim_whitespace(columns[roles.source_id])
+            present = pc.fill_null(pc.greater(pc.binary_length(ids), 0), False)
+            source_id = ids if pc.all(present).as_py() is not False else None
+        if source_id is None:
+            row_keys = pc.binary_join_element_wise(
+                self.row_key_prefix, lines.cast(pa.string()), ""
+            )
+            source_id = row_keys if roles.source_id is None else pc.if_else(present, ids,
+                                                                              row_keys)
         nothing = pa.nulls(count, pa.string())
         metadata = {
-            name: _blank_to_null(columns[column]) if column else nothing
+            name: self._apply(column, _blank_to_null, columns[column]) if column else nothing
             for name, column in (("license", roles.license), ("source", roles.source),
                                  ("title", roles.title))
         }
@@ -230,22 +303,24 @@ class ChunkCleaner:
             pc.and_(pc.is_valid(metadata["license"]), pc.is_valid(metadata["source"])),
             pc.is_valid(metadata["title"]),
         )
-        values = {
+        rows = {
             "source_id": source_id,
-            "identifier": urls.identifier.filter(accepted),
+            "identifier": identifier,
             "is_license_full": is_license_full,
             **metadata,
-            "row_index": pa.array(range(first_row_index, first_row_index + count), pa.int64()),
-            "server_name": urls.server_name.filter(accepted),
+            "server_name": server_name,
             **{name: columns[column] for name, column in zip(self.keep_columns, roles.keep)},
         }
-        table = pa.Table.from_arrays([values[f.name] for f in self.schema], schema=self.schema)
         rejected.sort(key=lambda row: row.row_number or 0)
-        return table, rejected, pa.concat_tables(dropped) if dropped else DROPPED.empty_table()
+        return CleanChunk(
+            columns=rows, rows_kept=count, rejected=rejected,
+            left_out=pa.concat_tables(left_out) if left_out else DROPPED.empty_table(),
+            rows_read=len(chunk) + len(chunk.rejected), dropped=dropped,
+            kept_without_image_format=kept_without_image_format,
+        )
 
-    def _dropped(self, reason: DropReason, removed: pa.Array, lines: pa.Array, urls: pa.Array,
-                 values: pa.Array) -> pa.Table:
-        count = pc.sum(removed).as_py() or 0
+    def _dropped(self, reason: DropReason, removed: pa.Array, count: int, lines: pa.Array,
+                 urls: pa.Array, values: pa.Array) -> pa.Table:
         return pa.Table.from_arrays(
             [pa.repeat(pa.scalar(self.label, pa.string()), count), lines.filter(removed),
              urls.filter(removed), pa.repeat(pa.scalar(str(reason), pa.string()), count),

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import ada_url
 import pyarrow as pa
+from ada_url.ada_adapter import ffi as _ffi
+from ada_url.ada_adapter import lib as _ada
 import pyarrow.compute as pc
 
 from distributed_downloader.errors import RejectReason
@@ -61,6 +63,45 @@ def normalise_one(raw: str | None) -> tuple[str | None, str | None, RejectReason
     return parsed["href"].partition("#")[0], parsed["host"], None
 
 
+def _normalise_many(raws: list[str | None]) -> tuple[list, list, list]:
+    """`normalise_one` over a list: (identifiers, servers, reasons), through ada's C API
+    directly (half the cost of `parse_url`, which builds a dict per URL)."""
+    identifiers: list[str | None] = []
+    servers: list[str | None] = []
+    reasons: list[str | None] = []
+    for raw in raws:
+        identifier = server = reason = None
+        if raw is None or not raw.strip():
+            reason = RejectReason.EMPTY_URL
+        else:
+            data = raw.encode()
+            url = _ada.ada_parse(data, len(data))
+            try:
+                if not _ada.ada_is_valid(url):
+                    scheme = SCHEME.match(raw)
+                    reason = (RejectReason.UNSUPPORTED_SCHEME if scheme and
+                              scheme.group(1).lower() not in ("http", "https")
+                              else RejectReason.INVALID_URL)
+                elif _text(_ada.ada_get_protocol(url)) not in ALLOWED_PROTOCOLS:
+                    reason = RejectReason.UNSUPPORTED_SCHEME
+                else:
+                    server = _text(_ada.ada_get_host(url))
+                    if server:
+                        identifier = _text(_ada.ada_get_href(url)).partition("#")[0]
+                    else:
+                        server, reason = None, RejectReason.INVALID_URL
+            finally:
+                _ada.ada_free(url)
+        identifiers.append(identifier)
+        servers.append(server)
+        reasons.append(reason and str(reason))
+    return identifiers, servers, reasons
+
+
+def _text(value: object) -> str:
+    return _ffi.unpack(value.data, value.length).decode()  # type: ignore[attr-defined]
+
+
 def normalise_urls(raw: pa.Array) -> NormalisedUrls:
     """Normalise a column of URLs; `server_name` is the host, with the port when not default."""
     raw = raw.cast(pa.string())
@@ -69,26 +110,14 @@ def normalise_urls(raw: pa.Array) -> NormalisedUrls:
         pc.invert(pc.match_substring_regex(raw, NEEDS_PARSER.pattern)),
     )
     fast = pc.fill_null(fast, False)
-    slow_positions = pc.indices_nonzero(pc.invert(fast)).to_pylist()
-
-    identifier = pc.if_else(fast, raw, pa.scalar(None, pa.string()))
-    server_name = pc.if_else(
-        fast,
-        pc.struct_field(pc.extract_regex(raw, HOST_OF_NORMAL), [0]),
-        pa.scalar(None, pa.string()),
-    )
+    server_name = pc.struct_field(pc.extract_regex(raw, HOST_OF_NORMAL), [0])
     reason = pa.nulls(len(raw), pa.string())
-    if slow_positions:
-        slow_raw = raw.take(pa.array(slow_positions, pa.int64())).to_pylist()
-        results = [normalise_one(value) for value in slow_raw]
-        mask = pc.invert(fast)
-        identifier = pc.replace_with_mask(
-            identifier, mask, pa.array([r[0] for r in results], pa.string())
-        )
-        server_name = pc.replace_with_mask(
-            server_name, mask, pa.array([r[1] for r in results], pa.string())
-        )
-        reason = pc.replace_with_mask(
-            reason, mask, pa.array([r[2] and str(r[2]) for r in results], pa.string())
-        )
-    return NormalisedUrls(identifier=identifier, server_name=server_name, reject_reason=reason)
+    if pc.all(fast).as_py() is not False:
+        return NormalisedUrls(identifier=raw, server_name=server_name, reject_reason=reason)
+    slow = pc.invert(fast)
+    identifiers, servers, reasons = _normalise_many(raw.filter(slow).to_pylist())
+    return NormalisedUrls(
+        identifier=pc.replace_with_mask(raw, slow, pa.array(identifiers, pa.string())),
+        server_name=pc.replace_with_mask(server_name, slow, pa.array(servers, pa.string())),
+        reject_reason=pc.replace_with_mask(reason, slow, pa.array(reasons, pa.string())),
+    )
