@@ -9,8 +9,9 @@ image/* format and a gbifID, drops repeated URLs, takes the host with a regexp a
 columns prep writes to Parquet partitioned by host, under the same `--memory-limit`. It reports
 rows/s and peak RSS of each (from the child's own rusage) and prep's speed as a ratio of the
 reference's. The reference checks, cleans and numbers nothing (no URL normalisation, no UUIDs,
-no rejected rows, no batches): it is the floor of what the engine costs. Hosts follow a Zipf-like skew over 545 servers (the largest few hold most rows), as in
-GBIF; about 5% of URLs need the full URL parser (spaces, non-ASCII, upper-case hosts), 3% repeat
+no rejected rows, no batches): it is the floor of what the engine costs.
+
+Hosts follow a Zipf-like skew over 545 servers (the largest few hold most rows), as in GBIF; about 5% of URLs need the full URL parser (spaces, non-ASCII, upper-case hosts), 3% repeat
 an earlier URL, and a few rows are dropped by the filter or rejected. Hosts are `*.localhost`
 names: prep never connects, and if anything did, they resolve to loopback.
 """
