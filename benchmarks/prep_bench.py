@@ -11,7 +11,8 @@ rows/s and peak RSS of each (from the child's own rusage) and prep's speed as a 
 reference's. The reference checks, cleans and numbers nothing (no URL normalisation, no UUIDs,
 no rejected rows, no batches): it is the floor of what the engine costs.
 
-Hosts follow a Zipf-like skew over 545 servers (the largest few hold most rows), as in GBIF; about 5% of URLs need the full URL parser (spaces, non-ASCII, upper-case hosts), 3% repeat
+Hosts follow a Zipf-like skew over 545 servers (the largest few hold most rows), as in GBIF;
+about 5% of URLs need the full URL parser (spaces, non-ASCII, upper-case hosts), 3% repeat
 an earlier URL, and a few rows are dropped by the filter or rejected. Hosts are `*.localhost`
 names: prep never connects, and if anything did, they resolve to loopback.
 """
