@@ -39,6 +39,7 @@ class OutOfSpace(UserError):
         super().__init__(str(folder), needed, free)
         self.folder, self.needed, self.free = Path(folder), needed, free
         self.rows_left: int | None = None  # set by fetch: what the rest of the run needs
+        self.rows_in_write = 0  # rows of results in the write that failed (a chunk's)
         self.bytes_per_row: float | None = None
 
     def __str__(self) -> str:

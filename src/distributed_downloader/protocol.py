@@ -78,6 +78,7 @@ class DiskFull:
     folder: str
     needed: int  # bytes of the write that failed
     free: int | None = None
+    rows: int = 0  # rows of results in that write (0: not a chunk)
 
 
 @dataclass

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from distributed_downloader.errors import RETRYABLE
+from distributed_downloader.errors import RETRYABLE, OutOfSpace
 from distributed_downloader.schema import ERRORS, successes_schema
 from distributed_downloader.storage import (
     COMPLETED_MARKER,
@@ -221,11 +221,16 @@ def write_chunk(table: pa.Table, path: Path) -> None:
     # Encoded images do not compress: storing them as they are saves a copy and the CPU.
     compression = {name: "none" if name == "image" else PARQUET_COMPRESSION
                    for name in table.column_names}
-    with committing(tmp, table.nbytes):
-        pq.write_table(table, tmp, compression=compression, row_group_size=ROWS_PER_ROW_GROUP)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+    try:
+        with committing(tmp, table.nbytes):
+            pq.write_table(table, tmp, compression=compression,
+                           row_group_size=ROWS_PER_ROW_GROUP)
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+    except OutOfSpace as exc:
+        exc.rows_in_write = table.num_rows  # what a row takes, when none was stored yet
+        raise
 
 
 @dataclass

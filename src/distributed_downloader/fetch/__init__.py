@@ -375,7 +375,7 @@ def _run_plan(layout: RunLayout, settings: Settings, plan: FetchPlan, executor: 
 
 def disk_full(exc: OutOfSpace) -> DiskFull:
     """The coordinator's own failed write, as the news a worker would send."""
-    return DiskFull(None, str(exc.folder), exc.needed, exc.free)
+    return DiskFull(None, str(exc.folder), exc.needed, exc.free, exc.rows_in_write)
 
 
 def _add_estimate(exc: OutOfSpace, layout: RunLayout) -> None:
@@ -384,6 +384,8 @@ def _add_estimate(exc: OutOfSpace, layout: RunLayout) -> None:
         return
     try:
         per_row = bytes_per_row(layout)
+        if per_row is None and exc.rows_in_write:  # nothing stored yet: the write that failed
+            per_row = exc.needed / exc.rows_in_write
         if per_row is not None:
             rows = json.loads(layout.prep_summary.read_text())["download_rows"]
             exc.rows_left, exc.bytes_per_row = rows - committed_rows(layout), per_row
@@ -469,6 +471,7 @@ def _fetch(layout: RunLayout, settings: Settings, retry_errors: bool,
         atomic_write_json(layout.root / "fetch_summary.json", summary)
         return summary
     error = OutOfSpace(full.folder, full.needed, full.free)
+    error.rows_in_write = full.rows
     _add_estimate(error, layout)
     try:  # for `status` and the Slurm chain, when there is room for it
         atomic_write_json(layout.root / "fetch_summary.json",

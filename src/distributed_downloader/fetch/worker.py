@@ -340,7 +340,8 @@ class Worker:
             self.out_of_space = exc
             log.warning("worker %s: out of space in %s; stopping", self.id, exc.folder)
             try:
-                self.channel.send(DiskFull(self.id, str(exc.folder), exc.needed, exc.free))
+                self.channel.send(DiskFull(self.id, str(exc.folder), exc.needed, exc.free,
+                                           exc.rows_in_write))
             except (OSError, EOFError, BrokenPipeError):
                 pass
         self._stop.set()
