@@ -158,6 +158,8 @@ class BatchCutter:
 
     def add(self, rows: pa.RecordBatch) -> None:
         """Rows with a leading `server_id` column, in server order."""
+        if not rows.num_rows:
+            return
         numbers = rows.column(0)
         changes = pc.indices_nonzero(
             pc.not_equal(numbers.slice(1), numbers.slice(0, len(numbers) - 1))
