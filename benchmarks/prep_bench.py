@@ -96,23 +96,29 @@ con.execute(f\"\"\"
 """
 
 
-def timed_child(command: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS MiB) of one child process, from its own rusage."""
+def timed_child(command: list[str], may_fail: bool = False) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS MiB, last error line or "") of one child process, from its own
+    rusage; a failure ends the benchmark unless `may_fail`."""
     with open(WORK / "child.log", "w+") as log:
         started = time.monotonic()
         child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
         _, status, usage = os.wait4(child.pid, 0)
         seconds = time.monotonic() - started
+        error = ""
         if status != 0:
             log.seek(0)
-            raise SystemExit(f"{' '.join(command[:4])} ... failed:\n{log.read()[-2000:]}")
-    return seconds, usage.ru_maxrss / 1024
+            text = log.read()
+            if not may_fail:
+                raise SystemExit(f"{' '.join(command[:4])} ... failed:\n{text[-2000:]}")
+            error = next((line for line in reversed(text.splitlines()) if "Error" in line),
+                         f"exit status {status}")
+    return seconds, usage.ru_maxrss / 1024, error
 
 
 def run_prep(input_path: Path, output: Path, memory_limit: str) -> dict:
     if output.exists():
         shutil.rmtree(output)
-    seconds, peak = timed_child(
+    seconds, peak, _ = timed_child(
         [sys.executable, "-m", "distributed_downloader", "prep", str(input_path),
          "--output", str(output), "--memory-limit", memory_limit])
     summary = json.loads((output / "prep" / "summary.json").read_text())
@@ -121,7 +127,8 @@ def run_prep(input_path: Path, output: Path, memory_limit: str) -> dict:
 
 
 def run_reference(input_path: Path, output: Path, memory_limit: str) -> dict:
-    """The plain DuckDB query, in a child process of its own; its rows are counted after."""
+    """The plain DuckDB query, in a child process of its own; its rows are counted after. It
+    may fail (out of memory, at some size): the error is reported instead of its speed."""
     import duckdb
 
     for path in (output, output.with_suffix(".spill")):
@@ -129,9 +136,12 @@ def run_reference(input_path: Path, output: Path, memory_limit: str) -> dict:
             shutil.rmtree(path)
     columns = {name: "VARCHAR" for name in HEADER.strip().split("\t")}
     script = REFERENCE.format(columns=repr(columns))
-    seconds, peak = timed_child(
+    seconds, peak, error = timed_child(
         [sys.executable, "-c", script, str(input_path), str(output), memory_limit,
-         str(output.with_suffix(".spill"))])
+         str(output.with_suffix(".spill"))], may_fail=True)
+    shutil.rmtree(output.with_suffix(".spill"), ignore_errors=True)
+    if error:
+        return {"wall_seconds": seconds, "peak_mib": peak, "error": error}
     rows = duckdb.sql(f"SELECT count(*) FROM read_parquet('{output}/*/*.parquet')").fetchall()
     return {"wall_seconds": seconds, "peak_mib": peak, "rows": rows[0][0]}
 
@@ -142,12 +152,16 @@ def main() -> None:
     parser.add_argument("--memory-limit", default="512MB")
     parser.add_argument("--no-reference", action="store_true",
                         help="time prep only, without the plain DuckDB query")
+    parser.add_argument("--reference-memory-limit",
+                        help="DuckDB's memory limit for the reference [default: --memory-limit]")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs of each size (the machine may be shared: timings vary)")
     args = parser.parse_args()
     WORK.mkdir(exist_ok=True)
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"{'rows':>11} | {'prep s':>7} {'rows/s':>9} {'RSS MiB':>7} {'kept':>10} | "
           f"{'ref s':>7} {'rows/s':>9} {'RSS MiB':>7} {'kept':>10} | {'ratio':>5}")
-    for rows in args.rows:
+    for rows in [size for size in args.rows for _ in range(args.repeat)]:
         input_path = WORK / f"multimedia-{rows}.txt"
         if not input_path.exists():
             generate(input_path, rows)
@@ -156,10 +170,15 @@ def main() -> None:
                 f"{rows / prep['wall_seconds']:>9,.0f} {prep['peak_mib']:>7.0f} "
                 f"{prep['download_rows']:>10,} | ")
         if not args.no_reference:
-            ref = run_reference(input_path, WORK / f"reference-{rows}", args.memory_limit)
-            ratio = ref["wall_seconds"] / prep["wall_seconds"]
-            line += (f"{ref['wall_seconds']:>7.1f} {rows / ref['wall_seconds']:>9,.0f} "
-                     f"{ref['peak_mib']:>7.0f} {ref['rows']:>10,} | {ratio:>5.2f}")
+            ref = run_reference(input_path, WORK / f"reference-{rows}",
+                                args.reference_memory_limit or args.memory_limit)
+            if "error" in ref:
+                line += (f"{ref['wall_seconds']:>7.1f} failed after, peak {ref['peak_mib']:.0f} "
+                         f"MiB: {ref['error'][:70]}")
+            else:
+                ratio = ref["wall_seconds"] / prep["wall_seconds"]
+                line += (f"{ref['wall_seconds']:>7.1f} {rows / ref['wall_seconds']:>9,.0f} "
+                         f"{ref['peak_mib']:>7.0f} {ref['rows']:>10,} | {ratio:>5.2f}")
         print(line, flush=True)
     print("ratio: prep's rows/s over the reference's (above 1: prep is faster); "
           f"load average now {os.getloadavg()[0]:.1f}")

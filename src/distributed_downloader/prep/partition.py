@@ -46,7 +46,7 @@ from distributed_downloader.storage import (
 # the K-th repeat of the same pair), so the same input always gets the same UUIDs.
 UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://pypi.org/project/distributed-downloader/")
 BATCH_FILE_NAME = "part-0.parquet"
-ROWS_PER_FETCH = 100_000
+ROWS_PER_FETCH = 20_000  # rows per Arrow batch from DuckDB: a small batch keeps memory down
 WRITE_THREADS = 2  # batch files compressed at once; the writes release the GIL
 HEX_DIGEST = 40  # characters of a SHA-1 digest in hex
 # Batch columns that differ on every row: a dictionary would only add to their size and cost.
@@ -158,6 +158,8 @@ class BatchCutter:
 
     def add(self, rows: pa.RecordBatch) -> None:
         """Rows with a leading `server_id` column, in server order."""
+        if not rows.num_rows:
+            return
         numbers = rows.column(0)
         changes = pc.indices_nonzero(
             pc.not_equal(numbers.slice(1), numbers.slice(0, len(numbers) - 1))
@@ -249,9 +251,11 @@ def build_batches(
         payload = ", ".join(f'"{name}"' for name in [*BATCH.names[1:], *keep_columns])
         carried = ", ".join(f'"{name}"' for name in [*BATCH.names, *keep_columns])
         con.execute(f"CREATE VIEW prepared AS SELECT * FROM read_parquet({sql_path(staging)})")
+        # URLs seen more than once, found by their 64-bit hash (8 bytes to aggregate, not the
+        # URL): a hash seen twice makes its rows candidates, which are then counted by URL.
         con.execute("""
-            CREATE TABLE repeated AS
-            SELECT identifier FROM prepared GROUP BY identifier HAVING count(*) > 1""")
+            CREATE TABLE repeated_hashes AS
+            SELECT hash(identifier) AS hash FROM prepared GROUP BY hash HAVING count(*) > 1""")
         if deterministic:
             digest, formatted = uuid_v5_sql(
                 "source_id || chr(10) || identifier || CASE WHEN pair_repeat > 0 "
@@ -268,10 +272,13 @@ def build_batches(
         )
         con.execute(f"""
             CREATE TABLE repeats AS
-            WITH numbered AS (
-                SELECT *, row_number() OVER (
+            WITH candidates AS (
+                SELECT *, count(*) OVER (PARTITION BY identifier) AS occurrences
+                FROM prepared SEMI JOIN repeated_hashes ON hash(identifier) = hash),
+            numbered AS (
+                SELECT * EXCLUDE (occurrences), row_number() OVER (
                     PARTITION BY source_id, identifier ORDER BY row_index) - 1 AS pair_repeat
-                FROM prepared SEMI JOIN repeated USING (identifier))
+                FROM candidates WHERE occurrences > 1)
             SELECT *, {carrier} AS carrier_uuid FROM ({named})""")
 
         duplicates_path = work / "duplicates.parquet"
@@ -311,7 +318,7 @@ def build_batches(
                 SELECT server_id, {uuid_sql}, {payload}{reuse} FROM (
                     SELECT * FROM (
                         SELECT server_id, row_index, {once}, {payload}
-                        FROM prepared ANTI JOIN repeated USING (identifier)
+                        FROM prepared ANTI JOIN repeats USING (row_index)
                         UNION ALL
                         SELECT server_id, row_index, {twice}, {payload}
                         FROM repeats WHERE uuid = carrier_uuid

@@ -212,15 +212,19 @@ class LinesReader:
         self, block: bytearray, first: int, count: int, positions: dict[str, int]
     ) -> RawChunk | None:
         """A block with nothing to reject or skip, in one pass of Arrow's CSV parser; None
-        when it may hold a blank line, a CR that does not end a line, bytes that are not UTF-8
-        or a row of the wrong width (then `_parse_lines` looks at it line by line).
-
-        With two columns or more, a blank line (or one holding only a CR) is a row of the
-        wrong width to the parser, so it fails on those too."""
-        if self.delimiter is None or len(self.columns) < 2 or block.startswith(UTF8_BOM):
+        when it holds a blank line (skipped, where the parser would make it a row of empty
+        fields), a CR that does not end a line, bytes that are not UTF-8 or a row of the wrong
+        width (then `_parse_lines` looks at it line by line)."""
+        if self.delimiter is None or block.startswith(UTF8_BOM):
             return None  # (a BOM: the parser would drop it from the first field)
-        if block.find(b"\r") >= 0 and block.count(b"\r") != block.count(b"\r\n"):
+        newline = np.frombuffer(block, np.uint8) == NEWLINE
+        if newline[0] or (newline[1:] & newline[:-1]).any():
             return None
+        if block.find(b"\r") >= 0:
+            if block.count(b"\r") != block.count(b"\r\n"):
+                return None
+            if block.startswith(b"\r\n") or block.find(b"\n\r\n") >= 0:
+                return None  # a line holding only a CR: blank too
         try:
             _binary(block, text=True).validate(full=True)  # checks the UTF-8
             table = pa_csv.read_csv(

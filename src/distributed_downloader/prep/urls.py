@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import ada_url
 import pyarrow as pa
+import pyarrow.compute as pc
 from ada_url.ada_adapter import ffi as _ffi
 from ada_url.ada_adapter import lib as _ada
-import pyarrow.compute as pc
 
 from distributed_downloader.errors import RejectReason
 
