@@ -13,7 +13,8 @@ from distributed_downloader.prep.readers import LinesReader
 COLUMNS = ["gbifID", "type", "identifier"]
 HEADER = "\t".join(COLUMNS).encode() + b"\n"
 FIELDS = st.sampled_from(
-    ["1", "", " ", "StillImage", 'a "quoted" one', "http://h.localhost/a.jpg", "é", "x,y", "\ufeffz"]
+    ["1", "", " ", "StillImage", 'a "quoted" one', "http://h.localhost/a.jpg", "é", "x,y",
+     "\ufeffz"]
 )
 ROW = st.lists(FIELDS, min_size=3, max_size=3).map(lambda fields: "\t".join(fields).encode())
 # What real files hold besides good rows, each of which the fast path must leave alone.

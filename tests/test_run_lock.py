@@ -128,17 +128,27 @@ def test_a_fetch_killed_hard_leaves_a_lock_the_next_fetch_takes_over(slow_farm,
     assert not (out / "run.lock").exists()
 
 
+STALE = ("dead process here", "other host, lease over")
+
+
+def plant_stale_lock(out: Path, case: str) -> None:
+    """A lock whose holder is gone: a process that ended on this host, or another host's lock
+    not renewed for longer than its lease."""
+    if case == "dead process here":
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        plant_lock(out, socket.gethostname(), gone.pid, heartbeat_age=1, boot_id=this_boot())
+    else:
+        plant_lock(out, "node-17.cluster", 4242, heartbeat_age=LEASE + 5)
+
+
 @pytest.mark.parametrize("case", ["dead process here", "other host, lease over",
                                   "other host, alive", "damaged file"])
 def test_a_stale_lock_is_taken_over_and_a_live_one_is_not(tmp_path: Path, case: str) -> None:
     source = write_lines(tmp_path / "u.txt", [f"http://127.0.0.2:9/{i}.jpg" for i in range(5)])
     out = tmp_path / "out"
-    if case == "dead process here":
-        gone = subprocess.Popen([sys.executable, "-c", "pass"])
-        gone.wait()
-        plant_lock(out, socket.gethostname(), gone.pid, heartbeat_age=1, boot_id=this_boot())
-    elif case == "other host, lease over":
-        plant_lock(out, "node-17.cluster", 4242, heartbeat_age=LEASE + 5)
+    if case in STALE:
+        plant_stale_lock(out, case)
     elif case == "other host, alive":  # renewed a moment ago: whatever its PID means there
         plant_lock(out, "node-17.cluster", 4242, heartbeat_age=1)
     else:
@@ -192,12 +202,8 @@ CONTENDER = textwrap.dedent("""
 def test_contenders_for_one_lock_have_one_winner(tmp_path: Path, case: str) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    if case == "dead process here":
-        gone = subprocess.Popen([sys.executable, "-c", "pass"])
-        gone.wait()
-        plant_lock(out, socket.gethostname(), gone.pid, heartbeat_age=1, boot_id=this_boot())
-    elif case == "other host, lease over":
-        plant_lock(out, "node-17.cluster", 4242, heartbeat_age=LEASE + 5)
+    if case in STALE:
+        plant_stale_lock(out, case)
     contenders = [subprocess.Popen([sys.executable, "-c", CONTENDER, str(out), str(i)],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                   for i in range(8)]

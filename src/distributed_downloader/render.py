@@ -63,10 +63,16 @@ def prep_progress() -> Callable:
     return report
 
 
-def print_prep_summary(summary: dict[str, Any], output: Path) -> None:
-    table = Table(title="prep summary", show_header=False, title_justify="left")
+def facts_table(title: str) -> Table:
+    """A two-column table of named counts (the numbers right-aligned, never wrapped)."""
+    table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(justify="right", no_wrap=True)
+    return table
+
+
+def print_prep_summary(summary: dict[str, Any], output: Path) -> None:
+    table = facts_table("prep summary")
     table.add_row("rows read", f"{summary['rows_read']:,}")
     table.add_row("rows kept", f"{summary['rows_kept']:,}")
     for reason, count in summary["dropped"].items():
@@ -116,9 +122,7 @@ def print_profile_summary(summary: dict[str, Any], output: Path) -> None:
 
 
 def print_fetch_summary(summary: dict[str, Any], output: Path) -> None:
-    table = Table(title="fetch summary", show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column(justify="right", no_wrap=True)
+    table = facts_table("fetch summary")
     table.add_row("batches done", f"{summary['batches_done']:,} / {summary['batches']:,}")
     table.add_row("images stored", f"{summary['successes']:,}")
     table.add_row("errors", f"{summary['errors']:,}")
