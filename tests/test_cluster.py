@@ -149,7 +149,7 @@ def test_slurm_chain_of_one_minute_periods_finishes_the_download(tmp_path: Path)
     # Each period resumed where the last stopped: progress at each start only grows.
     progress = [job["rows_at_start"] for job in periods]
     assert progress == sorted(progress) and progress[0] == 0
-    assert [job["kind"] for job in status["jobs"][:2]] == ["prep", "profile"]
+    assert [job["kind"] for job in status["jobs"][:2]] == ["prep", "download"]  # no profile
     logs = list((out / "slurm" / "logs").glob("dd-download-*.out"))
     assert len(logs) >= len(periods)
     text = run_cli("slurm", "status", out).stdout

@@ -49,9 +49,9 @@ def test_a_stalled_chain_ends_and_a_new_submission_starts_afresh(prepared: Setti
 
 
 def fetch_ended(settings: Settings, requests: int | None, waiting: list | None = None,
-                ended_at: float | None = None) -> None:
+                ended_at: float | None = None, **more: object) -> None:
     """What rank 0 writes at a fetch's end; None leaves a key out, as older versions did."""
-    summary: dict = {"finished": False, "fetched_this_run": 0}
+    summary: dict = {"finished": False, "fetched_this_run": 0, **more}
     if requests is not None:
         summary["requests_this_run"] = requests
     if waiting is not None:
@@ -79,6 +79,27 @@ def test_a_period_that_sent_requests_but_committed_nothing_does_not_stall(
     assert (judged.rows_committed, judged.requests) == (0, 12)
     assert judged.waiting == ["a.example (retry_after, 42 s left)"]
     assert "period 1: 0 rows, 12 requests" in reason
+
+
+def test_a_period_stopped_by_a_full_disk_ends_the_chain_saying_so(prepared: Settings) -> None:
+    chain = slurm.submit_chain(prepared)
+    assert slurm.start_period(prepared, chain.downloads[0].id)[0]
+    full = "out of space in /scratch/out: 1.2 MB free, the rest needs about 3.4 GB"
+    fetch_ended(prepared, requests=40, out_of_space=full)
+    fetch, reason = slurm.start_period(prepared, next_period(prepared))
+    assert not fetch
+    chain = slurm.read_chain(slurm.RunLayout(prepared.output))
+    assert chain.state == "out_of_space" and chain.downloads[0].out_of_space == full
+    assert reason == f"period 1 stopped: {full}; free space, then `slurm submit` again"
+    assert len(chain.downloads) == 2  # the period that found it queued nothing behind itself
+
+
+def test_a_profile_job_is_submitted_only_when_asked(prepared: Settings) -> None:
+    (prepared.output / "profiles" / "summary.json").unlink()
+    assert [job.kind for job in slurm.submit_chain(prepared).jobs] == ["download"]
+    slurm.cancel_chain(prepared)
+    kinds = [job.kind for job in slurm.submit_chain(prepared, run_profile=True).jobs]
+    assert kinds[-2:] == ["profile", "download"]
 
 
 def test_a_period_that_sent_no_request_stalls_and_says_what_it_waited_on(

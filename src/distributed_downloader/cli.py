@@ -443,15 +443,18 @@ def slurm() -> None:
 @click.option("--output", "-o", "output", type=click.Path(path_type=Path),
               help=Settings.model_fields["output"].description)
 @setting_options(*CLUSTER_SETTINGS, *PREP_SETTINGS, *FETCH_SETTINGS, "profile_requests")
+@click.option("--profile", "run_profile", is_flag=True,
+              help="Submit a profile job (probe every server) before the first download period.")
 @save_overrides_option
 @config_option
-def submit(input: Path | None, config_file: Path | None, **flags: Any) -> None:
-    """Write the job scripts into OUT/slurm/ and submit prep → profile → download periods,
+def submit(input: Path | None, config_file: Path | None, run_profile: bool,
+           **flags: Any) -> None:
+    """Write the job scripts into OUT/slurm/ and submit prep → (profile) → download periods,
     each after the last; periods chain until every batch is done."""
     from distributed_downloader.executors.slurm import submit_chain
 
     settings = gather_settings(config_file, {"input": input, **flags}, announce=True)
-    chain = submit_chain(settings)
+    chain = submit_chain(settings, run_profile)
     assert settings.output is not None
     for job in chain.jobs[-3:]:
         label = f"download period {job.period}" if job.kind == "download" else job.kind

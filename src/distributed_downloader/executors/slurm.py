@@ -1,11 +1,11 @@
 """The Slurm executor: a chain of time-limited jobs that prepares, profiles and downloads a run.
 
-`slurm submit` writes the job scripts into `OUT/slurm/` and submits prep → profile → the first
-download period, each depending on the one before. Every download period, as it starts, queues
+`slurm submit` writes the job scripts into `OUT/slurm/` and submits prep → (profile, with
+`--profile`) → the first download period, each depending on the one before. Every download period, as it starts, queues
 its successor behind itself (`afterany`), so a period killed at its time limit still has one;
 a period that finds nothing left to do, or that follows a period which made no progress (no row
-committed and no request sent, or `STALL_PERIODS` periods in a row without a committed row), ends
-the chain instead of fetching. Slurm signals each period `stop_margin` seconds before its limit; the
+committed and no request sent, or `STALL_PERIODS` periods in a row without a committed row), or
+one whose fetch stopped on a full disk, ends the chain instead of fetching. Slurm signals each period `stop_margin` seconds before its limit; the
 ranks flush their chunks and exit, and the next period resumes from them.
 
 One command writes into a run folder at a time (runlock.py). `slurm submit` does not hold the
@@ -82,12 +82,13 @@ class ChainJob:
     rows_committed: int | None = None
     requests: int | None = None  # sent to servers by its fetch; 0 when no summary says so
     waiting: list[str] = field(default_factory=list)  # what its fetch waited on at its end
+    out_of_space: str = ""  # its fetch stopped on a full disk: the line it printed
 
 
 @dataclass
 class Chain:
     state: str = "running"  # running | finished | stalled | cancelled | period_limit |
-    # blocked (another command held the run folder as a period started)
+    # blocked (another command held the run folder as a period started) | out_of_space
     reason: str = ""
     jobs: list[ChainJob] = field(default_factory=list)
 
@@ -220,8 +221,9 @@ def sbatch(script: Path, after: str | None = None) -> str:
 # --- the chain --------------------------------------------------------------------------------
 
 
-def submit_chain(settings: Settings) -> Chain:
-    """Write the job scripts and submit prep (unless done) → profile (unless done) → download."""
+def submit_chain(settings: Settings, run_profile: bool = False) -> Chain:
+    """Write the job scripts and submit prep (unless done) → profile (when asked, unless done)
+    → download. Without a profile, each server's fetch starts carefully (first contact)."""
     from distributed_downloader.prep import prep_is_finished
 
     if settings.output is None:
@@ -234,10 +236,10 @@ def submit_chain(settings: Settings) -> Chain:
     if not prep_is_finished(layout) and settings.input is None:
         raise UserError("slurm submit needs the input (INPUT or path_to_input) to prepare")
     with chain_lock(layout):
-        return _submit(layout, settings)
+        return _submit(layout, settings, run_profile)
 
 
-def _submit(layout: RunLayout, settings: Settings) -> Chain:
+def _submit(layout: RunLayout, settings: Settings, run_profile: bool) -> Chain:
     from distributed_downloader.prep import prep_is_finished
 
     try:
@@ -262,7 +264,7 @@ def _submit(layout: RunLayout, settings: Settings) -> Chain:
     steps = []
     if not prep_is_finished(layout):
         steps.append("prep")
-    if not layout.profile_summary.exists():
+    if run_profile and not layout.profile_summary.exists():
         steps.append("profile")
     for kind in steps:
         previous = sbatch(scripts[kind], previous)
@@ -324,18 +326,20 @@ def _writer_at_start(layout: RunLayout, lease: float) -> Holder | None:
         time.sleep(LOCK_POLL_SECONDS)
 
 
-def _fetch_since(layout: RunLayout, since: float) -> tuple[int, list[str]]:
-    """Requests sent and what was being waited on (the first few), by a fetch that ended at or
-    after `since`; (0, []) when no such summary says so (none, an older one, an earlier one)."""
+def _fetch_since(layout: RunLayout, since: float) -> dict[str, Any]:
+    """The summary of a fetch that ended at or after `since`, or {} when there is none (none,
+    an older one, an earlier one, unreadable)."""
     try:
         summary = json.loads((layout.root / "fetch_summary.json").read_text())
         ended_at = float(summary.get("ended_at", float("-inf")))
-        requests = int(summary.get("requests_this_run", 0))
-        entries = summary.get("waiting") or []
     except (OSError, ValueError, TypeError, AttributeError):
-        return 0, []
-    if ended_at < since:
-        return 0, []
+        return {}
+    return summary if ended_at >= since else {}
+
+
+def _waited_on(summary: dict[str, Any]) -> list[str]:
+    """What a fetch was waiting on at its end (the first few), as `status` words it."""
+    entries = summary.get("waiting") or []
     waiting = []
     for entry in entries if isinstance(entries, list) else []:
         if not isinstance(entry, dict):
@@ -347,7 +351,7 @@ def _fetch_since(layout: RunLayout, since: float) -> tuple[int, list[str]]:
         waiting.append(f"{entry.get('server', '?')} ({detail})")
     if len(waiting) > WAITING_SHOWN:
         waiting[WAITING_SHOWN:] = [f"and {len(waiting) - WAITING_SHOWN:,} more"]
-    return requests, waiting
+    return waiting
 
 
 def _waiting_text(job: ChainJob) -> str:
@@ -358,7 +362,13 @@ def _judge(layout: RunLayout, job: ChainJob, done: int) -> None:
     """Record what a finished period did: rows committed, requests sent, what it waited on."""
     assert job.started is not None
     job.rows_committed = max(0, done - (job.rows_at_start or 0))
-    job.requests, job.waiting = _fetch_since(layout, job.started)
+    summary = _fetch_since(layout, job.started)
+    try:
+        job.requests = int(summary.get("requests_this_run", 0))
+    except (TypeError, ValueError):
+        job.requests = 0
+    job.waiting = _waited_on(summary)
+    job.out_of_space = str(summary.get("out_of_space") or "")
 
 
 def _stall_reason(started: list[ChainJob]) -> str:
@@ -396,6 +406,11 @@ def _start_period(layout: RunLayout, settings: Settings, job_id: str,
     stall = _stall_reason(started) if started else ""
     if finished >= _batches_total(layout):
         chain.state, chain.reason = "finished", f"all {finished:,} batches done"
+    elif started and started[-1].out_of_space:
+        # Another period would only fill the same disk: the user frees space, then submits.
+        chain.state, chain.reason = "out_of_space", (
+            f"period {started[-1].period} stopped: {started[-1].out_of_space}; free space, "
+            "then `slurm submit` again")
     elif stall:
         chain.state, chain.reason = "stalled", stall
     elif len(chain.downloads) > settings.num_downloads:
