@@ -15,12 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 from distributed_downloader.config import Settings
-from distributed_downloader.executors import remember_stop_signals, stop_signalled
+from distributed_downloader.errors import UserError
+from distributed_downloader.executors import (
+    remember_stop_signals,
+    stop_on_signals,
+    stop_signalled,
+)
 from distributed_downloader.executors.coordinator import (
     STOP_GRACE_SECONDS,
     Coordinator,
@@ -38,8 +44,6 @@ log = logging.getLogger(__name__)
 
 def world() -> Any:
     """MPI's world communicator; a clear error when mpi4py or an MPI library is missing."""
-    from distributed_downloader.errors import UserError
-
     try:
         from mpi4py import MPI
     except ImportError as exc:
@@ -78,10 +82,6 @@ def start(on_error: list[Callable[[int], None]]) -> None:
     """First thing under --executor mpi: every rank but 0 becomes a worker here (and the
     process exits when rank 0 says so); on rank 0, any error from now on ends every rank
     (`abort_world` joins `on_error`). Done once per process."""
-    import sys
-
-    from distributed_downloader.executors import stop_on_signals
-
     if abort_world in on_error:
         return  # already started (download, then its fetch)
     comm = world()
@@ -149,8 +149,6 @@ class MpiExecutor:
         self.settings = settings
         self.worker_ranks = list(range(1, comm.Get_size()))
         if not self.worker_ranks:
-            from distributed_downloader.errors import UserError
-
             raise UserError("--executor mpi needs at least 2 ranks (rank 0 schedules), "
                             "e.g. `mpirun -n 3 distributed-downloader fetch OUT --executor mpi`")
         self.transport = RankTransport(comm, self.worker_ranks)
