@@ -119,9 +119,9 @@ class Coordinator:
             return
         if worker not in self.scheduler.stopped_cleanly:
             self.died = True
-        if worker not in self.scheduler.stopped_cleanly and not self.stop.asked:
-            log.warning("worker %s exited (code %s); its batches go to others",
-                        worker, departure.exit_code)
+            if not self.stop.asked:
+                log.warning("worker %s exited (code %s); its batches go to others",
+                            worker, departure.exit_code)
         self._send(self.scheduler.worker_lost(worker, now))
 
     def _tick(self) -> None:
