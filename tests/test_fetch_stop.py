@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import FAST_FETCH, read_batches, read_errors, read_successes, run_cli, write_lines
-from distributed_downloader.executors.local import STOP_GRACE_SECONDS
+from distributed_downloader.executors.coordinator import STOP_GRACE_SECONDS
 from distributed_downloader.testing.farm import Farm, ServerSpec
 
 HOSTS = ("127.0.0.2", "127.0.0.3")

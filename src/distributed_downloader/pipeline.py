@@ -142,11 +142,12 @@ def tool(name: str, output: Path, settings: Settings, options: dict[str, Any], r
 
     if executor == "mpi":
         from distributed_downloader.executors import mpi
+        from distributed_downloader.executors.batches import serve_batches
 
         comm = mpi.world()
         ON_ERROR.append(mpi.abort_world)
         if comm.Get_rank() != mpi.SCHEDULER_RANK:
-            mpi.serve_tasks(comm)
+            serve_batches(comm)
             return
         with run_lock(output, f"tools {name}", settings, mpi_ranks=True):
             try:

@@ -15,11 +15,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import shutil
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from distributed_downloader.errors import UserError
+from distributed_downloader.executors.batches import run_batches
 from distributed_downloader.formats import fill_images
 from distributed_downloader.storage import (
     BatchFiles,
@@ -183,8 +182,7 @@ def run_verify(output: Path, fix: bool = False, workers: int | None = None) -> d
     started = time.monotonic()
     batches = [(str(output), server, partition)
                for server, partition in _batches_with_output(layout)]
-    with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        checks = list(pool.map(check_batch, *zip(*batches), chunksize=4)) if batches else []
+    checks: list[BatchCheck] = run_batches(check_batch, batches, workers)
     finished = [check for check in checks if check.finished]
     unfinished = [check for check in checks if not check.finished]
     broken = [check for check in checks if check.problems]

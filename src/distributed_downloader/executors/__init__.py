@@ -1,7 +1,8 @@
-"""Ways to run the fetch workers: local processes (here), MPI ranks, Slurm jobs.
+"""Ways to run the fetch workers: local processes, MPI ranks, Slurm jobs.
 
-Every executor runs the same worker code (fetch/worker.py) and the same scheduler
-(schedule.py); only the transport of their messages differs.
+Every executor runs the same worker code (fetch/worker.py), the same scheduler (schedule.py) and
+the same coordinator loop (coordinator.py); only the transport of their messages differs. The
+per-batch jobs (tools, verify) have one runner too (batches.py).
 
 Stopping: SIGINT (Ctrl-C), SIGTERM (kill, scancel) or SIGUSR1 (Slurm's warning before the time
 limit), to the coordinator alone or to the whole process group, at any moment. The coordinator

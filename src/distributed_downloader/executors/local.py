@@ -15,17 +15,17 @@ import multiprocessing.connection
 import multiprocessing.resource_tracker
 import os
 import signal
-import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from distributed_downloader.config import Settings
-from distributed_downloader.executors import STOP_SIGNALS, remember_stop_signals, stop_signalled
-from distributed_downloader.protocol import WorkerStopped
+from distributed_downloader.executors import STOP_SIGNALS, remember_stop_signals
+from distributed_downloader.executors.coordinator import (
+    Coordinator,
+    Departure,
+    relayed_stop_signals,
+)
 from distributed_downloader.schedule import Scheduler
-
-LOOP_SECONDS = 0.1
-STOP_GRACE_SECONDS = 60.0  # after a stop signal, before workers that did not stop are killed
 
 
 class PipeChannel:
@@ -61,11 +61,58 @@ def _worker_entry(worker_id: int, settings: Settings, connection: Connection) ->
     run_worker(worker_id, settings, PipeChannel(connection))
 
 
+class PipeTransport:
+    """The coordinator's side: one pipe and one process per worker."""
+
+    def __init__(self, processes: dict[int, multiprocessing.Process],
+                 pipes: dict[int, Connection]) -> None:
+        self.processes = processes
+        self.pipes = pipes
+        self.connections = {pipe: worker for worker, pipe in pipes.items()}
+        self.departed: set[int] = set()  # processes whose end was reported
+
+    def send(self, worker: int, message: object) -> None:
+        if worker in self.pipes and self.processes[worker].is_alive():
+            try:
+                self.pipes[worker].send(message)
+            except (OSError, BrokenPipeError):
+                pass
+
+    def running(self) -> bool:
+        return any(process.is_alive() for process in self.processes.values()) or \
+            any(connection.poll() for connection in self.connections)
+
+    def poll(self, timeout: float) -> tuple[list[object], list[Departure]]:
+        sentinels = {process.sentinel: worker for worker, process in self.processes.items()
+                     if worker not in self.departed}
+        ready = multiprocessing.connection.wait(list(self.connections) + list(sentinels),
+                                                timeout=timeout)
+        messages: list[object] = []
+        for connection in ready:
+            if connection in self.connections:
+                messages += self._drain(connection)
+        ended = [sentinels[item] for item in ready if item in sentinels]
+        self.departed.update(ended)
+        return messages, [Departure(worker, self.processes[worker].exitcode) for worker in ended]
+
+    def _drain(self, connection: Connection) -> list[object]:
+        messages = []
+        try:
+            while connection.poll():
+                messages.append(connection.recv())
+        except (EOFError, OSError):
+            del self.connections[connection]
+        return messages
+
+    def abandon(self) -> None:
+        for process in self.processes.values():
+            process.kill()
+
+
 class LocalExecutor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.count = 0
-        self.stop_requested = False
 
     def worker_ids(self, limit: int) -> list[int]:
         """One worker per core by default, never more than there are batches to fetch."""
@@ -74,9 +121,6 @@ class LocalExecutor:
 
     def close(self) -> None:
         pass  # run() already waited for its processes
-
-    def _request_stop(self, signum: int, frame: object) -> None:
-        self.stop_requested = True
 
     def _spawn(self, processes: dict[int, multiprocessing.Process],
                pipes: dict[int, Connection]) -> None:
@@ -100,76 +144,22 @@ class LocalExecutor:
 
     def run(self, scheduler: Scheduler, on_tick: Callable[[Scheduler], None]) -> bool:
         """Run the workers until the scheduler is done; True when interrupted."""
-        # Before any worker exists: from here on a stop signal is ours to relay.
-        previous = {signum: signal.signal(signum, self._request_stop) for signum in STOP_SIGNALS}
-        self.stop_requested = self.stop_requested or stop_signalled()  # while fetch planned
         processes: dict[int, multiprocessing.Process] = {}
         pipes: dict[int, Connection] = {}
-        try:
-            self._spawn(processes, pipes)
-            return self._serve(scheduler, on_tick, processes, pipes)
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-            for process in processes.values():
-                process.join(timeout=5)
-                if process.is_alive():
-                    process.kill()
-                    process.join(timeout=5)
+        # Before any worker exists: from here on a stop signal is ours to relay.
+        with relayed_stop_signals() as stop:
+            try:
+                self._spawn(processes, pipes)
+                transport = PipeTransport(processes, pipes)
+                return Coordinator(scheduler, transport, on_tick, stop).run()
+            finally:
+                _join(processes)
 
-    def _serve(self, scheduler: Scheduler, on_tick: Callable[[Scheduler], None],
-               processes: dict[int, multiprocessing.Process],
-               pipes: dict[int, Connection]) -> bool:
-        """Carry messages until every worker is gone; True when interrupted."""
-        connections = {pipe: worker for worker, pipe in pipes.items()}
-        stopped_cleanly: set[int] = set()
-        stop_deadline = None
 
-        def send(outgoing: list[tuple[int, object]]) -> None:
-            for worker, message in outgoing:
-                if worker in pipes and processes[worker].is_alive():
-                    try:
-                        pipes[worker].send(message)
-                    except (OSError, BrokenPipeError):
-                        pass
-
-        while any(process.is_alive() for process in processes.values()) or \
-                any(conn.poll() for conn in connections):
-            if self.stop_requested and stop_deadline is None:
-                stop_deadline = time.monotonic() + STOP_GRACE_SECONDS
-                send(scheduler.stop())  # read even by a worker still starting
-            sentinels = {p.sentinel: w for w, p in processes.items()}
-            ready = multiprocessing.connection.wait(
-                list(connections) + list(sentinels), timeout=LOOP_SECONDS)
-            now = time.time()
-            # Pipes first: a worker's last words (its final report, WorkerStopped) before its
-            # exit is handled, so that the rows it committed stay counted.
-            for item in sorted(ready, key=lambda item: item in sentinels):
-                if item in connections:
-                    worker = connections[item]
-                    try:
-                        while item.poll():
-                            message = item.recv()
-                            if isinstance(message, WorkerStopped):
-                                stopped_cleanly.add(worker)
-                            send(scheduler.handle(message, now))
-                    except (EOFError, OSError):
-                        del connections[item]
-                elif item in sentinels:
-                    worker = sentinels[item]
-                    if worker in scheduler.active_workers:
-                        if worker not in stopped_cleanly and not self.stop_requested:
-                            logging.getLogger(__name__).warning(
-                                "worker %s exited (code %s); its batches go to others",
-                                worker, processes[worker].exitcode)
-                        send(scheduler.worker_lost(worker, now))
-            if not self.stop_requested:
-                send(scheduler.tick(now))
-            on_tick(scheduler)
-            if stop_deadline and time.monotonic() > stop_deadline:
-                for process in processes.values():
-                    process.kill()
-            if not scheduler.active_workers and not scheduler.finished and \
-                    not self.stop_requested and scheduler.disk_full is None:
-                raise RuntimeError("every worker died; see the log above")
-        return self.stop_requested or not scheduler.finished
+def _join(processes: dict[int, multiprocessing.Process]) -> None:
+    """Wait for every worker a while, and kill one that does not end."""
+    for process in processes.values():
+        process.join(timeout=5)
+        if process.is_alive():
+            process.kill()
+            process.join(timeout=5)

@@ -15,27 +15,35 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 from distributed_downloader.config import Settings
-from distributed_downloader.executors import STOP_SIGNALS, remember_stop_signals, stop_signalled
+from distributed_downloader.errors import UserError
+from distributed_downloader.executors import (
+    remember_stop_signals,
+    stop_on_signals,
+    stop_signalled,
+)
+from distributed_downloader.executors.coordinator import (
+    STOP_GRACE_SECONDS,
+    Coordinator,
+    Departure,
+    relayed_stop_signals,
+)
 from distributed_downloader.protocol import Stop, WorkerStopped
 from distributed_downloader.schedule import Scheduler
 
 SCHEDULER_RANK = 0
 POLL_SECONDS = 0.005  # rank 0, idle: how long to sleep between two polls
 WORKER_POLL_SECONDS = 0.02
-STOP_GRACE_SECONDS = 60.0
 log = logging.getLogger(__name__)
 
 
 def world() -> Any:
     """MPI's world communicator; a clear error when mpi4py or an MPI library is missing."""
-    from distributed_downloader.errors import UserError
-
     try:
         from mpi4py import MPI
     except ImportError as exc:
@@ -74,10 +82,6 @@ def start(on_error: list[Callable[[int], None]]) -> None:
     """First thing under --executor mpi: every rank but 0 becomes a worker here (and the
     process exits when rank 0 says so); on rank 0, any error from now on ends every rank
     (`abort_world` joins `on_error`). Done once per process."""
-    import sys
-
-    from distributed_downloader.executors import stop_on_signals
-
     if abort_world in on_error:
         return  # already started (download, then its fetch)
     comm = world()
@@ -105,6 +109,38 @@ def run_worker_rank(comm: Any) -> bool:
     return run_worker(comm.Get_rank(), settings, MpiChannel(comm))
 
 
+class RankTransport:
+    """Rank 0's side: one MPI rank per worker. A rank is gone once it said it stopped (it lives
+    on, to be sent home); a rank that dies ends the whole job (`mpirun` does so)."""
+
+    def __init__(self, comm: Any, worker_ranks: list[int]) -> None:
+        self.comm = comm
+        self.worker_ranks = worker_ranks
+        self.stopped: set[int] = set()
+        self.abandoned = False
+
+    def send(self, worker: int, message: object) -> None:
+        if worker not in self.stopped:
+            self.comm.send(message, dest=worker)
+
+    def running(self) -> bool:
+        return not self.abandoned and len(self.stopped) < len(self.worker_ranks)
+
+    def poll(self, timeout: float) -> tuple[list[object], list[Departure]]:
+        """What arrived; when nothing has, a short sleep (a blocking receive spins a core)."""
+        messages: list[object] = []
+        while self.comm.iprobe():
+            messages.append(self.comm.recv())
+        if not messages:
+            time.sleep(min(POLL_SECONDS, timeout))
+        stopped = [message.worker for message in messages if isinstance(message, WorkerStopped)]
+        self.stopped.update(stopped)
+        return messages, [Departure(rank) for rank in stopped]
+
+    def abandon(self) -> None:
+        self.abandoned = True  # close() ends the job if they still do not stop
+
+
 class MpiExecutor:
     """Rank 0's side: carries messages between the scheduler and the worker ranks."""
 
@@ -113,12 +149,9 @@ class MpiExecutor:
         self.settings = settings
         self.worker_ranks = list(range(1, comm.Get_size()))
         if not self.worker_ranks:
-            from distributed_downloader.errors import UserError
-
             raise UserError("--executor mpi needs at least 2 ranks (rank 0 schedules), "
                             "e.g. `mpirun -n 3 distributed-downloader fetch OUT --executor mpi`")
-        self.stop_requested = False
-        self.stopped: set[int] = set()
+        self.transport = RankTransport(comm, self.worker_ranks)
         # Under Slurm the whole stop must fit in the warning before the time limit.
         self.grace = min(STOP_GRACE_SECONDS, max(5.0, settings.stop_margin - 10.0))
         for rank in self.worker_ranks:
@@ -127,118 +160,27 @@ class MpiExecutor:
     def worker_ids(self, limit: int) -> list[int]:
         return self.worker_ranks
 
-    def _request_stop(self, signum: int, frame: object) -> None:
-        self.stop_requested = True
-
-    def _send(self, outgoing: list[tuple[int, object]]) -> None:
-        for rank, message in outgoing:
-            if rank not in self.stopped:
-                self.comm.send(message, dest=rank)
-
     def run(self, scheduler: Scheduler, on_tick: Callable[[Scheduler], None]) -> bool:
         """Run until every worker rank stopped; True when interrupted before the end."""
-        previous = {signum: signal.signal(signum, self._request_stop) for signum in STOP_SIGNALS}
-        self.stop_requested = self.stop_requested or stop_signalled()  # while fetch planned
-        stop_sent = False
-        deadline = None
-        last_tick = 0.0
-        try:
-            while len(self.stopped) < len(self.worker_ranks):
-                if self.stop_requested and not stop_sent:
-                    stop_sent = True
-                    deadline = time.monotonic() + self.grace
-                    self._send(scheduler.stop())  # and no batch is handed out from now on
-                busy = False
-                while self.comm.iprobe():
-                    busy = True
-                    message = self.comm.recv()
-                    self._send(scheduler.handle(message, time.time()))
-                    if isinstance(message, WorkerStopped):
-                        self.stopped.add(message.worker)
-                        self._send(scheduler.worker_lost(message.worker, time.time()))
-                now = time.monotonic()
-                if now - last_tick >= 0.1:
-                    last_tick = now
-                    if not self.stop_requested:
-                        self._send(scheduler.tick(time.time()))
-                    on_tick(scheduler)
-                if deadline and now > deadline:
-                    log.warning("worker ranks did not stop in %.0f s", self.grace)
-                    break
-                if not busy:
-                    time.sleep(POLL_SECONDS)
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-        return self.stop_requested or not scheduler.finished
+        with relayed_stop_signals() as stop:
+            return Coordinator(scheduler, self.transport, on_tick, stop, self.grace).run()
 
     def close(self) -> None:
         """Tell every rank still running to stop, and wait for them a while; a rank that does
         not answer in time ends the job (its committed chunks stay)."""
-        self._send([(rank, Stop()) for rank in self.worker_ranks])
+        transport = self.transport
+        for rank in self.worker_ranks:
+            transport.send(rank, Stop())
         deadline = time.monotonic() + self.grace
-        while len(self.stopped) < len(self.worker_ranks):
+        while len(transport.stopped) < len(self.worker_ranks):
             if time.monotonic() > deadline:
                 log.warning("ranks %s did not stop; ending the job",
-                            sorted(set(self.worker_ranks) - self.stopped))
+                            sorted(set(self.worker_ranks) - transport.stopped))
                 self.comm.Abort(1)
-            if self.comm.iprobe():
-                message = self.comm.recv()
-                if isinstance(message, WorkerStopped):
-                    self.stopped.add(message.worker)
-            else:
-                time.sleep(POLL_SECONDS)
+            transport.poll(POLL_SECONDS)
 
 
-# --- a task farm, for the post-processing tools ------------------------------------------------
-
-
-def run_tasks(function: Callable[..., Any], arguments: list[tuple]) -> list[Any]:
-    """Rank 0: run `function(*args)` for each args on the other ranks, as each becomes free;
-    the results in the order of `arguments`. The ranks serve until `release_task_ranks`."""
-    comm = world()
-    if comm.Get_size() == 1:
-        return [function(*args) for args in arguments]
-    results: list[Any] = [None] * len(arguments)
-    pending = list(enumerate(arguments))[::-1]
-    busy: set[int] = set()
-    failure = None
-    while pending or busy:
-        if not comm.iprobe():
-            time.sleep(POLL_SECONDS)
-            continue
-        rank, reply = comm.recv()
-        busy.discard(rank)
-        if reply is not None:
-            index, ok, value = reply
-            if ok:
-                results[index] = value
-            else:
-                failure = failure or value
-        if pending and failure is None:
-            index, args = pending.pop()
-            comm.send((index, function, args), dest=rank)
-            busy.add(rank)
-    if failure is not None:
-        raise RuntimeError(f"a task failed on a worker rank: {failure}")
-    return results
-
-
-def serve_tasks(comm: Any) -> None:
-    """A worker rank: run what rank 0 sends until it sends None."""
-    comm.send((comm.Get_rank(), None), dest=SCHEDULER_RANK)
-    while True:
-        while not comm.iprobe(source=SCHEDULER_RANK):
-            time.sleep(WORKER_POLL_SECONDS)
-        task = comm.recv(source=SCHEDULER_RANK)
-        if task is None:
-            return
-        index, function, args = task
-        try:
-            reply = (index, True, function(*args))
-        except Exception as exc:  # noqa: BLE001 - reported to rank 0, which stops the run
-            reply = (index, False, f"{type(exc).__name__}: {exc}")
-        comm.send((comm.Get_rank(), reply), dest=SCHEDULER_RANK)
+# --- sending ranks home ------------------------------------------------------------------
 
 
 def release_task_ranks() -> None:

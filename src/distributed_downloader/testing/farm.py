@@ -22,8 +22,9 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from aiohttp import web
 from PIL import Image
@@ -125,6 +126,9 @@ def make_scan_png(width: int, height: int, mode: str = "RGBA", seed: int = 0,
 
 HTML_ERROR_PAGE = b"<html><body><h1>Sorry</h1><p>The image is not available.</p></body></html>"
 HUGE_HEADER_BYTES = 100_000  # /huge-headers/: one header line this long (clients read ~8 KB)
+# Paths answered with a status alone: kind -> (status, text).
+PLAIN_STATUSES: dict[str, tuple[int, str | None]] = {
+    "missing": (404, "not found"), "forbidden": (403, None), "gone": (410, None)}
 
 
 def peak_in_one_second(times: Iterable[float]) -> int:
@@ -266,6 +270,24 @@ class FarmServer:
 
     async def _answer(self, request: web.Request, path: str,
                       now: float) -> web.StreamResponse | None:
+        """What the server does to every request first (its limit, latency, robots.txt, being
+        down or failing), then what the path asks for: /KIND/NAME (None: a reset)."""
+        answer = await self._server_wide(request, path, now)
+        if answer is not None:
+            return answer
+        kind, _, name = path.lstrip("/").partition("/")
+        if kind in PLAIN_STATUSES:
+            status, text = PLAIN_STATUSES[kind]
+            return web.Response(status=status, text=text)
+        by_path = self.PATH_ANSWERS.get(kind)
+        if by_path is None:
+            return web.Response(status=404)
+        return await by_path(self, request, path, name)
+
+    async def _server_wide(self, request: web.Request, path: str,
+                           now: float) -> web.Response | None:
+        """The answer whatever the path, if the server's state decides it (None: the path
+        decides)."""
         spec = self.spec
         if self._over_limit(now):
             return web.Response(status=429, headers={"Retry-After": f"{spec.retry_after:g}"})
@@ -281,74 +303,96 @@ class FarmServer:
             return web.Response(status=503, text="down for maintenance")
         if spec.fail_status is not None and path != "/robots.txt":  # robots.txt: 404
             return web.Response(status=spec.fail_status, text="internal error")
-        kind, _, name = path.lstrip("/").partition("/")
-        if kind == "img":
-            body = self.image_named(name)
-            headers = {"X-Robots-Tag": spec.robots_tag} if spec.robots_tag else {}
-            return web.Response(body=body, content_type="image/jpeg", headers=headers) \
-                if body else web.Response(status=404)
-        if kind == "optout":  # this one image opts out, whatever the server does
-            return web.Response(body=self.image_named(name), content_type="image/jpeg",
-                                headers={"X-Robots-Tag": request.query.get("tag", "noai")})
-        if kind == "missing":
-            return web.Response(status=404, text="not found")
-        if kind == "forbidden":
-            return web.Response(status=403)
-        if kind == "gone":
-            return web.Response(status=410)
-        if kind == "flaky":
-            count = self._attempts.get(path, 0) + 1
-            self._attempts[path] = count
-            failures = int(request.query.get("fails", spec.flaky_failures))
-            if count <= failures:
-                headers = {} if spec.flaky_retry_after is None \
-                    else {"Retry-After": spec.flaky_retry_after}
-                return web.Response(status=503, headers=headers)
-            return web.Response(body=self.image_named(name), content_type="image/jpeg")
-        if kind == "slow":
-            await asyncio.sleep(spec.slow_seconds)
-            return web.Response(body=self.image_named(name), content_type="image/jpeg")
-        if kind == "redirect":
-            raise web.HTTPFound(f"/img/{name}")
-        if kind == "redirect-loop":
-            raise web.HTTPFound(path)
-        if kind == "redirect-to":
-            raise web.HTTPFound(request.query["url"])
-        if kind == "html":
-            return web.Response(body=HTML_ERROR_PAGE, content_type="text/html")
-        if kind == "truncated":
-            body = self.image_named(name) or b""
-            return web.Response(body=body[: len(body) // 2], content_type="image/jpeg")
-        if kind == "bomb":
-            return web.Response(body=make_png_bomb(), content_type="image/png")
-        if kind == "huge-headers":
-            return web.Response(body=self.image_named(name), content_type="image/jpeg",
-                                headers={"X-Padding": "a" * HUGE_HEADER_BYTES})
-        if kind == "large":
-            return web.Response(body=b"\xff" * spec.large_size, content_type="image/jpeg")
-        if kind == "large-chunked":
-            response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
-            response.enable_chunked_encoding()
-            await response.prepare(request)
-            for _ in range(spec.large_size // 65536 + 1):
-                await response.write(b"\xff" * 65536)
-            await response.write_eof()
-            return response
-        if kind == "trickle":
-            response = web.StreamResponse(headers={"Content-Type": "image/jpeg",
-                                                   "Content-Length": "100000"})
-            await response.prepare(request)
-            deadline = time.monotonic() + spec.trickle_seconds
-            try:
-                while time.monotonic() < deadline:
-                    await response.write(b"\xff" * 10)
-                    await asyncio.sleep(0.5)
-            except (ConnectionError, RuntimeError):
-                pass
-            return response
-        if kind == "reset":
-            return None
-        return web.Response(status=404)
+        return None
+
+    # --- what each kind of path plays: (request, path, name) -> answer ------------------------
+
+    async def _image(self, request: web.Request, path: str, name: str) -> web.Response:
+        body = self.image_named(name)
+        headers = {"X-Robots-Tag": self.spec.robots_tag} if self.spec.robots_tag else {}
+        return web.Response(body=body, content_type="image/jpeg", headers=headers) \
+            if body else web.Response(status=404)
+
+    async def _opted_out(self, request: web.Request, path: str, name: str) -> web.Response:
+        """This one image opts out, whatever the server does."""
+        return web.Response(body=self.image_named(name), content_type="image/jpeg",
+                            headers={"X-Robots-Tag": request.query.get("tag", "noai")})
+
+    async def _flaky(self, request: web.Request, path: str, name: str) -> web.Response:
+        """503 for the first `fails` attempts at this path, then the image."""
+        count = self._attempts.get(path, 0) + 1
+        self._attempts[path] = count
+        failures = int(request.query.get("fails", self.spec.flaky_failures))
+        if count <= failures:
+            headers = {} if self.spec.flaky_retry_after is None \
+                else {"Retry-After": self.spec.flaky_retry_after}
+            return web.Response(status=503, headers=headers)
+        return web.Response(body=self.image_named(name), content_type="image/jpeg")
+
+    async def _slow(self, request: web.Request, path: str, name: str) -> web.Response:
+        await asyncio.sleep(self.spec.slow_seconds)
+        return web.Response(body=self.image_named(name), content_type="image/jpeg")
+
+    async def _redirect(self, request: web.Request, path: str, name: str) -> web.Response:
+        raise web.HTTPFound(f"/img/{name}")
+
+    async def _redirect_loop(self, request: web.Request, path: str, name: str) -> web.Response:
+        raise web.HTTPFound(path)
+
+    async def _redirect_to(self, request: web.Request, path: str, name: str) -> web.Response:
+        raise web.HTTPFound(request.query["url"])
+
+    async def _html(self, request: web.Request, path: str, name: str) -> web.Response:
+        return web.Response(body=HTML_ERROR_PAGE, content_type="text/html")
+
+    async def _truncated(self, request: web.Request, path: str, name: str) -> web.Response:
+        body = self.image_named(name) or b""
+        return web.Response(body=body[: len(body) // 2], content_type="image/jpeg")
+
+    async def _bomb(self, request: web.Request, path: str, name: str) -> web.Response:
+        return web.Response(body=make_png_bomb(), content_type="image/png")
+
+    async def _huge_headers(self, request: web.Request, path: str, name: str) -> web.Response:
+        return web.Response(body=self.image_named(name), content_type="image/jpeg",
+                            headers={"X-Padding": "a" * HUGE_HEADER_BYTES})
+
+    async def _large(self, request: web.Request, path: str, name: str) -> web.Response:
+        return web.Response(body=b"\xff" * self.spec.large_size, content_type="image/jpeg")
+
+    async def _large_chunked(self, request: web.Request, path: str,
+                             name: str) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for _ in range(self.spec.large_size // 65536 + 1):
+            await response.write(b"\xff" * 65536)
+        await response.write_eof()
+        return response
+
+    async def _trickle(self, request: web.Request, path: str, name: str) -> web.StreamResponse:
+        """10 bytes every half second of the promised 100,000, for `trickle_seconds`."""
+        response = web.StreamResponse(headers={"Content-Type": "image/jpeg",
+                                               "Content-Length": "100000"})
+        await response.prepare(request)
+        deadline = time.monotonic() + self.spec.trickle_seconds
+        try:
+            while time.monotonic() < deadline:
+                await response.write(b"\xff" * 10)
+                await asyncio.sleep(0.5)
+        except (ConnectionError, RuntimeError):
+            pass
+        return response
+
+    async def _reset(self, request: web.Request, path: str, name: str) -> None:
+        return None  # handle() aborts the connection
+
+    PATH_ANSWERS: ClassVar[dict[str, Callable[[FarmServer, web.Request, str, str],
+                                     Awaitable[web.StreamResponse | None]]]] = {
+        "img": _image, "optout": _opted_out, "flaky": _flaky, "slow": _slow,
+        "redirect": _redirect, "redirect-loop": _redirect_loop, "redirect-to": _redirect_to,
+        "html": _html, "truncated": _truncated, "bomb": _bomb, "huge-headers": _huge_headers,
+        "large": _large, "large-chunked": _large_chunked, "trickle": _trickle, "reset": _reset,
+    }
 
 
 class Farm:

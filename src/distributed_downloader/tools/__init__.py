@@ -19,13 +19,12 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from distributed_downloader.errors import UserError, require_module
+from distributed_downloader.executors.batches import run_batches
 from distributed_downloader.storage import (
     COMPLETED_MARKER,
     SUCCESS_PREFIX,
@@ -134,7 +133,8 @@ def run_tool(name: str, output: Path, options: dict[str, Any], restart: bool = F
     if tool.per_batch is not None:
         todo = [(s, p) for s, p in finished_batches(layout)
                 if not (batch_folder(folder, s, p) / TOOL_DONE).exists()]
-        results = _run_batches(name, layout, todo, options, workers, executor)
+        results = run_batches(run_batch, [(name, str(layout.root), s, p, options)
+                                          for s, p in todo], workers, executor)
         for counts in results:
             for key, value in counts.items():
                 totals[key] = totals.get(key, 0) + value
@@ -148,17 +148,3 @@ def run_tool(name: str, output: Path, options: dict[str, Any], restart: bool = F
     atomic_write_json(folder / "summary.json", summary)
     return summary
 
-
-def _run_batches(name: str, layout: RunLayout, todo: list[tuple[str, int]],
-                 options: dict[str, Any], workers: int | None,
-                 executor: str) -> list[dict[str, int]]:
-    if not todo:
-        return []
-    if executor == "mpi":
-        from distributed_downloader.executors.mpi import run_tasks
-
-        return run_tasks(run_batch, [(name, str(layout.root), s, p, options) for s, p in todo])
-    with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        futures = [pool.submit(run_batch, name, str(layout.root), s, p, options)
-                   for s, p in todo]
-        return [future.result() for future in futures]
