@@ -42,6 +42,42 @@ def expected(out: Path) -> dict[str, tuple[str, str]]:
             for r in read_successes(out).to_pylist()}
 
 
+def stored_images(folder: Path, output_format: str) -> list[tuple[dict, bytes]]:
+    """(index row, image) of each success of a downloaded batch, read from the files of its
+    output format with that format's own library: `images-KEY.tar` / `images-KEY.h5` beside
+    each `successes-KEY.parquet`, or `images/{uuid}.jpg`. Each image is there once, and only
+    the images of the batch's rows are."""
+    found = []
+    for chunk in sorted(folder.glob("successes-*.parquet")):
+        rows = pq.read_table(chunk).to_pylist()
+        key = chunk.name.removeprefix("successes-").removesuffix(".parquet")
+        if output_format == "files":
+            found += [(row, (folder / "images" / f"{row['uuid']}.jpg").read_bytes())
+                      for row in rows]
+        elif output_format == "webdataset":
+            import webdataset as wds
+
+            samples = list(wds.WebDataset(str(folder / f"images-{key}.tar"),
+                                          shardshuffle=False, empty_check=False))
+            assert sorted(s["__key__"] for s in samples) == sorted(r["uuid"] for r in rows)
+            images = {s["__key__"]: s["jpg"] for s in samples}
+            assert all(json.loads(s["json"])["uuid"] == s["__key__"] for s in samples)
+            found += [(row, images[row["uuid"]]) for row in rows]
+        else:
+            with h5py.File(folder / f"images-{key}.h5", "r") as store:
+                uuids = [u.decode() for u in store["uuid"][:]]
+                assert uuids == sorted(r["uuid"] for r in rows)  # indexed by UUID
+                images = {uuid: bytes(store["image"][i]) for i, uuid in enumerate(uuids)}
+            found += [(row, images[row["uuid"]]) for row in rows]
+    if output_format == "files":
+        assert sorted(p.name for p in (folder / "images").iterdir()) == \
+            sorted(f"{row['uuid']}.jpg" for row, _ in found)
+    else:
+        assert not (folder / "images").exists()
+        assert len(list(folder.glob("images-*"))) == len(list(folder.glob("successes-*")))
+    return found
+
+
 def exported_errors(root: Path) -> set[str]:
     return {r["uuid"] for path in root.glob("*/*/errors.parquet")
             for r in pq.read_table(path).to_pylist()}
@@ -102,8 +138,6 @@ def test_hdf5_export_reads_back_with_h5py_alone(downloaded: Path) -> None:
 @pytest.mark.parametrize("output_format", ["webdataset", "files", "hdf5"])
 def test_download_in_each_output_format(output_format: str, downloaded: Path,
                                         tmp_path: Path) -> None:
-    from distributed_downloader.formats import ARTIFACTS, read_successes as batch_successes
-
     with Farm([ServerSpec("127.0.0.2"), ServerSpec("127.0.0.3")]) as farm:
         urls = serve_pictures(farm)
         out = tmp_path / output_format
@@ -114,11 +148,10 @@ def test_download_in_each_output_format(output_format: str, downloaded: Path,
     assert len(batches) == 6
     seen = {}
     for folder in batches:
-        assert (folder / ARTIFACTS[output_format]).exists()
         for chunk in folder.glob("successes-*.parquet"):
-            assert "image" not in pq.read_schema(chunk).names  # images live in the artifact
-        for row in batch_successes(folder):
-            seen[row["uuid"]] = (hashlib.md5(row["image"]).hexdigest(), row["hashsum_original"])
+            assert "image" not in pq.read_schema(chunk).names  # the images are beside it
+        for row, image in stored_images(folder, output_format):
+            seen[row["uuid"]] = (hashlib.md5(image).hexdigest(), row["hashsum_original"])
             assert seen[row["uuid"]][0] == row["hashsum_resized"]
     # The same images as the Parquet download of the same pictures (on other ports: the URLs,
     # and so the UUIDs, differ).
