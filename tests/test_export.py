@@ -10,7 +10,7 @@ import h5py
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import FAST_FETCH, read_errors, read_successes, run_cli, write_lines
+from conftest import FAST_FETCH, read_errors, read_successes, run_cli, stored_images, write_lines
 from distributed_downloader.testing.farm import Farm, ServerSpec, make_small_image
 
 
@@ -40,42 +40,6 @@ def expected(out: Path) -> dict[str, tuple[str, str]]:
     """uuid -> (md5 of the stored image, hashsum_original)."""
     return {r["uuid"]: (hashlib.md5(r["image"]).hexdigest(), r["hashsum_original"])
             for r in read_successes(out).to_pylist()}
-
-
-def stored_images(folder: Path, output_format: str) -> list[tuple[dict, bytes]]:
-    """(index row, image) of each success of a downloaded batch, read from the files of its
-    output format with that format's own library: `images-KEY.tar` / `images-KEY.h5` beside
-    each `successes-KEY.parquet`, or `images/{uuid}.jpg`. Each image is there once, and only
-    the images of the batch's rows are."""
-    found = []
-    for chunk in sorted(folder.glob("successes-*.parquet")):
-        rows = pq.read_table(chunk).to_pylist()
-        key = chunk.name.removeprefix("successes-").removesuffix(".parquet")
-        if output_format == "files":
-            found += [(row, (folder / "images" / f"{row['uuid']}.jpg").read_bytes())
-                      for row in rows]
-        elif output_format == "webdataset":
-            import webdataset as wds
-
-            samples = list(wds.WebDataset(str(folder / f"images-{key}.tar"),
-                                          shardshuffle=False, empty_check=False))
-            assert sorted(s["__key__"] for s in samples) == sorted(r["uuid"] for r in rows)
-            images = {s["__key__"]: s["jpg"] for s in samples}
-            assert all(json.loads(s["json"])["uuid"] == s["__key__"] for s in samples)
-            found += [(row, images[row["uuid"]]) for row in rows]
-        else:
-            with h5py.File(folder / f"images-{key}.h5", "r") as store:
-                uuids = [u.decode() for u in store["uuid"][:]]
-                assert uuids == sorted(r["uuid"] for r in rows)  # indexed by UUID
-                images = {uuid: bytes(store["image"][i]) for i, uuid in enumerate(uuids)}
-            found += [(row, images[row["uuid"]]) for row in rows]
-    if output_format == "files":
-        assert sorted(p.name for p in (folder / "images").iterdir()) == \
-            sorted(f"{row['uuid']}.jpg" for row, _ in found)
-    else:
-        assert not (folder / "images").exists()
-        assert len(list(folder.glob("images-*"))) == len(list(folder.glob("successes-*")))
-    return found
 
 
 def exported_errors(root: Path) -> set[str]:

@@ -92,7 +92,17 @@ def set_aside(path: Path, reason: str) -> list[SetAside]:
     return moved
 
 
-def _move_aside(path: Path, layout: RunLayout, reason: str) -> SetAside:
+def set_aside_images(batch: BatchFiles, paths: list[Path], reason: str) -> list[SetAside]:
+    """Take image files that no committed chunk lists out of the result, into the quarantine
+    as `set_aside` does (one log line for them all): whole images, never deleted."""
+    moved = [_move_aside(path, batch.run, reason, quiet=True) for path in paths]
+    if moved:
+        log.warning("%s: %d image files %s; moved to %s", batch.successes, len(moved), reason,
+                    moved[0].target.parent)
+    return moved
+
+
+def _move_aside(path: Path, layout: RunLayout, reason: str, quiet: bool = False) -> SetAside:
     target = layout.quarantine / path.relative_to(layout.root)
     copies = 0
     while target.exists():
@@ -103,7 +113,8 @@ def _move_aside(path: Path, layout: RunLayout, reason: str) -> SetAside:
     os.replace(path, target)  # same file system (both under OUT): a rename, nothing copied
     fsync_dir(path.parent)
     fsync_dir(target.parent)
-    log.warning("%s: %s; moved to %s", path, reason, target)
+    if not quiet:
+        log.warning("%s: %s; moved to %s", path, reason, target)
     return SetAside(path, target, reason)
 
 

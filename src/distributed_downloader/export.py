@@ -37,12 +37,12 @@ EXPORT_FORMATS = tuple(EXPORT_NAMES)
 def export_batch(output_format: str, source: Path, result: Path,
                  options: dict[str, Any]) -> dict[str, int]:
     """One finished batch (`source`) written into `result` in `output_format`."""
-    table = read_success_table(source)
-    EXPORT_SINKS[output_format].write(result / EXPORT_NAMES[output_format], table)
+    table, images = read_success_table(source)
+    EXPORT_SINKS[output_format].write(result / EXPORT_NAMES[output_format], table, images)
     if output_format == "files" and table.num_rows:  # the metadata, with each image's file
         files = [f"{EXPORT_NAMES['files']}/{uuid}.{extension(image_format)}" for uuid, image_format
                  in zip(table["uuid"].to_pylist(), table["image_format"].to_pylist())]
-        metadata = table.drop_columns(["image"]).append_column("file", pa.array(files))
+        metadata = table.append_column("file", pa.array(files))
         pq.write_table(metadata, result / "metadata.parquet", compression=PARQUET_COMPRESSION)
     tables = [pq.read_table(path) for path in BatchFiles.of(source).error_chunks()]
     errors = pa.concat_tables(tables) if tables else ERRORS.empty_table()

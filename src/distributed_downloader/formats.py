@@ -11,8 +11,8 @@ tools' queries read the same tables in every format:
   hdf5        `images-KEY.h5` beside each chunk: rows sorted by `uuid`; `image` (variable-length
               bytes) beside one dataset per metadata column, readable with h5py alone
 Every file is written under a hidden name, fsynced and renamed into place; a chunk's images are
-committed before the chunk, so a committed row always has its image. Images of a chunk that a
-kill left uncommitted are removed when the batch is taken up again (`remove_uncommitted`).
+committed before the chunk, so a committed row always has its image. Images that a kill left
+without their chunk are set aside when the batch is taken up again (`set_aside_uncommitted`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import io
 import json
 import logging
 import os
-import shutil
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from distributed_downloader.chunks import readable_chunks, write_chunk
+from distributed_downloader.chunks import readable_chunks, set_aside_images, write_chunk
 from distributed_downloader.errors import require_module
 from distributed_downloader.schema import SUCCESSES
 from distributed_downloader.storage import (
@@ -64,12 +63,14 @@ def extension(image_format: str | None) -> str:
 
 
 class ParquetSink:
-    """Images inside the chunk: the chunk is all there is to write."""
+    """Images inside the chunk (`image` column): the chunk is all there is to write."""
 
     output_format = "parquet"
 
-    def commit(self, chunk: Path, table: pa.Table) -> None:
-        write_chunk(table, chunk)
+    def commit(self, chunk: Path, index: pa.Table, images: list[bytes | None]) -> None:
+        """Commit a successes chunk: `index` (every column but `image`) and its images."""
+        position = min(SUCCESSES.get_field_index("image"), index.num_columns)
+        write_chunk(index.add_column(position, "image", pa.array(images, pa.binary())), chunk)
 
     def holds(self, chunk: Path) -> bool:
         return False  # rows of a Parquet chunk carry their image: nothing to look up
@@ -80,15 +81,15 @@ class ParquetSink:
 
 class ImageFileSink:
     """The images of a chunk in a file of their own (`images-KEY{suffix}`), committed before the
-    chunk without them. Subclasses say how the file is written and read."""
+    chunk, which keeps every other column. Subclasses say how the file is written and read."""
 
     output_format = ""
     suffix = ""
     legacy_name = ""  # the batch's one file before sinks (converted when the batch finished)
 
-    def commit(self, chunk: Path, table: pa.Table) -> None:
-        self.write(self.artifact(chunk), table)
-        write_chunk(table.drop_columns(["image"]), chunk)
+    def commit(self, chunk: Path, index: pa.Table, images: list[bytes | None]) -> None:
+        self.write(self.artifact(chunk), index, images)
+        write_chunk(index, chunk)
 
     def artifact(self, chunk: Path) -> Path:
         return chunk_images(chunk, self.suffix)
@@ -96,12 +97,14 @@ class ImageFileSink:
     def holds(self, chunk: Path) -> bool:
         return self.artifact(chunk).exists() or (chunk.parent / self.legacy_name).exists()
 
-    def write(self, target: Path, table: pa.Table) -> None:
-        """The images of `table` (sorted by uuid; rows without an image left out) into the file
-        `target`, atomically."""
-        table = table.filter(pc.is_valid(table["image"]))
-        table = table.take(pc.sort_indices(table, [("uuid", "ascending")]))
-        _commit_file(target, table.column("image").nbytes, lambda tmp: self.write_to(tmp, table))
+    def write(self, target: Path, index: pa.Table, images: list[bytes | None]) -> None:
+        """The images of the rows of `index` (sorted by uuid; rows without an image, reused by
+        link, left out) into the file `target`, atomically."""
+        uuids = index.column("uuid").to_pylist()
+        order = sorted((i for i, image in enumerate(images) if image is not None),
+                       key=uuids.__getitem__)
+        rows, kept = index.take(pa.array(order, pa.int64())), [images[i] for i in order]
+        _commit_file(target, sum(map(len, kept)), lambda tmp: self.write_to(tmp, rows, kept))
 
     def read(self, chunk: Path, rows: list[dict[str, Any]]) -> Images:
         path = self.artifact(chunk)
@@ -109,7 +112,7 @@ class ImageFileSink:
             path = chunk.parent / self.legacy_name
         return self.read_from(path, {row["uuid"] for row in rows})
 
-    def write_to(self, path: Path, table: pa.Table) -> None:
+    def write_to(self, path: Path, rows: pa.Table, images: list[bytes]) -> None:
         raise NotImplementedError
 
     def read_from(self, path: Path, uuids: set[str] | None) -> Images:
@@ -121,10 +124,9 @@ class WebDatasetSink(ImageFileSink):
 
     output_format, suffix, legacy_name = "webdataset", ".tar", "images.tar"
 
-    def write_to(self, path: Path, table: pa.Table) -> None:
-        images = table.column("image").to_pylist()
+    def write_to(self, path: Path, rows: pa.Table, images: list[bytes]) -> None:
         with tarfile.open(path, "w") as tar:
-            for row, image in zip(table.drop_columns(["image"]).to_pylist(), images):
+            for row, image in zip(rows.to_pylist(), images):
                 metadata = json.dumps(row, ensure_ascii=False).encode()
                 for name, data in ((f"{row['uuid']}.{extension(row['image_format'])}", image),
                                    (f"{row['uuid']}.json", metadata)):
@@ -149,24 +151,24 @@ class HDF5Sink(ImageFileSink):
 
     output_format, suffix, legacy_name = "hdf5", ".h5", "images.h5"
 
-    def write_to(self, path: Path, table: pa.Table) -> None:
+    def write_to(self, path: Path, rows: pa.Table, images: list[bytes]) -> None:
         import h5py  # an optional dependency (`require_format` checked it is there)
         import numpy as np
 
         with h5py.File(path, "w") as store:
             store.attrs["format"] = "distributed-downloader chunk: rows sorted by uuid"
-            images = store.create_dataset("image", (table.num_rows,),
+            stored = store.create_dataset("image", (len(images),),
                                           dtype=h5py.vlen_dtype(np.uint8))
-            for index, image in enumerate(table.column("image").to_pylist()):
-                images[index] = np.frombuffer(image, dtype=np.uint8)
-            for column in (name for name in table.column_names if name != "image"):
-                values = table.column(column).to_pylist()
-                if column in ("original_size", "resized_size"):
-                    store.create_dataset(column, data=np.array(values, dtype=np.int32))
-                elif pa.types.is_boolean(table.schema.field(column).type):
-                    store.create_dataset(column, data=np.array(values, dtype=bool))
+            for position, image in enumerate(images):
+                stored[position] = np.frombuffer(image, dtype=np.uint8)
+            for field in rows.schema:
+                values = rows.column(field.name).to_pylist()
+                if field.name in ("original_size", "resized_size"):
+                    store.create_dataset(field.name, data=np.array(values, dtype=np.int32))
+                elif pa.types.is_boolean(field.type):
+                    store.create_dataset(field.name, data=np.array(values, dtype=bool))
                 else:
-                    store.create_dataset(column, dtype=h5py.string_dtype(),
+                    store.create_dataset(field.name, dtype=h5py.string_dtype(),
                                          data=["" if v is None else str(v) for v in values])
 
     def read_from(self, path: Path, uuids: set[str] | None) -> Images:
@@ -174,10 +176,10 @@ class HDF5Sink(ImageFileSink):
 
         images = {}
         with h5py.File(path, "r") as store:
-            for index, uuid in enumerate(store["uuid"][:]):
+            for position, uuid in enumerate(store["uuid"][:]):
                 key = uuid.decode()
                 if uuids is None or key in uuids:
-                    images[key] = bytes(store["image"][index])
+                    images[key] = bytes(store["image"][position])
         return images
 
 
@@ -186,18 +188,18 @@ class FilesSink:
 
     output_format = "files"
 
-    def commit(self, chunk: Path, table: pa.Table) -> None:
-        self.write(chunk.parent / IMAGES_FOLDER, table)
-        write_chunk(table.drop_columns(["image"]), chunk)
+    def commit(self, chunk: Path, index: pa.Table, images: list[bytes | None]) -> None:
+        self.write(chunk.parent / IMAGES_FOLDER, index, images)
+        write_chunk(index, chunk)
 
     def holds(self, chunk: Path) -> bool:
         return (chunk.parent / IMAGES_FOLDER).is_dir()
 
-    def write(self, folder: Path, table: pa.Table) -> None:
-        """Each image of `table` (rows without one left out) as `folder/{uuid}.{ext}`."""
+    def write(self, folder: Path, index: pa.Table, images: list[bytes | None]) -> None:
+        """Each image (rows without one, reused by link, left out) as `folder/{uuid}.{ext}`."""
         folder.mkdir(exist_ok=True)
-        columns = [table.column(name).to_pylist() for name in ("uuid", "image_format", "image")]
-        for uuid, image_format, image in zip(*columns):
+        columns = [index.column(name).to_pylist() for name in ("uuid", "image_format")]
+        for uuid, image_format, image in zip(*columns, images):
             if image is not None:
                 _commit_file(folder / f"{uuid}.{extension(image_format)}", len(image),
                              lambda tmp, image=image: tmp.write_bytes(image))
@@ -299,45 +301,40 @@ def rewrite_chunk(chunk: Path, keep: pa.Array) -> None:
         return
     rows = table.select(["uuid", "image_format", "linked_from"]).to_pylist()
     stored = sink.read(chunk, [row for row in rows if not row["linked_from"]])
-    images = pa.array([stored.get(row["uuid"]) for row in rows], pa.binary())
-    sink.commit(chunk, table.append_column("image", images))
+    sink.commit(chunk, table, [stored.get(row["uuid"]) for row in rows])
 
 
-def read_success_table(folder: Path) -> pa.Table:
-    """A batch's committed successes as one table with every image in its `image` column
-    (following links), whatever the output format: what an export writes out."""
-    tables = []
+def read_success_table(folder: Path) -> tuple[pa.Table, list[bytes | None]]:
+    """A batch's committed successes (every column but `image`) and their images (following
+    links), whatever the output format: what an export writes out."""
+    tables, images = [], []
     for path in chunk_files(folder, SUCCESS_PREFIX):
         table = pq.read_table(path)
         rows = table.select([name for name in ("uuid", "image", "image_format", "linked_from",
-                                                "linked_uuid") if name in table.column_names])
+                                               "linked_uuid") if name in table.column_names])
         filled = rows.to_pylist()
         fill_images(path, filled)
-        images = pa.array([row["image"] for row in filled], pa.binary())
-        if "image" in table.column_names:
-            table = table.drop_columns(["image"])
-        tables.append(table.append_column("image", images))
+        images += [row["image"] for row in filled]
+        tables.append(table.drop_columns([name for name in ("image",)
+                                          if name in table.column_names]))
     if not tables:
-        return SUCCESSES.empty_table()
-    return pa.concat_tables(tables, promote_options="default")
+        return SUCCESSES.remove(SUCCESSES.get_field_index("image")).empty_table(), []
+    return pa.concat_tables(tables, promote_options="default"), images
 
 
-def remove_uncommitted(batch: BatchFiles) -> list[Path]:
-    """Images that a kill left without their chunk (written, the chunk not yet): never
-    committed, their rows are fetched again, so they are removed. Returns what was removed."""
-    removed = [path for path in batch.image_files() if not images_chunk(path).exists()]
+def set_aside_uncommitted(batch: BatchFiles) -> list[Path]:
+    """Image files no committed chunk lists: written before a chunk that a kill (or a full disk)
+    stopped, or left by a chunk set aside. Their rows are fetched again; the files are moved to
+    the quarantine (hidden temporaries are deleted). Returns what was taken out."""
+    uncommitted = [path for path in batch.image_files() if not images_chunk(path).exists()]
     folder = batch.images_folder
     if folder.is_dir():
         committed = {uuid for path, uuids in readable_chunks(batch).items()
                      if path.name.startswith(SUCCESS_PREFIX) for uuid in uuids}
-        removed += [path for path in folder.iterdir()
-                    if path.name.startswith(".") or path.name.partition(".")[0] not in committed]
-    for path in removed:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
-    if removed:
-        log.info("%s: removed %d image files a stopped run left uncommitted",
-                 batch.successes, len(removed))
-    return removed
+        for path in folder.iterdir():
+            if path.name.startswith("."):
+                path.unlink(missing_ok=True)
+            elif path.name.partition(".")[0] not in committed:
+                uncommitted.append(path)
+    set_aside_images(batch, uncommitted, "are in no committed chunk (a stopped run's)")
+    return uncommitted

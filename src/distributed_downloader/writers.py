@@ -34,7 +34,7 @@ from distributed_downloader.chunks import (
     write_chunk,
 )
 from distributed_downloader.errors import RETRYABLE
-from distributed_downloader.formats import Sink, remove_uncommitted, rewrite_chunk, sink_for
+from distributed_downloader.formats import Sink, rewrite_chunk, set_aside_uncommitted, sink_for
 from distributed_downloader.schema import ERRORS, successes_schema
 from distributed_downloader.storage import (
     ERROR_PREFIX,
@@ -107,14 +107,14 @@ def resolve_duplicates(batch: BatchFiles) -> int:
 
 
 def remove_stale_temporaries(batch: BatchFiles) -> None:
-    """Half-written files of a killed run (hidden temporaries, images whose chunk was never
-    written): never committed, safe to delete."""
+    """Half-written files of a killed run: never committed, safe to delete. Whole images whose
+    chunk was never written are set aside."""
     for folder in (batch.successes, batch.errors):
         if folder.is_dir():
             for path in folder.iterdir():
                 if path.name.startswith(".") and ".tmp-" in path.name:
                     path.unlink(missing_ok=True)
-    remove_uncommitted(batch)
+    set_aside_uncommitted(batch)
 
 
 def reopen_for_retry(batch: BatchFiles) -> int:
@@ -178,8 +178,13 @@ class ColumnBuffer:
             values.append(row.get(name))
         self.rows += 1
 
-    def table(self) -> pa.Table:
-        return pa.Table.from_pydict(self.columns, schema=self.schema)
+    def table(self, without: str | None = None) -> pa.Table:
+        """The rows as a table (all but the column `without`, which the caller takes as a
+        list: a sink that keeps images in files of their own never copies them into Arrow)."""
+        schema = self.schema if without is None else \
+            self.schema.remove(self.schema.get_field_index(without))
+        return pa.Table.from_pydict({name: self.columns[name] for name in schema.names},
+                                    schema=schema)
 
     def clear(self) -> None:
         for values in self.columns.values():
@@ -258,7 +263,8 @@ class BatchWriter:
         self.sequence += 1
         if self._successes.rows:
             self.sink.commit(self.batch.successes / (SUCCESS_PREFIX + name),
-                             self._successes.table())
+                             self._successes.table(without="image"),
+                             self._successes.columns["image"])
             fsync_dir(self.batch.successes)
             self.written_successes += self._successes.rows
             self.budget.used -= self.buffered_bytes
