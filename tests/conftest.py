@@ -11,6 +11,7 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -92,3 +93,42 @@ def write_lines(path: Path, lines: list[str]) -> Path:
 FARM_ALLOW = "127.0.0.0/25"
 FAST_REQUESTS = ["--allow-network", FARM_ALLOW, "--timeout", "3", "--connect-timeout", "2"]
 FAST_FETCH = [*FAST_REQUESTS, "--retry-delay", "0.2"]  # failed URLs asked again sooner
+
+
+def stored_images(folder: Path, output_format: str) -> list[tuple[dict, bytes]]:
+    """(index row, image) of each success of a downloaded batch, read from the files of its
+    output format with that format's own library: `images-KEY.tar` / `images-KEY.h5` beside
+    each `successes-KEY.parquet`, or `images/{uuid}.jpg`. Each image is there once, and only
+    the images of the batch's rows are."""
+    found: list[tuple[dict, bytes]] = []
+    for chunk in sorted(folder.glob("successes-*.parquet")):
+        rows = pq.read_table(chunk).to_pylist()
+        key = chunk.name.removeprefix("successes-").removesuffix(".parquet")
+        if output_format == "files":
+            found += [(row, (folder / "images" / f"{row['uuid']}.jpg").read_bytes())
+                      for row in rows]
+        elif output_format == "webdataset":
+            import webdataset as wds
+
+            samples = list(wds.WebDataset(str(folder / f"images-{key}.tar"),
+                                          shardshuffle=False, empty_check=False))
+            assert sorted(s["__key__"] for s in samples) == sorted(r["uuid"] for r in rows)
+            images = {s["__key__"]: s["jpg"] for s in samples}
+            assert all(json.loads(s["json"])["uuid"] == s["__key__"] for s in samples)
+            found += [(row, images[row["uuid"]]) for row in rows]
+        else:
+            import h5py
+
+            with h5py.File(folder / f"images-{key}.h5", "r") as store:
+                uuids = [u.decode() for u in store["uuid"][:]]
+                assert uuids == sorted(r["uuid"] for r in rows)  # indexed by UUID
+                images = {uuid: bytes(store["image"][i]) for i, uuid in enumerate(uuids)}
+            found += [(row, images[row["uuid"]]) for row in rows]
+    if output_format == "files":
+        images_folder = folder / "images"
+        files = images_folder.iterdir() if images_folder.is_dir() else []
+        assert sorted(p.name for p in files) == sorted(f"{row['uuid']}.jpg" for row, _ in found)
+    else:
+        assert not (folder / "images").exists()
+        assert len(list(folder.glob("images-*"))) == len(list(folder.glob("successes-*")))
+    return found

@@ -16,10 +16,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import FAST_FETCH, read_batches, read_errors, read_successes, run_cli, write_lines
+from conftest import (
+    FAST_FETCH,
+    read_batches,
+    read_errors,
+    read_successes,
+    run_cli,
+    stored_images,
+    write_lines,
+)
 from distributed_downloader.testing.farm import Farm, ServerSpec, make_small_image
 from distributed_downloader.schema import ERRORS
-from distributed_downloader.storage import BatchFiles, RunLayout
+from distributed_downloader.formats import WebDatasetSink
+from distributed_downloader.storage import BatchFiles, RunLayout, chunk_images
 
 IMAGES_PER_SERVER = 20
 
@@ -172,3 +181,36 @@ def test_a_uuid_written_twice_in_a_batch_keeps_one_row(downloaded) -> None:
     marker = json.loads(batch.marker.read_text())
     assert (marker["successes"], marker["errors"]) == (10, 0)
     assert "every finished batch is sound" in run_cli("verify", out).stdout
+
+
+def test_a_uuid_written_twice_in_webdataset_keeps_one_row_and_one_image(tmp_path: Path) -> None:
+    """The chunk that loses rows loses their images too: its shard is written again without
+    them (before the chunk), so each UUID is in one shard, once."""
+    with Farm([ServerSpec("127.0.0.2")]) as farm:
+        server = farm.servers[0]
+        urls = []
+        for i in range(10):
+            server.images[f"{i}.jpg"] = make_small_image(i + 7)
+            urls.append(server.url(f"/img/{i}.jpg"))
+        out = tmp_path / "out"
+        command = ["--output", out, "--batch-size", 10, "--no-profile", "--output-format",
+                   "webdataset", *FAST_FETCH]
+        run_cli("download", write_lines(tmp_path / "urls.txt", urls), *command, timeout=300)
+        batch = unfinish(out, server.address, 0)
+        [chunk] = batch.success_chunks()
+        rows = dict((row["uuid"], image) for row, image in stored_images(batch.successes,
+                                                                          "webdataset"))
+        index = pq.read_table(chunk)
+        # A second writer's chunk and shard: rows 4 to 9, of which 4 and 5 the first kept too.
+        pq.write_table(index.slice(0, 6), chunk)
+        WebDatasetSink().write(chunk_images(chunk, ".tar"), index.slice(0, 6),
+                               [rows[u] for u in index.column("uuid").to_pylist()[:6]])
+        second = chunk.with_name("successes-x9.copy-00000.parquet")
+        WebDatasetSink().commit(second, index.slice(4),
+                                [rows[u] for u in index.column("uuid").to_pylist()[4:]])
+        fetched = run_cli("fetch", out, *FAST_FETCH, timeout=300)
+        assert "2 of its 6 rows are also in" in fetched.stderr
+        found = stored_images(batch.successes, "webdataset")  # asserts shard == chunk rows
+        assert sorted(row["uuid"] for row, _ in found) == sorted(rows)
+        assert all(rows[row["uuid"]] == image for row, image in found)
+        assert "every finished batch is sound" in run_cli("verify", out).stdout

@@ -10,7 +10,7 @@ import h5py
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import FAST_FETCH, read_errors, read_successes, run_cli, write_lines
+from conftest import FAST_FETCH, read_errors, read_successes, run_cli, stored_images, write_lines
 from distributed_downloader.testing.farm import Farm, ServerSpec, make_small_image
 
 
@@ -102,8 +102,6 @@ def test_hdf5_export_reads_back_with_h5py_alone(downloaded: Path) -> None:
 @pytest.mark.parametrize("output_format", ["webdataset", "files", "hdf5"])
 def test_download_in_each_output_format(output_format: str, downloaded: Path,
                                         tmp_path: Path) -> None:
-    from distributed_downloader.formats import ARTIFACTS, read_successes as batch_successes
-
     with Farm([ServerSpec("127.0.0.2"), ServerSpec("127.0.0.3")]) as farm:
         urls = serve_pictures(farm)
         out = tmp_path / output_format
@@ -114,11 +112,10 @@ def test_download_in_each_output_format(output_format: str, downloaded: Path,
     assert len(batches) == 6
     seen = {}
     for folder in batches:
-        assert (folder / ARTIFACTS[output_format]).exists()
         for chunk in folder.glob("successes-*.parquet"):
-            assert "image" not in pq.read_schema(chunk).names  # images live in the artifact
-        for row in batch_successes(folder):
-            seen[row["uuid"]] = (hashlib.md5(row["image"]).hexdigest(), row["hashsum_original"])
+            assert "image" not in pq.read_schema(chunk).names  # the images are beside it
+        for row, image in stored_images(folder, output_format):
+            seen[row["uuid"]] = (hashlib.md5(image).hexdigest(), row["hashsum_original"])
             assert seen[row["uuid"]][0] == row["hashsum_resized"]
     # The same images as the Parquet download of the same pictures (on other ports: the URLs,
     # and so the UUIDs, differ).

@@ -11,9 +11,18 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
-from conftest import FAST_FETCH, read_batches, read_errors, read_successes, run_cli, write_lines
+from conftest import (
+    FAST_FETCH,
+    read_batches,
+    read_errors,
+    read_successes,
+    run_cli,
+    stored_images,
+    write_lines,
+)
 from distributed_downloader.testing.farm import Farm, ServerSpec, make_small_image
 
 HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
@@ -124,29 +133,60 @@ def read_count(out: Path) -> int:
         return 0
 
 
-def test_kill_9_then_resume_in_webdataset_format(farm_and_urls, tmp_path: Path) -> None:
-    """Images move into images.tar when a batch finishes: a kill at any point of that move
-    loses nothing either."""
-    from distributed_downloader.formats import read_successes as batch_successes
+def committed_files(out: Path) -> dict[Path, tuple[int, int, int]]:
+    """(inode, mtime, size) of every committed file of the download: chunks, the images their
+    output format keeps beside them (only those of committed rows), markers."""
+    files = {}
+    for folder in out.glob("download*/*/*"):
+        chunks = sorted(folder.glob("*-*.parquet"))
+        committed = set(chunks) | set(folder.glob("_completed"))
+        for chunk in chunks:
+            key = chunk.name.removeprefix("successes-").removesuffix(".parquet")
+            committed |= set(folder.glob(f"images-{key}.*"))
+            if chunk.name.startswith("successes-") and (folder / "images").is_dir():
+                committed |= {folder / "images" / f"{uuid}.jpg" for uuid in
+                              pq.read_table(chunk, columns=["uuid"]).column(0).to_pylist()}
+        for path in committed:
+            stat = path.stat()
+            files[path] = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    return files
 
+
+@pytest.mark.parametrize("output_format", ["webdataset", "files", "hdf5"])
+def test_kill_9_then_resume_writes_each_image_once(output_format: str, farm_and_urls,
+                                                   tmp_path: Path) -> None:
+    """Each output format's sink writes a chunk's images once, before the chunk: a kill at any
+    point loses nothing, leaves nothing twice, and nothing committed is ever written again
+    (not when its batch completes, not by the resumed run)."""
     farm, expected = farm_and_urls
     source = write_lines(tmp_path / "urls.txt", list(expected))
     out = tmp_path / "out"
-    command = [*download_command(source, out), "--output-format", "webdataset"]
-    for rows_before_kill in (30, 110):
+    command = [*download_command(source, out), "--output-format", output_format]
+    before: dict[Path, tuple[int, int, int]] = {}
+    # Ctrl-C first: it commits the rows of unfinished batches, which later runs complete.
+    for stop, rows_before_stop in ((signal.SIGINT, 30), (signal.SIGKILL, 110)):
         child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                  start_new_session=True)
         deadline = time.monotonic() + 60
-        while read_count(out) < rows_before_kill and time.monotonic() < deadline:
+        while read_count(out) < rows_before_stop and time.monotonic() < deadline:
             time.sleep(0.05)
-        os.killpg(child.pid, signal.SIGKILL)
-        child.wait()
+        os.killpg(child.pid, stop)
+        child.wait(timeout=60)
         assert_nothing_duplicated(out)
+        now = committed_files(out)
+        assert {path: now.get(path) for path in before} == before  # never written again
+        before.update(now)
+        if stop == signal.SIGINT:
+            assert any(not (path.parent / "_completed").exists() for path in before
+                       if path.name.startswith("successes-")), \
+                "Ctrl-C left no committed chunk in an unfinished batch"
     run_cli(*command[3:], timeout=300)
     assert_complete(out, expected)
+    after = committed_files(out)
+    assert {path: after.get(path) for path in before} == before  # never written again
     images = {}
     for marker in out.glob("downloaded_images/*/*/_completed"):
-        assert (marker.parent / "images.tar").exists()
-        for row in batch_successes(marker.parent):
-            images[row["uuid"]] = hashlib.md5(row["image"]).hexdigest() == row["hashsum_resized"]
+        for row, image in stored_images(marker.parent, output_format):
+            assert row["uuid"] not in images
+            images[row["uuid"]] = hashlib.md5(image).hexdigest() == row["hashsum_resized"]
     assert len(images) == len(expected) - len(HOSTS) and all(images.values())

@@ -23,10 +23,10 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from distributed_downloader.chunks import chunk_row_counts, errors_by_code
 from distributed_downloader.errors import UserError
 from distributed_downloader.profiles import read_profiles
 from distributed_downloader.storage import BatchFiles, RunLayout, upgrade_layout
-from distributed_downloader.writers import chunk_row_counts, errors_by_code
 
 SPEED_WINDOW_SECONDS = 300.0  # "images/s over the last minutes"
 LIVE_SECONDS = 30.0  # a state older than this belongs to a fetch that is not running any more

@@ -169,6 +169,24 @@ COMPLETED_MARKER = "_completed"  # `_`: Parquet readers (pyarrow, pandas, Spark)
 LEGACY_COMPLETED_MARKER = "completed"  # before errors had their own folder
 SUCCESS_PREFIX = "successes-"
 ERROR_PREFIX = "errors-"
+# Where the other output formats keep a successes chunk's images (formats.py): beside
+# `successes-KEY.parquet`, in `images-KEY.tar` (webdataset) or `images-KEY.h5` (hdf5), or in
+# the batch's `images/` folder, one file per UUID (files).
+IMAGES_PREFIX = "images-"
+CHUNK_IMAGE_SUFFIXES = (".tar", ".h5")
+IMAGES_FOLDER = "images"
+
+
+def chunk_images(chunk: Path, suffix: str) -> Path:
+    """The file that holds the images of the successes chunk `chunk` in a per-chunk format."""
+    key = chunk.name.removeprefix(SUCCESS_PREFIX).removesuffix(".parquet")
+    return chunk.with_name(f"{IMAGES_PREFIX}{key}{suffix}")
+
+
+def images_chunk(artifact: Path) -> Path:
+    """The successes chunk whose images `artifact` (`images-KEY.tar|.h5`) holds."""
+    key = artifact.name.removeprefix(IMAGES_PREFIX).removesuffix(artifact.suffix)
+    return artifact.with_name(f"{SUCCESS_PREFIX}{key}.parquet")
 
 
 @dataclass(frozen=True)
@@ -213,6 +231,18 @@ class BatchFiles:
 
     def chunks(self) -> list[Path]:
         return self.success_chunks() + self.error_chunks()
+
+    def image_files(self) -> list[Path]:
+        """The per-chunk image files (`images-KEY.tar|.h5`), committed or left by a kill."""
+        if not self.successes.is_dir():
+            return []
+        return sorted(p for p in self.successes.iterdir() if p.name.startswith(IMAGES_PREFIX)
+                      and p.suffix in CHUNK_IMAGE_SUFFIXES)
+
+    @property
+    def images_folder(self) -> Path:
+        """The batch's `images/` folder of the files output format."""
+        return self.successes / IMAGES_FOLDER
 
 
 def chunk_files(folder: Path, prefix: str) -> list[Path]:

@@ -25,6 +25,7 @@ from typing import Any
 import pyarrow.parquet as pq
 from PIL import Image
 
+from distributed_downloader.chunks import set_aside
 from distributed_downloader.errors import UserError
 from distributed_downloader.executors.batches import run_batches
 from distributed_downloader.formats import fill_images
@@ -34,7 +35,7 @@ from distributed_downloader.storage import (
     atomic_write_json,
     upgrade_layout,
 )
-from distributed_downloader.writers import resolve_duplicates, set_aside
+from distributed_downloader.writers import resolve_duplicates
 
 MAX_PROBLEMS_LISTED = 5  # per batch; the count says how many more
 
@@ -107,7 +108,6 @@ def _check_chunks(check: BatchCheck, files: BatchFiles, chunks: list[Path], seen
         check.bad_chunks.setdefault(str(path), problem)
 
     rows_found = 0
-    artifact: dict[str, bytes] | None = None
     for path in chunks:
         check.chunks += 1
         try:
@@ -122,11 +122,15 @@ def _check_chunks(check: BatchCheck, files: BatchFiles, chunks: list[Path], seen
         if not images:
             continue
         rows = table.to_pylist()
-        # From the chunk, the batch's artifact (read once), or an earlier download.
-        artifact = fill_images(files.successes, rows, artifact)
+        try:
+            fill_images(path, rows)  # from the chunk, its output format's files, or a link
+        except Exception as exc:  # noqa: BLE001 - a damaged image file is the finding
+            bad(path, f"the images of {path.name} are unreadable ({type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0]})")
+            continue
         for uuid, row, md5 in zip(uuids, rows, table.column("hashsum_resized").to_pylist()):
             problem = _image_problem(row["image"], md5) if row["image"] is not None else \
-                "stored image missing from the batch's images"
+                "stored image missing from the chunk's images"
             if problem:
                 bad(path, f"uuid {uuid} in {path.name}: {problem}")
         check.images += len(uuids)

@@ -1,19 +1,19 @@
 """Fetch's output: a batch's results as atomically written chunk files and a `_completed` marker.
 
 A batch's successes go to `downloaded_images/server_name=H/partition_id=N/successes-*.parquet`
-and its errors to the same path under `download_errors/` (each tree reads as one table); each
-chunk is written under a hidden temporary name, fsynced and renamed, so a reader (or a resumed
-run) only ever sees whole chunks. The `_completed` marker, written last beside the successes,
-makes the batch finished. Resuming skips every UUID already in a chunk; a kill loses only
-unwritten chunks. A chunk that cannot be read is moved aside (`OUT/quarantine/`, never deleted)
-and its rows count as not written; a UUID committed twice keeps one row.
+and its errors to the same path under `download_errors/` (each tree reads as one table). The
+batch's writer buffers rows column by column and commits them in chunks through the sink of the
+run's output format (formats.py), which writes each file once, atomically. The `_completed`
+marker, written last beside the successes, makes the batch finished. Resuming skips every UUID
+already in a chunk; a kill loses only unwritten chunks. A chunk that cannot be read is moved
+aside (`OUT/quarantine/`, never deleted) and its rows count as not written; a UUID committed
+twice keeps one row.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -24,92 +24,33 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from distributed_downloader.errors import RETRYABLE, OutOfSpace
+from distributed_downloader.chunks import (
+    SetAside,
+    chunk_row_counts,
+    errors_by_code,
+    read_uuids,
+    readable_chunks,
+    set_aside,
+    write_chunk,
+)
+from distributed_downloader.errors import RETRYABLE
+from distributed_downloader.formats import Sink, rewrite_chunk, set_aside_uncommitted, sink_for
 from distributed_downloader.schema import ERRORS, successes_schema
 from distributed_downloader.storage import (
-    COMPLETED_MARKER,
     ERROR_PREFIX,
-    PARQUET_COMPRESSION,
     SUCCESS_PREFIX,
     BatchFiles,
     RunLayout,
     atomic_write_json,
-    chunk_files,
-    committing,
     fsync_dir,
     space_errors,
-    temporary_name,
 )
 
 CHUNK_MAX_ROWS = 500
 CHUNK_MAX_BYTES = 16 << 20
 CHUNK_MAX_AGE_SECONDS = 60.0
-ROWS_PER_ROW_GROUP = 64  # small row groups: the writer buffers one at a time, not the chunk
 
-# What reading a damaged file raises: truncated or not Parquet (ArrowInvalid, a ValueError),
-# unreadable bytes (OSError).
-UNREADABLE = (OSError, ValueError, pa.ArrowException)
-
-__all__ = ["COMPLETED_MARKER", "ERROR_PREFIX", "SUCCESS_PREFIX", "chunk_files"]
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SetAside:
-    """A file taken out of the result: where it was, where it is now, and why."""
-
-    source: Path
-    target: Path
-    reason: str
-
-
-def read_uuids(path: Path, columns: tuple[str, ...] = ()) -> tuple[list[str], str | None]:
-    """A chunk's UUIDs (reading `columns` too), or ([], why it cannot be read)."""
-    try:
-        table = pq.read_table(path, columns=["uuid", *columns])
-        return table.column("uuid").to_pylist(), None
-    except UNREADABLE as exc:
-        return [], f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0]})"
-
-
-def set_aside(path: Path, reason: str) -> list[SetAside]:
-    """Take a chunk out of the result, into `OUT/quarantine/` under its own path (a number
-    added when one of that name is there already); logged, never deleted. Its rows count as
-    not written, so fetch asks for them again: a finished batch losing a chunk loses its
-    `_completed` marker too (moved beside it), or those rows would never be fetched."""
-    batch = BatchFiles.of_chunk(path)
-    moved = [_move_aside(path, batch.run, reason)]
-    if batch.finished:
-        moved.append(_move_aside(batch.marker, batch.run, f"its batch lost {path.name}"))
-    return moved
-
-
-def _move_aside(path: Path, layout: RunLayout, reason: str) -> SetAside:
-    target = layout.quarantine / path.relative_to(layout.root)
-    copies = 0
-    while target.exists():
-        copies += 1
-        target = target.with_name(f"{path.name}.{copies}")
-    with space_errors(target.parent, 0):
-        target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(path, target)  # same file system (both under OUT): a rename, nothing copied
-    fsync_dir(path.parent)
-    fsync_dir(target.parent)
-    log.warning("%s: %s; moved to %s", path, reason, target)
-    return SetAside(path, target, reason)
-
-
-def readable_chunks(batch: BatchFiles) -> dict[Path, list[str]]:
-    """Every chunk of a batch with its UUIDs (successes first, each kind by name); a chunk
-    that cannot be read is set aside on the way."""
-    chunks = {}
-    for path in batch.chunks():
-        uuids, problem = read_uuids(path)
-        if problem is None:
-            chunks[path] = uuids
-        else:
-            set_aside(path, problem)
-    return chunks
 
 
 def set_aside_unreadable(layout: RunLayout) -> list[SetAside]:
@@ -123,12 +64,6 @@ def set_aside_unreadable(layout: RunLayout) -> list[SetAside]:
             if problem is not None:
                 moved += set_aside(path, problem)
     return moved
-
-
-def committed_uuids(batch: BatchFiles) -> set[str]:
-    """UUIDs that already have their final row in this batch; an unreadable chunk is set aside
-    on the way (its rows are fetched again)."""
-    return {uuid for uuids in readable_chunks(batch).values() for uuid in uuids}
 
 
 def resolve_duplicates(batch: BatchFiles) -> int:
@@ -162,26 +97,24 @@ def resolve_duplicates(batch: BatchFiles) -> int:
         if len(lost) == len(uuids):
             set_aside(path, reason)
         else:
-            write_chunk(pq.read_table(path).filter(pa.array(keep)), path)
+            if path.name.startswith(SUCCESS_PREFIX):
+                rewrite_chunk(path, pa.array(keep))
+            else:
+                write_chunk(pq.read_table(path).filter(pa.array(keep)), path)
             fsync_dir(path.parent)
             log.warning("%s: %s", path, reason)
     return dropped
 
 
-def read_completed(batch: BatchFiles) -> dict[str, Any] | None:
-    try:
-        return json.loads(batch.marker.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
 def remove_stale_temporaries(batch: BatchFiles) -> None:
-    """Half-written chunks of a killed run: never committed, safe to delete."""
+    """Half-written files of a killed run: never committed, safe to delete. Whole images whose
+    chunk was never written are set aside."""
     for folder in (batch.successes, batch.errors):
         if folder.is_dir():
             for path in folder.iterdir():
                 if path.name.startswith(".") and ".tmp-" in path.name:
                     path.unlink(missing_ok=True)
+    set_aside_uncommitted(batch)
 
 
 def reopen_for_retry(batch: BatchFiles) -> int:
@@ -215,24 +148,6 @@ def reopen_for_retry(batch: BatchFiles) -> int:
     return reopened
 
 
-def write_chunk(table: pa.Table, path: Path) -> None:
-    """Write a chunk atomically; on a full disk, `OutOfSpace` and no file at all."""
-    tmp = temporary_name(path)
-    # Encoded images do not compress: storing them as they are saves a copy and the CPU.
-    compression = {name: "none" if name == "image" else PARQUET_COMPRESSION
-                   for name in table.column_names}
-    try:
-        with committing(tmp, table.nbytes):
-            pq.write_table(table, tmp, compression=compression,
-                           row_group_size=ROWS_PER_ROW_GROUP)
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-    except OutOfSpace as exc:
-        exc.rows_in_write = table.num_rows  # what a row takes, when none was stored yet
-        raise
-
-
 @dataclass
 class BufferBudget:
     """Bytes of images a worker holds in memory across all its batches' unwritten chunks."""
@@ -248,19 +163,49 @@ class BufferBudget:
         return max(self.writers, key=lambda writer: writer.buffered_bytes, default=None)
 
 
+class ColumnBuffer:
+    """Rows held as one list per column of `schema`: a chunk's table is built from the columns
+    as they are (`Table.from_pydict`), with no row-to-column transpose at flush time."""
+
+    def __init__(self, schema: pa.Schema) -> None:
+        self.schema = schema
+        self.columns: dict[str, list[Any]] = {name: [] for name in schema.names}
+        self.rows = 0
+
+    def append(self, row: dict[str, Any]) -> None:
+        """A row's value for each column (a missing one is null; other keys are ignored)."""
+        for name, values in self.columns.items():
+            values.append(row.get(name))
+        self.rows += 1
+
+    def table(self, without: str | None = None) -> pa.Table:
+        """The rows as a table (all but the column `without`, which the caller takes as a
+        list: a sink that keeps images in files of their own never copies them into Arrow)."""
+        schema = self.schema if without is None else \
+            self.schema.remove(self.schema.get_field_index(without))
+        return pa.Table.from_pydict({name: self.columns[name] for name in schema.names},
+                                    schema=schema)
+
+    def clear(self) -> None:
+        for values in self.columns.values():
+            values.clear()
+        self.rows = 0
+
+
 class BatchWriter:
-    """Collects one batch's final rows and commits them in chunks."""
+    """Collects one batch's final rows and commits them in chunks, the successes through the
+    sink of the output format chosen here (its files written once, the chunk last)."""
 
     def __init__(self, batch: BatchFiles, keep_columns: list[str], budget: BufferBudget,
                  writer_token: str | None = None, output_format: str = "parquet") -> None:
         self.batch = batch
         self.output_format = output_format
-        self.successes_schema = successes_schema(keep_columns)
+        self.sink: Sink = sink_for(output_format)
         self.budget = budget
         self.token = writer_token or secrets.token_hex(4)
         self.sequence = 0
-        self._successes: list[dict[str, Any]] = []
-        self._errors: list[dict[str, Any]] = []
+        self._successes = ColumnBuffer(successes_schema(keep_columns))
+        self._errors = ColumnBuffer(ERRORS)
         self.buffered_bytes = 0
         self._oldest: float | None = None
         self.written_successes = 0
@@ -289,13 +234,13 @@ class BatchWriter:
     @property
     def rows_added(self) -> tuple[int, int]:
         """(successes, errors) given to this writer so far, committed or still buffered."""
-        return (self.written_successes + len(self._successes),
-                self.written_errors + len(self._errors))
+        return (self.written_successes + self._successes.rows,
+                self.written_errors + self._errors.rows)
 
     def _added(self) -> None:
         if self._oldest is None:
             self._oldest = time.monotonic()
-        if (len(self._successes) + len(self._errors) >= CHUNK_MAX_ROWS
+        if (self._successes.rows + self._errors.rows >= CHUNK_MAX_ROWS
                 or self.buffered_bytes >= CHUNK_MAX_BYTES):
             self.flush()
         while self.budget.over():
@@ -312,23 +257,24 @@ class BatchWriter:
         """Commit what is buffered as one successes and one errors chunk. Each is forgotten
         once committed: after a failure (a full disk) what was committed stays so, and no
         row is counted that was not written."""
-        if self.discarded or (not self._successes and not self._errors):
+        if self.discarded or not (self._successes.rows or self._errors.rows):
             return
         name = f"{self.token}-{self.sequence:05d}.parquet"
         self.sequence += 1
-        if self._successes:
-            table = pa.Table.from_pylist(self._successes, schema=self.successes_schema)
-            write_chunk(table, self.batch.successes / (SUCCESS_PREFIX + name))
+        if self._successes.rows:
+            self.sink.commit(self.batch.successes / (SUCCESS_PREFIX + name),
+                             self._successes.table(without="image"),
+                             self._successes.columns["image"])
             fsync_dir(self.batch.successes)
-            self.written_successes += len(self._successes)
+            self.written_successes += self._successes.rows
             self.budget.used -= self.buffered_bytes
-            self._successes, self.buffered_bytes = [], 0
-        if self._errors:
-            table = pa.Table.from_pylist(self._errors, schema=ERRORS)
-            write_chunk(table, self.batch.errors / (ERROR_PREFIX + name))
+            self._successes.clear()
+            self.buffered_bytes = 0
+        if self._errors.rows:
+            write_chunk(self._errors.table(), self.batch.errors / (ERROR_PREFIX + name))
             fsync_dir(self.batch.errors)
-            self.written_errors += len(self._errors)
-            self._errors = []
+            self.written_errors += self._errors.rows
+            self._errors.clear()
         self._oldest = None
 
     def close(self) -> None:
@@ -340,7 +286,9 @@ class BatchWriter:
         again by the next run."""
         self.discarded = True
         self.budget.used -= self.buffered_bytes
-        self._successes, self._errors, self.buffered_bytes = [], [], 0
+        self._successes.clear()
+        self._errors.clear()
+        self.buffered_bytes = 0
         self._leave_budget()
 
     def _leave_budget(self) -> None:
@@ -349,7 +297,7 @@ class BatchWriter:
 
     def complete(self, batch_rows: int) -> dict[str, int]:
         """Flush, keep one row per UUID, check every row of the batch is committed, and write
-        the marker."""
+        the marker. Nothing written is read back or converted: the sink wrote it finished."""
         self.close()
         resolve_duplicates(self.batch)
         successes, errors = chunk_row_counts(self.batch)
@@ -357,29 +305,10 @@ class BatchWriter:
             raise RuntimeError(f"{self.batch.successes}: {successes} successes + {errors} "
                                f"errors != {batch_rows} rows")
         counts = {"rows": batch_rows, "successes": successes, "errors": errors}
-        if self.output_format != "parquet":
-            from distributed_downloader.formats import convert_batch
-
-            convert_batch(self.batch.successes, self.output_format)
         atomic_write_json(self.batch.marker,
                           {**counts, "errors_by_code": errors_by_code(self.batch),
                            "output_format": self.output_format, "finished_at": time.time()})
         return counts
-
-
-def chunk_row_counts(batch: BatchFiles) -> tuple[int, int]:
-    """(successes, errors) committed in a batch, from the chunks' Parquet footers (no data is
-    read). A chunk whose footer cannot be read counts as not written, as fetch treats it."""
-    def rows(chunks: list[Path]) -> int:
-        total = 0
-        for path in chunks:
-            try:
-                total += pq.read_metadata(path).num_rows
-            except UNREADABLE:
-                pass
-        return total
-
-    return rows(batch.success_chunks()), rows(batch.error_chunks())
 
 
 def bytes_per_row(layout: RunLayout) -> float | None:
@@ -420,16 +349,3 @@ def finished_batches(layout: RunLayout) -> list[tuple[str, int]]:
             if layout.batch_files(row["server_name"], partition).finished:
                 batches.append((row["server_name"], partition))
     return batches
-
-
-def errors_by_code(batch: BatchFiles) -> dict[str, int]:
-    """A batch's committed errors, counted by error code (an unreadable chunk: not counted)."""
-    counts: dict[str, int] = {}
-    for path in batch.error_chunks():
-        try:
-            codes = pq.read_table(path, columns=["error_code"]).column(0).to_pylist()
-        except UNREADABLE:
-            continue
-        for code in codes:
-            counts[code] = counts.get(code, 0) + 1
-    return counts

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from distributed_downloader.chunks import chunk_row_counts, committed_uuids
 from distributed_downloader.config import Settings
 from distributed_downloader.errors import ErrorCode, Failure, OutOfSpace
 from distributed_downloader.executors import STOP_SIGNALS, stop_signalled
@@ -66,13 +67,7 @@ from distributed_downloader.protocol import (
 from distributed_downloader.schedule import SERVER_KEPT_FAILING
 from distributed_downloader.schema import REUSE_NAMES
 from distributed_downloader.storage import RunLayout
-from distributed_downloader.writers import (
-    BatchWriter,
-    BufferBudget,
-    chunk_row_counts,
-    committed_uuids,
-    remove_stale_temporaries,
-)
+from distributed_downloader.writers import BatchWriter, BufferBudget, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 

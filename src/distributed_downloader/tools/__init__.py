@@ -20,11 +20,14 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from distributed_downloader.errors import UserError, require_module
 from distributed_downloader.executors.batches import run_batches
+from distributed_downloader.export import EXPORT_FORMATS, export_batch
+from distributed_downloader.formats import FORMAT_NEEDS
 from distributed_downloader.storage import (
     COMPLETED_MARKER,
     SUCCESS_PREFIX,
@@ -51,13 +54,18 @@ class Tool:
     needs: tuple[str, str, str] | None = None  # an optional module: (module, extra, purpose)
 
 
+def export_tool(output_format: str) -> Tool:
+    """`export --to FORMAT` (export.py): a per-batch tool writing into OUT/export/FORMAT/."""
+    return Tool(output_format, per_batch=partial(export_batch, output_format), home="export",
+                needs=FORMAT_NEEDS.get(output_format))
+
+
 def registry() -> dict[str, Tool]:
-    from distributed_downloader import export
     from distributed_downloader.tools import duplication_based, image_verification, resize, \
         size_based
 
     tools = [resize.TOOL, image_verification.TOOL, duplication_based.TOOL, size_based.TOOL,
-             *export.FORMATS]
+             *map(export_tool, EXPORT_FORMATS)]
     return {tool.name: tool for tool in tools}
 
 

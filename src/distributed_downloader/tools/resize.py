@@ -17,21 +17,19 @@ import pyarrow.parquet as pq
 from distributed_downloader.errors import Failure
 from distributed_downloader.formats import fill_images
 from distributed_downloader.images import process_image
-from distributed_downloader.storage import PARQUET_COMPRESSION
+from distributed_downloader.storage import PARQUET_COMPRESSION, SUCCESS_PREFIX, chunk_files
 from distributed_downloader.tools import Tool
-from distributed_downloader.writers import SUCCESS_PREFIX, chunk_files
 
 
 def resize_batch(source: Path, result: Path, options: dict[str, Any]) -> dict[str, int]:
     size, quality = options["image_size"], options["image_quality"]
     counts = {"images": 0, "resized": 0, "unchanged": 0, "failed": 0}
-    artifact = None
     for path in chunk_files(source, SUCCESS_PREFIX):
         table = pq.read_table(path)
         rows = table.to_pylist()
-        # From the artifact (read once) or an earlier download, when not in the chunk: the
+        # From the output format's files or an earlier download, when not in the chunk: the
         # result holds the bytes itself, so it no longer links anywhere.
-        artifact = fill_images(source, rows, artifact)
+        fill_images(path, rows)
         for row in rows:
             row["linked_from"] = row["linked_uuid"] = None
         if "image" not in table.column_names:
