@@ -208,7 +208,7 @@ def finish_image(opened: OpenedImage, quality: int = 95) -> StoredImage | Failur
                 image.load()  # proves the body decodes completely
         except Exception as exc:
             return _decode_failure(exc)
-        return StoredImage(body, opened.source_format, opened.original_size,
+        return StoredImage(bytes(body), opened.source_format, opened.original_size,
                            opened.original_size, hashsum_original, hashsum_original)
 
     if _fast_path_fits(opened):

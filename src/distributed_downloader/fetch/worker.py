@@ -33,6 +33,7 @@ from distributed_downloader.executors import STOP_SIGNALS, stop_signalled
 from distributed_downloader.fetch.client import Body, BodyBudget, HttpClient
 from distributed_downloader.fetch.decode_budget import DecodeBudget
 from distributed_downloader.fetch.frontier import Frontier, Pending
+from distributed_downloader.fetch.handoff import ResultHandoff
 from distributed_downloader.fetch.opt_out import PRODUCT_TOKEN, opted_out
 from distributed_downloader.fetch.politeness import ServerDead, ServerSlot
 from distributed_downloader.fetch.retry import (
@@ -160,6 +161,7 @@ class Worker:
         # Decoded pixels dwarf the bodies: each image reserves its cost, read from its header.
         self.pixels = DecodeBudget(settings.max_decode_memory)
         self._decode_room = asyncio.Event()
+        self.handoff = ResultHandoff()  # decoded images back to the loop, many per wake-up
         self.asking = False  # a WantWork is unanswered, or the scheduler holds us as hungry
         self.bytes = 0
         self.interrupted = False
@@ -521,7 +523,7 @@ class Worker:
             writer.add_success(success_row(row, image))
             self._news(slot.name).successes += 1
 
-    async def _decode(self, body: bytes) -> StoredImage | Failure:
+    async def _decode(self, body: bytes | bytearray) -> StoredImage | Failure:
         """Decode off the loop once the memory the image will hold fits in the worker's budget.
 
         The header is read here, on the loop (tens of microseconds), so that waiting for room
@@ -534,8 +536,8 @@ class Worker:
         reservation = self.pixels.reserve(opened.cost)
         try:
             await reservation.granted.wait()
-            return await asyncio.get_running_loop().run_in_executor(
-                self.pool, finish_image, opened, settings.image_quality)
+            return await self.handoff.run(self.pool, finish_image, opened,
+                                          settings.image_quality)
         finally:
             self.pixels.release(reservation)
 
