@@ -14,8 +14,8 @@ Reported, on the same cores and images, with image_size 720, in one run:
                  included; the farm's servers have no limits, so neither do we)
   img2dataset    the same URL list; installed from PyPI into benchmarks/work/img2dataset-venv
                  when missing
-With --memory it also downloads 10,000 camera URLs with batch sizes 1,000 and 10,000 and
-reports the peak RSS of the busiest worker.
+With --memory it downloads the same URLs again with batch sizes of a tenth and all of them,
+and reports the peak RSS of the busiest worker for each.
 
 Run as root, it re-runs itself inside a network namespace holding only loopback
 (`unshare -n`), so that nothing, img2dataset included, can reach beyond this machine.
@@ -67,7 +67,8 @@ def light_photos(count: int = 12) -> list[bytes]:
 
 def run(command: list[str], env: dict | None = None) -> float:
     started = time.monotonic()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=env)
+    with open(WORK / "throughput.log", "a") as log:  # progress lines, kept out of the table
+        subprocess.run(command, check=True, stdout=log, stderr=log, env=env)
     return time.monotonic() - started
 
 
@@ -159,7 +160,7 @@ def main() -> None:
           flush=True)
     hosts = [f"127.0.0.{31 + index}" for index in range(servers)]
     with Farm([ServerSpec(host) for host in hosts]) as farm:
-        lines = serve(farm, bodies, max(images, 10_000 if args.memory else 0))
+        lines = serve(farm, bodies, images)
         urls = WORK / f"throughput-{args.mix}-urls.txt"
         urls.write_text("\n".join(lines[:images]) + "\n")
         seconds, summary = ours(urls, WORK / "out-ours", cores)
@@ -174,14 +175,12 @@ def main() -> None:
                 print(f"img2dataset: {theirs:.1f} images/s ({result[1]} stored in "
                       f"{result[0]:.1f} s); ours is {mine / theirs:.2f}x", flush=True)
         if args.memory:
-            memory_urls = WORK / "memory-urls.txt"
-            memory_urls.write_text("\n".join(lines[:10_000]) + "\n")
-            for batch_size in (1_000, 10_000):
-                seconds, summary = ours(memory_urls, WORK / f"out-memory-{batch_size}", cores,
+            for batch_size in (images // 10, images):
+                seconds, summary = ours(urls, WORK / f"out-memory-{batch_size}", cores,
                                         batch_size)
                 print(f"batch size {batch_size:>6,}: worker peak RSS "
                       f"{summary.get('worker_peak_rss_mib')} MiB, "
-                      f"{10_000 / seconds:.1f} images/s", flush=True)
+                      f"{images / seconds:.1f} images/s", flush=True)
 
 
 if __name__ == "__main__":

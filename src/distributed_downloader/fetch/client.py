@@ -34,7 +34,7 @@ ACCEPT = "image/avif,image/webp,image/png,image/jpeg,image/*;q=0.9,*/*;q=0.5"
 
 @dataclass
 class Body:
-    data: bytes | bytearray  # one buffer, filled in place as the body arrived
+    data: bytes
     status: int
     final_url: str
     content_type: str
@@ -193,20 +193,22 @@ class HttpClient:
         return Body(data, status, str(response.url), response.headers.get("Content-Type", ""),
                     reserved, response.headers)
 
-    async def _read_body(self, response: aiohttp.ClientResponse) -> bytearray | None:
-        """The whole body in one buffer sized from Content-Length, filled in place as the data
-        arrives (grown only when the length is absent or wrong); None as soon as it passes
-        max_body_size."""
-        buffer = bytearray(response.content_length or 0)
+    async def _read_body(self, response: aiohttp.ClientResponse) -> bytes | None:
+        """The whole body, or None as soon as it passes max_body_size.
+
+        Read as the chunks arrive (not re-cut to a fixed size) and copied once, into a bytes
+        object of the exact size; a body that arrived in one chunk is not copied at all.
+        Not a bytearray sized from Content-Length: everything downstream (BytesIO for Pillow,
+        Arrow) would copy it once more, and hold both while the image waits to be decoded.
+        """
+        chunks = []
         size = 0
         async for chunk in response.content.iter_any():
-            end = size + len(chunk)
-            if end > self.max_body_size:
+            size += len(chunk)
+            if size > self.max_body_size:
                 return None
-            buffer[size:end] = chunk  # a copy into place; appends once past the end
-            size = end
-        del buffer[size:]  # a body shorter than announced
-        return buffer
+            chunks.append(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _redirect_target(url: URL, response: aiohttp.ClientResponse) -> URL | Failure:

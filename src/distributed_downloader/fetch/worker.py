@@ -88,8 +88,10 @@ DECODE_BACKLOG_PER_THREAD = 4
 # Allocations from this size up get their own mapping, returned when freed. glibc would raise
 # the threshold to the largest block freed (up to 32 MiB), after which decoders' buffers come
 # from the heap and their holes stay resident: a mix of large images then peaked at 660 MiB
-# instead of 300 (benchmarks/decode_memory.py --scenario mix).
-MMAP_THRESHOLD = 1 << 20
+# instead of 300 (benchmarks/decode_memory.py --scenario mix). At 128 KiB rather than 1 MiB,
+# socket reads (256 KiB), bodies and stored images also come and go as mappings instead of
+# leaving holes in the heap: a camera-size run's workers hold ~60 MiB less (issue 14).
+MMAP_THRESHOLD = 128 << 10
 
 
 class Channel(Protocol):
@@ -523,7 +525,7 @@ class Worker:
             writer.add_success(success_row(row, image))
             self._news(slot.name).successes += 1
 
-    async def _decode(self, body: bytes | bytearray) -> StoredImage | Failure:
+    async def _decode(self, body: bytes) -> StoredImage | Failure:
         """Decode off the loop once the memory the image will hold fits in the worker's budget.
 
         The header is read here, on the loop (tens of microseconds), so that waiting for room
