@@ -1,15 +1,23 @@
-"""End-to-end download speed against the machine's decode ceiling and img2dataset.
+"""End-to-end download speed against img2dataset and against the machine's decode ceiling.
 
-    python benchmarks/throughput.py [--images 2000] [--skip-img2dataset] [--memory]
+    python benchmarks/throughput.py --mix camera [--images 6000] [--skip-img2dataset] [--memory]
+    python benchmarks/throughput.py --mix light [--images 4000]
 
-A loopback farm without limits (4 servers) serves realistic photos, a mix from 640x480 to
-4000x3000 JPEG (~0.4 bytes/pixel, like camera photos), under N distinct URLs. Reported, on the
-same cores and images, with image_size 720:
-  ceiling        the same images decoded, resized and encoded in-process, no network
-  ours           `distributed-downloader fetch` (prep not timed), end to end
-  img2dataset    the same URL list, installed in benchmarks/work/img2dataset-venv
-With --memory it also fetches 10,000 URLs with batch sizes 1,000 and 10,000 and reports the
-peak RSS of the busiest worker.
+A loopback farm without limits serves JPEG photos (~0.4 bytes/pixel, like camera photos) under
+N distinct URLs:
+  camera   4 servers; 40% 640x480, 30% 1600x1200, 20% 3000x2000, 10% 4000x3000 (6,000 images)
+  light    10 servers; 800x600 to 1280x960, a few hundred KB each (4,000 images)
+Reported, on the same cores and images, with image_size 720, in one run:
+  best path      the fastest stock decode+resize+encode+MD5 path on one core
+                 (benchmarks/decode_paths.py, CPU time); the ceiling is that path run in one
+                 process per core, timed by the clock like the downloads (so that other load
+                 on the machine weighs on both alike)
+  ours           `distributed-downloader download` as a user runs it (prep and start-up
+                 included; the farm's servers have no limits, so neither do we)
+  img2dataset    the same URL list; installed from PyPI into benchmarks/work/img2dataset-venv
+                 when missing
+With --memory it downloads the same URLs again with batch sizes of a tenth and all of them,
+and reports the peak RSS of the busiest worker for each.
 
 Run as root, it re-runs itself inside a network namespace holding only loopback
 (`unshare -n`), so that nothing, img2dataset included, can reach beyond this machine.
@@ -27,10 +35,11 @@ import sys
 import time
 from pathlib import Path
 
+from decode_paths import CAMERA_MIX, best_per_core, camera_photos, paths
+
 WORK = Path(__file__).parent / "work"
-SIZES = [(640, 480), (1024, 768), (1600, 1200), (2048, 1536), (3000, 2000), (4000, 3000)]
-PHOTOS_PER_SIZE = 8
-HOSTS = ("127.0.0.31", "127.0.0.32", "127.0.0.33", "127.0.0.34")
+LIGHT_SIZES = [(800, 600), (1024, 768), (1280, 960)]
+MIXES = {"camera": (4, 6000), "light": (10, 4000)}  # servers, default images
 I2D_VENV = WORK / "img2dataset-venv"
 
 
@@ -44,59 +53,72 @@ def in_loopback_namespace() -> None:
                              env=env))
 
 
-def photos() -> list[bytes]:
+def light_photos(count: int = 12) -> list[bytes]:
     from distributed_downloader.testing.farm import make_photo
 
     folder = WORK / "photos"
     folder.mkdir(parents=True, exist_ok=True)
     result = []
-    for index in range(PHOTOS_PER_SIZE * len(SIZES)):
-        width, height = SIZES[index % len(SIZES)]
-        path = folder / f"{index}-{width}x{height}.jpg"
+    for index in range(count):
+        width, height = LIGHT_SIZES[index % len(LIGHT_SIZES)]
+        path = folder / f"light-{index}-{width}x{height}.jpg"
         if not path.exists():
-            path.write_bytes(make_photo(width, height, seed=index))
+            path.write_bytes(make_photo(width, height, seed=2000 + index))
         result.append(path.read_bytes())
     return result
 
 
-def _process(body: bytes) -> None:
-    from distributed_downloader.images import process_image
-
-    process_image(body, 720)
+def _best_path(job: tuple[str, bytes]) -> None:
+    paths()[job[0]](job[1], 720)
 
 
-def ceiling(bodies: list[bytes], count: int, cores: int) -> float:
-    work = [bodies[i % len(bodies)] for i in range(count)]
+def ceiling(path: str, bodies: list[bytes], cores: int) -> float:
+    """Images/s of `path` in one process per core, nothing else: 2x the best path, measured."""
+    work = [(path, bodies[index % len(bodies)]) for index in range(100 * cores)]
     with multiprocessing.get_context("spawn").Pool(cores) as pool:
-        pool.map(_process, work[:cores])  # start-up and imports, not timed
+        pool.map(_best_path, work[:cores])  # start-up and imports, not timed
         started = time.monotonic()
-        pool.map(_process, work, chunksize=4)
-        return count / (time.monotonic() - started)
+        pool.map(_best_path, work, chunksize=4)
+        return len(work) / (time.monotonic() - started)
 
 
 def run(command: list[str], env: dict | None = None) -> float:
     started = time.monotonic()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=env)
+    with open(WORK / "throughput.log", "a") as log:  # progress lines, kept out of the table
+        subprocess.run(command, check=True, stdout=log, stderr=log, env=env)
     return time.monotonic() - started
 
 
 def ours(urls: Path, out: Path, cores: int, batch_size: int = 10_000) -> tuple[float, dict]:
+    """`download` as a user runs it, timed from the command to its exit."""
     if out.exists():
         shutil.rmtree(out)
-    base = [sys.executable, "-m", "distributed_downloader"]
-    run([*base, "prep", str(urls), "--output", str(out), "--batch-size", str(batch_size)])
-    seconds = run([*base, "fetch", str(out), "--workers", str(cores),
-                   "--default-rate-limit", "100000", "--max-connections-per-server", "32",
-                   "--allow-network", "127.0.0.0/24"])
+    seconds = run([sys.executable, "-m", "distributed_downloader", "download", str(urls),
+                   "--output", str(out), "--batch-size", str(batch_size),
+                   "--workers", str(cores), "--default-rate-limit", "100000",
+                   "--max-connections-per-server", "32", "--allow-network", "127.0.0.0/24"])
     summary = json.loads((out / "fetch_summary.json").read_text())
     return seconds, summary
 
 
-def img2dataset(urls: Path, out: Path, cores: int) -> tuple[float, int] | None:
+def install_img2dataset() -> Path | None:
+    """img2dataset from PyPI in its own venv (once); None when it cannot be installed."""
     binary = I2D_VENV / "bin" / "img2dataset"
     if not binary.exists():
-        print(f"img2dataset not found: python3 -m venv {I2D_VENV} && "
-              f"{I2D_VENV}/bin/pip install img2dataset", file=sys.stderr)
+        print(f"installing img2dataset into {I2D_VENV}", flush=True)
+        try:
+            subprocess.run([sys.executable, "-m", "venv", str(I2D_VENV)], check=True)
+            subprocess.run([str(I2D_VENV / "bin" / "pip"), "install", "-q", "img2dataset"],
+                           check=True)
+        except subprocess.CalledProcessError as exc:
+            print(f"img2dataset could not be installed: {exc}", file=sys.stderr)
+            return None
+    return binary
+
+
+def img2dataset(urls: Path, out: Path, cores: int) -> tuple[float, int] | None:
+    binary = install_img2dataset()
+    if binary is None:
         return None
     if out.exists():
         shutil.rmtree(out)
@@ -114,53 +136,68 @@ def img2dataset(urls: Path, out: Path, cores: int) -> tuple[float, int] | None:
     return seconds, stored
 
 
+def mix_photos(mix: str) -> list[bytes]:
+    if mix == "light":
+        return light_photos()
+    photos = camera_photos(20)
+    assert len(photos) == 20 and CAMERA_MIX[0][1] == 0.4
+    return photos
+
+
+def serve(farm, bodies: list[bytes], count: int) -> list[str]:  # noqa: ANN001
+    """`count` distinct URLs over the farm's servers, cycling through the bodies."""
+    lines = []
+    for index in range(count):
+        server = farm.servers[index % len(farm.servers)]
+        server.images[f"{index}.jpg"] = bodies[index % len(bodies)]
+        lines.append(server.url(f"/img/{index}.jpg"))
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--mix", choices=sorted(MIXES), default="camera")
+    parser.add_argument("--images", type=int)
     parser.add_argument("--skip-img2dataset", action="store_true")
     parser.add_argument("--memory", action="store_true")
     args = parser.parse_args()
     in_loopback_namespace()
     from distributed_downloader.testing.farm import Farm, ServerSpec
 
+    servers, default_images = MIXES[args.mix]
+    images = args.images or default_images
     cores = os.cpu_count() or 1
-    bodies = photos()
+    bodies = mix_photos(args.mix)
     WORK.mkdir(exist_ok=True)
-    print(f"{args.images} images, mean {sum(map(len, bodies)) / len(bodies) / 1e6:.2f} MB, "
-          f"{cores} cores", flush=True)
-    with Farm([ServerSpec(host) for host in HOSTS]) as farm:
-        count = max(args.images, 10_000 if args.memory else 0)
-        lines = []
-        for index in range(count):
-            server = farm.servers[index % len(HOSTS)]
-            server.images[f"{index}.jpg"] = bodies[index % len(bodies)]
-            lines.append(server.url(f"/img/{index}.jpg"))
-        urls = WORK / "throughput-urls.txt"
-        urls.write_text("\n".join(lines[: args.images]) + "\n")
-
-        top = ceiling(bodies, args.images, cores)
-        print(f"ceiling (decode+resize+encode, {cores} processes): {top:.1f} images/s",
-              flush=True)
+    print(f"mix {args.mix}: {images} images over {servers} servers, mean "
+          f"{sum(map(len, bodies)) / len(bodies) / 1e6:.2f} MB, {cores} cores", flush=True)
+    best, per_core = best_per_core(bodies)
+    top = ceiling(best, bodies, cores)
+    print(f"best path {best}: {per_core:.1f} images/s per core of CPU time; {cores} processes "
+          f"of it: {top:.1f} images/s", flush=True)
+    hosts = [f"127.0.0.{31 + index}" for index in range(servers)]
+    with Farm([ServerSpec(host) for host in hosts]) as farm:
+        lines = serve(farm, bodies, images)
+        urls = WORK / f"throughput-{args.mix}-urls.txt"
+        urls.write_text("\n".join(lines[:images]) + "\n")
         seconds, summary = ours(urls, WORK / "out-ours", cores)
-        mine = args.images / seconds
+        mine = images / seconds
         print(f"ours: {mine:.1f} images/s ({summary['successes']} stored in {seconds:.1f} s), "
-              f"{mine / top:.0%} of the ceiling; worker peak RSS "
+              f"{mine / top:.0%} of {cores}x the best path; worker peak RSS "
               f"{summary.get('worker_peak_rss_mib')} MiB", flush=True)
         if not args.skip_img2dataset:
             result = img2dataset(urls, WORK / "out-img2dataset", cores)
             if result:
-                theirs = args.images / result[0]
+                theirs = images / result[0]
                 print(f"img2dataset: {theirs:.1f} images/s ({result[1]} stored in "
                       f"{result[0]:.1f} s); ours is {mine / theirs:.2f}x", flush=True)
         if args.memory:
-            memory_urls = WORK / "memory-urls.txt"
-            memory_urls.write_text("\n".join(lines[:10_000]) + "\n")
-            for batch_size in (1_000, 10_000):
-                seconds, summary = ours(memory_urls, WORK / f"out-memory-{batch_size}", cores,
+            for batch_size in (images // 10, images):
+                seconds, summary = ours(urls, WORK / f"out-memory-{batch_size}", cores,
                                         batch_size)
                 print(f"batch size {batch_size:>6,}: worker peak RSS "
                       f"{summary.get('worker_peak_rss_mib')} MiB, "
-                      f"{10_000 / seconds:.1f} images/s", flush=True)
+                      f"{images / seconds:.1f} images/s", flush=True)
 
 
 if __name__ == "__main__":

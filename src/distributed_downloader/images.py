@@ -3,8 +3,14 @@
 In two steps, so that a worker can budget memory before any pixel exists: `open_image` reads the
 header only (size, mode, orientation) and says how many bytes decoding will hold at its worst
 moment (`OpenedImage.cost`); `finish_image` decodes, resizes, encodes and hashes, in a worker's
-decode threads (Pillow releases the GIL while it decodes, resizes and encodes), never on the
-network loop. `process_image` does both.
+decode threads (every library here releases the GIL while it decodes, resizes and encodes),
+never on the network loop. `process_image` does both.
+
+Baseline and progressive RGB or grey JPEGs, most of what is downloaded, take the fast path:
+libjpeg-turbo through simplejpeg decodes at the smallest n/8 scale still at least the target,
+OpenCV area-averages to the target and encodes. Per core it beats Pillow's draft + bilinear,
+at the same quality against a float reference (benchmarks/decode_paths.py). Everything else,
+and any JPEG the fast path rejects, goes through Pillow, as below.
 
 An image larger than the target is decoded at reduced size where the format allows, which is
 most of the speed and what keeps large scans within a worker's memory:
@@ -32,10 +38,15 @@ import warnings
 import zlib
 from dataclasses import dataclass
 
+import cv2
+import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
 from distributed_downloader.errors import ErrorCode, Failure
 
+# A worker's decode threads are its parallelism; OpenCV's own pool would oversubscribe the cores
+# and hold a stack and buffers per core in every worker.
+cv2.setNumThreads(1)
 # Pillow's own bomb check would warn or raise at its default size; ours is explicit instead.
 Image.MAX_IMAGE_PIXELS = None
 
@@ -54,6 +65,19 @@ UPRIGHT = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
+
+# The same EXIF transposes on an OpenCV image (rows, columns, channels); flips happen in place.
+UPRIGHT_CV2 = {
+    2: lambda pixels: cv2.flip(pixels, 1, dst=pixels),
+    3: lambda pixels: cv2.flip(pixels, -1, dst=pixels),
+    4: lambda pixels: cv2.flip(pixels, 0, dst=pixels),
+    5: cv2.transpose,
+    6: lambda pixels: cv2.rotate(pixels, cv2.ROTATE_90_CLOCKWISE),
+    7: lambda pixels: cv2.flip(cv2.transpose(pixels), -1),
+    8: lambda pixels: cv2.rotate(pixels, cv2.ROTATE_90_COUNTERCLOCKWISE),
+}
+# Pillow JPEG modes the fast path decodes: RGB (YCbCr in the file) and grey; CMYK goes to Pillow.
+FAST_JPEG_MODES = ("RGB", "L")
 
 # Decoded pixels of one PNG strip: small beside a worker's budget, large enough that the
 # per-strip work (a few Pillow calls) is lost in the decoding.
@@ -184,8 +208,13 @@ def finish_image(opened: OpenedImage, quality: int = 95) -> StoredImage | Failur
                 image.load()  # proves the body decodes completely
         except Exception as exc:
             return _decode_failure(exc)
-        return StoredImage(body, opened.source_format, opened.original_size,
+        return StoredImage(bytes(body), opened.source_format, opened.original_size,
                            opened.original_size, hashsum_original, hashsum_original)
+
+    if _fast_path_fits(opened):
+        fast = _finish_jpeg_fast(opened, quality, hashsum_original)
+        if fast is not None:
+            return fast
 
     try:
         if opened.png_factor:
@@ -222,6 +251,41 @@ def finish_image(opened: OpenedImage, quality: int = 95) -> StoredImage | Failur
     )
 
 
+def _fast_path_fits(opened: OpenedImage) -> bool:
+    """A JPEG stored as JPEG, in a colour model libjpeg-turbo turns into RGB itself."""
+    encoding = ENCODINGS.get(opened.output_format) or \
+        ORIGINAL_REENCODING.get(opened.source_format, "JPEG")
+    return opened.source_format == "jpeg" and encoding == "JPEG" and \
+        opened.image.mode in FAST_JPEG_MODES
+
+
+def _finish_jpeg_fast(opened: OpenedImage, quality: int,
+                      hashsum_original: str) -> StoredImage | None:
+    """libjpeg-turbo decode at a reduced scale, area resize, upright, encode; None when any
+    step refuses the file (damaged, cut off, arithmetic coding...): Pillow then decides."""
+    width, height = opened.target or opened.size
+    try:
+        pixels = simplejpeg.decode_jpeg(opened.body, "BGR", min_width=width, min_height=height)
+        if pixels.shape[1] != width or pixels.shape[0] != height:
+            pixels = cv2.resize(pixels, (width, height), interpolation=cv2.INTER_AREA)
+        if opened.orientation in UPRIGHT_CV2:
+            pixels = UPRIGHT_CV2[opened.orientation](pixels)
+        ok, encoded = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    except (ValueError, cv2.error):
+        return None
+    if not ok:
+        return None
+    stored = encoded.tobytes()
+    return StoredImage(
+        image=stored,
+        image_format="jpeg",
+        original_size=opened.original_size,
+        resized_size=(pixels.shape[0], pixels.shape[1]),
+        hashsum_original=hashsum_original,
+        hashsum_resized=hashlib.md5(stored).hexdigest(),
+    )
+
+
 # --- what decoding costs -------------------------------------------------------------------
 
 
@@ -239,7 +303,9 @@ def decode_cost(opened: OpenedImage) -> int:
 
     Counted from the header alone: the decoded pixels (at the size decoding will produce), what
     the decoder holds beside them, and the copies resizing, orienting, flattening and encoding
-    make. Checked against measured peaks by `benchmarks/decode_memory.py --formats`.
+    make. Checked against measured peaks by `benchmarks/decode_memory.py --formats`. A JPEG on
+    the fast path holds less (3 bytes a pixel, at a scale no larger than Pillow's draft), so
+    Pillow's cost bounds both.
     """
     image, target = opened.image, opened.target
     if opened.png_factor:

@@ -29,7 +29,6 @@ from distributed_downloader.fetch.safety import AddressPolicy, BlockedAddress, S
 
 MAX_REDIRECTS = 5
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-READ_CHUNK = 1 << 16
 ACCEPT = "image/avif,image/webp,image/png,image/jpeg,image/*;q=0.9,*/*;q=0.5"
 
 
@@ -161,74 +160,92 @@ class HttpClient:
             return outcome
         return Failure(ErrorCode.TOO_MANY_REDIRECTS, f"more than {MAX_REDIRECTS} redirects")
 
+    async def _one_hop(self, url: URL) -> Body | Failure | URL:
+        """One request, no redirect followed: the body, the URL to go to next, or why neither."""
+        try:
+            async with self.session.get(url, allow_redirects=False) as response:
+                if response.status in REDIRECT_STATUSES:
+                    return _redirect_target(url, response)
+                if not 200 <= response.status < 300:
+                    return _status_failure(response)
+                return await self._take_body(response)
+        except asyncio.TimeoutError:  # before OSError, of which it is one
+            return Failure(ErrorCode.TIMEOUT, "no complete answer in time")
+        except (aiohttp.ClientError, OSError) as exc:
+            return _connection_failure(exc)
+
+    async def _take_body(self, response: aiohttp.ClientResponse) -> Body | Failure:
+        """A 2xx answer's body, held in the body budget until the caller lets it go."""
+        status, length = response.status, response.content_length
+        if (length or 0) > self.max_body_size:
+            return Failure(ErrorCode.TOO_LARGE, f"Content-Length {length:,} over max_body_size "
+                           f"{self.max_body_size:,}", status)
+        reserved = await self.budget.reserve(length)
+        try:
+            data = await self._read_body(response)
+        except BaseException:
+            self.budget.release(reserved)
+            raise
+        if data is None:
+            self.budget.release(reserved)
+            return Failure(ErrorCode.TOO_LARGE, f"body over max_body_size {self.max_body_size:,}",
+                           status)
+        return Body(data, status, str(response.url), response.headers.get("Content-Type", ""),
+                    reserved, response.headers)
+
     async def _read_body(self, response: aiohttp.ClientResponse) -> bytes | None:
-        """The whole body, or None as soon as it grows past max_body_size."""
+        """The whole body, or None as soon as it passes max_body_size.
+
+        Read as the chunks arrive (not re-cut to a fixed size) and copied once, into a bytes
+        object of the exact size; a body that arrived in one chunk is not copied at all.
+        Not a bytearray sized from Content-Length: everything downstream (BytesIO for Pillow,
+        Arrow) would copy it once more, and hold both while the image waits to be decoded.
+        """
         chunks = []
         size = 0
-        async for chunk in response.content.iter_chunked(READ_CHUNK):
+        async for chunk in response.content.iter_any():
             size += len(chunk)
             if size > self.max_body_size:
                 return None
             chunks.append(chunk)
-        return b"".join(chunks)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    async def _one_hop(self, url: URL) -> Body | Failure | URL:
-        try:
-            async with self.session.get(url, allow_redirects=False) as response:
-                status = response.status
-                if status in REDIRECT_STATUSES:
-                    location = response.headers.get("Location")
-                    if not location:
-                        return Failure(ErrorCode.HTTP_ERROR, f"{status} without Location",
-                                            status)
-                    try:
-                        return url.join(URL(location))
-                    except ValueError:
-                        return Failure(ErrorCode.INVALID_REDIRECT,
-                                            f"unusable Location {location!r}", status)
-                if status >= 400 or status < 200 or status >= 300:
-                    return Failure(
-                        ErrorCode.for_status(status) if status >= 400 else ErrorCode.HTTP_ERROR,
-                        f"HTTP {status} {response.reason or ''}".strip(),
-                        status,
-                        parse_retry_after(response.headers.get("Retry-After")),
-                        response.headers,
-                    )
-                if (response.content_length or 0) > self.max_body_size:
-                    return Failure(
-                        ErrorCode.TOO_LARGE,
-                        f"Content-Length {response.content_length:,} over max_body_size "
-                        f"{self.max_body_size:,}", status)
-                reserved = await self.budget.reserve(response.content_length)
-                try:
-                    data = await self._read_body(response)
-                except BaseException:
-                    self.budget.release(reserved)
-                    raise
-                if data is None:
-                    self.budget.release(reserved)
-                    return Failure(
-                        ErrorCode.TOO_LARGE, f"body over max_body_size {self.max_body_size:,}",
-                        status)
-                return Body(data, status, str(response.url),
-                            response.headers.get("Content-Type", ""), reserved, response.headers)
-        except asyncio.TimeoutError:
-            return Failure(ErrorCode.TIMEOUT, "no complete answer in time")
-        except aiohttp.ClientConnectorError as exc:
-            blocked = _blocked_cause(exc)
-            if blocked is not None:
-                return Failure(ErrorCode.BLOCKED_ADDRESS, str(blocked))
-            if isinstance(exc, aiohttp.ClientConnectorDNSError):
-                return Failure(ErrorCode.DNS_ERROR, str(exc))
-            return Failure(ErrorCode.CONNECTION_ERROR, str(exc))
-        except aiohttp.InvalidURL as exc:
-            return Failure(ErrorCode.INVALID_REDIRECT, f"invalid URL {exc}")
-        except (aiohttp.ClientError, OSError) as exc:
-            blocked = _blocked_cause(exc)
-            if blocked is not None:
-                return Failure(ErrorCode.BLOCKED_ADDRESS, str(blocked))
-            too_long = _cause(exc, LineTooLong)
-            if too_long is not None:  # the same answer next time: final, not retried
-                return Failure(ErrorCode.HEADERS_TOO_LARGE,
-                                    f"a header line over {too_long.args[1]} bytes")
-            return Failure(ErrorCode.CONNECTION_ERROR, f"{type(exc).__name__}: {exc}")
+
+def _redirect_target(url: URL, response: aiohttp.ClientResponse) -> URL | Failure:
+    """Where a redirect points, resolved against the URL that answered."""
+    status, location = response.status, response.headers.get("Location")
+    if not location:
+        return Failure(ErrorCode.HTTP_ERROR, f"{status} without Location", status)
+    try:
+        return url.join(URL(location))
+    except ValueError:
+        return Failure(ErrorCode.INVALID_REDIRECT, f"unusable Location {location!r}", status)
+
+
+def _status_failure(response: aiohttp.ClientResponse) -> Failure:
+    """A status that is neither a redirect nor a success, with what it says about retrying."""
+    status = response.status
+    return Failure(
+        ErrorCode.for_status(status) if status >= 400 else ErrorCode.HTTP_ERROR,
+        f"HTTP {status} {response.reason or ''}".strip(),
+        status,
+        parse_retry_after(response.headers.get("Retry-After")),
+        response.headers,
+    )
+
+
+def _connection_failure(exc: BaseException) -> Failure:
+    """What went wrong on the way to an answer, as the error code it maps to."""
+    blocked = _blocked_cause(exc)
+    if blocked is not None:
+        return Failure(ErrorCode.BLOCKED_ADDRESS, str(blocked))
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return Failure(ErrorCode.DNS_ERROR, str(exc))
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return Failure(ErrorCode.CONNECTION_ERROR, str(exc))
+    if isinstance(exc, aiohttp.InvalidURL):
+        return Failure(ErrorCode.INVALID_REDIRECT, f"invalid URL {exc}")
+    too_long = _cause(exc, LineTooLong)
+    if too_long is not None:  # the same answer next time: final, not retried
+        return Failure(ErrorCode.HEADERS_TOO_LARGE, f"a header line over {too_long.args[1]} bytes")
+    return Failure(ErrorCode.CONNECTION_ERROR, f"{type(exc).__name__}: {exc}")

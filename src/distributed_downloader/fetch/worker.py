@@ -34,6 +34,7 @@ from distributed_downloader.executors import STOP_SIGNALS, stop_signalled
 from distributed_downloader.fetch.client import Body, BodyBudget, HttpClient
 from distributed_downloader.fetch.decode_budget import DecodeBudget
 from distributed_downloader.fetch.frontier import Frontier, Pending
+from distributed_downloader.fetch.handoff import ResultHandoff
 from distributed_downloader.fetch.opt_out import PRODUCT_TOKEN, opted_out
 from distributed_downloader.fetch.politeness import ServerDead, ServerSlot
 from distributed_downloader.fetch.retry import (
@@ -82,8 +83,10 @@ DECODE_BACKLOG_PER_THREAD = 4
 # Allocations from this size up get their own mapping, returned when freed. glibc would raise
 # the threshold to the largest block freed (up to 32 MiB), after which decoders' buffers come
 # from the heap and their holes stay resident: a mix of large images then peaked at 660 MiB
-# instead of 300 (benchmarks/decode_memory.py --scenario mix).
-MMAP_THRESHOLD = 1 << 20
+# instead of 300 (benchmarks/decode_memory.py --scenario mix). At 128 KiB rather than 1 MiB,
+# socket reads (256 KiB), bodies and stored images also come and go as mappings instead of
+# leaving holes in the heap: a camera-size run's workers hold ~60 MiB less (issue 14).
+MMAP_THRESHOLD = 128 << 10
 
 
 class Channel(Protocol):
@@ -155,6 +158,7 @@ class Worker:
         # Decoded pixels dwarf the bodies: each image reserves its cost, read from its header.
         self.pixels = DecodeBudget(settings.max_decode_memory)
         self._decode_room = asyncio.Event()
+        self.handoff = ResultHandoff()  # decoded images back to the loop, many per wake-up
         self.asking = False  # a WantWork is unanswered, or the scheduler holds us as hungry
         self.bytes = 0
         self.interrupted = False
@@ -529,8 +533,8 @@ class Worker:
         reservation = self.pixels.reserve(opened.cost)
         try:
             await reservation.granted.wait()
-            return await asyncio.get_running_loop().run_in_executor(
-                self.pool, finish_image, opened, settings.image_quality)
+            return await self.handoff.run(self.pool, finish_image, opened,
+                                          settings.image_quality)
         finally:
             self.pixels.release(reservation)
 
