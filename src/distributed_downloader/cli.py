@@ -39,7 +39,7 @@ from distributed_downloader.errors import (
     require_module,
 )
 from distributed_downloader import pipeline, render
-from distributed_downloader.executors import remember_stop_signals
+from distributed_downloader.stop_signals import remember_stop_signals
 from distributed_downloader.render import console, err_console
 
 

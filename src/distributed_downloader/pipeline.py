@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from distributed_downloader.config import Settings
-from distributed_downloader.executors import remember_stop_signals
+from distributed_downloader.stop_signals import remember_stop_signals
 from distributed_downloader.render import (
     err_console,
     fetch_notes,
@@ -75,16 +75,20 @@ def profile(settings: Settings) -> None:
 def fetch(settings: Settings, retry_errors: bool, started: float | None = None) -> None:
     """Fetch what is left, with a progress bar; exits 130 when interrupted. robots.txt files
     fetched since `started` (by this download's profile) are used as they are."""
-    from distributed_downloader.fetch import FetchPlan, run_fetch
+    from distributed_downloader.fetch import Executor, FetchPlan, run_fetch
     from distributed_downloader.progress import FetchProgress
 
     assert settings.output is not None
-    executor = None
+    executor: Executor
     if settings.executor == "mpi":
         from distributed_downloader.executors import mpi
 
         start_mpi()
         executor = mpi.MpiExecutor(mpi.world(), settings)
+    else:
+        from distributed_downloader.executors.local import LocalExecutor
+
+        executor = LocalExecutor(settings)
     remember_stop_signals()  # acted on when the executor starts, before any worker does
     progress: list[FetchProgress] = []
 
@@ -93,8 +97,8 @@ def fetch(settings: Settings, retry_errors: bool, started: float | None = None) 
         progress.append(FetchProgress(err_console, plan.rows_total, plan.rows_committed))
 
     try:
-        summary = run_fetch(settings, retry_errors, on_tick=lambda s: progress[0](s),
-                            on_plan=on_plan, executor=executor, robots_fetched_since=started)
+        summary = run_fetch(settings, executor, retry_errors, on_tick=lambda s: progress[0](s),
+                            on_plan=on_plan, robots_fetched_since=started)
     finally:
         if progress:
             progress[0].stop()

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
-from distributed_downloader.executors import STOP_SIGNALS, stop_signalled
+from distributed_downloader.stop_signals import STOP_SIGNALS, stop_signalled
 from distributed_downloader.schedule import Scheduler
 
 TICK_SECONDS = 0.1  # how often the scheduler ticks and the progress is drawn

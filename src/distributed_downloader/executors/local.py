@@ -19,7 +19,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from distributed_downloader.config import Settings
-from distributed_downloader.executors import STOP_SIGNALS, remember_stop_signals
+from distributed_downloader.stop_signals import STOP_SIGNALS, remember_stop_signals
 from distributed_downloader.executors.coordinator import (
     Coordinator,
     Departure,

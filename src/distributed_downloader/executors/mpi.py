@@ -22,7 +22,7 @@ from typing import Any
 
 from distributed_downloader.config import Settings
 from distributed_downloader.errors import UserError
-from distributed_downloader.executors import (
+from distributed_downloader.stop_signals import (
     remember_stop_signals,
     stop_on_signals,
     stop_signalled,

@@ -1,12 +1,13 @@
 """The Slurm executor: a chain of time-limited jobs that prepares, profiles and downloads a run.
 
 `slurm submit` writes the job scripts into `OUT/slurm/` and submits prep → (profile, with
-`--profile`) → the first download period, each depending on the one before. Every download period, as it starts, queues
-its successor behind itself (`afterany`), so a period killed at its time limit still has one;
-a period that finds nothing left to do, or that follows a period which made no progress (no row
-committed and no request sent, or `STALL_PERIODS` periods in a row without a committed row), or
-one whose fetch stopped on a full disk, ends the chain instead of fetching. Slurm signals each period `stop_margin` seconds before its limit; the
-ranks flush their chunks and exit, and the next period resumes from them.
+`--profile`) → the first download period, each depending on the one before. Every download period,
+as it starts, queues its successor behind itself (`afterany`), so a period killed at its time limit
+still has one; a period that finds nothing left to do, or that follows a period which made no
+progress (no row committed and no request sent, or `STALL_PERIODS` periods in a row without a
+committed row), or one whose fetch stopped on a full disk, ends the chain instead of fetching.
+Slurm signals each period `stop_margin` seconds before its limit; the ranks flush their chunks and
+exit, and the next period resumes from them.
 
 One command writes into a run folder at a time (runlock.py). `slurm submit` does not hold the
 run's lock, since its jobs must take it: it only refuses while another command holds it. Each

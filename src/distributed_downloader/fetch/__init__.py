@@ -395,23 +395,22 @@ def _add_estimate(exc: OutOfSpace, layout: RunLayout) -> None:
 
 def run_fetch(
     settings: Settings,
+    executor: Executor,
     retry_errors: bool = False,
     on_tick: Callable[[Scheduler], None] | None = None,
     on_plan: Callable[[FetchPlan], None] | None = None,
-    executor: Executor | None = None,
     robots_fetched_since: float | None = None,
 ) -> dict[str, Any]:
-    """Download what is left of the run in `settings.output` on `executor` (default: local
-    processes); returns the run's summary. robots.txt files fetched after
-    `robots_fetched_since` (by this `download`'s profile) are used whatever their cache time."""
-    from distributed_downloader.executors.local import LocalExecutor
-
+    """Download what is left of the run in `settings.output` on `executor` (local processes or
+    MPI ranks: executors/, which sit above this stage); returns the run's summary. robots.txt
+    files fetched after `robots_fetched_since` (by this `download`'s profile) are used whatever
+    their cache time."""
     if settings.output is None:
         raise UserError("fetch needs the run's folder OUT")
     layout = RunLayout(settings.output)
     try:
         return _fetch(layout, settings, retry_errors, on_tick, on_plan,
-                      executor or LocalExecutor(settings), robots_fetched_since)
+                      executor, robots_fetched_since)
     except OutOfSpace as exc:
         _add_estimate(exc, layout)
         raise

@@ -57,7 +57,8 @@ class SafeResolver(AbstractResolver):
         allowed = [r for r in results if self.policy.is_allowed(ipaddress.ip_address(r["host"]))]
         if not allowed:
             addresses = ", ".join(sorted({r["host"] for r in results}))
-            raise BlockedAddress(f"{host} resolves to {addresses}: not public, not in allow_network")
+            raise BlockedAddress(f"{host} resolves to {addresses}: not public, "
+                                 "not in allow_network")
         return allowed
 
     async def close(self) -> None:

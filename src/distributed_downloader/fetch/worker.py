@@ -6,7 +6,7 @@ rows under its share of the server's budget (see politeness.py), retries what ca
 what it sees of each server; every decision about a server (its rate, pauses, giving it up) is
 the scheduler's (see policy.py). The one thing the worker does at once is honour a pause the
 server itself asked for (Retry-After), until the scheduler's word arrives. On SIGINT, SIGTERM or
-SIGUSR1 (remembered from its first instruction on: see executors.remember_stop_signals), on the
+SIGUSR1 (remembered from its first instruction on: see stop_signals.remember_stop_signals), on the
 scheduler's Stop, or when its scheduler vanishes, it stops cleanly: finished rows are committed,
 requests in flight are dropped (a resumed run fetches them again).
 """
@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from distributed_downloader.chunks import chunk_row_counts, committed_uuids
 from distributed_downloader.config import Settings
 from distributed_downloader.errors import ErrorCode, Failure, OutOfSpace
-from distributed_downloader.executors import STOP_SIGNALS, stop_signalled
+from distributed_downloader.stop_signals import STOP_SIGNALS, stop_signalled
 from distributed_downloader.fetch.client import Body, BodyBudget, HttpClient
 from distributed_downloader.fetch.decode_budget import DecodeBudget
 from distributed_downloader.fetch.frontier import Frontier, Pending
