@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from distributed_downloader import __version__
 from distributed_downloader.config import Settings, save_settings
 from distributed_downloader.errors import InputError, UserError
-from distributed_downloader.prep.partition import ServerNumbers, build_batches
+from distributed_downloader.prep.partition import PartitionResult, ServerNumbers, build_batches
 from distributed_downloader.prep.previous import check_previous
 from distributed_downloader.prep.readers import ChunkJob
 from distributed_downloader.prep.rows import (
@@ -160,6 +160,20 @@ def _cleaned(job: ChunkJob, cleaner: ChunkCleaner) -> Callable[[], CleanChunk]:
     return lambda: cleaner.clean(job())
 
 
+def _clean_chunks(source: Source, settings: Settings, several: bool,
+                  pool: ThreadPoolExecutor) -> Iterator[CleanChunk]:
+    """One source's chunks, parsed and checked on the pool, in input order."""
+    assert settings.input is not None
+    reader = source.make_reader()
+    roles = resolve_roles(reader.columns, source, settings)
+    prefix = _row_key_prefix(source, settings.input, several)
+    cleaner = ChunkCleaner(roles, source, prefix, settings.keep_columns,
+                           settings.strict_image_format)
+    readable = [name for name in roles.wanted if name in reader.columns]
+    tasks = (_cleaned(job, cleaner) for job in reader.jobs(readable))
+    return _in_order(pool, tasks, CHUNKS_IN_FLIGHT)
+
+
 def _read_sources(
     sources: list[Source],
     settings: Settings,
@@ -169,12 +183,9 @@ def _read_sources(
     tally: Tally,
     servers: ServerNumbers,
     progress: ProgressCallback | None,
-) -> list[str]:
-    """Stream every source into the staging file; returns the source formats seen."""
-    assert settings.input is not None
-    keep_columns = settings.keep_columns
-    schema = staging_schema(keep_columns)
-    formats = []
+) -> None:
+    """Stream every source into the staging file, committing chunks on a thread of their own."""
+    schema = staging_schema(settings.keep_columns)
     writes: deque[Future] = deque()
 
     def commit(chunk: CleanChunk, first_row_index: int) -> None:
@@ -186,16 +197,8 @@ def _read_sources(
     with pq.ParquetWriter(staging_path, schema, **STAGING_OPTIONS) as staging, \
             ThreadPoolExecutor(PARSE_THREADS) as pool, ThreadPoolExecutor(1) as writer:
         for source in sources:
-            formats.append(source.format)
             try:
-                reader = source.make_reader()
-                roles = resolve_roles(reader.columns, source, settings)
-                prefix = _row_key_prefix(source, settings.input, len(sources) > 1)
-                cleaner = ChunkCleaner(roles, source, prefix, keep_columns,
-                                       settings.strict_image_format)
-                readable = [name for name in roles.wanted if name in reader.columns]
-                tasks = (_cleaned(job, cleaner) for job in reader.jobs(readable))
-                for chunk in _in_order(pool, tasks, CHUNKS_IN_FLIGHT):
+                for chunk in _clean_chunks(source, settings, len(sources) > 1, pool):
                     writes.append(writer.submit(commit, chunk, tally.rows_kept))
                     tally.add(chunk)
                     rejected.add(chunk.rejected)
@@ -208,7 +211,25 @@ def _read_sources(
                 raise InputError(f"{source.label}: cannot read further ({exc})") from None
         while writes:
             writes.popleft().result()
-    return formats
+
+
+def _stage_input(sources: list[Source], settings: Settings, work: Path,
+                 progress: ProgressCallback | None) -> tuple[Tally, ServerNumbers]:
+    """Reads the input once: `work/staging.parquet` (rows kept), `work/rejected.parquet` and
+    `work/dropped.parquet`; returns the counts and the servers in order of appearance."""
+    tally = Tally()
+    servers = ServerNumbers()
+    rejected = _RejectedWriter(work / "rejected.parquet")
+    dropped = pq.ParquetWriter(work / "dropped.parquet", DROPPED, compression=PARQUET_COMPRESSION)
+    try:
+        _read_sources(sources, settings, work / "staging.parquet", rejected, dropped, tally,
+                      servers, progress)
+    finally:
+        rejected.close()
+        dropped.close()
+    if tally.rows_read == 0:
+        raise InputError(f"{settings.input}: no data rows (only a header, or empty)")
+    return tally, servers
 
 
 def _staging_table(chunk: CleanChunk, first_row_index: int, servers: ServerNumbers,
@@ -224,63 +245,47 @@ def _staging_table(chunk: CleanChunk, first_row_index: int, servers: ServerNumbe
     return pa.Table.from_arrays([values[f.name] for f in schema], schema=schema)
 
 
-def run_prep(
-    settings: Settings, force: bool = False, progress: ProgressCallback | None = None
-) -> dict[str, Any]:
-    """Prepare `settings.input` into `settings.output/prep/`; returns the summary written."""
-    if settings.input is None or settings.output is None:
-        raise UserError("prep needs an INPUT and an --output folder")
-    started = time.monotonic()
-    layout = RunLayout(settings.output)
-    layout.check_writable()
-    if prep_is_finished(layout):
-        if not force:
-            raise UserError(
-                f"{layout.prep} holds a finished prep; use --force to prepare again "
-                "(it replaces prep/ only, while nothing was downloaded yet)"
-            )
-        upgrade_layout(layout)
-        if has_downloads(layout):
-            raise UserError(
-                f"{layout.root} already holds downloads of its prep: preparing again there "
-                "would mix two inputs in one folder; use another --output (with --previous "
-                f"{layout.root} to reuse what it holds)")
-        shutil.rmtree(layout.prep)
-    sources, warnings = discover(settings.input, settings.input_format)
-    previous = check_previous(settings.previous, settings.output)
+def _make_room(layout: RunLayout, force: bool) -> None:
+    """Clears a finished prep away when asked to and while nothing was downloaded from it."""
+    if not prep_is_finished(layout):
+        return
+    if not force:
+        raise UserError(
+            f"{layout.prep} holds a finished prep; use --force to prepare again "
+            "(it replaces prep/ only, while nothing was downloaded yet)"
+        )
+    upgrade_layout(layout)
+    if has_downloads(layout):
+        raise UserError(
+            f"{layout.root} already holds downloads of its prep: preparing again there "
+            "would mix two inputs in one folder; use another --output (with --previous "
+            f"{layout.root} to reuse what it holds)")
+    shutil.rmtree(layout.prep)
 
+
+def _fresh_work_folder(layout: RunLayout) -> Path:
     work = layout.prep_work
     if work.exists():
         shutil.rmtree(work)  # a killed prep's leftovers
     work.mkdir(parents=True)
-    save_settings(settings)
+    return work
 
-    tally = Tally()
-    servers = ServerNumbers()
-    rejected = _RejectedWriter(work / "rejected.parquet")
-    dropped = pq.ParquetWriter(work / "dropped.parquet", DROPPED, compression=PARQUET_COMPRESSION)
-    staging_path = work / "staging.parquet"
-    try:
-        formats = _read_sources(sources, settings, staging_path, rejected, dropped, tally,
-                                servers, progress)
-    finally:
-        rejected.close()
-        dropped.close()
-    if tally.rows_read == 0:
-        raise InputError(f"{settings.input}: no data rows (only a header, or empty)")
-    if progress:
-        progress(PrepProgress("", tally.rows_read, tally.rows_kept, "batching"))
-    result = build_batches(staging_path, work, settings, settings.keep_columns, servers.names,
-                           previous)
 
+def _publish_outputs(work: Path, layout: RunLayout) -> None:
     for name in ("batches", "rejected.parquet", "dropped.parquet", "duplicates.parquet",
                  "servers.parquet", "overlap.parquet"):
         if (work / name).exists():
             publish(work / name, layout.prep / name)
-    summary = {
+
+
+def _summary(settings: Settings, sources: list[Source], warnings: list[str], tally: Tally,
+             result: PartitionResult, previous: list[RunLayout],
+             started: float) -> dict[str, Any]:
+    assert settings.input is not None
+    return {
         "input": str(settings.input.resolve()),
         "input_fingerprint": input_fingerprint(settings.input),
-        "formats": sorted(set(formats)),
+        "formats": sorted({source.format for source in sources}),
         "rows_read": tally.rows_read,
         "rows_kept": tally.rows_kept,
         "dropped": tally.as_dict(),
@@ -299,6 +304,30 @@ def run_prep(
         "version": __version__,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def run_prep(
+    settings: Settings, force: bool = False, progress: ProgressCallback | None = None
+) -> dict[str, Any]:
+    """Prepare `settings.input` into `settings.output/prep/`; returns the summary written."""
+    if settings.input is None or settings.output is None:
+        raise UserError("prep needs an INPUT and an --output folder")
+    started = time.monotonic()
+    layout = RunLayout(settings.output)
+    layout.check_writable()
+    _make_room(layout, force)
+    sources, warnings = discover(settings.input, settings.input_format)
+    previous = check_previous(settings.previous, settings.output)
+    work = _fresh_work_folder(layout)
+    save_settings(settings)
+
+    tally, servers = _stage_input(sources, settings, work, progress)
+    if progress:
+        progress(PrepProgress("", tally.rows_read, tally.rows_kept, "batching"))
+    result = build_batches(work / "staging.parquet", work, settings, settings.keep_columns,
+                           servers.names, previous)
+    _publish_outputs(work, layout)
+    summary = _summary(settings, sources, warnings, tally, result, previous, started)
     atomic_write_json(layout.prep_summary, summary)
     shutil.rmtree(work, ignore_errors=True)
     return summary
