@@ -74,10 +74,9 @@ def uuid_v5_python(source_id: str, identifier: str, repeat: int = 0) -> str:
 _VARIANT = np.zeros(256, np.uint8)
 for _nibble, _char in enumerate(b"0123456789abcdef"):
     _VARIANT[_char] = b"89ab"[_nibble & 3]
-# Where each of the UUID's 36 characters comes from in the 40-character digest (-1: a dash or
-# the version, set apart).
-_FROM_DIGEST = np.array([*range(8), -1, *range(8, 12), -1, -1, *range(13, 16), -1, -1,
-                         *range(17, 20), -1, *range(20, 32)])
+UUID_TEXT = 36
+# Which characters of the UUID come from which of the digest: (UUID start, digest start, count).
+_FROM_DIGEST = ((0, 0, 8), (9, 8, 4), (15, 13, 3), (20, 17, 3), (24, 20, 12))
 
 
 def format_uuids(digests: pa.Array) -> pa.Array:
@@ -90,15 +89,16 @@ def format_uuids(digests: pa.Array) -> pa.Array:
         raise ValueError("format_uuids takes 40-character hex digests, no nulls")
     data = np.frombuffer(digests.buffers()[2], np.uint8)[offsets[0]:][: HEX_DIGEST * count]
     hexes = data.reshape(count, HEX_DIGEST)
-    text = hexes[:, np.maximum(_FROM_DIGEST, 0)]
+    text = np.empty((count, UUID_TEXT), np.uint8)
+    for start, source, length in _FROM_DIGEST:  # a few strided copies, not a gather per byte
+        text[:, start:start + length] = hexes[:, source:source + length]
     text[:, [8, 13, 18, 23]] = ord("-")
     text[:, 14] = ord("5")
     text[:, 19] = _VARIANT[hexes[:, 16]]
-    width = len(_FROM_DIGEST)
     return pa.Array.from_buffers(
         pa.string(), count,
-        [None, pa.py_buffer(np.arange(0, width * (count + 1), width, dtype=np.int32)),
-         pa.py_buffer(np.ascontiguousarray(text))])
+        [None, pa.py_buffer(np.arange(0, UUID_TEXT * (count + 1), UUID_TEXT, dtype=np.int32)),
+         pa.py_buffer(text)])
 
 
 class ServerNumbers:
