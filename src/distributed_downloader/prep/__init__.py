@@ -1,11 +1,11 @@
 """The prep stage: input → filtered, normalised rows with UUIDs → batches by server.
 
 The input is read once: chunks are parsed and checked on a few threads (Arrow's kernels release
-the GIL) and committed in input order into a staging Parquet file, which keeps memory bounded
-whatever the input's size. DuckDB then deduplicates and sorts the staged rows out of core, and
-the batches are cut from its sorted output. Everything is written under `prep/.work/` and
-published into `prep/` at the end, `summary.json` last, so a killed prep leaves nothing a later
-stage could take for finished.
+the GIL) and committed in input order into a few staging Parquet files by server, which keeps
+memory bounded whatever the input's size. DuckDB then deduplicates the staged rows and sorts
+them by server out of core, a file at a time, and the batches are cut from its sorted output.
+Everything is written under `prep/.work/` and published into `prep/` at the end,
+`summary.json` last, so a killed prep leaves nothing a later stage could take for finished.
 """
 
 from __future__ import annotations
@@ -32,7 +32,13 @@ import pyarrow.parquet as pq
 from distributed_downloader import __version__
 from distributed_downloader.config import Settings, save_settings
 from distributed_downloader.errors import InputError, UserError
-from distributed_downloader.prep.partition import PartitionResult, ServerNumbers, build_batches
+from distributed_downloader.prep.partition import (
+    PartitionResult,
+    ServerNumbers,
+    build_batches,
+    staging_file_of,
+    staging_paths,
+)
 from distributed_downloader.prep.previous import check_previous
 from distributed_downloader.prep.readers import ChunkJob
 from distributed_downloader.prep.rows import (
@@ -57,9 +63,9 @@ REJECTED_ROWS_PER_GROUP = 10_000
 # Threads that parse and check chunks; the main thread reads ahead and commits in order.
 PARSE_THREADS = max(2, min(4, os.cpu_count() or 1))
 CHUNKS_IN_FLIGHT = PARSE_THREADS + 2  # each holds a few tens of MiB
-# Cleaned chunks waiting for the thread that writes them to the staging file, in order.
+# Cleaned chunks waiting for the thread that writes them to the staging files, in order.
 WRITES_IN_FLIGHT = 2
-# The staging file is read once by DuckDB and deleted: fast compression, statistics left out,
+# The staging files are read by DuckDB and deleted: fast compression, statistics left out,
 # dictionaries only where values repeat.
 STAGING_OPTIONS = {"compression": "lz4", "write_statistics": False,
                    "use_dictionary": ["license", "source", "server_name"]}
@@ -94,6 +100,30 @@ def check_same_input(layout: RunLayout, source: Path) -> None:
             "run folder belongs to one input. Use another --output, `--previous "
             f"{layout.root}` there to build on this run, or --force to prepare the new input "
             "here (only while nothing was downloaded yet)")
+
+
+class _StagingWriter:
+    """Writes the kept rows into the staging files, each row into its server's file, in input
+    order within each file."""
+
+    def __init__(self, paths: list[Path], schema: pa.Schema) -> None:
+        self.paths = paths
+        self._writers = [pq.ParquetWriter(path, schema, **STAGING_OPTIONS) for path in paths]
+
+    def write(self, rows: pa.Table) -> None:
+        files = staging_file_of(rows.column("server_id").combine_chunks())
+        order = np.argsort(files, kind="stable")
+        counts = np.bincount(files, minlength=len(self._writers))
+        rows = rows.take(order)
+        start = 0
+        for writer, count in zip(self._writers, counts.tolist()):
+            if count:
+                writer.write_table(rows.slice(start, count))
+            start += count
+
+    def close(self) -> None:
+        for writer in self._writers:
+            writer.close()
 
 
 class _RejectedWriter:
@@ -177,25 +207,24 @@ def _clean_chunks(source: Source, settings: Settings, several: bool,
 def _read_sources(
     sources: list[Source],
     settings: Settings,
-    staging_path: Path,
+    staging: _StagingWriter,
     rejected: _RejectedWriter,
     dropped: pq.ParquetWriter,
     tally: Tally,
     servers: ServerNumbers,
     progress: ProgressCallback | None,
 ) -> None:
-    """Stream every source into the staging file, committing chunks on a thread of their own."""
+    """Stream every source into the staging files, committing chunks on a thread of their own."""
     schema = staging_schema(settings.keep_columns)
     writes: deque[Future] = deque()
 
     def commit(chunk: CleanChunk, first_row_index: int) -> None:
         if chunk.rows_kept:
-            staging.write_table(_staging_table(chunk, first_row_index, servers, schema))
+            staging.write(_staging_table(chunk, first_row_index, servers, schema))
         if chunk.left_out.num_rows:
             dropped.write_table(chunk.left_out)
 
-    with pq.ParquetWriter(staging_path, schema, **STAGING_OPTIONS) as staging, \
-            ThreadPoolExecutor(PARSE_THREADS) as pool, ThreadPoolExecutor(1) as writer:
+    with ThreadPoolExecutor(PARSE_THREADS) as pool, ThreadPoolExecutor(1) as writer:
         for source in sources:
             try:
                 for chunk in _clean_chunks(source, settings, len(sources) > 1, pool):
@@ -215,16 +244,17 @@ def _read_sources(
 
 def _stage_input(sources: list[Source], settings: Settings, work: Path,
                  progress: ProgressCallback | None) -> tuple[Tally, ServerNumbers]:
-    """Reads the input once: `work/staging.parquet` (rows kept), `work/rejected.parquet` and
+    """Reads the input once: the staging files (rows kept), `work/rejected.parquet` and
     `work/dropped.parquet`; returns the counts and the servers in order of appearance."""
     tally = Tally()
     servers = ServerNumbers()
+    staging = _StagingWriter(staging_paths(work), staging_schema(settings.keep_columns))
     rejected = _RejectedWriter(work / "rejected.parquet")
     dropped = pq.ParquetWriter(work / "dropped.parquet", DROPPED, compression=PARQUET_COMPRESSION)
     try:
-        _read_sources(sources, settings, work / "staging.parquet", rejected, dropped, tally,
-                      servers, progress)
+        _read_sources(sources, settings, staging, rejected, dropped, tally, servers, progress)
     finally:
+        staging.close()
         rejected.close()
         dropped.close()
     if tally.rows_read == 0:
@@ -234,7 +264,7 @@ def _stage_input(sources: list[Source], settings: Settings, work: Path,
 
 def _staging_table(chunk: CleanChunk, first_row_index: int, servers: ServerNumbers,
                    schema: pa.Schema) -> pa.Table:
-    """A cleaned chunk's rows, numbered in input order, as the staging file holds them."""
+    """A cleaned chunk's rows, numbered in input order, as the staging files hold them."""
     count = chunk.rows_kept
     values = {
         **chunk.columns,
@@ -324,7 +354,7 @@ def run_prep(
     tally, servers = _stage_input(sources, settings, work, progress)
     if progress:
         progress(PrepProgress("", tally.rows_read, tally.rows_kept, "batching"))
-    result = build_batches(work / "staging.parquet", work, settings, settings.keep_columns,
+    result = build_batches(staging_paths(work), work, settings, settings.keep_columns,
                            servers.names, previous)
     _publish_outputs(work, layout)
     summary = _summary(settings, sources, warnings, tally, result, previous, started)

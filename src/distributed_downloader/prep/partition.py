@@ -49,6 +49,10 @@ BATCH_FILE_NAME = "part-0.parquet"
 ROWS_PER_FETCH = 20_000  # rows per Arrow batch from DuckDB: a small batch keeps memory down
 WRITE_THREADS = 2  # batch files compressed at once; the writes release the GIL
 HEX_DIGEST = 40  # characters of a SHA-1 digest in hex
+# The staged rows are kept in a few files by server (server number modulo their count), each
+# file holding whole servers: the rows to download are then sorted by server one file at a
+# time, a sort that mostly fits in memory where one sort of every row spills to disk.
+STAGING_FILES = 8
 # Batch columns that differ on every row: a dictionary would only add to their size and cost.
 UNIQUE_PER_ROW = ("uuid", "source_id", "identifier")
 
@@ -99,6 +103,15 @@ def format_uuids(digests: pa.Array) -> pa.Array:
         pa.string(), count,
         [None, pa.py_buffer(np.arange(0, UUID_TEXT * (count + 1), UUID_TEXT, dtype=np.int32)),
          pa.py_buffer(text)])
+
+
+def staging_paths(work: Path) -> list[Path]:
+    return [work / f"staging-{number}.parquet" for number in range(STAGING_FILES)]
+
+
+def staging_file_of(server_ids: pa.Array) -> np.ndarray:
+    """Which of the staging files holds each row, by its server's number."""
+    return server_ids.to_numpy() % STAGING_FILES
 
 
 class ServerNumbers:
@@ -315,28 +328,30 @@ def _compare_with_previous(con: duckdb.DuckDBPyConnection, work: Path,
     return overlap_totals(by_server)
 
 
-def _cut_batches(con: duckdb.DuckDBPyConnection, cutter: BatchCutter, uuids: _UuidSql,
-                 keep_columns: list[str], reuse: bool) -> list[ServerBatches]:
-    """Streams the rows to download, sorted by server, into the cutter. A row whose URL occurs
-    once is the first of its pair (pair_repeat 0); a repeated URL's row downloads it only if it
-    carries it."""
+def _cut_batches(con: duckdb.DuckDBPyConnection, cutter: BatchCutter, staging: list[Path],
+                 uuids: _UuidSql, keep_columns: list[str], reuse: bool) -> list[ServerBatches]:
+    """Streams the rows to download, sorted by server one staging file at a time, into the
+    cutter. A row whose URL occurs once is the first of its pair (pair_repeat 0); a repeated
+    URL's row downloads it only if it carries it."""
     payload = ", ".join(f'"{name}"' for name in [*BATCH.names[1:], *keep_columns])
     reused = "".join(f", {name}" for name in REUSE_NAMES) if reuse else ""
     joined = "LEFT JOIN previous_outcome USING (identifier)" if reuse else ""
     con.execute("SET preserve_insertion_order = true")  # for the projection after the sort
-    download = con.sql(f"""
-        SELECT server_id, {uuids.after_sort}, {payload}{reused} FROM (
-            SELECT * FROM (
-                SELECT server_id, row_index, {uuids.once}, {payload}
-                FROM prepared ANTI JOIN repeats USING (row_index)
-                UNION ALL
-                SELECT server_id, row_index, {uuids.repeated}, {payload}
-                FROM repeats WHERE uuid = carrier_uuid
-            ) {joined}
-            ORDER BY server_id, row_index)""").to_arrow_reader(ROWS_PER_FETCH)
     try:
-        for rows in download:
-            cutter.add(_digests_to_uuids(rows) if uuids.deterministic else rows)
+        for number, path in enumerate(staging):
+            download = con.sql(f"""
+                SELECT server_id, {uuids.after_sort}, {payload}{reused} FROM (
+                    SELECT * FROM (
+                        SELECT server_id, row_index, {uuids.once}, {payload}
+                        FROM read_parquet({sql_path(path)}) ANTI JOIN repeats USING (row_index)
+                        UNION ALL
+                        SELECT server_id, row_index, {uuids.repeated}, {payload}
+                        FROM repeats WHERE uuid = carrier_uuid
+                            AND server_id % {len(staging)} = {number}
+                    ) {joined}
+                    ORDER BY server_id, row_index)""").to_arrow_reader(ROWS_PER_FETCH)
+            for rows in download:
+                cutter.add(_digests_to_uuids(rows) if uuids.deterministic else rows)
         return cutter.finish()
     finally:
         cutter.close()
@@ -357,11 +372,12 @@ def _write_servers(servers: list[ServerBatches], path: Path) -> None:
 
 
 def build_batches(
-    staging: Path, work: Path, settings: Settings, keep_columns: list[str],
+    staging: list[Path], work: Path, settings: Settings, keep_columns: list[str],
     server_names: list[str], previous: list[RunLayout] | None = None,
 ) -> PartitionResult:
     """Write `work/batches/`, `work/duplicates.parquet` and `work/servers.parquet` (and, with
-    earlier downloads, `work/overlap.parquet`).
+    earlier downloads, `work/overlap.parquet`) from the staging files (file K holding the rows
+    of the servers numbered K modulo their count).
 
     Only the rows of URLs that occur more than once need numbering (which of a repeated
     (source id, URL) pair a row is, which row carries the URL): DuckDB finds those URLs with
@@ -370,14 +386,16 @@ def build_batches(
     uuids = _uuid_sql(settings.uuid != "random")
     con = _connect(work, settings)
     try:
-        con.execute(f"CREATE VIEW prepared AS SELECT * FROM read_parquet({sql_path(staging)})")
+        files = ", ".join(sql_path(path) for path in staging)
+        con.execute(f"CREATE VIEW prepared AS SELECT * FROM read_parquet([{files}])")
         _number_repeats(con, uuids, settings.keep_duplicates)
         duplicates = _write_duplicates(con, work / "duplicates.parquet", keep_columns)
         overlap = _compare_with_previous(con, work, previous) if previous else None
         (work / "batches").mkdir()
         cutter = BatchCutter(work / "batches", settings.batch_size,
                              batch_schema(keep_columns, reuse=bool(previous)), server_names)
-        servers = _cut_batches(con, cutter, uuids, keep_columns, reuse=bool(previous))
+        servers = _cut_batches(con, cutter, staging, uuids, keep_columns,
+                               reuse=bool(previous))
     finally:
         con.close()
     _write_servers(servers, work / "servers.parquet")
