@@ -276,16 +276,19 @@ def _uuid_sql(deterministic: bool) -> _UuidSql:
                     once="0 AS pair_repeat", repeated="pair_repeat")
 
 
-def _number_repeats(con: duckdb.DuckDBPyConnection, uuids: _UuidSql,
+def _number_repeats(con: duckdb.DuckDBPyConnection, staging: list[Path], uuids: _UuidSql,
                     keep_duplicates: bool) -> None:
     """Table `repeats`: the rows of URLs seen more than once, each with its pair's repeat
     number, its UUID and the UUID of the row that carries its URL (the first, unless every
     duplicate is kept)."""
     # URLs seen more than once, found by their 64-bit hash (8 bytes to aggregate, not the
-    # URL): a hash seen twice makes its rows candidates, which are then counted by URL.
-    con.execute("""
-        CREATE TABLE repeated_hashes AS
-        SELECT hash(identifier) AS hash FROM prepared GROUP BY hash HAVING count(*) > 1""")
+    # URL): a hash seen twice makes its rows candidates, which are then counted by URL. All
+    # rows of a URL are in its server's staging file, so each file is aggregated alone (smaller
+    # hash tables).
+    repeated_in_each = " UNION ALL ".join(
+        f"SELECT hash FROM (SELECT hash(identifier) AS hash FROM read_parquet({sql_path(path)}))"
+        " GROUP BY hash HAVING count(*) > 1" for path in staging)
+    con.execute(f"CREATE TABLE repeated_hashes AS {repeated_in_each}")
     carrier = (
         "uuid" if keep_duplicates
         else "first_value(uuid) OVER (PARTITION BY identifier ORDER BY row_index)"
@@ -388,7 +391,7 @@ def build_batches(
     try:
         files = ", ".join(sql_path(path) for path in staging)
         con.execute(f"CREATE VIEW prepared AS SELECT * FROM read_parquet([{files}])")
-        _number_repeats(con, uuids, settings.keep_duplicates)
+        _number_repeats(con, staging, uuids, settings.keep_duplicates)
         duplicates = _write_duplicates(con, work / "duplicates.parquet", keep_columns)
         overlap = _compare_with_previous(con, work, previous) if previous else None
         (work / "batches").mkdir()
