@@ -1,11 +1,11 @@
 """The prep stage: input → filtered, normalised rows with UUIDs → batches by server.
 
 The input is read once: chunks are parsed and checked on a few threads (Arrow's kernels release
-the GIL) and committed in input order into a staging Parquet file, which keeps memory bounded
-whatever the input's size. DuckDB then deduplicates and sorts the staged rows out of core, and
-the batches are cut from its sorted output. Everything is written under `prep/.work/` and
-published into `prep/` at the end, `summary.json` last, so a killed prep leaves nothing a later
-stage could take for finished.
+the GIL) and committed in input order into a few staging Parquet files by server, which keeps
+memory bounded whatever the input's size. DuckDB then deduplicates the staged rows and sorts
+them by server out of core, a file at a time, and the batches are cut from its sorted output.
+Everything is written under `prep/.work/` and published into `prep/` at the end,
+`summary.json` last, so a killed prep leaves nothing a later stage could take for finished.
 """
 
 from __future__ import annotations
@@ -32,7 +32,13 @@ import pyarrow.parquet as pq
 from distributed_downloader import __version__
 from distributed_downloader.config import Settings, save_settings
 from distributed_downloader.errors import InputError, UserError
-from distributed_downloader.prep.partition import ServerNumbers, build_batches
+from distributed_downloader.prep.partition import (
+    PartitionResult,
+    ServerNumbers,
+    build_batches,
+    staging_file_of,
+    staging_paths,
+)
 from distributed_downloader.prep.previous import check_previous
 from distributed_downloader.prep.readers import ChunkJob
 from distributed_downloader.prep.rows import (
@@ -57,9 +63,9 @@ REJECTED_ROWS_PER_GROUP = 10_000
 # Threads that parse and check chunks; the main thread reads ahead and commits in order.
 PARSE_THREADS = max(2, min(4, os.cpu_count() or 1))
 CHUNKS_IN_FLIGHT = PARSE_THREADS + 2  # each holds a few tens of MiB
-# Cleaned chunks waiting for the thread that writes them to the staging file, in order.
+# Cleaned chunks waiting for the thread that writes them to the staging files, in order.
 WRITES_IN_FLIGHT = 2
-# The staging file is read once by DuckDB and deleted: fast compression, statistics left out,
+# The staging files are read by DuckDB and deleted: fast compression, statistics left out,
 # dictionaries only where values repeat.
 STAGING_OPTIONS = {"compression": "lz4", "write_statistics": False,
                    "use_dictionary": ["license", "source", "server_name"]}
@@ -94,6 +100,30 @@ def check_same_input(layout: RunLayout, source: Path) -> None:
             "run folder belongs to one input. Use another --output, `--previous "
             f"{layout.root}` there to build on this run, or --force to prepare the new input "
             "here (only while nothing was downloaded yet)")
+
+
+class _StagingWriter:
+    """Writes the kept rows into the staging files, each row into its server's file, in input
+    order within each file."""
+
+    def __init__(self, paths: list[Path], schema: pa.Schema) -> None:
+        self.paths = paths
+        self._writers = [pq.ParquetWriter(path, schema, **STAGING_OPTIONS) for path in paths]
+
+    def write(self, rows: pa.Table) -> None:
+        files = staging_file_of(rows.column("server_id").combine_chunks())
+        order = np.argsort(files, kind="stable")
+        counts = np.bincount(files, minlength=len(self._writers))
+        rows = rows.take(order)
+        start = 0
+        for writer, count in zip(self._writers, counts.tolist()):
+            if count:
+                writer.write_table(rows.slice(start, count))
+            start += count
+
+    def close(self) -> None:
+        for writer in self._writers:
+            writer.close()
 
 
 class _RejectedWriter:
@@ -160,42 +190,44 @@ def _cleaned(job: ChunkJob, cleaner: ChunkCleaner) -> Callable[[], CleanChunk]:
     return lambda: cleaner.clean(job())
 
 
+def _clean_chunks(source: Source, settings: Settings, several: bool,
+                  pool: ThreadPoolExecutor) -> Iterator[CleanChunk]:
+    """One source's chunks, parsed and checked on the pool, in input order."""
+    assert settings.input is not None
+    reader = source.make_reader()
+    roles = resolve_roles(reader.columns, source, settings)
+    prefix = _row_key_prefix(source, settings.input, several)
+    cleaner = ChunkCleaner(roles, source, prefix, settings.keep_columns,
+                           settings.strict_image_format)
+    readable = [name for name in roles.wanted if name in reader.columns]
+    tasks = (_cleaned(job, cleaner) for job in reader.jobs(readable))
+    return _in_order(pool, tasks, CHUNKS_IN_FLIGHT)
+
+
 def _read_sources(
     sources: list[Source],
     settings: Settings,
-    staging_path: Path,
+    staging: _StagingWriter,
     rejected: _RejectedWriter,
     dropped: pq.ParquetWriter,
     tally: Tally,
     servers: ServerNumbers,
     progress: ProgressCallback | None,
-) -> list[str]:
-    """Stream every source into the staging file; returns the source formats seen."""
-    assert settings.input is not None
-    keep_columns = settings.keep_columns
-    schema = staging_schema(keep_columns)
-    formats = []
+) -> None:
+    """Stream every source into the staging files, committing chunks on a thread of their own."""
+    schema = staging_schema(settings.keep_columns)
     writes: deque[Future] = deque()
 
     def commit(chunk: CleanChunk, first_row_index: int) -> None:
         if chunk.rows_kept:
-            staging.write_table(_staging_table(chunk, first_row_index, servers, schema))
+            staging.write(_staging_table(chunk, first_row_index, servers, schema))
         if chunk.left_out.num_rows:
             dropped.write_table(chunk.left_out)
 
-    with pq.ParquetWriter(staging_path, schema, **STAGING_OPTIONS) as staging, \
-            ThreadPoolExecutor(PARSE_THREADS) as pool, ThreadPoolExecutor(1) as writer:
+    with ThreadPoolExecutor(PARSE_THREADS) as pool, ThreadPoolExecutor(1) as writer:
         for source in sources:
-            formats.append(source.format)
             try:
-                reader = source.make_reader()
-                roles = resolve_roles(reader.columns, source, settings)
-                prefix = _row_key_prefix(source, settings.input, len(sources) > 1)
-                cleaner = ChunkCleaner(roles, source, prefix, keep_columns,
-                                       settings.strict_image_format)
-                readable = [name for name in roles.wanted if name in reader.columns]
-                tasks = (_cleaned(job, cleaner) for job in reader.jobs(readable))
-                for chunk in _in_order(pool, tasks, CHUNKS_IN_FLIGHT):
+                for chunk in _clean_chunks(source, settings, len(sources) > 1, pool):
                     writes.append(writer.submit(commit, chunk, tally.rows_kept))
                     tally.add(chunk)
                     rejected.add(chunk.rejected)
@@ -208,12 +240,31 @@ def _read_sources(
                 raise InputError(f"{source.label}: cannot read further ({exc})") from None
         while writes:
             writes.popleft().result()
-    return formats
+
+
+def _stage_input(sources: list[Source], settings: Settings, work: Path,
+                 progress: ProgressCallback | None) -> tuple[Tally, ServerNumbers]:
+    """Reads the input once: the staging files (rows kept), `work/rejected.parquet` and
+    `work/dropped.parquet`; returns the counts and the servers in order of appearance."""
+    tally = Tally()
+    servers = ServerNumbers()
+    staging = _StagingWriter(staging_paths(work), staging_schema(settings.keep_columns))
+    rejected = _RejectedWriter(work / "rejected.parquet")
+    dropped = pq.ParquetWriter(work / "dropped.parquet", DROPPED, compression=PARQUET_COMPRESSION)
+    try:
+        _read_sources(sources, settings, staging, rejected, dropped, tally, servers, progress)
+    finally:
+        staging.close()
+        rejected.close()
+        dropped.close()
+    if tally.rows_read == 0:
+        raise InputError(f"{settings.input}: no data rows (only a header, or empty)")
+    return tally, servers
 
 
 def _staging_table(chunk: CleanChunk, first_row_index: int, servers: ServerNumbers,
                    schema: pa.Schema) -> pa.Table:
-    """A cleaned chunk's rows, numbered in input order, as the staging file holds them."""
+    """A cleaned chunk's rows, numbered in input order, as the staging files hold them."""
     count = chunk.rows_kept
     values = {
         **chunk.columns,
@@ -224,63 +275,47 @@ def _staging_table(chunk: CleanChunk, first_row_index: int, servers: ServerNumbe
     return pa.Table.from_arrays([values[f.name] for f in schema], schema=schema)
 
 
-def run_prep(
-    settings: Settings, force: bool = False, progress: ProgressCallback | None = None
-) -> dict[str, Any]:
-    """Prepare `settings.input` into `settings.output/prep/`; returns the summary written."""
-    if settings.input is None or settings.output is None:
-        raise UserError("prep needs an INPUT and an --output folder")
-    started = time.monotonic()
-    layout = RunLayout(settings.output)
-    layout.check_writable()
-    if prep_is_finished(layout):
-        if not force:
-            raise UserError(
-                f"{layout.prep} holds a finished prep; use --force to prepare again "
-                "(it replaces prep/ only, while nothing was downloaded yet)"
-            )
-        upgrade_layout(layout)
-        if has_downloads(layout):
-            raise UserError(
-                f"{layout.root} already holds downloads of its prep: preparing again there "
-                "would mix two inputs in one folder; use another --output (with --previous "
-                f"{layout.root} to reuse what it holds)")
-        shutil.rmtree(layout.prep)
-    sources, warnings = discover(settings.input, settings.input_format)
-    previous = check_previous(settings.previous, settings.output)
+def _make_room(layout: RunLayout, force: bool) -> None:
+    """Clears a finished prep away when asked to and while nothing was downloaded from it."""
+    if not prep_is_finished(layout):
+        return
+    if not force:
+        raise UserError(
+            f"{layout.prep} holds a finished prep; use --force to prepare again "
+            "(it replaces prep/ only, while nothing was downloaded yet)"
+        )
+    upgrade_layout(layout)
+    if has_downloads(layout):
+        raise UserError(
+            f"{layout.root} already holds downloads of its prep: preparing again there "
+            "would mix two inputs in one folder; use another --output (with --previous "
+            f"{layout.root} to reuse what it holds)")
+    shutil.rmtree(layout.prep)
 
+
+def _fresh_work_folder(layout: RunLayout) -> Path:
     work = layout.prep_work
     if work.exists():
         shutil.rmtree(work)  # a killed prep's leftovers
     work.mkdir(parents=True)
-    save_settings(settings)
+    return work
 
-    tally = Tally()
-    servers = ServerNumbers()
-    rejected = _RejectedWriter(work / "rejected.parquet")
-    dropped = pq.ParquetWriter(work / "dropped.parquet", DROPPED, compression=PARQUET_COMPRESSION)
-    staging_path = work / "staging.parquet"
-    try:
-        formats = _read_sources(sources, settings, staging_path, rejected, dropped, tally,
-                                servers, progress)
-    finally:
-        rejected.close()
-        dropped.close()
-    if tally.rows_read == 0:
-        raise InputError(f"{settings.input}: no data rows (only a header, or empty)")
-    if progress:
-        progress(PrepProgress("", tally.rows_read, tally.rows_kept, "batching"))
-    result = build_batches(staging_path, work, settings, settings.keep_columns, servers.names,
-                           previous)
 
+def _publish_outputs(work: Path, layout: RunLayout) -> None:
     for name in ("batches", "rejected.parquet", "dropped.parquet", "duplicates.parquet",
                  "servers.parquet", "overlap.parquet"):
         if (work / name).exists():
             publish(work / name, layout.prep / name)
-    summary = {
+
+
+def _summary(settings: Settings, sources: list[Source], warnings: list[str], tally: Tally,
+             result: PartitionResult, previous: list[RunLayout],
+             started: float) -> dict[str, Any]:
+    assert settings.input is not None
+    return {
         "input": str(settings.input.resolve()),
         "input_fingerprint": input_fingerprint(settings.input),
-        "formats": sorted(set(formats)),
+        "formats": sorted({source.format for source in sources}),
         "rows_read": tally.rows_read,
         "rows_kept": tally.rows_kept,
         "dropped": tally.as_dict(),
@@ -299,6 +334,30 @@ def run_prep(
         "version": __version__,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def run_prep(
+    settings: Settings, force: bool = False, progress: ProgressCallback | None = None
+) -> dict[str, Any]:
+    """Prepare `settings.input` into `settings.output/prep/`; returns the summary written."""
+    if settings.input is None or settings.output is None:
+        raise UserError("prep needs an INPUT and an --output folder")
+    started = time.monotonic()
+    layout = RunLayout(settings.output)
+    layout.check_writable()
+    _make_room(layout, force)
+    sources, warnings = discover(settings.input, settings.input_format)
+    previous = check_previous(settings.previous, settings.output)
+    work = _fresh_work_folder(layout)
+    save_settings(settings)
+
+    tally, servers = _stage_input(sources, settings, work, progress)
+    if progress:
+        progress(PrepProgress("", tally.rows_read, tally.rows_kept, "batching"))
+    result = build_batches(staging_paths(work), work, settings, settings.keep_columns,
+                           servers.names, previous)
+    _publish_outputs(work, layout)
+    summary = _summary(settings, sources, warnings, tally, result, previous, started)
     atomic_write_json(layout.prep_summary, summary)
     shutil.rmtree(work, ignore_errors=True)
     return summary

@@ -49,6 +49,10 @@ BATCH_FILE_NAME = "part-0.parquet"
 ROWS_PER_FETCH = 20_000  # rows per Arrow batch from DuckDB: a small batch keeps memory down
 WRITE_THREADS = 2  # batch files compressed at once; the writes release the GIL
 HEX_DIGEST = 40  # characters of a SHA-1 digest in hex
+# The staged rows are kept in a few files by server (server number modulo their count), each
+# file holding whole servers: the rows to download are then sorted by server one file at a
+# time, a sort that mostly fits in memory where one sort of every row spills to disk.
+STAGING_FILES = 8
 # Batch columns that differ on every row: a dictionary would only add to their size and cost.
 UNIQUE_PER_ROW = ("uuid", "source_id", "identifier")
 
@@ -74,10 +78,9 @@ def uuid_v5_python(source_id: str, identifier: str, repeat: int = 0) -> str:
 _VARIANT = np.zeros(256, np.uint8)
 for _nibble, _char in enumerate(b"0123456789abcdef"):
     _VARIANT[_char] = b"89ab"[_nibble & 3]
-# Where each of the UUID's 36 characters comes from in the 40-character digest (-1: a dash or
-# the version, set apart).
-_FROM_DIGEST = np.array([*range(8), -1, *range(8, 12), -1, -1, *range(13, 16), -1, -1,
-                         *range(17, 20), -1, *range(20, 32)])
+UUID_TEXT = 36
+# Which characters of the UUID come from which of the digest: (UUID start, digest start, count).
+_FROM_DIGEST = ((0, 0, 8), (9, 8, 4), (15, 13, 3), (20, 17, 3), (24, 20, 12))
 
 
 def format_uuids(digests: pa.Array) -> pa.Array:
@@ -90,15 +93,25 @@ def format_uuids(digests: pa.Array) -> pa.Array:
         raise ValueError("format_uuids takes 40-character hex digests, no nulls")
     data = np.frombuffer(digests.buffers()[2], np.uint8)[offsets[0]:][: HEX_DIGEST * count]
     hexes = data.reshape(count, HEX_DIGEST)
-    text = hexes[:, np.maximum(_FROM_DIGEST, 0)]
+    text = np.empty((count, UUID_TEXT), np.uint8)
+    for start, source, length in _FROM_DIGEST:  # a few strided copies, not a gather per byte
+        text[:, start:start + length] = hexes[:, source:source + length]
     text[:, [8, 13, 18, 23]] = ord("-")
     text[:, 14] = ord("5")
     text[:, 19] = _VARIANT[hexes[:, 16]]
-    width = len(_FROM_DIGEST)
     return pa.Array.from_buffers(
         pa.string(), count,
-        [None, pa.py_buffer(np.arange(0, width * (count + 1), width, dtype=np.int32)),
-         pa.py_buffer(np.ascontiguousarray(text))])
+        [None, pa.py_buffer(np.arange(0, UUID_TEXT * (count + 1), UUID_TEXT, dtype=np.int32)),
+         pa.py_buffer(text)])
+
+
+def staging_paths(work: Path) -> list[Path]:
+    return [work / f"staging-{number}.parquet" for number in range(STAGING_FILES)]
+
+
+def staging_file_of(server_ids: pa.Array) -> np.ndarray:
+    """Which of the staging files holds each row, by its server's number."""
+    return server_ids.to_numpy() % STAGING_FILES
 
 
 class ServerNumbers:
@@ -233,105 +246,121 @@ def _digests_to_uuids(rows: pa.RecordBatch) -> pa.RecordBatch:
     return rows.set_column(position, "uuid", format_uuids(rows.column(position)))
 
 
-def build_batches(
-    staging: Path, work: Path, settings: Settings, keep_columns: list[str],
-    server_names: list[str], previous: list[RunLayout] | None = None,
-) -> PartitionResult:
-    """Write `work/batches/`, `work/duplicates.parquet` and `work/servers.parquet` (and, with
-    earlier downloads, `work/overlap.parquet`).
+# The name a deterministic UUID is made of: "source_id\nURL", and "\nK" for the K-th repeat.
+PAIR_NAME_SQL = ("source_id || chr(10) || identifier || CASE WHEN pair_repeat > 0 "
+                 "THEN chr(10) || pair_repeat::VARCHAR ELSE '' END")
 
-    Only the rows of URLs that occur more than once need numbering (which of a repeated
-    (source id, URL) pair a row is, which row carries the URL): DuckDB finds those URLs with
-    one hash aggregation and numbers their rows alone. Every other row downloads its URL
-    under the UUID of its pair, computed in the query that sorts the rows by server."""
-    con = _connect(work, settings)
-    overlap = None
-    deterministic = settings.uuid != "random"
+
+@dataclass(frozen=True)
+class _UuidSql:
+    """Where the queries give rows their UUIDs. Deterministic UUIDs of the rows to download are
+    computed after the sort by server, so that the sort does not carry them."""
+
+    deterministic: bool
+    named: str  # the numbered rows of repeated URLs, with their UUIDs
+    after_sort: str  # the UUID column of the rows to download
+    once: str  # what a row whose URL occurs once carries into the sort (it is repeat 0)
+    repeated: str  # what the row carrying a repeated URL carries into the sort
+
+
+def _uuid_sql(deterministic: bool) -> _UuidSql:
+    if not deterministic:
+        return _UuidSql(False, named="SELECT *, uuid()::VARCHAR AS uuid FROM numbered",
+                        after_sort="coalesce(uuid, uuid()::VARCHAR) AS uuid",
+                        once="NULL::VARCHAR AS uuid", repeated="uuid")
+    digest, formatted = uuid_v5_sql(PAIR_NAME_SQL)
+    named = f"""
+        SELECT * EXCLUDE (digest), {formatted} AS uuid FROM (
+            SELECT *, {digest} AS digest FROM numbered)"""
+    return _UuidSql(True, named=named, after_sort=f"{digest} AS uuid",
+                    once="0 AS pair_repeat", repeated="pair_repeat")
+
+
+def _number_repeats(con: duckdb.DuckDBPyConnection, staging: list[Path], uuids: _UuidSql,
+                    keep_duplicates: bool) -> None:
+    """Table `repeats`: the rows of URLs seen more than once, each with its pair's repeat
+    number, its UUID and the UUID of the row that carries its URL (the first, unless every
+    duplicate is kept)."""
+    # URLs seen more than once, found by their 64-bit hash (8 bytes to aggregate, not the
+    # URL): a hash seen twice makes its rows candidates, which are then counted by URL. All
+    # rows of a URL are in its server's staging file, so each file is aggregated alone (smaller
+    # hash tables).
+    repeated_in_each = " UNION ALL ".join(
+        f"SELECT hash FROM (SELECT hash(identifier) AS hash FROM read_parquet({sql_path(path)}))"
+        " GROUP BY hash HAVING count(*) > 1" for path in staging)
+    con.execute(f"CREATE TABLE repeated_hashes AS {repeated_in_each}")
+    carrier = (
+        "uuid" if keep_duplicates
+        else "first_value(uuid) OVER (PARTITION BY identifier ORDER BY row_index)"
+    )
+    con.execute(f"""
+        CREATE TABLE repeats AS
+        WITH candidates AS (
+            SELECT *, count(*) OVER (PARTITION BY identifier) AS occurrences
+            FROM prepared SEMI JOIN repeated_hashes ON hash(identifier) = hash),
+        numbered AS (
+            SELECT * EXCLUDE (occurrences), row_number() OVER (
+                PARTITION BY source_id, identifier ORDER BY row_index) - 1 AS pair_repeat
+            FROM candidates WHERE occurrences > 1)
+        SELECT *, {carrier} AS carrier_uuid FROM ({uuids.named})""")
+
+
+def _write_duplicates(con: duckdb.DuckDBPyConnection, path: Path,
+                      keep_columns: list[str]) -> int:
+    """The rows whose URL another row carries, in input order; returns how many."""
+    carried = ", ".join(f'"{name}"' for name in [*BATCH.names, *keep_columns])
+    duplicates = con.sql(
+        f"SELECT {carried}, server_name, carrier_uuid FROM repeats "
+        "WHERE uuid <> carrier_uuid ORDER BY row_index"
+    ).to_arrow_reader(ROWS_PER_FETCH)
+    schema = duplicates_schema(keep_columns)
+    count = 0
+    with pq.ParquetWriter(path, schema, compression=PARQUET_COMPRESSION) as out:
+        for rows in duplicates:
+            out.write_table(pa.Table.from_batches([rows]).cast(schema))
+            count += rows.num_rows
+    return count
+
+
+def _compare_with_previous(con: duckdb.DuckDBPyConnection, work: Path,
+                           previous: list[RunLayout]) -> dict[str, Any]:
+    """Tables of what earlier downloads hold, `work/overlap.parquet`; returns its totals."""
+    create_previous_tables(con, previous)
+    by_server = overlap_by_server(con)
+    pq.write_table(by_server, work / "overlap.parquet", compression=PARQUET_COMPRESSION)
+    return overlap_totals(by_server)
+
+
+def _cut_batches(con: duckdb.DuckDBPyConnection, cutter: BatchCutter, staging: list[Path],
+                 uuids: _UuidSql, keep_columns: list[str], reuse: bool) -> list[ServerBatches]:
+    """Streams the rows to download, sorted by server one staging file at a time, into the
+    cutter. A row whose URL occurs once is the first of its pair (pair_repeat 0); a repeated
+    URL's row downloads it only if it carries it."""
+    payload = ", ".join(f'"{name}"' for name in [*BATCH.names[1:], *keep_columns])
+    reused = "".join(f", {name}" for name in REUSE_NAMES) if reuse else ""
+    joined = "LEFT JOIN previous_outcome USING (identifier)" if reuse else ""
+    con.execute("SET preserve_insertion_order = true")  # for the projection after the sort
     try:
-        payload = ", ".join(f'"{name}"' for name in [*BATCH.names[1:], *keep_columns])
-        carried = ", ".join(f'"{name}"' for name in [*BATCH.names, *keep_columns])
-        con.execute(f"CREATE VIEW prepared AS SELECT * FROM read_parquet({sql_path(staging)})")
-        # URLs seen more than once, found by their 64-bit hash (8 bytes to aggregate, not the
-        # URL): a hash seen twice makes its rows candidates, which are then counted by URL.
-        con.execute("""
-            CREATE TABLE repeated_hashes AS
-            SELECT hash(identifier) AS hash FROM prepared GROUP BY hash HAVING count(*) > 1""")
-        if deterministic:
-            digest, formatted = uuid_v5_sql(
-                "source_id || chr(10) || identifier || CASE WHEN pair_repeat > 0 "
-                "THEN chr(10) || pair_repeat::VARCHAR ELSE '' END"
-            )
-            named = f"""
-                SELECT * EXCLUDE (digest), {formatted} AS uuid FROM (
-                    SELECT *, {digest} AS digest FROM numbered)"""
-        else:
-            named = "SELECT *, uuid()::VARCHAR AS uuid FROM numbered"
-        carrier = (
-            "uuid" if settings.keep_duplicates
-            else "first_value(uuid) OVER (PARTITION BY identifier ORDER BY row_index)"
-        )
-        con.execute(f"""
-            CREATE TABLE repeats AS
-            WITH candidates AS (
-                SELECT *, count(*) OVER (PARTITION BY identifier) AS occurrences
-                FROM prepared SEMI JOIN repeated_hashes ON hash(identifier) = hash),
-            numbered AS (
-                SELECT * EXCLUDE (occurrences), row_number() OVER (
-                    PARTITION BY source_id, identifier ORDER BY row_index) - 1 AS pair_repeat
-                FROM candidates WHERE occurrences > 1)
-            SELECT *, {carrier} AS carrier_uuid FROM ({named})""")
-
-        duplicates_path = work / "duplicates.parquet"
-        duplicates = con.sql(
-            f"SELECT {carried}, server_name, carrier_uuid FROM repeats "
-            "WHERE uuid <> carrier_uuid ORDER BY row_index"
-        ).to_arrow_reader(ROWS_PER_FETCH)
-        dup_schema = duplicates_schema(keep_columns)
-        duplicate_count = 0
-        with pq.ParquetWriter(duplicates_path, dup_schema, compression=PARQUET_COMPRESSION) as out:
-            for rows in duplicates:
-                out.write_table(pa.Table.from_batches([rows]).cast(dup_schema))
-                duplicate_count += rows.num_rows
-
-        reuse, joined = "", ""
-        if previous:
-            create_previous_tables(con, previous)
-            by_server = overlap_by_server(con)
-            pq.write_table(by_server, work / "overlap.parquet", compression=PARQUET_COMPRESSION)
-            overlap = overlap_totals(by_server)
-            reuse = "".join(f", {name}" for name in REUSE_NAMES)
-            joined = "LEFT JOIN previous_outcome USING (identifier)"
-        # A row whose URL occurs once is the first of its pair (pair_repeat 0). The UUIDs are
-        # computed after the sort, so the sort does not carry them; insertion order is kept
-        # for that outer projection.
-        if deterministic:
-            uuid_sql, once, twice = f"{digest} AS uuid", "0 AS pair_repeat", "pair_repeat"
-        else:
-            uuid_sql = "coalesce(uuid, uuid()::VARCHAR) AS uuid"
-            once, twice = "NULL::VARCHAR AS uuid", "uuid"
-        cutter = BatchCutter(work / "batches", settings.batch_size,
-                             batch_schema(keep_columns, reuse=bool(previous)), server_names)
-        (work / "batches").mkdir()
-        try:
-            con.execute("SET preserve_insertion_order = true")
+        for number, path in enumerate(staging):
             download = con.sql(f"""
-                SELECT server_id, {uuid_sql}, {payload}{reuse} FROM (
+                SELECT server_id, {uuids.after_sort}, {payload}{reused} FROM (
                     SELECT * FROM (
-                        SELECT server_id, row_index, {once}, {payload}
-                        FROM prepared ANTI JOIN repeats USING (row_index)
+                        SELECT server_id, row_index, {uuids.once}, {payload}
+                        FROM read_parquet({sql_path(path)}) ANTI JOIN repeats USING (row_index)
                         UNION ALL
-                        SELECT server_id, row_index, {twice}, {payload}
+                        SELECT server_id, row_index, {uuids.repeated}, {payload}
                         FROM repeats WHERE uuid = carrier_uuid
+                            AND server_id % {len(staging)} = {number}
                     ) {joined}
                     ORDER BY server_id, row_index)""").to_arrow_reader(ROWS_PER_FETCH)
             for rows in download:
-                cutter.add(_digests_to_uuids(rows) if deterministic else rows)
-            servers = cutter.finish()
-        finally:
-            cutter.close()
+                cutter.add(_digests_to_uuids(rows) if uuids.deterministic else rows)
+        return cutter.finish()
     finally:
-        con.close()
+        cutter.close()
 
+
+def _write_servers(servers: list[ServerBatches], path: Path) -> None:
     servers.sort(key=lambda s: (-s.rows, s.server_name))
     table = pa.table(
         {
@@ -342,8 +371,38 @@ def build_batches(
         },
         schema=SERVERS,
     )
-    pq.write_table(table, work / "servers.parquet", compression=PARQUET_COMPRESSION)
+    pq.write_table(table, path, compression=PARQUET_COMPRESSION)
+
+
+def build_batches(
+    staging: list[Path], work: Path, settings: Settings, keep_columns: list[str],
+    server_names: list[str], previous: list[RunLayout] | None = None,
+) -> PartitionResult:
+    """Write `work/batches/`, `work/duplicates.parquet` and `work/servers.parquet` (and, with
+    earlier downloads, `work/overlap.parquet`) from the staging files (file K holding the rows
+    of the servers numbered K modulo their count).
+
+    Only the rows of URLs that occur more than once need numbering (which of a repeated
+    (source id, URL) pair a row is, which row carries the URL): DuckDB finds those URLs with
+    one hash aggregation and numbers their rows alone. Every other row downloads its URL
+    under the UUID of its pair, computed in the query that sorts the rows by server."""
+    uuids = _uuid_sql(settings.uuid != "random")
+    con = _connect(work, settings)
+    try:
+        files = ", ".join(sql_path(path) for path in staging)
+        con.execute(f"CREATE VIEW prepared AS SELECT * FROM read_parquet([{files}])")
+        _number_repeats(con, staging, uuids, settings.keep_duplicates)
+        duplicates = _write_duplicates(con, work / "duplicates.parquet", keep_columns)
+        overlap = _compare_with_previous(con, work, previous) if previous else None
+        (work / "batches").mkdir()
+        cutter = BatchCutter(work / "batches", settings.batch_size,
+                             batch_schema(keep_columns, reuse=bool(previous)), server_names)
+        servers = _cut_batches(con, cutter, staging, uuids, keep_columns,
+                               reuse=bool(previous))
+    finally:
+        con.close()
+    _write_servers(servers, work / "servers.parquet")
     return PartitionResult(
-        download_rows=sum(s.rows for s in servers), duplicates=duplicate_count, servers=servers,
+        download_rows=sum(s.rows for s in servers), duplicates=duplicates, servers=servers,
         overlap=overlap,
     )

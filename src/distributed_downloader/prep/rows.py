@@ -17,7 +17,7 @@ from distributed_downloader.config import Settings
 from distributed_downloader.errors import DropReason, InputError, RejectReason
 from distributed_downloader.prep.readers import RawChunk
 from distributed_downloader.prep.sources import URL_COLUMN_CANDIDATES, Source
-from distributed_downloader.prep.urls import normalise_urls
+from distributed_downloader.prep.urls import NormalisedUrls, normalise_urls
 from distributed_downloader.schema import BATCH, DROPPED
 
 ID_COLUMN_CANDIDATES = ("gbifID", "source_id", "id")
@@ -157,6 +157,28 @@ class Tally:
         return {str(reason): count for reason, count in sorted(self.dropped.items()) if count}
 
 
+class _Outcome:
+    """What a chunk's checks found so far: rows rejected, rows left out, counts by reason."""
+
+    def __init__(self, label: str, read_rejected: list[tuple[int | None, str, RejectReason]]
+                 ) -> None:
+        self.rejected = [RejectedRow(label, line, raw, reason)
+                         for line, raw, reason in read_rejected]
+        self.dropped: Counter = Counter(reason for _, _, reason in read_rejected)
+        self.left_out: list[pa.Table] = []
+        self.kept_without_image_format = 0
+
+    def finish(self, columns: dict[str, pa.Array], rows_kept: int, rows_read: int) -> CleanChunk:
+        self.rejected.sort(key=lambda row: row.row_number or 0)
+        return CleanChunk(
+            columns=columns, rows_kept=rows_kept, rejected=self.rejected,
+            left_out=pa.concat_tables(self.left_out) if self.left_out
+            else DROPPED.empty_table(),
+            rows_read=rows_read, dropped=self.dropped,
+            kept_without_image_format=self.kept_without_image_format,
+        )
+
+
 # A column with at most this share of distinct values in a chunk (GBIF's type, format, license)
 # is checked once per distinct value, not once per row.
 LOW_CARDINALITY = 0.25
@@ -218,81 +240,97 @@ class ChunkCleaner:
         return self._per_value[column](kernel, values)
 
     def clean(self, chunk: RawChunk) -> CleanChunk:
-        roles = self.roles
-        dropped: Counter = Counter()
-        kept_without_image_format = 0
-        left_out = []
-        rejected = [RejectedRow(self.label, line, raw, reason)
-                    for line, raw, reason in chunk.rejected]
-        for row in chunk.rejected:
-            dropped[row[2]] += 1
-        columns, lines = dict(chunk.columns), chunk.line_numbers
-        for name, value in self.constants.items():
-            if name not in columns and name in roles.wanted:
-                columns[name] = pa.repeat(pa.scalar(value, pa.string()), len(lines))
-
-        alive = None  # every row, until a check removes some
-        if roles.gbif_filter:
-            checks = [
-                (DropReason.MISSING_GBIF_ID, roles.source_id, None),
-                (DropReason.NOT_STILL_IMAGE, roles.type, STILL_IMAGE),
-                (DropReason.NOT_IMAGE_FORMAT, roles.format, IMAGE_MIME_TYPE),
-            ]
-            for reason, column, pattern in checks:
-                if column is None:
-                    continue  # a DwC-A table without this column: nothing to check it by
-                values = columns[column]
-                ok = pc.fill_null(self._apply(column, _present if pattern is None
-                                              else _matcher(pattern), values), False)
-                if reason == DropReason.NOT_IMAGE_FORMAT and not self.strict_image_format:
-                    loose = pc.fill_null(self._apply(column, _matcher(LOOSE_IMAGE_FORMAT),
-                                                     values), True)
-                    rescued = pc.and_(loose, pc.invert(ok))
-                    if alive is not None:
-                        rescued = pc.and_(alive, rescued)
-                    kept_without_image_format += pc.sum(rescued).as_py() or 0
-                    ok = pc.or_(ok, loose)
-                removed = pc.invert(ok) if alive is None else pc.and_(alive, pc.invert(ok))
-                count = pc.sum(removed).as_py() or 0
-                dropped[reason] += count
-                if count:
-                    left_out.append(self._dropped(reason, removed, count, lines,
-                                                  columns[roles.url], values))
-                alive = ok if alive is None else pc.and_(alive, ok)
-
+        """The chunk's rows to stage, once the GBIF filter and the URL checks have passed."""
+        outcome = _Outcome(self.label, chunk.rejected)
+        columns, lines = self._with_constants(chunk), chunk.line_numbers
+        alive = self._gbif_filter(columns, lines, outcome) if self.roles.gbif_filter else None
         # Every row's URL is checked, the ones just left out too, so that the columns are
         # filtered once: cheaper than filtering them twice for the few rows the filter drops.
-        urls = normalise_urls(columns[roles.url])
-        refused = pc.is_valid(urls.reject_reason)
-        if alive is not None:
-            refused = pc.and_(alive, refused)
-        for position in pc.indices_nonzero(refused).to_pylist():
-            reason = RejectReason(urls.reject_reason[position].as_py())
-            raw = columns[roles.url][position].as_py()
-            rejected.append(RejectedRow(self.label, lines[position].as_py(), raw or "", reason))
-            dropped[reason] += 1
-
+        urls = normalise_urls(columns[self.roles.url])
+        self._reject_urls(urls, alive, columns[self.roles.url], lines, outcome)
         kept = pc.is_null(urls.reject_reason)
         if alive is not None:
             kept = pc.and_(alive, kept)
         count = pc.sum(kept).as_py() or 0
         identifier, server_name = urls.identifier, urls.server_name
         if count != len(lines):
-            needed = {roles.source_id, roles.license, roles.source, roles.title, *roles.keep}
-            columns = {name: columns[name].filter(kept) for name in needed if name}
+            columns = {name: columns[name].filter(kept) for name in self._carried if name}
             lines = lines.filter(kept)
             identifier, server_name = identifier.filter(kept), server_name.filter(kept)
-        source_id = None
-        if roles.source_id is not None:
-            ids = pc.utf8_trim_whitespace(columns[roles.source_id])
-            present = pc.fill_null(pc.greater(pc.binary_length(ids), 0), False)
-            source_id = ids if pc.all(present).as_py() is not False else None
-        if source_id is None:
-            row_keys = pc.binary_join_element_wise(
-                self.row_key_prefix, lines.cast(pa.string()), ""
-            )
-            source_id = row_keys if roles.source_id is None else pc.if_else(present, ids,
-                                                                              row_keys)
+        rows = self._staging_columns(columns, lines, identifier, server_name, count)
+        return outcome.finish(rows, count, rows_read=len(chunk) + len(chunk.rejected))
+
+    @property
+    def _carried(self) -> set[str | None]:
+        """The input columns that go on into the staging rows."""
+        roles = self.roles
+        return {roles.source_id, roles.license, roles.source, roles.title, *roles.keep}
+
+    def _with_constants(self, chunk: RawChunk) -> dict[str, pa.Array]:
+        """The chunk's columns, with the source's constant fields (DwC-A defaults) added."""
+        columns = dict(chunk.columns)
+        for name, value in self.constants.items():
+            if name not in columns and name in self.roles.wanted:
+                columns[name] = pa.repeat(pa.scalar(value, pa.string()), len(chunk))
+        return columns
+
+    def _gbif_filter(self, columns: dict[str, pa.Array], lines: pa.Array,
+                     outcome: _Outcome) -> pa.Array | None:
+        """GBIF's checks in turn (an id, StillImage, an image format); the rows that pass all,
+        or None when the table has none of the columns to check."""
+        roles = self.roles
+        checks = [
+            (DropReason.MISSING_GBIF_ID, roles.source_id, None),
+            (DropReason.NOT_STILL_IMAGE, roles.type, STILL_IMAGE),
+            (DropReason.NOT_IMAGE_FORMAT, roles.format, IMAGE_MIME_TYPE),
+        ]
+        alive = None  # every row, until a check removes some
+        for reason, column, pattern in checks:
+            if column is None:
+                continue  # a DwC-A table without this column: nothing to check it by
+            values = columns[column]
+            ok = pc.fill_null(self._apply(column, _present if pattern is None
+                                          else _matcher(pattern), values), False)
+            if reason == DropReason.NOT_IMAGE_FORMAT and not self.strict_image_format:
+                ok = self._rescue_loose_formats(column, values, ok, alive, outcome)
+            removed = pc.invert(ok) if alive is None else pc.and_(alive, pc.invert(ok))
+            count = pc.sum(removed).as_py() or 0
+            outcome.dropped[reason] += count
+            if count:
+                outcome.left_out.append(self._dropped(reason, removed, count, lines,
+                                                      columns[roles.url], values))
+            alive = ok if alive is None else pc.and_(alive, ok)
+        return alive
+
+    def _rescue_loose_formats(self, column: str, values: pa.Array, ok: pa.Array,
+                              alive: pa.Array | None, outcome: _Outcome) -> pa.Array:
+        """Keeps the rows whose format is empty or a bare image type, as real GBIF files have
+        on image rows, and counts those still alive."""
+        loose = pc.fill_null(self._apply(column, _matcher(LOOSE_IMAGE_FORMAT), values), True)
+        rescued = pc.and_(loose, pc.invert(ok))
+        if alive is not None:
+            rescued = pc.and_(alive, rescued)
+        outcome.kept_without_image_format += pc.sum(rescued).as_py() or 0
+        return pc.or_(ok, loose)
+
+    def _reject_urls(self, urls: NormalisedUrls, alive: pa.Array | None, raw_urls: pa.Array,
+                     lines: pa.Array, outcome: _Outcome) -> None:
+        """Records the rows (of those the filter kept) whose URL cannot be downloaded."""
+        refused = pc.is_valid(urls.reject_reason)
+        if alive is not None:
+            refused = pc.and_(alive, refused)
+        for position in pc.indices_nonzero(refused).to_pylist():
+            reason = RejectReason(urls.reject_reason[position].as_py())
+            raw = raw_urls[position].as_py()
+            outcome.rejected.append(
+                RejectedRow(self.label, lines[position].as_py(), raw or "", reason))
+            outcome.dropped[reason] += 1
+
+    def _staging_columns(self, columns: dict[str, pa.Array], lines: pa.Array,
+                         identifier: pa.Array, server_name: pa.Array,
+                         count: int) -> dict[str, pa.Array]:
+        """The kept rows as staging columns (less `row_index` and `server_id`)."""
+        roles = self.roles
         nothing = pa.nulls(count, pa.string())
         metadata = {
             name: self._apply(column, _blank_to_null, columns[column]) if column else nothing
@@ -303,21 +341,26 @@ class ChunkCleaner:
             pc.and_(pc.is_valid(metadata["license"]), pc.is_valid(metadata["source"])),
             pc.is_valid(metadata["title"]),
         )
-        rows = {
-            "source_id": source_id,
+        return {
+            "source_id": self._source_ids(columns, lines),
             "identifier": identifier,
             "is_license_full": is_license_full,
             **metadata,
             "server_name": server_name,
             **{name: columns[column] for name, column in zip(self.keep_columns, roles.keep)},
         }
-        rejected.sort(key=lambda row: row.row_number or 0)
-        return CleanChunk(
-            columns=rows, rows_kept=count, rejected=rejected,
-            left_out=pa.concat_tables(left_out) if left_out else DROPPED.empty_table(),
-            rows_read=len(chunk) + len(chunk.rejected), dropped=dropped,
-            kept_without_image_format=kept_without_image_format,
-        )
+
+    def _source_ids(self, columns: dict[str, pa.Array], lines: pa.Array) -> pa.Array:
+        """The id column, trimmed; where it is blank (or there is none), the line number."""
+        if self.roles.source_id is not None:
+            ids = pc.utf8_trim_whitespace(columns[self.roles.source_id])
+            present = pc.fill_null(pc.greater(pc.binary_length(ids), 0), False)
+            if pc.all(present).as_py() is not False:
+                return ids
+        row_keys = pc.binary_join_element_wise(self.row_key_prefix, lines.cast(pa.string()), "")
+        if self.roles.source_id is None:
+            return row_keys
+        return pc.if_else(present, ids, row_keys)
 
     def _dropped(self, reason: DropReason, removed: pa.Array, count: int, lines: pa.Array,
                  urls: pa.Array, values: pa.Array) -> pa.Table:

@@ -123,12 +123,9 @@ def _term_name(term: str) -> str:
     return term.rstrip("/").rsplit("/", 1)[-1].rsplit("#", 1)[-1]
 
 
-def _dwca_table_source(
-    table: ElementTree.Element, open_member: Callable[[str], BinaryIO], label: str
-) -> Source:
-    location = table.findtext(f"{DWCA_NS}files/{DWCA_NS}location")
-    if not location:
-        raise InputError(f"{label}: meta.xml names no file for {table.get('rowType')}")
+def _dwca_columns(table: ElementTree.Element) -> tuple[list[str], dict[str, str]]:
+    """A DwC-A table's column names by index (its id column as `coreid`), and the fields with a
+    default value and no column."""
     named: dict[int, str] = {}
     defaults: dict[str, str] = {}
     id_element = table.find(f"{DWCA_NS}coreid")
@@ -151,6 +148,16 @@ def _dwca_table_source(
         if name in seen:
             names[i] = f"{name}_{i}"
         seen.add(names[i])
+    return names, {name: value for name, value in defaults.items() if name not in names}
+
+
+def _dwca_table_source(
+    table: ElementTree.Element, open_member: Callable[[str], BinaryIO], label: str
+) -> Source:
+    location = table.findtext(f"{DWCA_NS}files/{DWCA_NS}location")
+    if not location:
+        raise InputError(f"{label}: meta.xml names no file for {table.get('rowType')}")
+    names, defaults = _dwca_columns(table)
     delimiter = _unescape(table.get("fieldsTerminatedBy"), ",")
     quote = _unescape(table.get("fieldsEnclosedBy"), '"')
     header_lines = int(table.get("ignoreHeaderLines", "0") or 0)
@@ -172,7 +179,6 @@ def _dwca_table_source(
         def make_reader() -> TableReader:
             return LinesReader(opener, member_label, delimiter, header_lines, column_names=names)
 
-    defaults = {name: value for name, value in defaults.items() if name not in names}
     return Source(member_label, "dwca", make_reader, id_column=id_column, defaults=defaults)
 
 
