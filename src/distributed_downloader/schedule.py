@@ -3,7 +3,8 @@
 A server's budget (requests/s and open connections) holds for the whole run: it is split among
 the workers fetching that server at the moment, so their rates add up to the budget, never K
 times it. Batches are handed out as workers ask, the longest remaining servers first, so one
-slow server does not idle the others. What each server's budget is (throttling, overload, the
+slow server does not idle the others; a worker with room may hold many at once (many small
+servers), up to an even share of the unfinished batches. What each server's budget is (throttling, overload, the
 circuit breaker, advertised limits) is decided in one place, policy.py; the scheduler applies it.
 
 Pure logic: messages in, messages out. The executors carry them (processes, MPI ranks).
@@ -11,6 +12,7 @@ Pure logic: messages in, messages out. The executors carry them (processes, MPI 
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -264,8 +266,15 @@ class Scheduler:
         best = max(candidates, key=lambda s: (not s.workers, s.remaining_seconds))
         return best, False
 
+    def _fair_share(self) -> int:
+        """Batches one worker may hold: the unfinished ones spread evenly over the workers.
+        A worker with room takes on many small servers at once, but not the others' share."""
+        return max(1, math.ceil(self.unfinished / max(1, len(self.active_workers))))
+
     def _assign(self, worker: int, now: float) -> Outgoing:
         if self.stopped or self.disk_full is not None:
+            return []
+        if len(self.leases[worker]) >= self._fair_share():
             return []
         choice = self._next_for(worker)
         if choice is None:

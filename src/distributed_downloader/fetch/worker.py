@@ -72,7 +72,12 @@ log = logging.getLogger(__name__)
 
 REPORT_SECONDS = 1.0
 TICK_SECONDS = 0.2
-MAX_BATCHES = 24  # batches one worker fetches at once
+# Batches one worker fetches at once, at most: enough for hundreds of small servers each asked
+# slowly (a first contact starts at 1 request/s), few enough for one event loop's requests.
+MAX_BATCHES = 256
+# Rows of the batches in flight, at most (a first batch goes whatever its size): their pending
+# rows are held in memory, so large batches are taken a few at a time.
+MAX_ROWS_IN_FLIGHT = 50_000
 BUFFER_BUDGET = 48 << 20  # image bytes held for unwritten chunks, across batches
 BODY_BUDGET = 48 << 20  # downloaded bodies held at once (reading, or waiting to decode)
 # Bodies waiting for a decode thread, per thread: beyond this no new request starts, so a
@@ -121,6 +126,7 @@ class Worker:
         self.book = NewsBook(settings.breaker_failures)
         self.robots = RobotsRules(self.layout, settings.respect_robots, worker_id)
         self.tasks: dict[tuple[str, int], asyncio.Task] = {}
+        self.rows_in_flight = 0  # rows of the batches in `tasks`
         self.writers: dict[tuple[str, int], BatchWriter] = {}  # until their last report
         self.budget = BufferBudget(BUFFER_BUDGET)
         # One thread more than the worker's cores: Pillow releases the GIL while it decodes, so
@@ -189,6 +195,8 @@ class Worker:
             task = asyncio.get_running_loop().create_task(
                 self._run_batch(message.batch, message.give_up))
             self.tasks[message.batch.key] = task
+            self.rows_in_flight += message.batch.rows
+            self._ask_for_work()  # more at once while there is room, not one per tick
         elif isinstance(message, Budget):
             self._slot(message.server_name).update(
                 message.rate, message.connections, message.paused_until, message.dead,
@@ -201,9 +209,7 @@ class Worker:
     async def _tick_forever(self) -> None:
         last_report = 0.0
         while True:
-            if self._wants_more_work():
-                self.asking = True
-                self.channel.send(WantWork(self.id))
+            self._ask_for_work()
             now = time.monotonic()
             if now - last_report >= REPORT_SECONDS:
                 self._send_report()
@@ -215,14 +221,21 @@ class Worker:
                     self._disk_full(exc)
             await asyncio.sleep(TICK_SECONDS)
 
+    def _ask_for_work(self) -> None:
+        if self._wants_more_work():
+            self.asking = True
+            self.channel.send(WantWork(self.id))
+
     def _wants_more_work(self) -> bool:
+        """Another batch while this worker has room: a decode thread idle (its cores are not
+        full), and batches and rows in flight under their caps. A worker fetching many small
+        servers, each asked slowly, thus holds as many as its cores can keep up with."""
         if self.asking or self._stop.is_set():
             return False
         if not self.tasks:
             return True
-        # More batches only while the decode threads keep up and nothing waits on the network
-        # for lack of batches: a backlog of decodes means this worker's cores are full.
-        return len(self.tasks) < MAX_BATCHES and self.decoding < self.decode_threads
+        return self.decoding < self.decode_threads and len(self.tasks) < MAX_BATCHES and \
+            self.rows_in_flight < MAX_ROWS_IN_FLIGHT
 
     async def _wait_for_decode_room(self) -> None:
         while self.decoding >= self.backlog_limit:
@@ -273,7 +286,8 @@ class Worker:
             self._close(writer)
             raise
         finally:
-            self.tasks.pop(batch.key, None)
+            if self.tasks.pop(batch.key, None) is not None:
+                self.rows_in_flight -= batch.rows
             if not any(key[0] == batch.server_name for key in self.tasks):
                 self.book.left(batch.server_name)
 
