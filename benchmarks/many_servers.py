@@ -78,6 +78,17 @@ def fetch(farm: object, images: int, bodies: list[bytes], out: Path) -> tuple[fl
     return seconds, json.loads((out / "fetch_summary.json").read_text())
 
 
+def most_servers_at_once(servers: list) -> int:
+    """The most servers whose first-to-last image request spans overlap at one moment."""
+    spans = []
+    for server in servers:
+        times = [record.time for record in server.image_requests()]
+        if times:
+            spans.append((min(times), max(times)))
+    return max((sum(1 for start, end in spans if start <= moment <= end)
+                for moment, _ in spans), default=0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=5000)
@@ -95,8 +106,10 @@ def main() -> None:
         with Farm([ServerSpec(host) for host in hosts(count)]) as farm:
             seconds[count], summary = fetch(farm, args.images, bodies,
                                             WORK / f"many-servers-{count}")
+            at_once = most_servers_at_once(farm.servers)
         print(f"{count:>4} servers: {seconds[count]:.1f} s, "
               f"{args.images / seconds[count]:.0f} images/s ({summary['successes']} stored, "
+              f"at most {at_once} servers fetched at once, "
               f"worker peak RSS {summary.get('worker_peak_rss_mib')} MiB)", flush=True)
     print(f"{args.hosts} servers / {args.few} servers: "
           f"{seconds[args.hosts] / seconds[args.few]:.2f}x the time", flush=True)
