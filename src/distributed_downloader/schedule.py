@@ -4,8 +4,9 @@ A server's budget (requests/s and open connections) holds for the whole run: it 
 the workers fetching that server at the moment, so their rates add up to the budget, never K
 times it. Batches are handed out as workers ask, the longest remaining servers first, so one
 slow server does not idle the others; a worker with room may hold many at once (many small
-servers), up to an even share of the unfinished batches. What each server's budget is (throttling, overload, the
-circuit breaker, advertised limits) is decided in one place, policy.py; the scheduler applies it.
+servers), up to an even share of the unfinished batches. What each server's budget is
+(throttling, overload, the circuit breaker, advertised limits) and when it is given up is decided
+in one place, policy.py; the scheduler applies it.
 
 Pure logic: messages in, messages out. The executors carry them (processes, MPI ranks).
 """
