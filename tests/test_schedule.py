@@ -280,3 +280,19 @@ def test_progress_keeps_the_rows_of_a_worker_that_stopped_cleanly() -> None:
     assert scheduler.successes == 100
     scheduler.handle(BatchFinished(1, batch, 100, 0), now=4)
     assert (scheduler.successes, scheduler.errors) == (100, 0)
+
+
+def test_many_small_servers_go_out_at_once_in_even_shares() -> None:
+    """A worker with room takes on many small servers at once (each WantWork one more), up to
+    an even share of the unfinished batches: the other worker's share is left for it."""
+    servers = [server(f"s{i}", 1, rate=1, rows=20) for i in range(240)]
+    scheduler = Scheduler(servers, Settings(), range(2), now=0)
+
+    def asks(worker: int, times: int) -> int:
+        return sum(isinstance(m, Assign) for _ in range(times)
+                   for _, m in scheduler.handle(WantWork(worker), now=0))
+
+    assert asks(0, 200) == 120  # far more than one batch in flight, but not the others'
+    assert asks(1, 200) == 120
+    in_flight = [s for s in servers if s.workers]
+    assert len(in_flight) == 240

@@ -24,6 +24,9 @@ of simulated time in milliseconds. The rules:
   `server_down_after` seconds of failing it is given up.
 - **Advertised limits** (`RateLimit-Policy`), hand-set rates and robots.txt's Crawl-delay are
   hard caps (`RateController.caps`): the rate never exceeds them.
+- **When a server is given up** (`ServerPolicy.give_up`): its breaker stayed open for
+  `server_down_after` seconds, it asked for a pause longer than that, or its first
+  `opt_out_server_after` images all opted out (X-Robots-Tag).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from distributed_downloader.config import Settings
-from distributed_downloader.errors import SERVER_FAILURES, ErrorCode
+from distributed_downloader.errors import SERVER_FAILURES, ErrorCode, Failure
 from distributed_downloader.protocol import ServerNews
 
 # Failures are judged over this many seconds: long enough to hold a few dozen answers of a
@@ -61,6 +64,12 @@ RECENT_THROTTLE = 30.0  # seconds during which a lowered rate is named as a reas
 ACCEPTED_WINDOW = 2.0
 ACCEPTED_HEADROOM = 1.1  # the limit is taken to be under this many times that
 
+# Why a server is given up: what its remaining rows become.
+SERVER_KEPT_FAILING = Failure(ErrorCode.SERVER_UNAVAILABLE,
+                              "server kept failing; gave up on it for this run")
+SERVER_OPTED_OUT = Failure(ErrorCode.OPTED_OUT_SERVER,
+                           "every answer of the server opted out (X-Robots-Tag); not asked again")
+
 
 @dataclass(frozen=True)
 class RatePolicy:
@@ -77,6 +86,7 @@ class RatePolicy:
     breaker_max_pause: float
     server_down_after: float
     first_contact_rate: float = 1.0
+    opt_out_server_after: int = 10
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RatePolicy:
@@ -92,6 +102,7 @@ class RatePolicy:
             breaker_max_pause=settings.breaker_max_pause,
             server_down_after=settings.server_down_after,
             first_contact_rate=settings.first_contact_rate,
+            opt_out_server_after=settings.opt_out_server_after,
         )
 
 
@@ -450,6 +461,8 @@ class ServerPolicy:
     paused_until: float = 0.0  # Retry-After, or an exhausted RateLimit quota (wall clock)
     pause_reason: str = ""
     last_asked: float | None = None  # when it was last seen asked (a report with answers)
+    opted_out: int = 0  # images whose X-Robots-Tag opted out
+    opt_in: int = 0  # images without such a header
 
     @classmethod
     def start(cls, policy: RatePolicy, rate: float, run_max: float, now: float) -> ServerPolicy:
@@ -465,6 +478,8 @@ class ServerPolicy:
     def observe(self, worker: int, news: ServerNews, now: float) -> bool:
         """One worker's news of this server; True when the budget changed."""
         changed = False
+        self.opted_out += news.opted_out
+        self.opt_in += news.opt_in
         asked = news.answered + news.failed + news.throttled
         self.control.asked(now, asked, news.answered)
         if asked:
@@ -485,6 +500,18 @@ class ServerPolicy:
             changed |= self.control.throttled(now, overload=True)
         changed |= self.breaker.observe(worker, news.answered, news.failures, now)
         return changed
+
+    def give_up(self, now: float) -> Failure | None:
+        """Why the server is not asked again this run (what its rows become), or None."""
+        if not self.opt_in and self.opted_out >= self.control.policy.opt_out_server_after:
+            return SERVER_OPTED_OUT
+        if self.breaker.down(now):
+            return SERVER_KEPT_FAILING
+        pause = self.pause_too_long(now)
+        if pause is not None:
+            return Failure(ErrorCode.HTTP_429, f"the server asked for a pause of {pause:.0f} s "
+                           "(Retry-After); not asked again this run")
+        return None
 
     def pause_too_long(self, now: float) -> float | None:
         """The seconds left of a pause the server asked for, when longer than a failing server

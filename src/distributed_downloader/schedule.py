@@ -3,21 +3,24 @@
 A server's budget (requests/s and open connections) holds for the whole run: it is split among
 the workers fetching that server at the moment, so their rates add up to the budget, never K
 times it. Batches are handed out as workers ask, the longest remaining servers first, so one
-slow server does not idle the others. What each server's budget is (throttling, overload, the
-circuit breaker, advertised limits) is decided in one place, policy.py; the scheduler applies it.
+slow server does not idle the others; a worker with room may hold many at once (many small
+servers), up to an even share of the unfinished batches. What each server's budget is
+(throttling, overload, the circuit breaker, advertised limits) and when it is given up is decided
+in one place, policy.py; the scheduler applies it.
 
 Pure logic: messages in, messages out. The executors carry them (processes, MPI ranks).
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from distributed_downloader.config import Settings
-from distributed_downloader.errors import ErrorCode, Failure
-from distributed_downloader.policy import ServerPolicy
+from distributed_downloader.errors import Failure
+from distributed_downloader.policy import SERVER_KEPT_FAILING, SERVER_OPTED_OUT, ServerPolicy
 from distributed_downloader.protocol import (
     Assign,
     BatchFinished,
@@ -33,10 +36,7 @@ from distributed_downloader.protocol import (
 )
 
 Outgoing = list[tuple[int, object]]
-SERVER_KEPT_FAILING = Failure(ErrorCode.SERVER_UNAVAILABLE,
-                             "server kept failing; gave up on it for this run")
-SERVER_OPTED_OUT = Failure(ErrorCode.OPTED_OUT_SERVER,
-                          "every answer of the server opted out (X-Robots-Tag); not asked again")
+__all__ = ["SERVER_KEPT_FAILING", "SERVER_OPTED_OUT", "Scheduler", "ServerState"]
 
 
 @dataclass
@@ -71,8 +71,6 @@ class ServerState:
     requests: int = 0  # answered, throttled or failed: what the server saw of this run
     latency_sum: float = 0.0
     latency_count: int = 0
-    opted_out: int = 0
-    opt_in: int = 0
     held: str | None = None  # why no batch of it may start yet (its robots.txt is unknown)
     held_until: float | None = None  # when it is asked for again, if known
     # When the next worker to join may send its first request: joiners start one interval
@@ -214,13 +212,8 @@ class Scheduler:
         for server in self.servers.values():
             if server.dead:
                 continue
-            if server.policy.breaker.down(now):
-                out += self._give_up(server)
-            elif (pause := server.policy.pause_too_long(now)) is not None:
-                server.give_up = Failure(
-                    ErrorCode.HTTP_429, f"the server asked for a pause of {pause:.0f} s "
-                    "(Retry-After); not asked again this run")
-                out += self._give_up(server)
+            if (reason := server.policy.give_up(now)) is not None:
+                out += self._give_up(server, reason)
             elif server.policy.tick(now):
                 out += self._budgets(server)
         out += self._feed_hungry(now)
@@ -274,8 +267,15 @@ class Scheduler:
         best = max(candidates, key=lambda s: (not s.workers, s.remaining_seconds))
         return best, False
 
+    def _fair_share(self) -> int:
+        """Batches one worker may hold: the unfinished ones spread evenly over the workers.
+        A worker with room takes on many small servers at once, but not the others' share."""
+        return max(1, math.ceil(self.unfinished / max(1, len(self.active_workers))))
+
     def _assign(self, worker: int, now: float) -> Outgoing:
         if self.stopped or self.disk_full is not None:
+            return []
+        if len(self.leases[worker]) >= self._fair_share():
             return []
         choice = self._next_for(worker)
         if choice is None:
@@ -355,8 +355,9 @@ class Scheduler:
             for order, worker in enumerate(sorted(server.workers))
         ]
 
-    def _give_up(self, server: ServerState) -> Outgoing:
-        server.dead = True
+    def _give_up(self, server: ServerState, reason: Failure) -> Outgoing:
+        """The policy gave the server up: every worker on it writes its rows as `reason`."""
+        server.dead, server.give_up = True, reason
         return self._budgets(server)
 
     def _count(self, successes: int, errors: int) -> None:
@@ -389,17 +390,12 @@ class Scheduler:
         server.requests += news.answered + news.throttled + news.failed
         server.latency_sum += news.latency_sum
         server.latency_count += news.latency_count
-        server.opted_out += news.opted_out
-        server.opt_in += news.opt_in
         self.opt_outs_ignored += news.opt_outs_ignored
         if server.dead:
             return False
-        if not server.opt_in and server.opted_out >= self.settings.opt_out_server_after:
-            server.dead, server.give_up = True, SERVER_OPTED_OUT
-            return True
         changed = server.policy.observe(worker, news, now)
-        if server.policy.breaker.down(now):
-            server.dead = True
+        if (reason := server.policy.give_up(now)) is not None:
+            server.dead, server.give_up = True, reason
             return True
         return changed
 

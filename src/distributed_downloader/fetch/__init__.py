@@ -22,7 +22,12 @@ from distributed_downloader.config import Settings, save_settings
 from distributed_downloader.errors import ErrorCode, Failure, OutOfSpace, UserError
 from distributed_downloader.fetch.robots import RobotsGate
 from distributed_downloader.formats import require_format
-from distributed_downloader.policy import RatePolicy, ServerPolicy
+from distributed_downloader.policy import (
+    SERVER_KEPT_FAILING,
+    SERVER_OPTED_OUT,
+    RatePolicy,
+    ServerPolicy,
+)
 from distributed_downloader.profiles import (
     ProfileStatus,
     RateOverride,
@@ -33,12 +38,7 @@ from distributed_downloader.profiles import (
     write_profiles,
 )
 from distributed_downloader.protocol import BatchRef, DiskFull
-from distributed_downloader.schedule import (
-    SERVER_KEPT_FAILING,
-    SERVER_OPTED_OUT,
-    Scheduler,
-    ServerState,
-)
+from distributed_downloader.schedule import Scheduler, ServerState
 from distributed_downloader.status import process_identity
 from distributed_downloader.storage import (
     ERROR_PREFIX,
@@ -420,7 +420,28 @@ def _fetch(layout: RunLayout, settings: Settings, retry_errors: bool,
            on_tick: Callable[[Scheduler], None] | None,
            on_plan: Callable[[FetchPlan], None] | None, executor: Executor,
            robots_fetched_since: float | None) -> dict[str, Any]:
+    """Plan, run the workers, sum up: the run's summary (a full disk raises `OutOfSpace`)."""
     started = time.monotonic()
+    before, plan = _prepare(layout, settings, retry_errors)
+    if on_plan:
+        on_plan(plan)
+    interrupted = False
+    scheduler = None
+    try:
+        if plan.servers:
+            scheduler, interrupted = _run_plan(layout, settings, plan, executor, on_tick,
+                                               robots_fetched_since)
+    finally:
+        executor.close()  # MPI: the ranks wait for word even when nothing was left to do
+    summary = _summary(layout, plan, before, scheduler, interrupted,
+                       time.monotonic() - started)
+    return _save_summary(layout, summary, scheduler)
+
+
+def _prepare(layout: RunLayout, settings: Settings,
+             retry_errors: bool) -> tuple[dict[str, Any], FetchPlan]:
+    """Check the run folder and its output settings, then plan: what was stored before this
+    run, and what is left."""
     layout.check_writable()
     require_format(settings.output_format)
     upgrade_layout(layout)
@@ -432,22 +453,17 @@ def _fetch(layout: RunLayout, settings: Settings, retry_errors: bool,
     save_settings(settings)
     fix_output_settings(layout, settings)
     plan.rows_committed = before["successes"] + before["errors"] - plan.reopened_rows
-    if on_plan:
-        on_plan(plan)
-    interrupted = False
-    scheduler = None
-    try:
-        if plan.servers:
-            scheduler, interrupted = _run_plan(layout, settings, plan, executor, on_tick,
-                                               robots_fetched_since)
-    finally:
-        executor.close()  # MPI: the ranks wait for word even when nothing was left to do
-    seconds = time.monotonic() - started
+    return before, plan
+
+
+def _summary(layout: RunLayout, plan: FetchPlan, before: dict[str, Any],
+             scheduler: Scheduler | None, interrupted: bool, seconds: float) -> dict[str, Any]:
+    """What the run did (fetch_summary.json)."""
     after = output_counts(layout)
     fetched_now = after["successes"] + after["errors"] - before["successes"] - \
         before["errors"] + plan.reopened_rows
     batches_done = len(layout.finished_markers())
-    summary = {
+    return {
         "finished": batches_done == plan.batches_total,
         "interrupted": interrupted,
         "batches": plan.batches_total,
@@ -465,6 +481,11 @@ def _fetch(layout: RunLayout, settings: Settings, retry_errors: bool,
         "worker_peak_rss_mib": scheduler.worker_peak_rss_mib if scheduler else None,
         "ended_at": round(time.time(), 3),
     }
+
+
+def _save_summary(layout: RunLayout, summary: dict[str, Any],
+                  scheduler: Scheduler | None) -> dict[str, Any]:
+    """Write the summary; after a full disk, raise it as one line instead."""
     full = scheduler.disk_full if scheduler is not None else None
     if full is None:
         atomic_write_json(layout.root / "fetch_summary.json", summary)

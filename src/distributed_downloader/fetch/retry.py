@@ -7,6 +7,7 @@ import time
 from email.utils import parsedate_to_datetime
 
 from distributed_downloader.errors import RETRYABLE, RETRYABLE_LATER, ErrorCode
+from distributed_downloader.fetch.frontier import Pending
 
 # Each retry of a failed URL waits this many times longer than the one before (Heritrix's
 # growing retry delay): a passing fault is retried within seconds, a bad spell within minutes.
@@ -57,3 +58,24 @@ class RetryPolicy:
     def delay(self, failures: int) -> float:
         backoff = min(self.max_delay, self.first_delay * DELAY_GROWTH ** (failures - 1))
         return backoff * self.rng.uniform(0.5, 1.0)
+
+    def again(self, item: Pending, code: ErrorCode, throttled: bool, server_answered: bool,
+              ) -> bool:
+        """After a failed attempt at a row: True to ask again later, False when `code` is final.
+
+        A throttle is the server's business: it is not a failure, but a URL throttled
+        MAX_THROTTLES times is given up. A server that has not answered once here
+        (`server_answered`) gets fewer tries per URL: it may be down."""
+        if throttled:
+            item.throttles += 1
+            return item.throttles < MAX_THROTTLES
+        item.throttles = 0
+        item.failures += 1
+        attempts = self.max_attempts if server_answered else \
+            min(self.max_attempts, ATTEMPTS_ON_A_SILENT_SERVER)
+        return code != ErrorCode.SERVER_UNAVAILABLE and \
+            self.should_retry(code, item.failures, attempts)
+
+    def wait_before(self, item: Pending) -> float:
+        """Seconds before a row is asked again; a throttled one waits in its slot's pause."""
+        return self.delay(item.failures) if item.failures and not item.throttles else 0.0

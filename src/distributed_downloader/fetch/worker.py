@@ -1,11 +1,19 @@
 """A fetch worker: one event loop for the network, a few threads for the images.
 
-The worker asks the scheduler for batches while its decode threads keep up, fetches each batch's
-rows under its share of the server's budget (see politeness.py), retries what can succeed later
-(see frontier.py and retry.py), decodes off the loop, and commits results in chunks. It reports
-what it sees of each server; every decision about a server (its rate, pauses, giving it up) is
-the scheduler's (see policy.py). The one thing the worker does at once is honour a pause the
-server itself asked for (Retry-After), until the scheduler's word arrives. On SIGINT, SIGTERM or
+Each batch is a chain, read in order in `_run_batch`:
+
+1. request filters (filters.py): rows already committed, reused from `--previous`, disallowed
+   by robots.txt: none of them is requested;
+2. fetch with retry: each row under its share of the server's budget (politeness.py), failed
+   ones again later (frontier.py, retry.py);
+3. response checks: opt-out (X-Robots-Tag), then the image, decoded off the loop;
+4. sink: the batch's `BatchWriter`, which commits results in chunks.
+
+The worker asks the scheduler for batches while its decode threads keep up and *reports* what
+it sees of each server (news.py); every decision about a server (its rate, pauses, the breaker,
+giving it up, an opted-out server) is the scheduler's (`ServerPolicy` in policy.py). The one thing
+the worker does at once is honour a pause the server itself asked for (Retry-After), until the
+scheduler's word arrives. On SIGINT, SIGTERM or
 SIGUSR1 (remembered from its first instruction on: see stop_signals.remember_stop_signals), on the
 scheduler's Stop, or when its scheduler vanishes, it stops cleanly: finished rows are committed,
 requests in flight are dropped (a resumed run fetches them again).
@@ -21,11 +29,9 @@ import secrets
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Protocol
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from distributed_downloader.chunks import chunk_row_counts, committed_uuids
 from distributed_downloader.config import Settings
@@ -33,25 +39,16 @@ from distributed_downloader.errors import ErrorCode, Failure, OutOfSpace
 from distributed_downloader.stop_signals import STOP_SIGNALS, stop_signalled
 from distributed_downloader.fetch.client import Body, BodyBudget, HttpClient
 from distributed_downloader.fetch.decode_budget import DecodeBudget
+from distributed_downloader.fetch.filters import Filtered, RobotsRules, reuse_earlier, rows_not_done
 from distributed_downloader.fetch.frontier import Frontier, Pending
 from distributed_downloader.fetch.handoff import ResultHandoff
-from distributed_downloader.fetch.opt_out import PRODUCT_TOKEN, opted_out
+from distributed_downloader.fetch.news import NewsBook
+from distributed_downloader.fetch.opt_out import opted_out
 from distributed_downloader.fetch.politeness import ServerDead, ServerSlot
-from distributed_downloader.fetch.retry import (
-    ATTEMPTS_ON_A_SILENT_SERVER,
-    MAX_THROTTLES,
-    RetryPolicy,
-)
-from distributed_downloader.fetch.robots import RobotsFile, load_robots
-from distributed_downloader.formats import read_successes
+from distributed_downloader.fetch.retry import RetryPolicy
+from distributed_downloader.fetch.rows import error_row, success_row
 from distributed_downloader.images import StoredImage, finish_image, open_image
-from distributed_downloader.policy import (
-    DEFAULT_THROTTLE_PAUSE,
-    Signal,
-    advertised_rate,
-    quota_pause,
-    signal_of,
-)
+from distributed_downloader.policy import SERVER_KEPT_FAILING, Signal
 from distributed_downloader.protocol import (
     Assign,
     BatchFinished,
@@ -60,13 +57,10 @@ from distributed_downloader.protocol import (
     DiskFull,
     NoWorkYet,
     Report,
-    ServerNews,
     Stop,
     WantWork,
     WorkerStopped,
 )
-from distributed_downloader.schedule import SERVER_KEPT_FAILING
-from distributed_downloader.schema import REUSE_NAMES
 from distributed_downloader.storage import RunLayout
 from distributed_downloader.writers import BatchWriter, BufferBudget, remove_stale_temporaries
 
@@ -74,7 +68,12 @@ log = logging.getLogger(__name__)
 
 REPORT_SECONDS = 1.0
 TICK_SECONDS = 0.2
-MAX_BATCHES = 24  # batches one worker fetches at once
+# Batches one worker fetches at once, at most: enough for hundreds of small servers each asked
+# slowly (a first contact starts at 1 request/s), few enough for one event loop's requests.
+MAX_BATCHES = 256
+# Rows of the batches in flight, at most (a first batch goes whatever its size): their pending
+# rows are held in memory, so large batches are taken a few at a time.
+MAX_ROWS_IN_FLIGHT = 50_000
 BUFFER_BUDGET = 48 << 20  # image bytes held for unwritten chunks, across batches
 BODY_BUDGET = 48 << 20  # downloaded bodies held at once (reading, or waiting to decode)
 # Bodies waiting for a decode thread, per thread: beyond this no new request starts, so a
@@ -87,6 +86,7 @@ DECODE_BACKLOG_PER_THREAD = 4
 # socket reads (256 KiB), bodies and stored images also come and go as mappings instead of
 # leaving holes in the heap: a camera-size run's workers hold ~60 MiB less (issue 14).
 MMAP_THRESHOLD = 128 << 10
+GIVEN_UP = Failure(ErrorCode.SERVER_UNAVAILABLE, "server given up")
 
 
 class Channel(Protocol):
@@ -111,24 +111,6 @@ def tune_allocator() -> None:
     pa.set_memory_pool(pa.system_memory_pool())
 
 
-def error_row(row: dict[str, Any], code: ErrorCode, message: str, attempts: int,
-              http_status: int | None = None) -> dict[str, Any]:
-    return {"uuid": row["uuid"], "identifier": row["identifier"], "retry_count": attempts,
-            "error_code": str(code), "error_msg": message[:1000], "http_status": http_status}
-
-
-def success_row(row: dict[str, Any], image: StoredImage) -> dict[str, Any]:
-    return {
-        **row,
-        "original_size": list(image.original_size),
-        "resized_size": list(image.resized_size),
-        "hashsum_original": image.hashsum_original,
-        "hashsum_resized": image.hashsum_resized,
-        "image": image.image,
-        "image_format": image.image_format,
-    }
-
-
 class Worker:
     def __init__(self, worker_id: int, settings: Settings, channel: Channel) -> None:
         assert settings.output is not None
@@ -139,14 +121,10 @@ class Worker:
         self.retry = RetryPolicy(settings.max_retries, settings.retry_delay,
                                  settings.retry_delay_max)
         self.slots: dict[str, ServerSlot] = {}
-        self.news: dict[str, ServerNews] = {}
-        # server -> the URLs that failed since its last good answer: how many different URLs
-        # failed in a row (a few bad URLs retried over and over are not a server down)
-        self.failing: dict[str, set[str]] = {}
-        self.advertised: dict[str, float] = {}  # server -> its latest RateLimit-Policy rate
-        self.answered: set[str] = set()  # servers that answered well at least once here
-        self.robots: dict[str, RobotsFile | None] = {}
+        self.book = NewsBook(settings.breaker_failures)
+        self.robots = RobotsRules(self.layout, settings.respect_robots, worker_id)
         self.tasks: dict[tuple[str, int], asyncio.Task] = {}
+        self.rows_in_flight = 0  # rows of the batches in `tasks`
         self.writers: dict[tuple[str, int], BatchWriter] = {}  # until their last report
         self.budget = BufferBudget(BUFFER_BUDGET)
         # One thread more than the worker's cores: Pillow releases the GIL while it decodes, so
@@ -160,7 +138,6 @@ class Worker:
         self._decode_room = asyncio.Event()
         self.handoff = ResultHandoff()  # decoded images back to the loop, many per wake-up
         self.asking = False  # a WantWork is unanswered, or the scheduler holds us as hungry
-        self.bytes = 0
         self.interrupted = False
         self.out_of_space: OutOfSpace | None = None  # set: this worker writes nothing more
         self._stop = asyncio.Event()
@@ -170,13 +147,7 @@ class Worker:
     async def run(self) -> bool:
         """Work until told to stop; True when stopped early (a signal, the scheduler gone)."""
         loop = asyncio.get_running_loop()
-        for signum in STOP_SIGNALS:
-            try:
-                loop.add_signal_handler(signum, self.interrupt)
-            except (NotImplementedError, RuntimeError, ValueError):
-                pass
-        if stop_signalled():  # while the worker was starting
-            self.interrupt()
+        self._catch_stop_signals(loop)
         self.client = HttpClient(self.settings, BodyBudget(BODY_BUDGET))
         self.pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
         self.channel.listen(loop, self.deliver, self.interrupt)
@@ -191,18 +162,31 @@ class Worker:
             self._send_report()
             await self.client.close()
             self.pool.shutdown(wait=True, cancel_futures=True)
-            try:
-                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-                self.channel.send(WorkerStopped(self.id, self.interrupted, round(peak, 1)))
-            except (OSError, EOFError, BrokenPipeError):
-                pass
+            self._say_stopped()
         return self.interrupted
+
+    def _catch_stop_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        for signum in STOP_SIGNALS:
+            try:
+                loop.add_signal_handler(signum, self.interrupt)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass
+        if stop_signalled():  # while the worker was starting
+            self.interrupt()
+
+    def _say_stopped(self) -> None:
+        try:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            self.channel.send(WorkerStopped(self.id, self.interrupted, round(peak, 1)))
+        except (OSError, EOFError, BrokenPipeError):
+            pass
 
     def interrupt(self) -> None:
         self.interrupted = True
         self._stop.set()
 
     def deliver(self, message: object) -> None:
+        """Do what the scheduler says: a batch to fetch, a server's new budget, stop."""
         if isinstance(message, Assign):
             self.asking = False
             if self._stop.is_set():
@@ -210,6 +194,8 @@ class Worker:
             task = asyncio.get_running_loop().create_task(
                 self._run_batch(message.batch, message.give_up))
             self.tasks[message.batch.key] = task
+            self.rows_in_flight += message.batch.rows
+            self._ask_for_work()  # more at once while there is room, not one per tick
         elif isinstance(message, Budget):
             self._slot(message.server_name).update(
                 message.rate, message.connections, message.paused_until, message.dead,
@@ -222,9 +208,7 @@ class Worker:
     async def _tick_forever(self) -> None:
         last_report = 0.0
         while True:
-            if self._wants_more_work():
-                self.asking = True
-                self.channel.send(WantWork(self.id))
+            self._ask_for_work()
             now = time.monotonic()
             if now - last_report >= REPORT_SECONDS:
                 self._send_report()
@@ -236,14 +220,21 @@ class Worker:
                     self._disk_full(exc)
             await asyncio.sleep(TICK_SECONDS)
 
+    def _ask_for_work(self) -> None:
+        if self._wants_more_work():
+            self.asking = True
+            self.channel.send(WantWork(self.id))
+
     def _wants_more_work(self) -> bool:
+        """Another batch while this worker has room: a decode thread idle (its cores are not
+        full), and batches and rows in flight under their caps. A worker fetching many small
+        servers, each asked slowly, thus holds as many as its cores can keep up with."""
         if self.asking or self._stop.is_set():
             return False
         if not self.tasks:
             return True
-        # More batches only while the decode threads keep up and nothing waits on the network
-        # for lack of batches: a backlog of decodes means this worker's cores are full.
-        return len(self.tasks) < MAX_BATCHES and self.decoding < self.decode_threads
+        return self.decoding < self.decode_threads and len(self.tasks) < MAX_BATCHES and \
+            self.rows_in_flight < MAX_ROWS_IN_FLIGHT
 
     async def _wait_for_decode_room(self) -> None:
         while self.decoding >= self.backlog_limit:
@@ -251,15 +242,13 @@ class Worker:
             await self._decode_room.wait()
 
     def _send_report(self, urgent: bool = False) -> None:
-        for name, urls in self.failing.items():
-            self.news.setdefault(name, ServerNews()).failures = len(urls)
-        if not self.news and not self.bytes:
+        taken = self.book.hand_over()
+        if taken is None:
             return
         batches = {key: writer.rows_added for key, writer in self.writers.items()}
         for key in [key for key in self.writers if key not in self.tasks]:
             del self.writers[key]  # finished or stopped: these were its last counts
-        report = Report(self.id, self.news, self.bytes, urgent, batches)
-        self.news, self.bytes = {}, 0
+        report = Report(self.id, taken[0], taken[1], urgent, batches)
         try:
             self.channel.send(report)
         except (OSError, EOFError, BrokenPipeError):
@@ -271,40 +260,20 @@ class Worker:
                                             self.settings.max_connections_per_server)
         return self.slots[server]
 
-    def _news(self, server: str) -> ServerNews:
-        return self.news.setdefault(server, ServerNews())
-
-    # --- batches ------------------------------------------------------------------------------
+    # --- a batch: request filters -> fetch with retry -> response checks -> sink -------------
 
     async def _run_batch(self, batch: BatchRef, give_up: Failure | None) -> None:
-        files = self.layout.batch_files(batch.server_name, batch.partition_id)
         writer: BatchWriter | None = None
         try:
-            # Chunk names say which worker wrote them: successes-w{worker}.{random}-{seq}.parquet
-            writer = BatchWriter(files, self.settings.keep_columns, self.budget,
-                                 f"w{self.id}.{secrets.token_hex(3)}", self.settings.output_format)
-            self.writers[batch.key] = writer
-            remove_stale_temporaries(files)
-            done = committed_uuids(files)
-            earlier = chunk_row_counts(files)  # committed by an earlier run: not this one's
-            rows = [row for path in self.layout.prepared_chunks(batch.server_name,
-                                                                batch.partition_id)
-                    for row in pq.read_table(path).to_pylist() if row["uuid"] not in done]
-            rows = await self._reuse_earlier(rows, batch.server_name, writer)
+            writer = self._open_writer(batch)
+            earlier, rows = await self._rows_to_request(batch, writer, give_up is None)
             if give_up is not None:
                 for row in rows:
-                    self._give_up_row(row, batch.server_name, writer, 0, give_up)
+                    self._write_error(writer, batch.server_name,
+                                      error_row(row, give_up.code, give_up.message, 0))
             else:
-                rows = self._robots_filter(rows, batch.server_name, writer)
-                frontier = Frontier.of(rows)
-                slot = self._slot(batch.server_name)
-                permitted = self._permitted(slot.name)
-                consumers = min(len(rows), self.settings.max_connections_per_server)
-                await asyncio.gather(*(self._consume(frontier, slot, writer, permitted)
-                                       for _ in range(consumers)))
-            counts = writer.complete(batch.rows)
-            self.channel.send(BatchFinished(self.id, batch, counts["successes"] - earlier[0],
-                                            counts["errors"] - earlier[1]))
+                await self._fetch_rows(rows, batch.server_name, writer)
+            self._finish(batch, writer, earlier)
         except asyncio.CancelledError:
             self._close(writer)  # commit what is finished; the rest is fetched on resume
             raise
@@ -316,9 +285,59 @@ class Worker:
             self._close(writer)
             raise
         finally:
-            self.tasks.pop(batch.key, None)
+            if self.tasks.pop(batch.key, None) is not None:
+                self.rows_in_flight -= batch.rows
             if not any(key[0] == batch.server_name for key in self.tasks):
-                self.failing.pop(batch.server_name, None)  # no stale streak once we leave
+                self.book.left(batch.server_name)
+
+    def _open_writer(self, batch: BatchRef) -> BatchWriter:
+        """The batch's sink. Chunk names say which worker wrote them:
+        successes-w{worker}.{random}-{seq}.parquet"""
+        files = self.layout.batch_files(batch.server_name, batch.partition_id)
+        writer = BatchWriter(files, self.settings.keep_columns, self.budget,
+                             f"w{self.id}.{secrets.token_hex(3)}", self.settings.output_format)
+        self.writers[batch.key] = writer
+        return writer
+
+    async def _rows_to_request(self, batch: BatchRef, writer: BatchWriter, robots: bool,
+                               ) -> tuple[tuple[int, int], list[dict[str, Any]]]:
+        """The request filters, in order: already done, reused from `--previous`, robots.txt.
+        Also returns the (successes, errors) committed by an earlier run: not this one's."""
+        files = self.layout.batch_files(batch.server_name, batch.partition_id)
+        remove_stale_temporaries(files)
+        done = committed_uuids(files)
+        earlier = chunk_row_counts(files)
+        rows = rows_not_done(self.layout, batch, done)
+        left = await reuse_earlier(rows, writer, self.settings.previous_mode == "copy",
+                                   self.pool)
+        self._count(batch.server_name, left)
+        if robots:
+            left = self.robots.filter(left.rows, batch.server_name, writer)
+            self._count(batch.server_name, left)
+        return earlier, left.rows
+
+    def _count(self, server: str, filtered: Filtered) -> None:
+        if not (filtered.successes or filtered.errors):
+            return
+        news = self.book.of(server)
+        news.successes += filtered.successes
+        news.errors += filtered.errors
+
+    async def _fetch_rows(self, rows: list[dict[str, Any]], server: str,
+                          writer: BatchWriter) -> None:
+        """Fetch every row, each through the checks into the sink, on the server's
+        connections of this worker's share."""
+        frontier = Frontier.of(rows)
+        slot = self._slot(server)
+        permitted = self.robots.permitted(slot.name)
+        consumers = min(len(rows), self.settings.max_connections_per_server)
+        await asyncio.gather(*(self._consume(frontier, slot, writer, permitted)
+                               for _ in range(consumers)))
+
+    def _finish(self, batch: BatchRef, writer: BatchWriter, earlier: tuple[int, int]) -> None:
+        counts = writer.complete(batch.rows)
+        self.channel.send(BatchFinished(self.id, batch, counts["successes"] - earlier[0],
+                                        counts["errors"] - earlier[1]))
 
     def _close(self, writer: BatchWriter | None) -> None:
         """Commit a batch's finished rows on the way out; a full disk stops the worker
@@ -345,88 +364,7 @@ class Worker:
                 pass
         self._stop.set()
 
-    async def _reuse_earlier(self, rows: list[dict[str, Any]], server: str,
-                             writer: BatchWriter) -> list[dict[str, Any]]:
-        """Write the rows an earlier download already holds (`--previous`), without a request;
-        returns the rows left to fetch."""
-        to_fetch, reused = [], []
-        for row in rows:
-            earlier = {name: row.pop(name, None) for name in REUSE_NAMES}
-            if earlier["reuse_error_code"]:
-                writer.add_error(error_row(row, earlier["reuse_error_code"],
-                                           earlier["reuse_error_msg"] or "",
-                                           0, earlier["reuse_http_status"]))
-                self._news(server).errors += 1
-            elif earlier["reuse_from"]:
-                reused.append((row, earlier["reuse_from"], earlier["reuse_uuid"]))
-            else:
-                to_fetch.append(row)
-        if not reused:
-            return to_fetch
-        copy = self.settings.previous_mode == "copy"
-        wanted: dict[str, set[str]] = {}
-        for _, folder, uuid in reused:
-            wanted.setdefault(folder, set()).add(uuid)
-        stored = await asyncio.get_running_loop().run_in_executor(
-            self.pool, _read_earlier, wanted, copy)
-        for row, folder, uuid in reused:
-            before = stored.get((folder, uuid))
-            if before is None:  # the earlier download lost it since prep: fetch it after all
-                to_fetch.append(row)
-                continue
-            writer.add_success({
-                **row, **{name: before[name] for name in REUSED_COLUMNS},
-                "image": before["image"] if copy else None,
-                "linked_from": None if copy else folder, "linked_uuid": None if copy else uuid,
-            })
-            self._news(server).successes += 1
-        return to_fetch
-
-    def _robots(self, server: str) -> RobotsFile | None:
-        """The server's robots.txt, as the coordinator fetched it before releasing the server."""
-        if not self.settings.respect_robots:
-            return None
-        if server not in self.robots:
-            self.robots[server] = load_robots(self.layout, server)
-            if self.robots[server] is None:
-                log.warning("worker %s: no robots.txt on record for %s", self.id, server)
-        return self.robots[server]
-
-    def _robots_filter(self, rows: list[dict[str, Any]], server: str,
-                       writer: BatchWriter) -> list[dict[str, Any]]:
-        """The rows robots.txt allows; the others become errors, never requested."""
-        robots = self._robots(server) if rows else None
-        if robots is None:
-            return rows
-        allowed = []
-        for row in rows:
-            if robots.allows(row["identifier"]):
-                allowed.append(row)
-            else:
-                writer.add_error(error_row(row, ErrorCode.ROBOTS_DISALLOWED,
-                                           f"{robots.url} disallows it for {PRODUCT_TOKEN}", 0))
-                self._news(server).errors += 1
-        return allowed
-
-    def _permitted(self, server: str) -> Callable[[str], bool] | None:
-        """For redirects: may this URL be fetched, as far as its server's robots.txt says?"""
-        robots = self._robots(server)
-        if robots is None:
-            return None
-        return robots.permits_redirect(server)
-
-    def _opt_out_seen(self, slot: ServerSlot) -> None:
-        """Count an opted-out image, and say so at once: the scheduler decides whether the
-        whole server opted out."""
-        news = self._news(slot.name)
-        news.opted_out += 1
-        news.errors += 1
-        self._send_report(urgent=True)
-
-    def _give_up_row(self, row: dict[str, Any], server: str, writer: BatchWriter,
-                     attempts: int, reason: Failure = SERVER_KEPT_FAILING) -> None:
-        writer.add_error(error_row(row, reason.code, reason.message, attempts))
-        self._news(server).errors += 1
+    # --- fetch with retry ---------------------------------------------------------------------
 
     async def _consume(self, frontier: Frontier, slot: ServerSlot, writer: BatchWriter,
                        permitted: Callable[[str], bool] | None) -> None:
@@ -437,16 +375,12 @@ class Worker:
                 return
             outcome = await self._request(item, slot, permitted)
             if outcome is None:
-                frontier.retry_later(item, self._retry_delay(item))
+                frontier.retry_later(item, self.retry.wait_before(item))
                 continue
             try:
                 await self._record(item, outcome, slot, writer)
             finally:
                 frontier.done()
-
-    def _retry_delay(self, item: Pending) -> float:
-        # A throttled URL waits in the slot's pause, not here.
-        return self.retry.delay(item.failures) if item.failures and not item.throttles else 0.0
 
     async def _request(self, item: Pending, slot: ServerSlot,
                        permitted: Callable[[str], bool] | None) -> Body | Failure | None:
@@ -454,71 +388,84 @@ class Worker:
         try:
             await slot.acquire()
         except ServerDead:
-            return Failure(ErrorCode.SERVER_UNAVAILABLE, "server given up")
+            return GIVEN_UP
         item.attempts += 1
         started = time.monotonic()
         try:
             outcome = await self.client.get(item.row["identifier"], pace=slot.pace,
                                             permitted=permitted)
         except ServerDead:
-            outcome = Failure(ErrorCode.SERVER_UNAVAILABLE, "server given up")
+            outcome = GIVEN_UP
         finally:
             slot.release()
-        signal = self._observe(slot, outcome, time.monotonic() - started, item)
+        seen = self.book.observe(slot, outcome, time.monotonic() - started, item)
+        if seen.urgent:
+            self._send_report(urgent=True)
         if isinstance(outcome, Body):
             return outcome
-        if signal is Signal.THROTTLED:
-            item.throttles += 1
-            return None if item.throttles < MAX_THROTTLES else outcome
-        item.throttles = 0
-        item.failures += 1
-        # A server that has not answered once here gets fewer tries per URL: it may be down.
-        attempts = self.retry.max_attempts if slot.name in self.answered else \
-            min(self.retry.max_attempts, ATTEMPTS_ON_A_SILENT_SERVER)
-        if outcome.code != ErrorCode.SERVER_UNAVAILABLE and \
-                self.retry.should_retry(outcome.code, item.failures, attempts):
+        if self.retry.again(item, outcome.code, seen.signal is Signal.THROTTLED,
+                            slot.name in self.book.answered):
             return None
         return outcome
 
+    # --- response checks and the sink ---------------------------------------------------------
+
     async def _record(self, item: Pending, outcome: Body | Failure, slot: ServerSlot,
                       writer: BatchWriter) -> None:
-        """Write a row's final outcome: an error, or the image once decoded."""
-        row, attempts, settings = item.row, item.attempts, self.settings
+        """Write a row's final outcome: an error, or the image once its checks pass."""
+        row, attempts = item.row, item.attempts
         if isinstance(outcome, Failure):
-            if outcome.code == ErrorCode.SERVER_UNAVAILABLE:
-                self._give_up_row(row, slot.name, writer, attempts,
-                                  slot.give_up or SERVER_KEPT_FAILING)
-                return
-            writer.add_error(error_row(row, outcome.code, outcome.message, attempts,
-                                       outcome.http_status))
-            self._news(slot.name).errors += 1
+            if outcome.code == ErrorCode.SERVER_UNAVAILABLE:  # the scheduler gave it up
+                reason = slot.give_up or SERVER_KEPT_FAILING
+                self._write_error(writer, slot.name,
+                                  error_row(row, reason.code, reason.message, attempts))
+            else:
+                self._write_error(writer, slot.name, error_row(
+                    row, outcome.code, outcome.message, attempts, outcome.http_status))
             return
-        tag = opted_out(outcome.headers, settings.opt_out_directives)
-        if tag is not None and not settings.ignore_opt_out:
-            self.client.budget.release(outcome.reserved)
-            writer.add_error(error_row(row, ErrorCode.OPTED_OUT, f"X-Robots-Tag: {tag}",
-                                       attempts, outcome.status))
-            self._opt_out_seen(slot)
+        if self._opted_out(item, outcome, slot.name, writer):
             return
-        news = self._news(slot.name)
+        image = await self._decode_body(outcome)
+        if isinstance(image, Failure):
+            self._write_error(writer, slot.name, error_row(row, image.code, image.message,
+                                                           attempts, outcome.status))
+        else:
+            writer.add_success(success_row(row, image))
+            self.book.of(slot.name).successes += 1
+
+    def _write_error(self, writer: BatchWriter, server: str, row: dict[str, Any]) -> None:
+        writer.add_error(row)
+        self.book.of(server).errors += 1
+
+    def _opted_out(self, item: Pending, body: Body, server: str, writer: BatchWriter) -> bool:
+        """The opt-out check: an opted-out image is an error, reported at once (the scheduler
+        decides whether the whole server opted out). True when the row is written."""
+        tag = opted_out(body.headers, self.settings.opt_out_directives)
+        if tag is not None and not self.settings.ignore_opt_out:
+            self.client.budget.release(body.reserved)
+            self._write_error(writer, server, error_row(
+                item.row, ErrorCode.OPTED_OUT, f"X-Robots-Tag: {tag}", item.attempts,
+                body.status))
+            self.book.of(server).opted_out += 1
+            self._send_report(urgent=True)
+            return True
+        news = self.book.of(server)
         if tag is None:
             news.opt_in += 1
         else:
             news.opt_outs_ignored += 1
+        return False
+
+    async def _decode_body(self, body: Body) -> StoredImage | Failure:
+        """The image check: decode, counted as decode back-pressure; the body's memory is
+        given back once decoded."""
         self.decoding += 1
         try:
-            image = await self._decode(outcome.data)
+            return await self._decode(body.data)
         finally:
             self.decoding -= 1
             self._decode_room.set()
-            self.client.budget.release(outcome.reserved)
-        # News objects are handed over at every report: look it up after the await.
-        if isinstance(image, Failure):
-            writer.add_error(error_row(row, image.code, image.message, attempts, outcome.status))
-            self._news(slot.name).errors += 1
-        else:
-            writer.add_success(success_row(row, image))
-            self._news(slot.name).successes += 1
+            self.client.budget.release(body.reserved)
 
     async def _decode(self, body: bytes) -> StoredImage | Failure:
         """Decode off the loop once the memory the image will hold fits in the worker's budget.
@@ -537,60 +484,6 @@ class Worker:
                                           settings.image_quality)
         finally:
             self.pixels.release(reservation)
-
-    def _observe(self, slot: ServerSlot, outcome: Body | Failure, seconds: float,
-                 item: Pending) -> Signal:
-        """Count what an answer says about the server; honour a pause it asked for at once."""
-        news = self._news(slot.name)
-        if isinstance(outcome, Body):
-            self.bytes += len(outcome.data)
-            signal = signal_of(None, None)
-        else:
-            signal = signal_of(outcome.code, outcome.retry_after)
-        advertised = advertised_rate(outcome.headers)
-        news_of_limit = advertised is not None and self.advertised.get(slot.name) != advertised
-        if advertised is not None:
-            news.advertised = self.advertised[slot.name] = advertised
-        pause = quota_pause(outcome.headers)
-        if signal is Signal.THROTTLED:
-            news.throttled += 1
-            retry_after = outcome.retry_after  # type: ignore[union-attr]
-            pause = max(pause or 0.0, DEFAULT_THROTTLE_PAUSE if retry_after is None
-                        else retry_after)
-        if pause is not None:
-            news.retry_after_until = max(news.retry_after_until, slot.pause(pause))
-        failing = 0
-        if signal is Signal.FAILED:
-            news.failed += 1
-            news.failed_urls += item.attempts == 1
-            urls = self.failing.setdefault(slot.name, set())
-            urls.add(item.row["identifier"])
-            failing = len(urls)
-        elif signal is Signal.ANSWERED:
-            self.failing.pop(slot.name, None)
-            self.answered.add(slot.name)
-            news.answered += 1
-            news.latency_sum += seconds
-            news.latency_count += 1
-        if signal is Signal.THROTTLED or pause is not None or news_of_limit or \
-                failing >= self.settings.breaker_failures:
-            self._send_report(urgent=True)
-        return signal
-
-
-# What a reused row takes from the earlier download's row (the rest is this input's).
-REUSED_COLUMNS = ("original_size", "resized_size", "hashsum_original", "hashsum_resized",
-                  "image_format")
-
-
-def _read_earlier(wanted: dict[str, set[str]], with_images: bool,
-                  ) -> dict[tuple[str, str], dict[str, Any]]:
-    """(earlier batch folder, uuid) -> that success row; its image only when copying."""
-    found = {}
-    for folder, uuids in wanted.items():
-        rows = read_successes(Path(folder), uuids, follow_links=False, with_images=with_images)
-        found.update({(folder, row["uuid"]): row for row in rows})
-    return found
 
 
 def run_worker(worker_id: int, settings: Settings, channel: Channel) -> bool:
