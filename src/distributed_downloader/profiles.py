@@ -162,16 +162,17 @@ def load_rate_overrides(layout: RunLayout, settings: Settings,
                         keep: bool = True) -> dict[str, RateOverride]:
     """The run's hand-set rates: the `rates` file when given (with `keep`, copied into the run
     for the next commands), else the copy a previous command kept."""
-    if settings.rates is not None:
+    if settings.politeness.rates is not None:
         try:
-            text = settings.rates.read_text(encoding="utf-8-sig")
+            text = settings.politeness.rates.read_text(encoding="utf-8-sig")
         except FileNotFoundError:
             if not layout.rate_overrides.exists():
-                raise InputError(f"{settings.rates}: rates file not found") from None
+                raise InputError(f"{settings.politeness.rates}: rates file not found") from None
         except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"{settings.rates}: cannot read rates file ({exc})") from None
+            raise InputError(f"{settings.politeness.rates}: cannot read rates file ({exc})") \
+                from None
         else:
-            overrides = parse_rate_overrides(text, str(settings.rates))
+            overrides = parse_rate_overrides(text, str(settings.politeness.rates))
             if keep:
                 atomic_write_text(layout.rate_overrides, text)
             return overrides
@@ -189,9 +190,9 @@ def apply_overrides(profiles: dict[str, ServerProfile],
             continue
         current = profiles.get(name)
         rate = override.rate_limit or (current.rate_limit if current else
-                                       settings.default_rate_limit)
+                                       settings.politeness.default_rate_limit)
         connections = override.max_connections or (
-            current.max_connections if current else settings.max_connections_per_server)
+            current.max_connections if current else settings.politeness.max_connections_per_server)
         profiles[name] = ServerProfile(name, rate, connections,
                                        current.latency_ms if current else None,
                                        ProfileStatus.MANUAL,

@@ -257,10 +257,10 @@ class Scheduler:
         count = len(server.workers)
         if count == 0:
             return True
-        allowed = workers_allowed(self.settings.schedule_rules, server.total_batches)
+        allowed = workers_allowed(self.settings.cluster.schedule_rules, server.total_batches)
         if allowed is not None and count >= allowed:
             return False
-        return server.rate / (count + 1) >= self.settings.min_worker_rate
+        return server.rate / (count + 1) >= self.settings.cluster.min_worker_rate
 
     def _next_for(self, worker: int) -> tuple[ServerState, bool] | None:
         """The server whose batch this worker should take next, and whether to give it up."""
@@ -394,7 +394,7 @@ class Scheduler:
         self.opt_outs_ignored += news.opt_outs_ignored
         if server.dead:
             return False
-        if not server.opt_in and server.opted_out >= self.settings.opt_out_server_after:
+        if not server.opt_in and server.opted_out >= self.settings.politeness.opt_out_server_after:
             server.dead, server.give_up = True, SERVER_OPTED_OUT
             return True
         changed = server.policy.observe(worker, news, now)

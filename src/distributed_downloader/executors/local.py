@@ -25,7 +25,6 @@ from distributed_downloader.protocol import WorkerStopped
 from distributed_downloader.schedule import Scheduler
 
 LOOP_SECONDS = 0.1
-STOP_GRACE_SECONDS = 60.0  # after a stop signal, before workers that did not stop are killed
 
 
 class PipeChannel:
@@ -56,7 +55,7 @@ def _worker_entry(worker_id: int, settings: Settings, connection: Connection) ->
     remember_stop_signals()  # one sent while this process started is delivered here
     from distributed_downloader.fetch.worker import run_worker
 
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(message)s")
+    logging.basicConfig(level=settings.cluster.log_level, format="%(asctime)s %(message)s")
 
     run_worker(worker_id, settings, PipeChannel(connection))
 
@@ -69,7 +68,7 @@ class LocalExecutor:
 
     def worker_ids(self, limit: int) -> list[int]:
         """One worker per core by default, never more than there are batches to fetch."""
-        self.count = max(1, min(self.settings.workers or os.cpu_count() or 1, limit))
+        self.count = max(1, min(self.settings.cluster.workers or os.cpu_count() or 1, limit))
         return list(range(self.count))
 
     def close(self) -> None:
@@ -136,7 +135,7 @@ class LocalExecutor:
         while any(process.is_alive() for process in processes.values()) or \
                 any(conn.poll() for conn in connections):
             if self.stop_requested and stop_deadline is None:
-                stop_deadline = time.monotonic() + STOP_GRACE_SECONDS
+                stop_deadline = time.monotonic() + self.settings.cluster.stop_grace
                 send(scheduler.stop())  # read even by a worker still starting
             sentinels = {p.sentinel: w for w, p in processes.items()}
             ready = multiprocessing.connection.wait(

@@ -28,7 +28,6 @@ from distributed_downloader.schedule import Scheduler
 SCHEDULER_RANK = 0
 POLL_SECONDS = 0.005  # rank 0, idle: how long to sleep between two polls
 WORKER_POLL_SECONDS = 0.02
-STOP_GRACE_SECONDS = 60.0
 log = logging.getLogger(__name__)
 
 
@@ -100,7 +99,7 @@ def run_worker_rank(comm: Any) -> bool:
     settings: Settings | None = comm.recv(source=SCHEDULER_RANK)
     if settings is None:  # rank 0 will not fetch (another command holds the run folder)
         return False
-    logging.basicConfig(level=settings.log_level,
+    logging.basicConfig(level=settings.cluster.log_level,
                         format=f"%(asctime)s rank {comm.Get_rank()}: %(message)s")
     return run_worker(comm.Get_rank(), settings, MpiChannel(comm))
 
@@ -120,7 +119,7 @@ class MpiExecutor:
         self.stop_requested = False
         self.stopped: set[int] = set()
         # Under Slurm the whole stop must fit in the warning before the time limit.
-        self.grace = min(STOP_GRACE_SECONDS, max(5.0, settings.stop_margin - 10.0))
+        self.grace = min(settings.cluster.stop_grace, max(5.0, settings.cluster.stop_margin - 10.0))
         for rank in self.worker_ranks:
             comm.send(settings, dest=rank)
 

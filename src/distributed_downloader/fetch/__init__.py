@@ -116,7 +116,7 @@ def fix_output_settings(layout: RunLayout, settings: Settings) -> None:
 
 
 def _output_settings(settings: Settings) -> dict[str, Any]:
-    return {name: getattr(settings, name) for name in OUTPUT_SETTINGS}
+    return {name: settings.value(name) for name in OUTPUT_SETTINGS}
 
 
 def _prep_summary(layout: RunLayout) -> dict[str, Any]:
@@ -135,19 +135,19 @@ def starting_servers(layout: RunLayout, settings: Settings, retry_errors: bool =
     _prep_summary(layout)
     learned = read_profiles(layout.server_profiles)
     overrides = load_rate_overrides(layout, settings, keep=keep_rates)
-    rate_policy = RatePolicy.from_settings(settings)
-    max_rate = settings.effective_max_rate * settings.rate_multiplier
-    default_rate = settings.default_rate_limit * settings.rate_multiplier
+    rate_policy = RatePolicy.from_settings(settings.politeness)
+    max_rate = settings.politeness.effective_max_rate * settings.politeness.rate_multiplier
+    default_rate = settings.politeness.default_rate_limit * settings.politeness.rate_multiplier
     now = time.time()
     servers = []
     for row in pq.read_table(layout.servers).to_pylist():
         name = row["server_name"]
         policy = ServerPolicy.start(rate_policy, min(default_rate, max_rate), max_rate, now)
         server = ServerState(name=name, policy=policy,
-                             connections=settings.max_connections_per_server,
+                             connections=settings.politeness.max_connections_per_server,
                              total_batches=row["batches"])
         _starting_budget(server, learned.get(name), overrides.get(name), now, retry_errors,
-                         settings.ignore_opt_out)
+                         settings.politeness.ignore_opt_out)
         servers.append((server, row["rows"]))
     return servers
 
@@ -338,7 +338,7 @@ def _run_plan(layout: RunLayout, settings: Settings, plan: FetchPlan, executor: 
     # whose image went missing since prep is fetched after all.
     robots = RobotsGate(layout, settings, lambda name: next(
         iter(sample_urls(layout, name, 1, to_fetch_only=False)), None)) \
-        if settings.respect_robots else None
+        if settings.politeness.respect_robots else None
     if robots is not None:
         robots.start(scheduler, time.time(), robots_fetched_since)
     last_save = [time.monotonic()]
@@ -401,14 +401,12 @@ def run_fetch(
     executor: Executor | None = None,
     robots_fetched_since: float | None = None,
 ) -> dict[str, Any]:
-    """Download what is left of the run in `settings.output` on `executor` (default: local
+    """Download what is left of the run in `settings.paths.output` on `executor` (default: local
     processes); returns the run's summary. robots.txt files fetched after
     `robots_fetched_since` (by this `download`'s profile) are used whatever their cache time."""
     from distributed_downloader.executors.local import LocalExecutor
 
-    if settings.output is None:
-        raise UserError("fetch needs the run's folder OUT")
-    layout = RunLayout(settings.output)
+    layout = RunLayout(settings.paths.run_folder("fetch"))
     try:
         return _fetch(layout, settings, retry_errors, on_tick, on_plan,
                       executor or LocalExecutor(settings), robots_fetched_since)
@@ -423,7 +421,7 @@ def _fetch(layout: RunLayout, settings: Settings, retry_errors: bool,
            robots_fetched_since: float | None) -> dict[str, Any]:
     started = time.monotonic()
     layout.check_writable()
-    require_format(settings.output_format)
+    require_format(settings.store.output_format)
     upgrade_layout(layout)
     check_output_settings(layout, settings)
     # Counted before the plan: an unreadable chunk is set aside first, and its batch is

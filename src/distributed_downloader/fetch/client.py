@@ -27,7 +27,6 @@ from distributed_downloader.fetch.dns import CachingResolver
 from distributed_downloader.fetch.retry import parse_retry_after
 from distributed_downloader.fetch.safety import AddressPolicy, BlockedAddress, SafeResolver
 
-MAX_REDIRECTS = 5
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 READ_CHUNK = 1 << 16
 ACCEPT = "image/avif,image/webp,image/png,image/jpeg,image/*;q=0.9,*/*;q=0.5"
@@ -103,20 +102,21 @@ class HttpClient:
     """One keep-alive session per worker; per-server limits are the slots' job, not aiohttp's."""
 
     def __init__(self, settings: Settings, budget: BodyBudget | None = None) -> None:
-        self.policy = AddressPolicy(settings.allow_network)
+        self.policy = AddressPolicy(settings.network.allow_network)
         self.budget = budget or BodyBudget(1 << 62)
-        self.max_body_size = settings.max_body_size
+        self.max_body_size = settings.network.max_body_size
+        self.max_redirects = settings.network.max_redirects
         # The resolver caches by the records' TTL itself, so aiohttp's fixed-time cache is off.
-        self.resolver = SafeResolver(self.policy, CachingResolver(settings.dns_servers))
+        self.resolver = SafeResolver(self.policy, CachingResolver.from_settings(settings.network))
         connector = aiohttp.TCPConnector(
             limit=0, limit_per_host=0, use_dns_cache=False, resolver=self.resolver
         )
         self.session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(
-                total=settings.timeout, sock_connect=settings.connect_timeout
+                total=settings.network.timeout, sock_connect=settings.network.connect_timeout
             ),
-            headers={"User-Agent": settings.effective_user_agent, "Accept": ACCEPT},
+            headers={"User-Agent": settings.network.effective_user_agent, "Accept": ACCEPT},
             cookie_jar=aiohttp.DummyCookieJar(),
             trust_env=False,
         )
@@ -136,7 +136,7 @@ class HttpClient:
             current = URL(url, encoded=True)
         except ValueError as exc:
             return Failure(ErrorCode.INVALID_REDIRECT, f"unusable URL: {exc}")
-        for hop in range(MAX_REDIRECTS + 1):
+        for hop in range(self.max_redirects + 1):
             if hop > 0:  # prepared URLs were read this way already
                 readable = browser_form(current)
                 if readable is None:
@@ -159,7 +159,7 @@ class HttpClient:
                 current = outcome
                 continue
             return outcome
-        return Failure(ErrorCode.TOO_MANY_REDIRECTS, f"more than {MAX_REDIRECTS} redirects")
+        return Failure(ErrorCode.TOO_MANY_REDIRECTS, f"more than {self.max_redirects} redirects")
 
     async def _read_body(self, response: aiohttp.ClientResponse) -> bytes | None:
         """The whole body, or None as soon as it grows past max_body_size."""

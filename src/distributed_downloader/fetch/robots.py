@@ -266,7 +266,7 @@ class RobotsGate:
             log.info("%s: %s", name, robots.describe())
         thread_gone = self._thread is not None and not self._thread.is_alive()
         for name, (since, robots) in list(self.held.items()):
-            if thread_gone or now - since >= self.settings.server_down_after:
+            if thread_gone or now - since >= self.settings.politeness.server_down_after:
                 del self.held[name]
                 self.given_up.add(name)
                 scheduler.give_up_held(name, self._give_up_reason(robots, now - since))
@@ -318,7 +318,7 @@ class RobotsGate:
                 asked_at = time.time()
                 try:
                     robots = await fetch_robots(client, name, url, previous,
-                                                longest_pause=self.settings.server_down_after)
+                                                longest_pause=self.settings.politeness.server_down_after)
                     save_robots(self.layout, robots)
                 except OutOfSpace as exc:  # the server stays held; `apply` stops the run
                     self.out_of_space = exc

@@ -37,7 +37,6 @@ from distributed_downloader.fetch.opt_out import PRODUCT_TOKEN, opted_out
 from distributed_downloader.fetch.politeness import ServerDead, ServerSlot
 from distributed_downloader.fetch.retry import (
     ATTEMPTS_ON_A_SILENT_SERVER,
-    MAX_THROTTLES,
     RetryPolicy,
 )
 from distributed_downloader.fetch.robots import RobotsFile, load_robots
@@ -78,9 +77,6 @@ log = logging.getLogger(__name__)
 
 REPORT_SECONDS = 1.0
 TICK_SECONDS = 0.2
-MAX_BATCHES = 24  # batches one worker fetches at once
-BUFFER_BUDGET = 48 << 20  # image bytes held for unwritten chunks, across batches
-BODY_BUDGET = 48 << 20  # downloaded bodies held at once (reading, or waiting to decode)
 # Bodies waiting for a decode thread, per thread: beyond this no new request starts, so a
 # fast network cannot pile up bodies in memory faster than the cores decode them.
 DECODE_BACKLOG_PER_THREAD = 4
@@ -133,13 +129,11 @@ def success_row(row: dict[str, Any], image: StoredImage) -> dict[str, Any]:
 
 class Worker:
     def __init__(self, worker_id: int, settings: Settings, channel: Channel) -> None:
-        assert settings.output is not None
         self.id = worker_id
         self.settings = settings
-        self.layout = RunLayout(settings.output)
+        self.layout = RunLayout(settings.paths.run_folder("fetch"))
         self.channel = channel
-        self.retry = RetryPolicy(settings.max_retries, settings.retry_delay,
-                                 settings.retry_delay_max)
+        self.retry = RetryPolicy.from_settings(settings.politeness)
         self.slots: dict[str, ServerSlot] = {}
         self.news: dict[str, ServerNews] = {}
         # server -> the URLs that failed since its last good answer: how many different URLs
@@ -150,15 +144,15 @@ class Worker:
         self.robots: dict[str, RobotsFile | None] = {}
         self.tasks: dict[tuple[str, int], asyncio.Task] = {}
         self.writers: dict[tuple[str, int], BatchWriter] = {}  # until their last report
-        self.budget = BufferBudget(BUFFER_BUDGET)
+        self.budget = BufferBudget(settings.store.max_output_memory)
         # One thread more than the worker's cores: Pillow releases the GIL while it decodes, so
         # the spare one keeps the cores busy, and a worker left alone with the last batch
         # uses the cores its idle neighbours freed.
-        self.decode_threads = settings.cpu_per_worker + 1
+        self.decode_threads = settings.cluster.cpu_per_worker + 1
         self.backlog_limit = self.decode_threads * DECODE_BACKLOG_PER_THREAD
         self.decoding = 0  # bodies handed to the decode threads, not yet back
         # Decoded pixels dwarf the bodies: each image reserves its cost, read from its header.
-        self.pixels = DecodeBudget(settings.max_decode_memory)
+        self.pixels = DecodeBudget(settings.images.max_decode_memory)
         self._decode_room = asyncio.Event()
         self.asking = False  # a WantWork is unanswered, or the scheduler holds us as hungry
         self.bytes = 0
@@ -178,7 +172,7 @@ class Worker:
                 pass
         if stop_signalled():  # while the worker was starting
             self.interrupt()
-        self.client = HttpClient(self.settings, BodyBudget(BODY_BUDGET))
+        self.client = HttpClient(self.settings, BodyBudget(self.settings.network.max_body_memory))
         self.pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
         self.channel.listen(loop, self.deliver, self.interrupt)
         ticker = asyncio.create_task(self._tick_forever())
@@ -244,7 +238,8 @@ class Worker:
             return True
         # More batches only while the decode threads keep up and nothing waits on the network
         # for lack of batches: a backlog of decodes means this worker's cores are full.
-        return len(self.tasks) < MAX_BATCHES and self.decoding < self.decode_threads
+        return len(self.tasks) < self.settings.cluster.batches_per_worker \
+            and self.decoding < self.decode_threads
 
     async def _wait_for_decode_room(self) -> None:
         while self.decoding >= self.backlog_limit:
@@ -268,8 +263,8 @@ class Worker:
 
     def _slot(self, server: str) -> ServerSlot:
         if server not in self.slots:
-            self.slots[server] = ServerSlot(server, self.settings.default_rate_limit,
-                                            self.settings.max_connections_per_server)
+            self.slots[server] = ServerSlot(server, self.settings.politeness.default_rate_limit,
+                                            self.settings.politeness.max_connections_per_server)
         return self.slots[server]
 
     def _news(self, server: str) -> ServerNews:
@@ -282,8 +277,9 @@ class Worker:
         writer: BatchWriter | None = None
         try:
             # Chunk names say which worker wrote them: successes-w{worker}.{random}-{seq}.parquet
-            writer = BatchWriter(files, self.settings.keep_columns, self.budget,
-                                 f"w{self.id}.{secrets.token_hex(3)}", self.settings.output_format)
+            writer = BatchWriter(files, self.settings.prep.keep_columns, self.budget,
+                                 f"w{self.id}.{secrets.token_hex(3)}",
+                                 self.settings.store.output_format)
             self.writers[batch.key] = writer
             remove_stale_temporaries(files)
             done = committed_uuids(files)
@@ -300,7 +296,7 @@ class Worker:
                 frontier = Frontier.of(rows)
                 slot = self._slot(batch.server_name)
                 permitted = self._permitted(slot.name)
-                consumers = min(len(rows), self.settings.max_connections_per_server)
+                consumers = min(len(rows), self.settings.politeness.max_connections_per_server)
                 await asyncio.gather(*(self._consume(frontier, slot, writer, permitted)
                                        for _ in range(consumers)))
             counts = writer.complete(batch.rows)
@@ -364,7 +360,7 @@ class Worker:
                 to_fetch.append(row)
         if not reused:
             return to_fetch
-        copy = self.settings.previous_mode == "copy"
+        copy = self.settings.prep.previous_mode == "copy"
         wanted: dict[str, set[str]] = {}
         for _, folder, uuid in reused:
             wanted.setdefault(folder, set()).add(uuid)
@@ -385,7 +381,7 @@ class Worker:
 
     def _robots(self, server: str) -> RobotsFile | None:
         """The server's robots.txt, as the coordinator fetched it before releasing the server."""
-        if not self.settings.respect_robots:
+        if not self.settings.politeness.respect_robots:
             return None
         if server not in self.robots:
             self.robots[server] = load_robots(self.layout, server)
@@ -470,7 +466,7 @@ class Worker:
             return outcome
         if signal is Signal.THROTTLED:
             item.throttles += 1
-            return None if item.throttles < MAX_THROTTLES else outcome
+            return None if item.throttles < self.settings.politeness.max_throttles else outcome
         item.throttles = 0
         item.failures += 1
         # A server that has not answered once here gets fewer tries per URL: it may be down.
@@ -494,8 +490,8 @@ class Worker:
                                        outcome.http_status))
             self._news(slot.name).errors += 1
             return
-        tag = opted_out(outcome.headers, settings.opt_out_directives)
-        if tag is not None and not settings.ignore_opt_out:
+        tag = opted_out(outcome.headers, settings.politeness.opt_out_directives)
+        if tag is not None and not settings.politeness.ignore_opt_out:
             self.client.budget.release(outcome.reserved)
             writer.add_error(error_row(row, ErrorCode.OPTED_OUT, f"X-Robots-Tag: {tag}",
                                        attempts, outcome.status))
@@ -527,15 +523,15 @@ class Worker:
         The header is read here, on the loop (tens of microseconds), so that waiting for room
         costs no decode thread."""
         settings = self.settings
-        opened = open_image(body, settings.image_size, settings.output_image_format,
-                            settings.max_image_pixels)
+        opened = open_image(body, settings.images.image_size, settings.images.output_image_format,
+                            settings.images.max_image_pixels)
         if isinstance(opened, Failure):
             return opened
         reservation = self.pixels.reserve(opened.cost)
         try:
             await reservation.granted.wait()
             return await asyncio.get_running_loop().run_in_executor(
-                self.pool, finish_image, opened, settings.image_quality)
+                self.pool, finish_image, opened, settings.images.image_quality)
         finally:
             self.pixels.release(reservation)
 
@@ -574,7 +570,7 @@ class Worker:
             news.latency_sum += seconds
             news.latency_count += 1
         if signal is Signal.THROTTLED or pause is not None or news_of_limit or \
-                failing >= self.settings.breaker_failures:
+                failing >= self.settings.politeness.breaker_failures:
             self._send_report(urgent=True)
         return signal
 

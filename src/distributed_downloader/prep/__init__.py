@@ -171,8 +171,8 @@ def _read_sources(
     progress: ProgressCallback | None,
 ) -> list[str]:
     """Stream every source into the staging file; returns the source formats seen."""
-    assert settings.input is not None
-    keep_columns = settings.keep_columns
+    assert settings.paths.input is not None
+    keep_columns = settings.prep.keep_columns
     schema = staging_schema(keep_columns)
     formats = []
     writes: deque[Future] = deque()
@@ -190,9 +190,9 @@ def _read_sources(
             try:
                 reader = source.make_reader()
                 roles = resolve_roles(reader.columns, source, settings)
-                prefix = _row_key_prefix(source, settings.input, len(sources) > 1)
+                prefix = _row_key_prefix(source, settings.paths.input, len(sources) > 1)
                 cleaner = ChunkCleaner(roles, source, prefix, keep_columns,
-                                       settings.strict_image_format)
+                                       settings.prep.strict_image_format)
                 readable = [name for name in roles.wanted if name in reader.columns]
                 tasks = (_cleaned(job, cleaner) for job in reader.jobs(readable))
                 for chunk in _in_order(pool, tasks, CHUNKS_IN_FLIGHT):
@@ -227,11 +227,12 @@ def _staging_table(chunk: CleanChunk, first_row_index: int, servers: ServerNumbe
 def run_prep(
     settings: Settings, force: bool = False, progress: ProgressCallback | None = None
 ) -> dict[str, Any]:
-    """Prepare `settings.input` into `settings.output/prep/`; returns the summary written."""
-    if settings.input is None or settings.output is None:
+    """Prepare `settings.paths.input` into `settings.paths.output/prep/`; returns the summary
+    written."""
+    if settings.paths.input is None or settings.paths.output is None:
         raise UserError("prep needs an INPUT and an --output folder")
     started = time.monotonic()
-    layout = RunLayout(settings.output)
+    layout = RunLayout(settings.paths.output)
     layout.check_writable()
     if prep_is_finished(layout):
         if not force:
@@ -246,8 +247,8 @@ def run_prep(
                 "would mix two inputs in one folder; use another --output (with --previous "
                 f"{layout.root} to reuse what it holds)")
         shutil.rmtree(layout.prep)
-    sources, warnings = discover(settings.input, settings.input_format)
-    previous = check_previous(settings.previous, settings.output)
+    sources, warnings = discover(settings.paths.input, settings.prep.input_format)
+    previous = check_previous(settings.prep.previous, settings.paths.output)
 
     work = layout.prep_work
     if work.exists():
@@ -267,10 +268,10 @@ def run_prep(
         rejected.close()
         dropped.close()
     if tally.rows_read == 0:
-        raise InputError(f"{settings.input}: no data rows (only a header, or empty)")
+        raise InputError(f"{settings.paths.input}: no data rows (only a header, or empty)")
     if progress:
         progress(PrepProgress("", tally.rows_read, tally.rows_kept, "batching"))
-    result = build_batches(staging_path, work, settings, settings.keep_columns, servers.names,
+    result = build_batches(staging_path, work, settings, settings.prep.keep_columns, servers.names,
                            previous)
 
     for name in ("batches", "rejected.parquet", "dropped.parquet", "duplicates.parquet",
@@ -278,8 +279,8 @@ def run_prep(
         if (work / name).exists():
             publish(work / name, layout.prep / name)
     summary = {
-        "input": str(settings.input.resolve()),
-        "input_fingerprint": input_fingerprint(settings.input),
+        "input": str(settings.paths.input.resolve()),
+        "input_fingerprint": input_fingerprint(settings.paths.input),
         "formats": sorted(set(formats)),
         "rows_read": tally.rows_read,
         "rows_kept": tally.rows_kept,
@@ -289,7 +290,7 @@ def run_prep(
         "download_rows": result.download_rows,
         "servers": len(result.servers),
         "batches": result.batches,
-        "batch_size": settings.batch_size,
+        "batch_size": settings.prep.batch_size,
         "previous": [str(earlier.root) for earlier in previous],
         "overlap": result.overlap,
         "reused_rows": sum(server.reused_rows for server in result.servers),

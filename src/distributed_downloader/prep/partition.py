@@ -221,7 +221,7 @@ class BatchCutter:
 
 def _connect(work: Path, settings: Settings) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect(str(work / "prep.duckdb"))
-    con.execute(f"SET memory_limit = '{settings.memory_limit}'")
+    con.execute(f"SET memory_limit = '{settings.prep.memory_limit}'")
     con.execute(f"SET temp_directory = '{work / 'spill'}'")
     con.execute("SET preserve_insertion_order = false")
     return con
@@ -246,7 +246,7 @@ def build_batches(
     under the UUID of its pair, computed in the query that sorts the rows by server."""
     con = _connect(work, settings)
     overlap = None
-    deterministic = settings.uuid != "random"
+    deterministic = settings.prep.uuid != "random"
     try:
         payload = ", ".join(f'"{name}"' for name in [*BATCH.names[1:], *keep_columns])
         carried = ", ".join(f'"{name}"' for name in [*BATCH.names, *keep_columns])
@@ -267,7 +267,7 @@ def build_batches(
         else:
             named = "SELECT *, uuid()::VARCHAR AS uuid FROM numbered"
         carrier = (
-            "uuid" if settings.keep_duplicates
+            "uuid" if settings.prep.keep_duplicates
             else "first_value(uuid) OVER (PARTITION BY identifier ORDER BY row_index)"
         )
         con.execute(f"""
@@ -309,7 +309,7 @@ def build_batches(
         else:
             uuid_sql = "coalesce(uuid, uuid()::VARCHAR) AS uuid"
             once, twice = "NULL::VARCHAR AS uuid", "uuid"
-        cutter = BatchCutter(work / "batches", settings.batch_size,
+        cutter = BatchCutter(work / "batches", settings.prep.batch_size,
                              batch_schema(keep_columns, reuse=bool(previous)), server_names)
         (work / "batches").mkdir()
         try:
