@@ -39,9 +39,8 @@ from distributed_downloader.config import PolitenessSettings
 from distributed_downloader.errors import SERVER_FAILURES, ErrorCode
 from distributed_downloader.protocol import ServerNews
 
-# Failures are judged over this many seconds: long enough to hold a few dozen answers of a
-# slow server, short enough that a past bad spell does not count against a recovered one.
-WARM_UP_STEPS = 3  # reports of good answers from first_contact_rate to the starting rate
+# Constants below are the rate controller's own mechanics, not knobs: a user tunes it through
+# the politeness settings (PolitenessSettings), which these only keep sound.
 # An interval counts as "held" only if the server was really asked at about that rate: a rate
 # nobody used says nothing about the server (TCP's congestion-window validation, RFC 7661).
 USED_SHARE = 0.5

@@ -56,6 +56,8 @@ from distributed_downloader.writers import (
     set_aside_unreadable,
 )
 
+# Learned rates are written to servers.csv this often: a killed run loses a minute of learning
+# at most, and the file is not rewritten on every report.
 PROFILE_SAVE_SECONDS = 60.0
 STATE_SECONDS = 5.0  # how often a running fetch records its state for `status`
 # Profile statuses whose max_rate_limit is a hard ceiling (advertised, Crawl-delay, by hand).

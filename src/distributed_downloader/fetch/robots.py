@@ -47,7 +47,7 @@ PARSED_BYTES = 500 * 1024  # §2.5: parse at least the first 500 KiB
 # passing fault is the common case, then minutes. The server is held meanwhile, and says so.
 RETRY_PAUSES = (10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 MIN_PAUSE = 1.0  # even after "Retry-After: 0"
-FETCHES_AT_ONCE = 128
+FETCHES_AT_ONCE = 128  # robots.txt files asked at once, each from another server: bounds sockets
 NETWORK_FAILURES = frozenset({ErrorCode.TIMEOUT, ErrorCode.CONNECTION_ERROR,
                               ErrorCode.DNS_ERROR})
 UNREACHABLE_CODES = NETWORK_FAILURES | {ErrorCode.HTTP_429}
