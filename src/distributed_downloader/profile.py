@@ -199,7 +199,7 @@ def _profile_from_answers(result: ProbeResult, settings: Settings) -> ServerProf
 async def _probe_all(layout: RunLayout, settings: Settings,
                      servers: list[str]) -> list[ProbeResult]:
 
-    client = HttpClient(settings)
+    client = HttpClient(settings.network)
     politeness = settings.politeness
     gate = asyncio.Semaphore(politeness.profile_servers_at_once)
     earlier = read_profiles(layout.server_profiles)  # probes never go faster than it learned
@@ -237,7 +237,7 @@ def run_profile(settings: Settings) -> dict[str, Any]:
                         "(or `download`) first")
     layout.check_writable()
     started = time.monotonic()
-    overrides = load_rate_overrides(layout, settings)
+    overrides = load_rate_overrides(layout, settings.politeness)
     save_settings(settings)
     servers = [name for name in
                pq.read_table(layout.servers, columns=["server_name"]).column(0).to_pylist()
@@ -246,7 +246,7 @@ def run_profile(settings: Settings) -> dict[str, Any]:
     probed = [profile_from_probe(result, settings) for result in results]
     profiles = read_profiles(layout.server_profiles)
     profiles.update({profile.server_name: profile for profile in probed})
-    apply_overrides(profiles, overrides, settings)
+    apply_overrides(profiles, overrides, settings.politeness)
     write_profiles(layout.server_profiles, list(profiles.values()))
     by_status = Counter(profile.status for profile in probed)
     summary = {

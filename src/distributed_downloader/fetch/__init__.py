@@ -136,7 +136,7 @@ def starting_servers(layout: RunLayout, settings: Settings, retry_errors: bool =
     """Every prepared server with its starting budget, and its number of rows."""
     _prep_summary(layout)
     learned = read_profiles(layout.server_profiles)
-    overrides = load_rate_overrides(layout, settings, keep=keep_rates)
+    overrides = load_rate_overrides(layout, settings.politeness, keep=keep_rates)
     rate_policy = RatePolicy.from_settings(settings.politeness)
     max_rate = settings.politeness.effective_max_rate * settings.politeness.rate_multiplier
     default_rate = settings.politeness.default_rate_limit * settings.politeness.rate_multiplier
@@ -278,7 +278,8 @@ def learned_profiles(layout: RunLayout, settings: Settings,
         if previous is not None and previous.status == ProfileStatus.MANUAL:
             continue
         profiles[server.name] = _learned_profile(server, previous)
-    apply_overrides(profiles, load_rate_overrides(layout, settings, keep=False), settings)
+    apply_overrides(profiles, load_rate_overrides(layout, settings.politeness, keep=False),
+                    settings.politeness)
     return list(profiles.values())
 
 

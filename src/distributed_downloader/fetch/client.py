@@ -21,7 +21,7 @@ import aiohttp
 from aiohttp.http_exceptions import LineTooLong
 from yarl import URL
 
-from distributed_downloader.config import Settings
+from distributed_downloader.config import NetworkSettings
 from distributed_downloader.errors import ErrorCode, Failure
 from distributed_downloader.fetch.dns import CachingResolver
 from distributed_downloader.fetch.retry import parse_retry_after
@@ -101,22 +101,22 @@ def _blocked_cause(exc: BaseException) -> BlockedAddress | None:
 class HttpClient:
     """One keep-alive session per worker; per-server limits are the slots' job, not aiohttp's."""
 
-    def __init__(self, settings: Settings, budget: BodyBudget | None = None) -> None:
-        self.policy = AddressPolicy(settings.network.allow_network)
+    def __init__(self, network: NetworkSettings, budget: BodyBudget | None = None) -> None:
+        self.policy = AddressPolicy(network.allow_network)
         self.budget = budget or BodyBudget(1 << 62)
-        self.max_body_size = settings.network.max_body_size
-        self.max_redirects = settings.network.max_redirects
+        self.max_body_size = network.max_body_size
+        self.max_redirects = network.max_redirects
         # The resolver caches by the records' TTL itself, so aiohttp's fixed-time cache is off.
-        self.resolver = SafeResolver(self.policy, CachingResolver.from_settings(settings.network))
+        self.resolver = SafeResolver(self.policy, CachingResolver.from_settings(network))
         connector = aiohttp.TCPConnector(
             limit=0, limit_per_host=0, use_dns_cache=False, resolver=self.resolver
         )
         self.session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(
-                total=settings.network.timeout, sock_connect=settings.network.connect_timeout
+                total=network.timeout, sock_connect=network.connect_timeout
             ),
-            headers={"User-Agent": settings.network.effective_user_agent, "Accept": ACCEPT},
+            headers={"User-Agent": network.effective_user_agent, "Accept": ACCEPT},
             cookie_jar=aiohttp.DummyCookieJar(),
             trust_env=False,
         )

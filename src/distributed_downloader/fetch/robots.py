@@ -298,7 +298,7 @@ class RobotsGate:
     async def _fetch_servers(self, servers: list[tuple[str, str, RobotsFile | None]]) -> None:
         from distributed_downloader.fetch.client import HttpClient
 
-        client = HttpClient(self.settings)
+        client = HttpClient(self.settings.network)
         gate = asyncio.Semaphore(FETCHES_AT_ONCE)
         try:
             await asyncio.gather(*(self._keep_asking(client, gate, name, url, cached)

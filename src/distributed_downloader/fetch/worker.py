@@ -172,7 +172,8 @@ class Worker:
                 pass
         if stop_signalled():  # while the worker was starting
             self.interrupt()
-        self.client = HttpClient(self.settings, BodyBudget(self.settings.network.max_body_memory))
+        network = self.settings.network
+        self.client = HttpClient(network, BodyBudget(network.max_body_memory))
         self.pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
         self.channel.listen(loop, self.deliver, self.interrupt)
         ticker = asyncio.create_task(self._tick_forever())
