@@ -88,14 +88,14 @@ def test_a_period_stopped_by_a_full_disk_ends_the_chain_saying_so(prepared: Sett
     fetch_ended(prepared, requests=40, out_of_space=full)
     fetch, reason = slurm.start_period(prepared, next_period(prepared))
     assert not fetch
-    chain = slurm.read_chain(slurm.RunLayout(prepared.output))
+    chain = slurm.read_chain(slurm.RunLayout(prepared.paths.output))
     assert chain.state == "out_of_space" and chain.downloads[0].out_of_space == full
     assert reason == f"period 1 stopped: {full}; free space, then `slurm submit` again"
     assert len(chain.downloads) == 2  # the period that found it queued nothing behind itself
 
 
 def test_a_profile_job_is_submitted_only_when_asked(prepared: Settings) -> None:
-    (prepared.output / "profiles" / "summary.json").unlink()
+    (prepared.paths.output / "profiles" / "summary.json").unlink()
     assert [job.kind for job in slurm.submit_chain(prepared).jobs] == ["download"]
     slurm.cancel_chain(prepared)
     kinds = [job.kind for job in slurm.submit_chain(prepared, run_profile=True).jobs]
