@@ -27,7 +27,6 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -337,7 +336,7 @@ class NetworkSettings(_Group):
 
     @field_validator("allow_network", "dns_servers", mode="before")
     @classmethod
-    def _split_commas(cls, value: Any, info: ValidationInfo) -> Any:
+    def _split_commas(cls, value: Any) -> Any:
         return _comma_list(value)
 
     @field_validator("allow_network")
