@@ -113,8 +113,8 @@ def test_saved_settings_are_the_base_of_the_next_command(tmp_path: Path) -> None
     out = tmp_path / "out"
     run_cli("prep", FIXTURES / "urls.txt", "--output", out, "--batch-size", "7")
     settings = load_settings(None, {"output": out}).settings
-    assert settings.batch_size == 7
-    assert settings.input == (FIXTURES / "urls.txt").resolve()
+    assert settings.prep.batch_size == 7
+    assert settings.paths.input == (FIXTURES / "urls.txt").resolve()
 
 
 def test_unknown_key_names_the_closest_valid_one(tmp_path: Path) -> None:
@@ -147,10 +147,11 @@ def test_first_version_env_file(tmp_path: Path) -> None:
     env.write_text(ORIGINAL_ENV.format(output=out))
     loaded = load_settings(env)
     settings, without_effect = loaded.settings, loaded.without_effect
-    assert settings.account == "pas2136"
-    assert (settings.max_nodes, settings.workers_per_node, settings.cpu_per_worker) == (6, 5, 8)
-    assert settings.output == out
-    assert settings.rates == Path("servers_profiles.csv")
+    assert settings.cluster.account == "pas2136"
+    cluster = settings.cluster
+    assert (cluster.max_nodes, cluster.workers_per_node, cluster.cpu_per_worker) == (6, 5, 8)
+    assert settings.paths.output == out
+    assert settings.politeness.rates == Path("servers_profiles.csv")
     assert "DOWNLOADER_URLS_FOLDER" in without_effect
 
 

@@ -22,7 +22,7 @@ from conftest import (
     run_cli,
     write_lines,
 )
-from distributed_downloader.config import Settings
+from distributed_downloader.config import NetworkSettings
 from distributed_downloader.errors import ErrorCode, Failure, RETRYABLE
 from distributed_downloader.testing.farm import Farm, FarmServer, ServerSpec, make_small_image
 from distributed_downloader.fetch.client import HttpClient
@@ -150,7 +150,8 @@ def test_ip_literals_and_hosts_file_names_send_no_query() -> None:
 
 def test_the_client_reports_dns_failures_as_dns_error_and_still_blocks_addresses() -> None:
     async def story(dns: DnsServer) -> None:
-        client = HttpClient(Settings(dns_servers=[dns.address], allow_network=["127.0.0.0/25"]))
+        client = HttpClient(NetworkSettings(dns_servers=[dns.address],
+                                            allow_network=["127.0.0.0/25"]))
         try:
             unknown = await client.get("http://nowhere.test:9/a.jpg")
             assert isinstance(unknown, Failure) and unknown.code is ErrorCode.DNS_ERROR
@@ -173,7 +174,8 @@ def test_a_redirect_to_a_numeric_host_form_is_checked_as_the_address_it_is() -> 
     redirect there is refused as that address, with no DNS query and no request."""
     async def story(farm: Farm, dns: DnsServer) -> None:
         a, canary = farm["127.0.0.2"], farm["127.0.0.250"]
-        client = HttpClient(Settings(dns_servers=[dns.address], allow_network=["127.0.0.0/25"]))
+        client = HttpClient(NetworkSettings(dns_servers=[dns.address],
+                                            allow_network=["127.0.0.0/25"]))
         try:
             for host in ("0x7f0000fa", "2130706682", "0177.0.0.250", "0x7f.0.0.0xfa"):
                 target = f"http://{host}:{canary.port}/img/c.jpg"
@@ -201,11 +203,12 @@ def test_a_redirect_to_a_numeric_host_form_is_checked_as_the_address_it_is() -> 
 
 
 def test_dns_servers_setting_is_checked() -> None:
-    assert Settings(dns_servers="127.0.0.1:5353, ::1").dns_servers == ["127.0.0.1:5353", "::1"]
-    assert Settings(dns_servers=["[::1]:53"]).dns_servers == ["[::1]:53"]
+    assert NetworkSettings(dns_servers="127.0.0.1:5353, ::1").dns_servers == \
+        ["127.0.0.1:5353", "::1"]
+    assert NetworkSettings(dns_servers=["[::1]:53"]).dns_servers == ["[::1]:53"]
     for bad in ("dns.example", "127.0.0.1:0", "127.0.0.1:x", "127.0.0.1:65536", "[::1]"):
         with pytest.raises(ValueError):
-            Settings(dns_servers=[bad])
+            NetworkSettings(dns_servers=[bad])
 
 
 # --- end to end: the CLI on a loopback farm reached by name -----------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import FAST_FETCH, read_batches, read_errors, read_successes, run_cli, write_lines
-from distributed_downloader.executors.coordinator import STOP_GRACE_SECONDS
+from distributed_downloader.config import Settings
 from distributed_downloader.testing.farm import Farm, ServerSpec
 
 HOSTS = ("127.0.0.2", "127.0.0.3")
@@ -79,12 +79,12 @@ def test_a_stop_signal_while_the_fetch_starts_ends_it(target: str, tmp_path: Pat
             else:
                 os.kill(child.pid, signal.SIGTERM)
             try:
-                _, stderr = child.communicate(timeout=STOP_GRACE_SECONDS + 10)
+                _, stderr = child.communicate(timeout=Settings().cluster.stop_grace + 10)
             except subprocess.TimeoutExpired:
                 os.killpg(child.pid, signal.SIGKILL)
                 child.wait()
                 pytest.fail(f"SIGTERM at {moment} s: the fetch did not end within the grace "
-                            f"period ({STOP_GRACE_SECONDS:.0f} s)")
+                            f"period ({Settings().cluster.stop_grace:.0f} s)")
             took = time.monotonic() - started
             # Ended by the signal: stopped cleanly, or killed while Python was still starting.
             assert child.returncode in (130, -signal.SIGTERM), (moment, child.returncode, stderr)

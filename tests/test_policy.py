@@ -117,7 +117,8 @@ def simulate(server: ServerPolicy, seconds: float, limit: Callable[[float], floa
 
 def fresh(rate: float = 10.0, run_max: float = 1000.0, **settings: float) -> ServerPolicy:
     """A server's policy with the default settings (or `settings`), at time 0."""
-    return ServerPolicy.start(RatePolicy.from_settings(Settings(**settings)), rate, run_max, 0.0)
+    policy = RatePolicy.from_settings(Settings(**settings).politeness)
+    return ServerPolicy.start(policy, rate, run_max, 0.0)
 
 
 def test_transient_failures_leave_the_rate_alone() -> None:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from conftest import FAST_FETCH, read_errors, read_successes, run_cli, write_lines
-from distributed_downloader.config import Settings
+from distributed_downloader.config import NetworkSettings
 from distributed_downloader.testing.farm import Farm, ServerSpec, make_small_image
 from distributed_downloader.fetch.client import HttpClient
 from distributed_downloader.fetch.robots import (
@@ -157,7 +157,7 @@ def test_cache_rules_and_unreachable_fallbacks() -> None:
                              "User-agent: *\nDisallow: /old\n", now - 2 * MAX_AGE, now - MAX_AGE)
 
         async def ask(previous: RobotsFile | None) -> RobotsFile:
-            client = HttpClient(Settings(allow_network=["127.0.0.0/8"]))
+            client = HttpClient(NetworkSettings(allow_network=["127.0.0.0/8"]))
             try:
                 return await fetch_robots(client, server.address, url, previous)
             finally:

@@ -21,7 +21,8 @@ from distributed_downloader.schedule import Scheduler, ServerState, workers_allo
 
 def server(name: str, batches: int, rate: float, rows: int = 100,
            settings: Settings | None = None) -> ServerState:
-    policy = ServerPolicy.start(RatePolicy.from_settings(settings or Settings()), rate, rate, 0)
+    rate_policy = RatePolicy.from_settings((settings or Settings()).politeness)
+    policy = ServerPolicy.start(rate_policy, rate, rate, 0)
     state = ServerState(name=name, policy=policy, connections=8, total_batches=batches)
     for partition in range(batches):
         state.pending.append(BatchRef(name, partition, rows))

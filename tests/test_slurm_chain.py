@@ -37,10 +37,10 @@ def test_a_stalled_chain_ends_and_a_new_submission_starts_afresh(prepared: Setti
     chain = slurm.submit_chain(prepared)
     first = chain.downloads[0].id
     assert slurm.start_period(prepared, first)[0]  # period 1 fetches, queues period 2
-    second = slurm.read_chain(slurm.RunLayout(prepared.output)).downloads[-1].id
+    second = slurm.read_chain(slurm.RunLayout(prepared.paths.output)).downloads[-1].id
     fetch, reason = slurm.start_period(prepared, second)  # nothing was committed meanwhile
     assert not fetch and "made no progress" in reason  # and no fetch summary: no request
-    assert slurm.read_chain(slurm.RunLayout(prepared.output)).state == "stalled"
+    assert slurm.read_chain(slurm.RunLayout(prepared.paths.output)).state == "stalled"
 
     # Submitted again: its first period fetches, whatever the old submission's history.
     chain = slurm.submit_chain(prepared)
@@ -57,11 +57,11 @@ def fetch_ended(settings: Settings, requests: int | None, waiting: list | None =
     if waiting is not None:
         summary["waiting"] = waiting
     summary["ended_at"] = time.time() if ended_at is None else ended_at
-    (settings.output / "fetch_summary.json").write_text(json.dumps(summary))
+    (settings.paths.output / "fetch_summary.json").write_text(json.dumps(summary))
 
 
 def next_period(settings: Settings) -> str:
-    return slurm.read_chain(slurm.RunLayout(settings.output)).downloads[-1].id
+    return slurm.read_chain(slurm.RunLayout(settings.paths.output)).downloads[-1].id
 
 
 def test_a_period_that_sent_requests_but_committed_nothing_does_not_stall(
@@ -73,7 +73,7 @@ def test_a_period_that_sent_requests_but_committed_nothing_does_not_stall(
         {"server": "a.example", "reason": "retry_after", "seconds_left": 41.6}])
     fetch, reason = slurm.start_period(prepared, next_period(prepared))
     assert fetch, reason
-    chain = slurm.read_chain(slurm.RunLayout(prepared.output))
+    chain = slurm.read_chain(slurm.RunLayout(prepared.paths.output))
     assert chain.state == "running"
     judged = chain.downloads[0]
     assert (judged.rows_committed, judged.requests) == (0, 12)
@@ -88,14 +88,14 @@ def test_a_period_stopped_by_a_full_disk_ends_the_chain_saying_so(prepared: Sett
     fetch_ended(prepared, requests=40, out_of_space=full)
     fetch, reason = slurm.start_period(prepared, next_period(prepared))
     assert not fetch
-    chain = slurm.read_chain(slurm.RunLayout(prepared.output))
+    chain = slurm.read_chain(slurm.RunLayout(prepared.paths.output))
     assert chain.state == "out_of_space" and chain.downloads[0].out_of_space == full
     assert reason == f"period 1 stopped: {full}; free space, then `slurm submit` again"
     assert len(chain.downloads) == 2  # the period that found it queued nothing behind itself
 
 
 def test_a_profile_job_is_submitted_only_when_asked(prepared: Settings) -> None:
-    (prepared.output / "profiles" / "summary.json").unlink()
+    (prepared.paths.output / "profiles" / "summary.json").unlink()
     assert [job.kind for job in slurm.submit_chain(prepared).jobs] == ["download"]
     slurm.cancel_chain(prepared)
     kinds = [job.kind for job in slurm.submit_chain(prepared, run_profile=True).jobs]
@@ -114,7 +114,7 @@ def test_a_period_that_sent_no_request_stalls_and_says_what_it_waited_on(
     assert "period 1 made no progress" in reason and "sent no request" in reason
     assert "waiting on s0.example (breaker_open), s1.example (breaker_open), " \
         "s2.example (breaker_open), and 2 more" in reason
-    chain = slurm.read_chain(slurm.RunLayout(prepared.output))
+    chain = slurm.read_chain(slurm.RunLayout(prepared.paths.output))
     assert chain.state == "stalled" and chain.reason == reason
     assert chain.downloads[0].requests == 0 and len(chain.downloads[0].waiting) == 4
 
@@ -124,7 +124,7 @@ def test_periods_that_send_requests_but_never_commit_a_row_stall_after_three(
     settings = prepared.model_copy(update={"num_downloads": 10})
     job = slurm.submit_chain(settings).downloads[0].id
     decisions = []
-    for _ in range(slurm.STALL_PERIODS + 2):
+    for _ in range(settings.cluster.stall_periods + 2):
         fetch, reason = slurm.start_period(settings, job)
         decisions.append(fetch)
         if not fetch:
@@ -133,10 +133,11 @@ def test_periods_that_send_requests_but_never_commit_a_row_stall_after_three(
             {"server": "a.example", "reason": "retry_delay", "seconds_left": 30}])
         job = next_period(settings)
     # Periods 1-3 fetch; period 4 finds three periods in a row without a committed row.
-    assert decisions == [True] * slurm.STALL_PERIODS + [False]
-    assert f"periods 1-3 committed no row in {slurm.STALL_PERIODS} periods in a row" in reason
+    assert decisions == [True] * settings.cluster.stall_periods + [False]
+    stall = settings.cluster.stall_periods
+    assert f"periods 1-3 committed no row in {stall} periods in a row" in reason
     assert "15 requests" in reason and "a.example (retry_delay, 30 s left)" in reason
-    assert slurm.read_chain(slurm.RunLayout(settings.output)).state == "stalled"
+    assert slurm.read_chain(slurm.RunLayout(settings.paths.output)).state == "stalled"
 
 
 def test_a_committed_row_resets_the_count_of_idle_periods(
@@ -163,19 +164,19 @@ def test_a_missing_or_older_fetch_summary_counts_as_no_request(prepared: Setting
         fetch_ended(prepared, requests=None)
     fetch, reason = slurm.start_period(prepared, next_period(prepared))
     assert not fetch and "made no progress" in reason
-    assert slurm.read_chain(slurm.RunLayout(prepared.output)).downloads[0].requests == 0
+    assert slurm.read_chain(slurm.RunLayout(prepared.paths.output)).downloads[0].requests == 0
 
 
 def test_an_old_chain_file_without_the_new_fields_still_loads(prepared: Settings) -> None:
-    layout = slurm.RunLayout(prepared.output)
-    (prepared.output / "slurm").mkdir()
+    layout = slurm.RunLayout(prepared.paths.output)
+    (prepared.paths.output / "slurm").mkdir()
     started = time.time() - 600
     old = {"state": "running", "reason": "", "jobs": [
         {"id": "7", "kind": "download", "period": 1, "submitted": started - 10,
          "started": started, "rows_at_start": 0, "submission": 1},
         {"id": "8", "kind": "download", "period": 2, "submitted": started, "started": None,
          "rows_at_start": None, "submission": 1}]}
-    (prepared.output / "slurm" / "chain.json").write_text(json.dumps(old))
+    (prepared.paths.output / "slurm" / "chain.json").write_text(json.dumps(old))
     chain = slurm.read_chain(layout)
     assert [(job.id, job.requests, job.rows_committed, job.waiting) for job in chain.jobs] \
         == [("7", None, None, []), ("8", None, None, [])]
@@ -183,15 +184,15 @@ def test_an_old_chain_file_without_the_new_fields_still_loads(prepared: Settings
     assert slurm.start_period(prepared, "8")[0]  # the old period is judged by the new rule
     assert slurm.read_chain(layout).jobs[0].requests == 3
     # A newer version's extra keys do not stop this one from reading the file.
-    newer = json.loads((prepared.output / "slurm" / "chain.json").read_text())
+    newer = json.loads((prepared.paths.output / "slurm" / "chain.json").read_text())
     newer["jobs"][0]["some_future_field"] = 1
-    (prepared.output / "slurm" / "chain.json").write_text(json.dumps(newer))
+    (prepared.paths.output / "slurm" / "chain.json").write_text(json.dumps(newer))
     assert slurm.read_chain(layout).jobs[0].id == "7"
 
 
 def test_the_chain_stops_after_num_downloads_periods(prepared: Settings,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    layout = slurm.RunLayout(prepared.output)
+    layout = slurm.RunLayout(prepared.paths.output)
     chain = slurm.submit_chain(prepared)
     job = chain.downloads[0].id
     decisions = []
@@ -211,7 +212,7 @@ def test_job_scripts_stop_before_the_limit_and_keep_the_cores(prepared: Settings
     settings = prepared.model_copy(update={"workers_per_node": 3, "cpu_per_worker": 4,
                                            "max_nodes": 2, "account": "lab",
                                            "partition": "cpu"})
-    scripts = slurm.job_scripts(settings, slurm.RunLayout(settings.output))
+    scripts = slurm.job_scripts(settings, slurm.RunLayout(settings.paths.output))
     download = scripts["download"]
     for line in ("#SBATCH --account=lab", "#SBATCH --partition=cpu", "#SBATCH --nodes=2",
                  "#SBATCH --ntasks-per-node=3", "#SBATCH --cpus-per-task=4",
@@ -220,7 +221,7 @@ def test_job_scripts_stop_before_the_limit_and_keep_the_cores(prepared: Settings
         assert line in download
     assert f"if [ $decision = {slurm.STOP_CHAIN} ]; then exit 0; fi" in download
     mpirun = slurm.job_scripts(settings.model_copy(update={"launcher": "mpirun"}),
-                               slurm.RunLayout(settings.output))["download"]
+                               slurm.RunLayout(settings.paths.output))["download"]
     assert "mpirun --oversubscribe --bind-to none -n $ranks" in mpirun
 
 
@@ -233,14 +234,14 @@ def test_time_limits_in_slurm_formats(limit: str, seconds: int) -> None:
 
 def test_a_period_does_not_fetch_while_another_command_writes(prepared: Settings) -> None:
     chain = slurm.submit_chain(prepared)
-    with hold_run_lock(prepared.output, "fetch", 60):  # a fetch started by hand
+    with hold_run_lock(prepared.paths.output, "fetch", 60):  # a fetch started by hand
         fetch, reason = slurm.start_period(prepared, chain.downloads[0].id)
         with pytest.raises(RunLocked, match=f"PID {os.getpid()}"):
             slurm.submit_chain(prepared)  # and no new chain is queued behind its back
     assert not fetch
     assert f"`fetch` on host {socket.gethostname()} (PID {os.getpid()})" in reason
     assert "`slurm submit` again once it is done" in reason
-    chain = slurm.read_chain(slurm.RunLayout(prepared.output))
+    chain = slurm.read_chain(slurm.RunLayout(prepared.paths.output))
     assert (chain.state, chain.reason) == ("blocked", reason)
     # Once it is done, a new submission fetches.
     chain = slurm.submit_chain(prepared)
@@ -251,7 +252,7 @@ def test_a_period_does_not_fetch_while_another_command_writes(prepared: Settings
 def test_a_period_waits_for_a_holder_about_to_let_go(prepared: Settings, holder: str,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     settings = prepared.model_copy(update={"run_lock_lease": 30})
-    layout = slurm.RunLayout(settings.output)
+    layout = slurm.RunLayout(settings.paths.output)
     first = slurm.submit_chain(settings).downloads[0].id
     assert slurm.start_period(settings, first)[0]
     fetch_ended(settings, requests=5)

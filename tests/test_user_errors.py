@@ -3,6 +3,7 @@ changed."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -31,7 +32,9 @@ def without_module(tmp_path: Path, module: str) -> dict[str, str]:
     shadow = tmp_path / f"no-{module}"
     (shadow / module).mkdir(parents=True, exist_ok=True)
     (shadow / module / "__init__.py").write_text(f"raise ImportError('no {module} here')\n")
-    return {"PYTHONPATH": str(shadow)}
+    # the shadow first, then the code under test (a worktree's PYTHONPATH, if any)
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(shadow),
+                                                        os.environ.get("PYTHONPATH")]))}
 
 
 def test_an_output_that_is_a_file_is_refused(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from distributed_downloader.config import (
     InputFormat,
     Settings,
     load_settings,
+    setting_field,
 )
 from distributed_downloader.errors import (
     EXIT_INTERRUPTED,
@@ -63,7 +64,7 @@ def _click_type(annotation: Any) -> tuple[Any, bool]:
 
 def setting_option(name: str, *extra_flags: str) -> Callable[[Callable], Callable]:
     """A flag for the setting `name`, typed and described by the settings model."""
-    field = Settings.model_fields[name]
+    field = setting_field(name)
     flag = "--" + name.replace("_", "-")
     click_type, is_flag = _click_type(field.annotation)
     default = field.get_default(call_default_factory=True)
@@ -173,7 +174,7 @@ def input_options(command: Callable) -> Callable:
                            click.Choice(list(typing.get_args(InputFormat))))(command)
     command = click.option(
         "--output", "-o", "output", type=click.Path(path_type=Path), required=True,
-        help=Settings.model_fields["output"].description)(command)
+        help=setting_field("output").description)(command)
     return click.argument("input", type=click.Path(path_type=Path))(command)
 
 
@@ -185,7 +186,7 @@ def input_options(command: Callable) -> Callable:
 def prep(input: Path, config_file: Path | None, force: bool, **flags: Any) -> None:
     """Filter INPUT, give every row a UUID, and cut it into batches by server."""
     settings = gather_settings(config_file, {"input": input, **flags}, announce=True)
-    with pipeline.run_lock(settings.output, "prep", settings):
+    with pipeline.run_lock(settings.paths.run_folder("prep"), "prep", settings):
         pipeline.prep(settings, force)
 
 
@@ -199,10 +200,10 @@ def prep(input: Path, config_file: Path | None, force: bool, **flags: Any) -> No
 def fetch(output: Path, config_file: Path | None, retry_errors: bool, **flags: Any) -> None:
     """Download the batches that prep wrote in OUTPUT; re-run to resume."""
     settings = gather_settings(config_file, {"output": output, **flags}, announce=True)
-    if settings.executor == "mpi":
+    if settings.cluster.executor == "mpi":
         pipeline.start_mpi()  # the other ranks wait in here for rank 0's word
     remember_stop_signals()  # from here a stop ends the run cleanly, lock released
-    with pipeline.run_lock(output, "fetch", settings, mpi_ranks=settings.executor == "mpi"):
+    with pipeline.run_lock(output, "fetch", settings, mpi_ranks=settings.cluster.executor == "mpi"):
         pipeline.fetch(settings, retry_errors)
 
 
@@ -347,10 +348,10 @@ def _tool_settings(name: str, output: Path, config_file: Path | None,
     settings = gather_settings(config_file, {"output": output, **flags})
     options: dict[str, Any] = {}
     if name == "resize":
-        options = {"image_size": settings.new_resize_size,
-                   "image_quality": settings.image_quality}
+        options = {"image_size": settings.tools.new_resize_size,
+                   "image_quality": settings.images.image_quality}
     elif name == "size_based":
-        options = {"min_side": settings.threshold_size}
+        options = {"min_side": settings.tools.threshold_size}
     return settings, options
 
 
@@ -399,7 +400,7 @@ def plan(output: Path, config_file: Path | None, worker_speed: float | None, as_
     from distributed_downloader.plan import DEFAULT_WORKER_SPEED, duration, make_plan
 
     settings = gather_settings(config_file, {"output": output, **flags})
-    result = make_plan(settings, settings.max_nodes, settings.workers_per_node,
+    result = make_plan(settings, settings.cluster.max_nodes, settings.cluster.workers_per_node,
                        worker_speed or DEFAULT_WORKER_SPEED)
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -441,7 +442,7 @@ def slurm() -> None:
 @slurm.command()
 @click.argument("input", type=click.Path(path_type=Path), required=False)
 @click.option("--output", "-o", "output", type=click.Path(path_type=Path),
-              help=Settings.model_fields["output"].description)
+              help=setting_field("output").description)
 @setting_options(*CLUSTER_SETTINGS, *PREP_SETTINGS, *FETCH_SETTINGS, "profile_requests")
 @click.option("--profile", "run_profile", is_flag=True,
               help="Submit a profile job (probe every server) before the first download period.")
@@ -455,12 +456,12 @@ def submit(input: Path | None, config_file: Path | None, run_profile: bool,
 
     settings = gather_settings(config_file, {"input": input, **flags}, announce=True)
     chain = submit_chain(settings, run_profile)
-    assert settings.output is not None
     for job in chain.jobs[-3:]:
         label = f"download period {job.period}" if job.kind == "download" else job.kind
         console.print(f"submitted {label}: job {job.id}")
-    console.print(f"scripts and logs in [bold]{settings.output.resolve() / 'slurm'}[/]; watch "
-                  f"with `distributed-downloader slurm status {settings.output}`")
+    folder = settings.paths.run_folder("slurm submit")
+    console.print(f"scripts and logs in [bold]{folder.resolve() / 'slurm'}[/]; watch "
+                  f"with `distributed-downloader slurm status {folder}`")
 
 
 @slurm.command(name="status")

@@ -1,4 +1,10 @@
-"""The one settings model: defaults in code, a YAML (or the first version's .env) file, CLI flags.
+"""The settings of a run, grouped by the stage that reads them: defaults in code, a YAML (or the
+first version's .env) file, CLI flags.
+
+Each group is a small frozen value object (as httpx's `Timeout` and `Limits`): `paths`, `prep`,
+`politeness`, `network`, `images`, `store`, `cluster`, `tools`; a stage takes its group. Every
+setting still has one flat name, the same in YAML, as a flag and in `OUT/config.yaml`
+(`batch_size` is `--batch-size` and `settings.prep.batch_size`).
 
 Precedence, lowest first: defaults, the run's saved `OUT/config.yaml`, `--config FILE`, flags.
 The original downloader's YAML keys are accepted (nested under `downloader_parameters`,
@@ -21,12 +27,13 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
-    ValidationInfo,
     field_validator,
+    model_validator,
 )
+from pydantic.fields import FieldInfo
 
 from distributed_downloader import __version__
-from distributed_downloader.errors import ConfigError
+from distributed_downloader.errors import ConfigError, UserError
 
 InputFormat = Literal["auto", "gbif", "dwca", "csv", "tsv", "txt", "parquet"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
@@ -53,12 +60,23 @@ def _is_dns_server(server: str) -> bool:
     return True
 
 
-class Settings(BaseModel):
-    """Every setting of a run. A setting has one name in YAML, as a flag and in code."""
+def _comma_list(value: Any, lower: bool = False) -> Any:
+    """A flag's "a, b, c" is the list [a, b, c]."""
+    if isinstance(value, str):
+        parts = [part.strip() for part in value.split(",") if part.strip()]
+        return [part.lower() for part in parts] if lower else parts
+    return value
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    # Where the run reads and writes.
+class _Group(BaseModel):
+    """A group of settings: typed, frozen, every field with a default and a description."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathSettings(_Group):
+    """Where the run reads and writes."""
+
     input: Path | None = Field(
         None, description="The URL list: a file, a folder of files, or a DwC-A zip."
     )
@@ -66,7 +84,16 @@ class Settings(BaseModel):
         None, description="The run's folder; every stage reads and writes under it."
     )
 
-    # prep
+    def run_folder(self, stage: str, how: str = "OUT") -> Path:
+        """The run's folder, for a stage that cannot work without one (one line if missing)."""
+        if self.output is None:
+            raise UserError(f"{stage} needs the run's folder {how}")
+        return self.output
+
+
+class PrepSettings(_Group):
+    """How prep reads the input and cuts it into batches."""
+
     input_format: InputFormat = Field("auto", description="How to read the input.")
     url_column: str | None = Field(
         None,
@@ -108,7 +135,22 @@ class Settings(BaseModel):
         "512MB", description="Memory prep's DuckDB may use before it spills to disk."
     )
 
-    # fetch: politeness
+    @field_validator("keep_columns", mode="before")
+    @classmethod
+    def _split_comma_list(cls, value: Any) -> Any:
+        return _comma_list(value)
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _check_memory_limit(cls, value: str) -> str:
+        if not re.fullmatch(r"\s*\d+(\.\d+)?\s*([KMGT]i?B)\s*", value, re.IGNORECASE):
+            raise ValueError("expected a size such as 512MB or 2GiB")
+        return value.strip()
+
+
+class PolitenessSettings(_Group):
+    """How hard the run may ask each server: rates, retries, breaker, robots.txt, opt-out."""
+
     default_rate_limit: float = Field(
         10.0, gt=0, description="Requests per second to one server, for the whole run."
     )
@@ -130,19 +172,40 @@ class Settings(BaseModel):
     )
     retry_delay: float = Field(
         1.0, gt=0, description="Seconds before a failed URL is asked again; each later retry "
-        "waits three times longer (1, 3, 9, 27, 81 s ...), other URLs going on meanwhile."
+        "waits retry_delay_growth times longer (1, 3, 9, 27, 81 s ...), other URLs going on "
+        "meanwhile."
+    )
+    retry_delay_growth: float = Field(
+        3.0, ge=1, description="How many times longer each retry of a URL waits than the one "
+        "before (Heritrix's growing delay): a passing fault is retried within seconds, a bad "
+        "spell within minutes."
     )
     retry_delay_max: float = Field(
         600.0, gt=0, description="Longest wait before a failed URL is asked again."
     )
+    max_throttles: int = Field(
+        10, ge=1, description="Times one URL may be told to slow down (429) before it is "
+        "written as an http_429 error, retryable by a later run."
+    )
     first_contact_rate: float = Field(
         1.0, gt=0, description="Requests per second to a server that no profile or earlier "
         "run knows: its first answers are its probe; the rate steps up with each report of good "
-        "answers (about one a second), reaching default_rate_limit in three."
+        "answers (about one a second), reaching default_rate_limit in warm_up_steps."
+    )
+    warm_up_steps: int = Field(
+        3, ge=1, description="Reports of good answers in which a first-contacted server goes "
+        "from first_contact_rate to its starting rate."
     )
     profile_requests: int = Field(
         5, ge=1, le=20, description="Requests the profile stage sends to each server (one a "
         "second at most)."
+    )
+    profile_interval: float = Field(
+        1.05, ge=1, description="Seconds between two of the profile stage's requests to one "
+        "server (a little over one a second, so that a 1 request/s limit is never hit)."
+    )
+    profile_servers_at_once: int = Field(
+        256, ge=1, description="Servers the profile stage probes at the same time."
     )
     server_down_after: float = Field(
         120.0,
@@ -150,7 +213,6 @@ class Settings(BaseModel):
         description="Seconds a server may keep failing every request before its remaining URLs "
         "are written as retryable errors instead of being requested.",
     )
-    # fetch: rate control (see policy.py)
     rate_increase_interval: float = Field(
         2.0, gt=0, description="Seconds of answers without a throttle before a server's rate "
         "is raised a step (longer for slow servers: at least 4 requests' worth)."
@@ -171,10 +233,16 @@ class Settings(BaseModel):
     )
     overload_failure_share: float = Field(
         0.25, gt=0, le=1, description="Share of failed answers (5xx without Retry-After, "
-        "timeouts, resets) over 20 s that counts as overload and lowers the rate like a 429."
+        "timeouts, resets) over overload_window that counts as overload and lowers the rate "
+        "like a 429."
+    )
+    overload_window: float = Field(
+        20.0, gt=0, description="Seconds of a server's latest answers that overload is "
+        "judged on."
     )
     overload_min_failures: int = Field(
-        10, ge=1, description="Fewest failed answers in 20 s that can count as overload."
+        10, ge=1, description="Fewest failed answers in overload_window that can count as "
+        "overload."
     )
     breaker_failures: int = Field(
         5, ge=1, description="Different URLs failing in a row, with no good answer between, "
@@ -182,19 +250,6 @@ class Settings(BaseModel):
     )
     breaker_max_pause: float = Field(
         60.0, gt=0, description="Longest pause between two probes of a failing server."
-    )
-    # fetch: requests
-    timeout: float = Field(60.0, gt=0, description="Seconds one request may take, body included.")
-    connect_timeout: float = Field(10.0, gt=0, description="Seconds to open a connection.")
-    max_body_size: int = Field(
-        50_000_000, gt=0, description="Largest body in bytes; larger ones are not downloaded."
-    )
-    user_agent: str = Field(
-        DEFAULT_USER_AGENT, description="User-Agent header sent with every request."
-    )
-    contact: str | None = Field(
-        None, description="An e-mail or URL where hosts can reach you; added to the "
-        "User-Agent, as Wikimedia's and many museums' policies ask."
     )
     opt_out_directives: list[str] = Field(
         default_factory=lambda: ["noai", "noimageai", "noml", "noindex", "noimageindex"],
@@ -211,6 +266,42 @@ class Settings(BaseModel):
         True, description="Read each server's robots.txt (RFC 9309) once per run: disallowed "
         "URLs become `robots_disallowed` errors, never requested; Crawl-delay caps the rate."
     )
+    rates: Path | None = Field(
+        None, description="CSV of per-server rates set by hand (server_name, rate_limit, ...)."
+    )
+
+    @field_validator("opt_out_directives", mode="before")
+    @classmethod
+    def _split_directives(cls, value: Any) -> Any:
+        return _comma_list(value, lower=True)
+
+    @property
+    def effective_max_rate(self) -> float:
+        return self.max_rate_limit or self.default_rate_limit
+
+
+class NetworkSettings(_Group):
+    """What one request may do: timeouts, sizes, who we say we are, which addresses and DNS."""
+
+    timeout: float = Field(60.0, gt=0, description="Seconds one request may take, body included.")
+    connect_timeout: float = Field(10.0, gt=0, description="Seconds to open a connection.")
+    max_body_size: int = Field(
+        50_000_000, gt=0, description="Largest body in bytes; larger ones are not downloaded."
+    )
+    max_body_memory: int = Field(
+        48 << 20, gt=0, description="Bytes of downloaded bodies one worker holds at once "
+        "(being read, or waiting to be decoded); a body waits while it would go over."
+    )
+    max_redirects: int = Field(
+        5, ge=0, description="Redirects followed per URL; more is a `too_many_redirects` error."
+    )
+    user_agent: str = Field(
+        DEFAULT_USER_AGENT, description="User-Agent header sent with every request."
+    )
+    contact: str | None = Field(
+        None, description="An e-mail or URL where hosts can reach you; added to the "
+        "User-Agent, as Wikimedia's and many museums' policies ask."
+    )
     allow_network: list[str] = Field(
         default_factory=list,
         description="Networks (CIDR) that may be contacted although private, loopback or "
@@ -221,111 +312,32 @@ class Settings(BaseModel):
         description="DNS servers to ask (IP or IP:PORT, IPv6 with a port as [IP]:PORT); "
         "empty: the system's (/etc/resolv.conf).",
     )
-    # fetch: images
-    image_size: int = Field(
-        720, ge=0, description="Longest side of stored images in pixels (0 keeps the original)."
+    dns_min_ttl: float = Field(
+        10.0, ge=0, description="Shortest time in seconds a DNS answer is kept (a TTL of 0 "
+        "must not mean a query per request)."
     )
-    output_image_format: Literal["jpeg", "webp", "original"] = Field(
-        "jpeg", description="Encoding of stored images (original: as downloaded when not resized)."
+    dns_max_ttl: float = Field(
+        3600.0, gt=0, description="Longest time in seconds a DNS answer is kept (a host that "
+        "moves is found again within it)."
     )
-    output_format: Literal["parquet", "webdataset", "files", "hdf5"] = Field(
-        "parquet", description="Where stored images go: in the successes Parquet (parquet), or "
-        "per batch in images.tar (webdataset), images/{uuid}.jpg (files) or images.h5 (hdf5), "
-        "the Parquet keeping every other column."
+    dns_stale_for: float = Field(
+        86_400.0, ge=0, description="Seconds past its TTL a DNS answer is still used when its "
+        "refresh fails."
     )
-    image_quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality of stored images.")
-    max_image_pixels: int = Field(
-        89_478_485, gt=0, description="Images with more pixels are refused (decompression bombs)."
+    dns_negative_ttl: float = Field(
+        5.0, ge=0, description="Seconds a failed DNS lookup is remembered, so that every URL "
+        "of the host does not ask again at once."
     )
-    max_decode_memory: int = Field(
-        96 << 20, gt=0, description="Bytes of decoded pixels one worker holds at once, counted "
-        "from each image's header before it is decoded: an image waits while it would go "
-        "over, and one larger than the whole budget is decoded alone. Sized, beside the "
-        "worker's 48 MB for bodies and 48 MB for unwritten output, for workers under 400 MiB."
+    dns_timeout: float = Field(
+        2.0, gt=0, description="Seconds a DNS query waits for its first try (later tries wait "
+        "longer)."
     )
-    # fetch: where
-    workers: int | None = Field(
-        None, gt=0, description="Worker processes on this machine [default: one per core]."
-    )
-    log_level: LogLevel = Field("INFO", description="Least severe log messages shown.")
+    dns_tries: int = Field(2, ge=1, description="Tries of a DNS query before it fails.")
 
-    # cluster (Slurm and MPI)
-    executor: Literal["local", "mpi"] = Field(
-        "local", description="local: worker processes on this machine; mpi: under mpirun/srun, "
-        "rank 0 schedules and the other ranks fetch."
-    )
-    run_lock_lease: int = Field(
-        120, ge=10, description="Seconds without a heartbeat after which the lock of a run "
-        "folder held from another host (a shared file system) counts as abandoned and may be "
-        "taken over; the holder renews it four times per lease. On the same host a lock is "
-        "abandoned as soon as its process is gone."
-    )
-    account: str | None = Field(None, description="Slurm account to charge.")
-    num_downloads: int = Field(
-        20, gt=0, description="Most download periods (Slurm jobs) one chain submits."
-    )
-    partition: str | None = Field(None, description="Slurm partition [default: the cluster's].")
-    time_limit: str = Field(
-        "01:00:00", description="Time limit of each Slurm download period (Slurm's format: "
-        "minutes, HH:MM:SS or D-HH:MM:SS)."
-    )
-    stop_margin: int = Field(
-        120, ge=30, description="Seconds before a period's time limit when Slurm asks it to "
-        "stop; it flushes its chunks and exits, and the next period resumes."
-    )
-    launcher: Literal["srun", "mpirun"] = Field(
-        "srun", description="How a Slurm job starts its MPI ranks."
-    )
-    srun_mpi: str = Field("pmix", description="srun's --mpi plugin (pmix or pmi2).")
-    max_nodes: int = Field(1, gt=0, description="Most nodes one download job uses.")
-    workers_per_node: int = Field(1, gt=0, description="Download workers on each node.")
-    cpu_per_worker: int = Field(1, gt=0, description="CPU cores given to each worker.")
-    min_worker_rate: float = Field(
-        20.0, gt=0, description="A server gets one more worker only while each of its workers "
-        "would still have this many requests/s (one worker easily handles a slow server)."
-    )
-    schedule_rules: dict[int, int] = Field(
-        default_factory=dict,
-        description="Most workers a server may get, keyed by its number of batches (a server "
-        "with more than KEY batches gets up to VALUE workers); empty: no cap.",
-    )
-    rates: Path | None = Field(
-        None, description="CSV of per-server rates set by hand (server_name, rate_limit, ...)."
-    )
-
-    # post-processing tools
-    tools_num_workers: int = Field(1, gt=0, description="Workers of a tools run.")
-    tools_max_nodes: int = Field(1, gt=0, description="Most nodes a tools job uses.")
-    tools_workers_per_node: int = Field(1, gt=0, description="Tool workers on each node.")
-    tools_cpu_per_worker: int = Field(1, gt=0, description="CPU cores of each tool worker.")
-    threshold_size: int = Field(
-        224, ge=0, description="size_based tool: smallest side an image must have."
-    )
-    new_resize_size: int = Field(720, gt=0, description="resize tool: the new longest side.")
-
-    @field_validator("keep_columns", mode="before")
+    @field_validator("allow_network", "dns_servers", mode="before")
     @classmethod
-    def _split_comma_list(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
-
-    @field_validator("opt_out_directives", "allow_network", "dns_servers", mode="before")
-    @classmethod
-    def _split_commas(cls, value: Any, info: ValidationInfo) -> Any:
-        """A flag's "a, b, c" is the list [a, b, c] (directives in lower case)."""
-        if isinstance(value, str):
-            parts = [part.strip() for part in value.split(",") if part.strip()]
-            return [part.lower() for part in parts] if info.field_name == "opt_out_directives" \
-                else parts
-        return value
-
-    @property
-    def effective_user_agent(self) -> str:
-        """The User-Agent sent: the tool and its version, and the contact when there is one."""
-        if self.contact and self.contact not in self.user_agent:
-            return f"{self.user_agent} (+{self.contact})"
-        return self.user_agent
+    def _split_commas(cls, value: Any) -> Any:
+        return _comma_list(value)
 
     @field_validator("allow_network")
     @classmethod
@@ -347,8 +359,204 @@ class Settings(BaseModel):
         return value
 
     @property
-    def effective_max_rate(self) -> float:
-        return self.max_rate_limit or self.default_rate_limit
+    def effective_user_agent(self) -> str:
+        """The User-Agent sent: the tool and its version, and the contact when there is one."""
+        if self.contact and self.contact not in self.user_agent:
+            return f"{self.user_agent} (+{self.contact})"
+        return self.user_agent
+
+
+class ImageSettings(_Group):
+    """How a downloaded image is checked, decoded, resized and encoded."""
+
+    image_size: int = Field(
+        720, ge=0, description="Longest side of stored images in pixels (0 keeps the original)."
+    )
+    output_image_format: Literal["jpeg", "webp", "original"] = Field(
+        "jpeg", description="Encoding of stored images (original: as downloaded when not resized)."
+    )
+    image_quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality of stored images.")
+    max_image_pixels: int = Field(
+        89_478_485, gt=0, description="Images with more pixels are refused (decompression bombs)."
+    )
+    max_decode_memory: int = Field(
+        96 << 20, gt=0, description="Bytes of decoded pixels one worker holds at once, counted "
+        "from each image's header before it is decoded: an image waits while it would go "
+        "over, and one larger than the whole budget is decoded alone. Sized, beside the "
+        "worker's max_body_memory and max_output_memory, for workers under 400 MiB."
+    )
+
+
+class StoreSettings(_Group):
+    """Where and how fetched rows are written."""
+
+    output_format: Literal["parquet", "webdataset", "files", "hdf5"] = Field(
+        "parquet", description="Where stored images go: in the successes Parquet (parquet), or "
+        "per batch in images.tar (webdataset), images/{uuid}.jpg (files) or images.h5 (hdf5), "
+        "the Parquet keeping every other column."
+    )
+    max_output_memory: int = Field(
+        48 << 20, gt=0, description="Bytes of image data one worker holds for chunks not yet "
+        "written, across its batches; over it, chunks are written early."
+    )
+
+
+class ClusterSettings(_Group):
+    """Where the run's processes run: workers, executor, Slurm, and how work is spread."""
+
+    workers: int | None = Field(
+        None, gt=0, description="Worker processes on this machine [default: one per core]."
+    )
+    batches_per_worker: int = Field(
+        256, gt=0, description="Batches one worker fetches at once, at most: enough for "
+        "hundreds of small servers each asked slowly (a first contact starts at 1 request/s); "
+        "the rows in flight are capped apart from this."
+    )
+    log_level: LogLevel = Field("INFO", description="Least severe log messages shown.")
+    executor: Literal["local", "mpi"] = Field(
+        "local", description="local: worker processes on this machine; mpi: under mpirun/srun, "
+        "rank 0 schedules and the other ranks fetch."
+    )
+    stop_grace: float = Field(
+        60.0, gt=0, description="Seconds workers get, after a stop, to flush their chunks "
+        "before those that did not stop are ended."
+    )
+    run_lock_lease: int = Field(
+        120, ge=10, description="Seconds without a heartbeat after which the lock of a run "
+        "folder held from another host (a shared file system) counts as abandoned and may be "
+        "taken over; the holder renews it four times per lease. On the same host a lock is "
+        "abandoned as soon as its process is gone."
+    )
+    account: str | None = Field(None, description="Slurm account to charge.")
+    num_downloads: int = Field(
+        20, gt=0, description="Most download periods (Slurm jobs) one chain submits."
+    )
+    partition: str | None = Field(None, description="Slurm partition [default: the cluster's].")
+    time_limit: str = Field(
+        "01:00:00", description="Time limit of each Slurm download period (Slurm's format: "
+        "minutes, HH:MM:SS or D-HH:MM:SS)."
+    )
+    stop_margin: int = Field(
+        120, ge=30, description="Seconds before a period's time limit when Slurm asks it to "
+        "stop; it flushes its chunks and exits, and the next period resumes."
+    )
+    stall_periods: int = Field(
+        3, ge=1, description="Slurm download periods in a row without a committed row after "
+        "which the chain stops (stalled) instead of queueing another."
+    )
+    launcher: Literal["srun", "mpirun"] = Field(
+        "srun", description="How a Slurm job starts its MPI ranks."
+    )
+    srun_mpi: str = Field("pmix", description="srun's --mpi plugin (pmix or pmi2).")
+    max_nodes: int = Field(1, gt=0, description="Most nodes one download job uses.")
+    workers_per_node: int = Field(1, gt=0, description="Download workers on each node.")
+    cpu_per_worker: int = Field(1, gt=0, description="CPU cores given to each worker.")
+    min_worker_rate: float = Field(
+        20.0, gt=0, description="A server gets one more worker only while each of its workers "
+        "would still have this many requests/s (one worker easily handles a slow server)."
+    )
+    schedule_rules: dict[int, int] = Field(
+        default_factory=dict,
+        description="Most workers a server may get, keyed by its number of batches (a server "
+        "with more than KEY batches gets up to VALUE workers); empty: no cap.",
+    )
+
+
+class ToolSettings(_Group):
+    """Post-processing tools: where they run and their own options."""
+
+    tools_num_workers: int = Field(1, gt=0, description="Workers of a tools run.")
+    tools_max_nodes: int = Field(1, gt=0, description="Most nodes a tools job uses.")
+    tools_workers_per_node: int = Field(1, gt=0, description="Tool workers on each node.")
+    tools_cpu_per_worker: int = Field(1, gt=0, description="CPU cores of each tool worker.")
+    threshold_size: int = Field(
+        224, ge=0, description="size_based tool: smallest side an image must have."
+    )
+    new_resize_size: int = Field(720, gt=0, description="resize tool: the new longest side.")
+
+
+# Group attribute -> its class, in the order settings are listed and saved.
+GROUPS: dict[str, type[_Group]] = {
+    "paths": PathSettings,
+    "prep": PrepSettings,
+    "politeness": PolitenessSettings,
+    "network": NetworkSettings,
+    "images": ImageSettings,
+    "store": StoreSettings,
+    "cluster": ClusterSettings,
+    "tools": ToolSettings,
+}
+# Flat setting name (YAML key, flag, saved key) -> the group holding it.
+GROUP_OF: dict[str, str] = {
+    name: group for group, model in GROUPS.items() for name in model.model_fields
+}
+SETTING_NAMES = tuple(GROUP_OF)
+assert len(SETTING_NAMES) == sum(len(model.model_fields) for model in GROUPS.values()), \
+    "a setting name is used in two groups"
+
+
+def setting_field(name: str) -> FieldInfo:
+    """The field (type, default, description) of the setting `name`."""
+    return GROUPS[GROUP_OF[name]].model_fields[name]
+
+
+def _nested(values: dict[str, Any]) -> dict[str, Any]:
+    """Flat names ({"batch_size": 7}) put into their groups ({"prep": {"batch_size": 7}})."""
+    nested: dict[str, Any] = {}
+    for key, value in values.items():
+        group = GROUP_OF.get(key)
+        if group is None:
+            nested[key] = value  # a group, or an unknown key that validation reports
+            continue
+        inner = nested.setdefault(group, {})
+        if isinstance(inner, BaseModel):
+            inner = nested[group] = dict(inner)
+        inner[key] = value
+    return nested
+
+
+class Settings(BaseModel):
+    """Every setting of a run, by group. Built from flat names: Settings(batch_size=7)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    paths: PathSettings = Field(default_factory=PathSettings)
+    prep: PrepSettings = Field(default_factory=PrepSettings)
+    politeness: PolitenessSettings = Field(default_factory=PolitenessSettings)
+    network: NetworkSettings = Field(default_factory=NetworkSettings)
+    images: ImageSettings = Field(default_factory=ImageSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+    tools: ToolSettings = Field(default_factory=ToolSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _group_flat_names(cls, data: Any) -> Any:
+        return _nested(data) if isinstance(data, dict) else data
+
+    def value(self, name: str) -> Any:
+        """The setting `name` by its flat name."""
+        return getattr(getattr(self, GROUP_OF[name]), name)
+
+    def flat(self) -> dict[str, Any]:
+        """Every setting by its flat name, in the order they are saved."""
+        return {name: self.value(name) for name in SETTING_NAMES}
+
+    def replace(self, **values: Any) -> Settings:
+        """A copy with some settings (flat names, or whole groups) changed, validated."""
+        merged = self.flat()
+        for key, value in values.items():
+            if key in GROUPS:
+                merged.update(dict(value) if isinstance(value, BaseModel) else value)
+            else:
+                merged[key] = value
+        copy = type(self).model_validate(merged)
+        copy._one_off = dict(self._one_off)
+        return copy
+
+    def model_copy(self, *, update: Any = None, deep: bool = False) -> Settings:
+        """As pydantic's, but `update` takes flat names and is validated (see `replace`)."""
+        return self.replace(**update) if update else super().model_copy(deep=deep)
 
     # setting -> the value the run had before this command's one-off flag (see load_settings)
     _one_off: dict[str, Any] = PrivateAttr(default_factory=dict)
@@ -363,17 +571,7 @@ class Settings(BaseModel):
 
     def to_save(self) -> Settings:
         """What the run's later commands start from: this command's one-off flags left out."""
-        return self.model_copy(update=self._one_off)
-
-    @field_validator("memory_limit")
-    @classmethod
-    def _check_memory_limit(cls, value: str) -> str:
-        if not re.fullmatch(r"\s*\d+(\.\d+)?\s*([KMGT]i?B)\s*", value, re.IGNORECASE):
-            raise ValueError("expected a size such as 512MB or 2GiB")
-        return value.strip()
-
-
-SETTING_NAMES = tuple(Settings.model_fields)
+        return self.replace(**self._one_off)
 
 # The settings each stage's command takes as flags (`download` takes all three).
 FETCH_SETTINGS = (
@@ -400,7 +598,7 @@ def one_off_flags(settings: Settings, accepted: tuple[str, ...]) -> list[str]:
     jobs get the flags of the command that submitted them)."""
     flags: list[str] = []
     for name in (name for name in settings.one_off if name in accepted):
-        value, flag = getattr(settings, name), "--" + name.replace("_", "-")
+        value, flag = settings.value(name), "--" + name.replace("_", "-")
         if isinstance(value, bool):
             flags.append(flag if value else "--no-" + flag[2:])
         elif isinstance(value, list):
@@ -584,7 +782,9 @@ def validate(values: dict[str, Any], where: str) -> Settings:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            name = ".".join(str(part) for part in error["loc"]) or "settings"
+            loc = error["loc"][1:] if error["loc"][:1] and error["loc"][0] in GROUPS \
+                else error["loc"]  # a setting is named by its flat name, not its group
+            name = ".".join(str(part) for part in loc) or "settings"
             problems.append(f"{name}: {error['msg']} (got {error.get('input')!r})")
         raise ConfigError(f"{where}: " + "; ".join(problems)) from None
 
@@ -605,14 +805,14 @@ FROM_FLAG = "command line"
 def loosens(name: str, before: Settings, after: Settings) -> bool:
     """Whether `after` is less polite or less safe than `before` in the setting `name`."""
     if name == "allow_network":
-        return not set(after.allow_network) <= set(before.allow_network)
+        return not set(after.network.allow_network) <= set(before.network.allow_network)
     if name == "respect_robots":
-        return before.respect_robots and not after.respect_robots
+        return before.politeness.respect_robots and not after.politeness.respect_robots
     if name == "ignore_opt_out":
-        return after.ignore_opt_out and not before.ignore_opt_out
+        return after.politeness.ignore_opt_out and not before.politeness.ignore_opt_out
     if name == "max_rate_limit":
-        return after.effective_max_rate > before.effective_max_rate
-    return getattr(after, name) > getattr(before, name)
+        return after.politeness.effective_max_rate > before.politeness.effective_max_rate
+    return after.value(name) > before.value(name)
 
 
 class LoadedSettings(BaseModel):
@@ -626,11 +826,9 @@ class LoadedSettings(BaseModel):
 
     def not_default(self) -> list[tuple[str, Any, str]]:
         """(name, value, where from) of every setting that differs from its default."""
-        defaults = Settings()
-        return [(name, getattr(self.settings, name), self.sources.get(name, "?"))
-                for name in SETTING_NAMES
-                if name not in ("input", "output")
-                and getattr(self.settings, name) != getattr(defaults, name)]
+        values, defaults = self.settings.flat(), Settings().flat()
+        return [(name, value, self.sources.get(name, "?")) for name, value in values.items()
+                if name not in ("input", "output") and value != defaults[name]]
 
 
 def load_settings(
@@ -661,7 +859,7 @@ def load_settings(
     sources.update(dict.fromkeys(overrides, FROM_FLAG))
     settings = validate(merged, where)
     if not save_overrides:
-        settings.set_one_off({name: getattr(before, name) for name in POLITENESS_AND_SAFETY
+        settings.set_one_off({name: before.value(name) for name in POLITENESS_AND_SAFETY
                               if name in overrides and loosens(name, before, settings)})
     return LoadedSettings(settings=settings, sources=sources,
                           without_effect=from_file.without_effect)
@@ -672,14 +870,13 @@ def save_settings(settings: Settings) -> None:
     politeness and safety flags left out)."""
     from distributed_downloader.storage import atomic_write_text
 
-    assert settings.output is not None
-    atomic_write_text(saved_settings_path(settings.output),
+    atomic_write_text(saved_settings_path(settings.paths.run_folder("saving settings")),
                       settings_as_yaml(settings.to_save()))
 
 
 def settings_as_yaml(settings: Settings) -> str:
     """The effective settings in our own flat form, as written to `OUT/config.yaml`."""
-    data = settings.model_dump()
+    data = settings.flat()
     for name, value in data.items():
         if isinstance(value, Path):
             data[name] = str(value.resolve())

@@ -34,14 +34,12 @@ def start_mpi() -> None:
     mpi.start(ON_ERROR)
 
 
-def run_lock(output: Path | None, command: str, settings: Settings,
+def run_lock(output: Path, command: str, settings: Settings,
              mpi_ranks: bool = False) -> contextlib.AbstractContextManager[Any]:
     """OUT's lock (runlock.py) for a command that writes into OUT. Under MPI rank 0 holds it
     for every rank (`mpi_ranks`: they wait for its word); refused, it sends them home first, so
     that every rank ends cleanly and the message is printed once."""
     from distributed_downloader.runlock import hold_run_lock
-
-    assert output is not None
 
     def send_ranks_home() -> None:
         from distributed_downloader.executors import mpi
@@ -49,27 +47,26 @@ def run_lock(output: Path | None, command: str, settings: Settings,
         mpi.release_task_ranks()
         ON_ERROR.clear()  # every rank was told: nothing to abort
 
-    return hold_run_lock(output, command, settings.run_lock_lease,
+    return hold_run_lock(output, command, settings.cluster.run_lock_lease,
                          send_ranks_home if mpi_ranks else None)
 
 
 def prep(settings: Settings, force: bool = False) -> None:
     from distributed_downloader.prep import run_prep
 
-    assert settings.output is not None
+    output = settings.paths.run_folder("prep")
     report = prep_progress()
     try:
         summary = run_prep(settings, force=force, progress=report)
     finally:
         report.stop()  # type: ignore[attr-defined]
-    print_prep_summary(summary, settings.output)
+    print_prep_summary(summary, output)
 
 
 def profile(settings: Settings) -> None:
     from distributed_downloader.profile import run_profile
 
-    assert settings.output is not None
-    print_profile_summary(run_profile(settings), settings.output)
+    print_profile_summary(run_profile(settings), settings.paths.run_folder("profile"))
 
 
 def fetch(settings: Settings, retry_errors: bool, started: float | None = None) -> None:
@@ -78,9 +75,9 @@ def fetch(settings: Settings, retry_errors: bool, started: float | None = None) 
     from distributed_downloader.fetch import Executor, FetchPlan, run_fetch
     from distributed_downloader.progress import FetchProgress
 
-    assert settings.output is not None
+    output = settings.paths.run_folder("fetch")
     executor: Executor
-    if settings.executor == "mpi":
+    if settings.cluster.executor == "mpi":
         from distributed_downloader.executors import mpi
 
         start_mpi()
@@ -102,7 +99,7 @@ def fetch(settings: Settings, retry_errors: bool, started: float | None = None) 
     finally:
         if progress:
             progress[0].stop()
-    print_fetch_summary(summary, settings.output)
+    print_fetch_summary(summary, output)
     fetch_notes(summary)
     if summary["interrupted"]:
         sys.exit(130)
@@ -117,14 +114,14 @@ def download(settings: Settings, input: Path, retry_errors: bool, force: bool,
     from distributed_downloader.storage import RunLayout
 
     started = time.time()
-    assert settings.output is not None
-    layout = RunLayout(settings.output)
-    if settings.executor == "mpi":
+    output = settings.paths.run_folder("download")
+    layout = RunLayout(output)
+    if settings.cluster.executor == "mpi":
         start_mpi()  # the other ranks fetch; rank 0 alone preps and profiles
-    require_format(settings.output_format)
-    with run_lock(settings.output, "download", settings, mpi_ranks=settings.executor == "mpi"):
+    require_format(settings.store.output_format)
+    with run_lock(output, "download", settings, mpi_ranks=settings.cluster.executor == "mpi"):
         check_output_settings(layout, settings)
-        if not settings.contact:
+        if not settings.network.contact:
             err_console.print("[yellow]note:[/] no contact in the User-Agent; set --contact "
                               "EMAIL_OR_URL so that hosts can reach you before they block you")
         if prep_is_finished(layout) and force:
@@ -159,8 +156,8 @@ def tool(name: str, output: Path, settings: Settings, options: dict[str, Any], r
             finally:
                 mpi.release_task_ranks()
     else:
-        if workers is None and settings.tools_num_workers > 1:
-            workers = settings.tools_num_workers
+        if workers is None and settings.tools.tools_num_workers > 1:
+            workers = settings.tools.tools_num_workers
         with run_lock(output, f"tools {name}", settings):
             summary = run_tool(name, output, options, restart, workers)
     print_tool_summary(name, output, summary)

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from distributed_downloader.config import Settings
-from distributed_downloader.errors import UserError
 from distributed_downloader.fetch import starting_servers
 from distributed_downloader.schedule import workers_allowed
 from distributed_downloader.storage import RunLayout
@@ -71,19 +70,17 @@ def simulate(servers: list[ServerPlan], capacity: float) -> float:
 
 def make_plan(settings: Settings, nodes: int, workers_per_node: int,
               worker_speed: float = DEFAULT_WORKER_SPEED) -> dict[str, Any]:
-    if settings.output is None:
-        raise UserError("plan needs the run's folder OUT")
-    layout = RunLayout(settings.output)
+    layout = RunLayout(settings.paths.run_folder("plan"))
     workers = nodes * workers_per_node
-    speed = worker_speed * settings.cpu_per_worker
+    speed = worker_speed * settings.cluster.cpu_per_worker
     servers = []
     for state, rows in starting_servers(layout, settings, keep_rates=False):  # read-only
         # The rate the run climbs to: just below a rate that drew a 429, else the ceiling
         # (max_rate_limit, or an advertised, hand-set or robots.txt limit).
         control = state.policy.control
         rate = control.ceiling if control.ceiling is not None else control.max_rate
-        allowed = workers_allowed(settings.schedule_rules, state.total_batches) or workers
-        by_rate = max(1, math.floor(rate / settings.min_worker_rate))
+        allowed = workers_allowed(settings.cluster.schedule_rules, state.total_batches) or workers
+        by_rate = max(1, math.floor(rate / settings.cluster.min_worker_rate))
         count = max(1, min(allowed, by_rate, workers, state.total_batches))
         server = ServerPlan(state.name, rows, rate, count, skipped=state.dead)
         server.cap = min(server.rate, count * speed)

@@ -8,7 +8,7 @@ of simulated time in milliseconds. The rules:
   for the time asked and lowers its rate. A `RateLimit` field with no quota left pauses it too.
 - **A failed URL is not.** A 5xx without `Retry-After`, a timeout or a reset is retried later by
   the worker and leaves the rate alone, unless the server looks overloaded: at least
-  `overload_failure_share` of its answers of the last `OVERLOAD_WINDOW` seconds were failures
+  `overload_failure_share` of its answers of the last `overload_window` seconds were failures
   of URLs asked for the first time (retries of a dead link do not count), and at least
   `overload_min_failures` of them. A server answering 98% of requests well is not. An overload
   lowers the rate for this run only: it is not saved as what the server tolerates.
@@ -38,14 +38,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
-from distributed_downloader.config import Settings
+from distributed_downloader.config import PolitenessSettings
 from distributed_downloader.errors import SERVER_FAILURES, ErrorCode, Failure
 from distributed_downloader.protocol import ServerNews
 
-# Failures are judged over this many seconds: long enough to hold a few dozen answers of a
-# slow server, short enough that a past bad spell does not count against a recovered one.
-WARM_UP_STEPS = 3  # reports of good answers from first_contact_rate to the starting rate
-OVERLOAD_WINDOW = 20.0
+# Constants below are the rate controller's own mechanics, not knobs: a user tunes it through
+# the politeness settings (PolitenessSettings), which these only keep sound.
 # An interval counts as "held" only if the server was really asked at about that rate: a rate
 # nobody used says nothing about the server (TCP's congestion-window validation, RFC 7661).
 USED_SHARE = 0.5
@@ -87,22 +85,26 @@ class RatePolicy:
     server_down_after: float
     first_contact_rate: float = 1.0
     opt_out_server_after: int = 10
+    warm_up_steps: int = 3
+    overload_window: float = 20.0
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> RatePolicy:
+    def from_settings(cls, politeness: PolitenessSettings) -> RatePolicy:
         return cls(
-            increase_interval=settings.rate_increase_interval,
-            growth_factor=settings.rate_growth_factor,
-            decrease_factor=settings.rate_decrease_factor,
-            throttle_memory=settings.throttle_memory,
-            throttle_memory_max=settings.throttle_memory_max,
-            overload_failure_share=settings.overload_failure_share,
-            overload_min_failures=settings.overload_min_failures,
-            breaker_failures=settings.breaker_failures,
-            breaker_max_pause=settings.breaker_max_pause,
-            server_down_after=settings.server_down_after,
-            first_contact_rate=settings.first_contact_rate,
-            opt_out_server_after=settings.opt_out_server_after,
+            increase_interval=politeness.rate_increase_interval,
+            growth_factor=politeness.rate_growth_factor,
+            decrease_factor=politeness.rate_decrease_factor,
+            throttle_memory=politeness.throttle_memory,
+            throttle_memory_max=politeness.throttle_memory_max,
+            overload_failure_share=politeness.overload_failure_share,
+            overload_min_failures=politeness.overload_min_failures,
+            breaker_failures=politeness.breaker_failures,
+            breaker_max_pause=politeness.breaker_max_pause,
+            server_down_after=politeness.server_down_after,
+            first_contact_rate=politeness.first_contact_rate,
+            warm_up_steps=politeness.warm_up_steps,
+            overload_window=politeness.overload_window,
+            opt_out_server_after=politeness.opt_out_server_after,
         )
 
 
@@ -260,13 +262,14 @@ class RateController:
     def first_contact(self) -> None:
         """A server nothing is known of starts as a probe would (`first_contact_rate`) and
         steps up with each report of good answers, reaching its starting rate in
-        WARM_UP_STEPS reports: the probe's answers are results, and no time is spent on a
+        `warm_up_steps` reports: the probe's answers are results, and no time is spent on a
         separate profile."""
         if self.held is None and self.throttled_rate is None and \
                 self.rate > self.policy.first_contact_rate:
             self.warm_up_to = self.rate
             self.rate = self._within(self.policy.first_contact_rate)
-            self.warm_up_factor = max(2.0, (self.warm_up_to / self.rate) ** (1 / WARM_UP_STEPS))
+            steps = self.policy.warm_up_steps
+            self.warm_up_factor = max(2.0, (self.warm_up_to / self.rate) ** (1 / steps))
 
     def warm_up(self, answered: int) -> bool:
         """A report of good answers (about one a second) during the first contact: step the
@@ -434,14 +437,14 @@ class Breaker:
 
 @dataclass
 class Outcomes:
-    """Answers and failures of the last OVERLOAD_WINDOW seconds."""
+    """Answers and failures of the last `overload_window` seconds."""
 
     samples: deque[tuple[float, int, int]] = field(default_factory=deque)
 
-    def add(self, now: float, answered: int, failed: int) -> None:
+    def add(self, now: float, answered: int, failed: int, window: float) -> None:
         if answered or failed:
             self.samples.append((now, answered, failed))
-        while self.samples and now - self.samples[0][0] > OVERLOAD_WINDOW:
+        while self.samples and now - self.samples[0][0] > window:
             self.samples.popleft()
 
     def overloaded(self, policy: RatePolicy) -> bool:
@@ -494,7 +497,8 @@ class ServerPolicy:
             changed |= self.control.throttled(now)
         else:
             changed |= self.control.warm_up(news.answered)
-        self.outcomes.add(now, news.answered, news.failed_urls)
+        self.outcomes.add(now, news.answered, news.failed_urls,
+                          self.control.policy.overload_window)
         if self.outcomes.overloaded(self.control.policy):
             self.outcomes.samples.clear()  # the next decision needs fresh evidence
             changed |= self.control.throttled(now, overload=True)

@@ -22,7 +22,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from distributed_downloader.config import Settings, save_settings
+from distributed_downloader.config import PolitenessSettings, Settings, save_settings
 from distributed_downloader.errors import Failure, UserError
 from distributed_downloader.fetch.client import Body, HttpClient
 from distributed_downloader.fetch.politeness import PACING_MARGIN
@@ -45,10 +45,6 @@ from distributed_downloader.profiles import (
 )
 from distributed_downloader.storage import RunLayout, atomic_write_json, sample_urls
 
-# Seconds between two probe requests to one server: never more than one a second, with a
-# margin so that network jitter cannot bring two arrivals within the same second.
-PROBE_INTERVAL = 1.05
-PROBE_SERVERS_AT_ONCE = 256
 # A server that throttles one request a second is given this share of that rate.
 THROTTLED_PROBE_SHARE = 0.5
 
@@ -87,8 +83,8 @@ class ProbePace:
 
 async def probe_server(client: Any, server_name: str, urls: list[str],
                        robots: RobotsFile | None = None, robots_url: str | None = None,
-                       count: int | None = None,
-                       learned_rate: float | None = None) -> ProbeResult:
+                       count: int | None = None, learned_rate: float | None = None,
+                       interval: float = PolitenessSettings().profile_interval) -> ProbeResult:
     """GET each URL in turn, one request a second at most (redirect hops included), and no
     faster than a rate an earlier run learned (`learned_rate`).
 
@@ -97,8 +93,8 @@ async def probe_server(client: Any, server_name: str, urls: list[str],
     Crawl-delay, and a server whose robots.txt is unreachable is not probed at all.
     """
     result = ProbeResult(server_name, Counter(), [], robots=robots)
-    pace = ProbePace(result, PROBE_INTERVAL if not learned_rate else
-                     max(PROBE_INTERVAL, PACING_MARGIN / learned_rate))
+    pace = ProbePace(result, interval if not learned_rate else
+                     max(interval, PACING_MARGIN / learned_rate))
     if robots_url is not None:
         await pace()
         result.robots = await fetch_robots(client, server_name, robots_url, robots, pace)
@@ -155,8 +151,8 @@ def profile_from_probe(result: ProbeResult, settings: Settings) -> ServerProfile
         # A server that cannot be reached at all is down; one that answers, but not with its
         # robots.txt (5xx, 429), is left to fetch, which asks again and pauses it meanwhile.
         status = ProfileStatus.DOWN if robots.failure in NETWORK_FAILURES else ProfileStatus.OK
-        return ServerProfile(result.server_name, settings.default_rate_limit,
-                             settings.max_connections_per_server, None, status,
+        return ServerProfile(result.server_name, settings.politeness.default_rate_limit,
+                             settings.politeness.max_connections_per_server, None, status,
                              f"{robots.message}: not probed")
     profile = _profile_from_answers(result, settings)
     cap = robots.rate_cap() if robots is not None else None
@@ -170,8 +166,8 @@ def profile_from_probe(result: ProbeResult, settings: Settings) -> ServerProfile
 
 
 def _profile_from_answers(result: ProbeResult, settings: Settings) -> ServerProfile:
-    default = settings.default_rate_limit
-    connections = settings.max_connections_per_server
+    default = settings.politeness.default_rate_limit
+    connections = settings.politeness.max_connections_per_server
     latency = statistics.median(result.latencies) * 1000 if result.latencies else None
     seen = ", ".join(f"{code}×{count}" for code, count in sorted(result.statuses.items()))
     notes = [f"probe: {seen}"] if seen else ["probe: no URL"]
@@ -182,7 +178,7 @@ def _profile_from_answers(result: ProbeResult, settings: Settings) -> ServerProf
         return ServerProfile(result.server_name, default, connections, None,
                              ProfileStatus.DOWN, "; ".join(notes))
     if result.throttled:
-        throttled = 1.0 / PROBE_INTERVAL  # the probes' pace drew it
+        throttled = 1.0 / settings.politeness.profile_interval  # the probes' pace drew it
         rate = throttled * THROTTLED_PROBE_SHARE
         if result.retry_after:
             rate = min(rate, 1.0 / result.retry_after)
@@ -203,23 +199,26 @@ def _profile_from_answers(result: ProbeResult, settings: Settings) -> ServerProf
 async def _probe_all(layout: RunLayout, settings: Settings,
                      servers: list[str]) -> list[ProbeResult]:
 
-    client = HttpClient(settings)
-    gate = asyncio.Semaphore(PROBE_SERVERS_AT_ONCE)
+    client = HttpClient(settings.network)
+    politeness = settings.politeness
+    gate = asyncio.Semaphore(politeness.profile_servers_at_once)
     earlier = read_profiles(layout.server_profiles)  # probes never go faster than it learned
 
     async def one(name: str) -> ProbeResult:
         learned = earlier[name].rate_limit if name in earlier else None
         async with gate:
             # More URLs than needed, in case robots.txt disallows some.
-            urls = sample_urls(layout, name, settings.profile_requests * 4)
-            if not settings.respect_robots or not urls:
-                return await probe_server(client, name, urls[:settings.profile_requests],
-                                          learned_rate=learned)
+            urls = sample_urls(layout, name, politeness.profile_requests * 4)
+            if not politeness.respect_robots or not urls:
+                return await probe_server(client, name, urls[:politeness.profile_requests],
+                                          learned_rate=learned,
+                                          interval=politeness.profile_interval)
             cached = load_robots(layout, name)
             fresh = cached is not None and cached.usable(time.time())
             result = await probe_server(client, name, urls, cached,
                                         None if fresh else robots_url(urls[0]),
-                                        settings.profile_requests, learned)
+                                        politeness.profile_requests, learned,
+                                        politeness.profile_interval)
             if result.robots is not None and not fresh:
                 save_robots(layout, result.robots)
             return result
@@ -232,15 +231,13 @@ async def _probe_all(layout: RunLayout, settings: Settings,
 
 def run_profile(settings: Settings) -> dict[str, Any]:
     """Probe every prepared server; write `OUT/profiles/servers.csv` and a summary."""
-    if settings.output is None:
-        raise UserError("profile needs the run's folder OUT")
-    layout = RunLayout(settings.output)
+    layout = RunLayout(settings.paths.run_folder("profile"))
     if not layout.prep_summary.exists():
         raise UserError(f"{layout.root} has no finished prep; run `distributed-downloader prep` "
                         "(or `download`) first")
     layout.check_writable()
     started = time.monotonic()
-    overrides = load_rate_overrides(layout, settings)
+    overrides = load_rate_overrides(layout, settings.politeness)
     save_settings(settings)
     servers = [name for name in
                pq.read_table(layout.servers, columns=["server_name"]).column(0).to_pylist()
@@ -249,7 +246,7 @@ def run_profile(settings: Settings) -> dict[str, Any]:
     probed = [profile_from_probe(result, settings) for result in results]
     profiles = read_profiles(layout.server_profiles)
     profiles.update({profile.server_name: profile for profile in probed})
-    apply_overrides(profiles, overrides, settings)
+    apply_overrides(profiles, overrides, settings.politeness)
     write_profiles(layout.server_profiles, list(profiles.values()))
     by_status = Counter(profile.status for profile in probed)
     summary = {

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from distributed_downloader.config import Settings
+from distributed_downloader.config import PolitenessSettings
 from distributed_downloader.errors import InputError
 from distributed_downloader.policy import LearnedRate
 from distributed_downloader.storage import RunLayout, atomic_write_text
@@ -158,20 +158,21 @@ def parse_rate_overrides(text: str, where: str) -> dict[str, RateOverride]:
     return overrides
 
 
-def load_rate_overrides(layout: RunLayout, settings: Settings,
+def load_rate_overrides(layout: RunLayout, politeness: PolitenessSettings,
                         keep: bool = True) -> dict[str, RateOverride]:
     """The run's hand-set rates: the `rates` file when given (with `keep`, copied into the run
     for the next commands), else the copy a previous command kept."""
-    if settings.rates is not None:
+    if politeness.rates is not None:
         try:
-            text = settings.rates.read_text(encoding="utf-8-sig")
+            text = politeness.rates.read_text(encoding="utf-8-sig")
         except FileNotFoundError:
             if not layout.rate_overrides.exists():
-                raise InputError(f"{settings.rates}: rates file not found") from None
+                raise InputError(f"{politeness.rates}: rates file not found") from None
         except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"{settings.rates}: cannot read rates file ({exc})") from None
+            raise InputError(f"{politeness.rates}: cannot read rates file ({exc})") \
+                from None
         else:
-            overrides = parse_rate_overrides(text, str(settings.rates))
+            overrides = parse_rate_overrides(text, str(politeness.rates))
             if keep:
                 atomic_write_text(layout.rate_overrides, text)
             return overrides
@@ -182,16 +183,17 @@ def load_rate_overrides(layout: RunLayout, settings: Settings,
 
 
 def apply_overrides(profiles: dict[str, ServerProfile],
-                    overrides: dict[str, RateOverride], settings: Settings) -> None:
+                    overrides: dict[str, RateOverride],
+                    politeness: PolitenessSettings) -> None:
     """Hand-set rates win: the profile of an overridden server says so."""
     for name, override in overrides.items():
         if override.exclude or (override.rate_limit is None and override.max_connections is None):
             continue
         current = profiles.get(name)
         rate = override.rate_limit or (current.rate_limit if current else
-                                       settings.default_rate_limit)
+                                       politeness.default_rate_limit)
         connections = override.max_connections or (
-            current.max_connections if current else settings.max_connections_per_server)
+            current.max_connections if current else politeness.max_connections_per_server)
         profiles[name] = ServerProfile(name, rate, connections,
                                        current.latency_ms if current else None,
                                        ProfileStatus.MANUAL,

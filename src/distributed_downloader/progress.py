@@ -11,8 +11,8 @@ from rich.table import Column
 
 from distributed_downloader.schedule import Scheduler
 
-LOG_EVERY_SECONDS = 10.0
-RATE_WINDOW_SECONDS = 30.0
+LOG_EVERY_SECONDS = 10.0  # a progress line in a log (no terminal): often enough to watch
+RATE_WINDOW_SECONDS = 30.0  # the rate shown: steady through bursts, current within a minute
 BAR_WIDTH = 16  # narrow: count, rate and ETA must fit an 80-column terminal beside it
 
 

@@ -19,7 +19,7 @@ from distributed_downloader.config import LoadedSettings
 console = Console(soft_wrap=not sys.stdout.isatty())
 err_console = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
 
-PROGRESS_LOG_SECONDS = 5.0
+PROGRESS_LOG_SECONDS = 5.0  # prep's progress in a log: a line per few seconds, not per chunk
 
 
 RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")  # set by MPI launchers

@@ -15,7 +15,7 @@ from typing import Any
 from distributed_downloader.errors import require_module
 from distributed_downloader.storage import atomic_write_bytes, atomic_write_text
 
-TOP_SERVERS = 20
+TOP_SERVERS = 20  # servers a plot names; more would not be readable in one figure
 
 
 def _pyplot() -> Any:

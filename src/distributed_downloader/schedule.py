@@ -250,10 +250,10 @@ class Scheduler:
         count = len(server.workers)
         if count == 0:
             return True
-        allowed = workers_allowed(self.settings.schedule_rules, server.total_batches)
+        allowed = workers_allowed(self.settings.cluster.schedule_rules, server.total_batches)
         if allowed is not None and count >= allowed:
             return False
-        return server.rate / (count + 1) >= self.settings.min_worker_rate
+        return server.rate / (count + 1) >= self.settings.cluster.min_worker_rate
 
     def _next_for(self, worker: int) -> tuple[ServerState, bool] | None:
         """The server whose batch this worker should take next, and whether to give it up."""

@@ -17,7 +17,6 @@ from distributed_downloader.stop_signals import STOP_SIGNALS, stop_signalled
 from distributed_downloader.schedule import Scheduler
 
 TICK_SECONDS = 0.1  # how often the scheduler ticks and the progress is drawn
-STOP_GRACE_SECONDS = 60.0  # after a stop signal, before workers that did not stop are left
 log = logging.getLogger(__name__)
 
 
@@ -75,7 +74,7 @@ class Coordinator:
 
     def __init__(self, scheduler: Scheduler, transport: Transport,
                  on_tick: Callable[[Scheduler], None], stop: StopRequest,
-                 grace: float = STOP_GRACE_SECONDS) -> None:
+                 grace: float) -> None:
         self.scheduler = scheduler
         self.transport = transport
         self.on_tick = on_tick

@@ -56,7 +56,7 @@ def _worker_entry(worker_id: int, settings: Settings, connection: Connection) ->
     remember_stop_signals()  # one sent while this process started is delivered here
     from distributed_downloader.fetch.worker import run_worker
 
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(message)s")
+    logging.basicConfig(level=settings.cluster.log_level, format="%(asctime)s %(message)s")
 
     run_worker(worker_id, settings, PipeChannel(connection))
 
@@ -116,7 +116,7 @@ class LocalExecutor:
 
     def worker_ids(self, limit: int) -> list[int]:
         """One worker per core by default, never more than there are batches to fetch."""
-        self.count = max(1, min(self.settings.workers or os.cpu_count() or 1, limit))
+        self.count = max(1, min(self.settings.cluster.workers or os.cpu_count() or 1, limit))
         return list(range(self.count))
 
     def close(self) -> None:
@@ -151,7 +151,8 @@ class LocalExecutor:
             try:
                 self._spawn(processes, pipes)
                 transport = PipeTransport(processes, pipes)
-                return Coordinator(scheduler, transport, on_tick, stop).run()
+                return Coordinator(scheduler, transport, on_tick, stop,
+                                   self.settings.cluster.stop_grace).run()
             finally:
                 _join(processes)
 

@@ -28,7 +28,6 @@ from distributed_downloader.stop_signals import (
     stop_signalled,
 )
 from distributed_downloader.executors.coordinator import (
-    STOP_GRACE_SECONDS,
     Coordinator,
     Departure,
     relayed_stop_signals,
@@ -104,7 +103,7 @@ def run_worker_rank(comm: Any) -> bool:
     settings: Settings | None = comm.recv(source=SCHEDULER_RANK)
     if settings is None:  # rank 0 will not fetch (another command holds the run folder)
         return False
-    logging.basicConfig(level=settings.log_level,
+    logging.basicConfig(level=settings.cluster.log_level,
                         format=f"%(asctime)s rank {comm.Get_rank()}: %(message)s")
     return run_worker(comm.Get_rank(), settings, MpiChannel(comm))
 
@@ -153,7 +152,8 @@ class MpiExecutor:
                             "e.g. `mpirun -n 3 distributed-downloader fetch OUT --executor mpi`")
         self.transport = RankTransport(comm, self.worker_ranks)
         # Under Slurm the whole stop must fit in the warning before the time limit.
-        self.grace = min(STOP_GRACE_SECONDS, max(5.0, settings.stop_margin - 10.0))
+        self.grace = min(settings.cluster.stop_grace,
+                         max(5.0, settings.cluster.stop_margin - 10.0))
         for rank in self.worker_ranks:
             comm.send(settings, dest=rank)
 

@@ -4,7 +4,7 @@
 `--profile`) → the first download period, each depending on the one before. Every download period,
 as it starts, queues its successor behind itself (`afterany`), so a period killed at its time limit
 still has one; a period that finds nothing left to do, or that follows a period which made no
-progress (no row committed and no request sent, or `STALL_PERIODS` periods in a row without a
+progress (no row committed and no request sent, or `stall_periods` periods in a row without a
 committed row), or one whose fetch stopped on a full disk, ends the chain instead of fetching.
 Slurm signals each period `stop_margin` seconds before its limit; the ranks flush their chunks and
 exit, and the next period resumes from them.
@@ -65,7 +65,6 @@ ACTIVE_STATES = frozenset({"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "S
 # (Retry-After, a breaker probing, rows waiting out a retry delay); one or two such periods in a
 # row happen on healthy runs with short periods. Three in a row means something keeps failing
 # without ever being given up: the chain stops rather than spend periods on it for ever.
-STALL_PERIODS = 3
 WAITING_SHOWN = 3  # servers a period's record and a stall's reason name; the rest are counted
 LOCK_POLL_SECONDS = 2.0  # a period waiting for the run's lock looks again this often
 
@@ -146,10 +145,10 @@ def _header(settings: Settings, layout: RunLayout, kind: str, lines: list[str]) 
     logs = slurm_folder(layout) / "logs"
     header = ["#!/bin/bash", f"#SBATCH --job-name=dd-{kind}",
               f"#SBATCH --output={logs}/%x-%j.out", "#SBATCH --open-mode=append"]
-    if settings.account:
-        header.append(f"#SBATCH --account={settings.account}")
-    if settings.partition:
-        header.append(f"#SBATCH --partition={settings.partition}")
+    if settings.cluster.account:
+        header.append(f"#SBATCH --account={settings.cluster.account}")
+    if settings.cluster.partition:
+        header.append(f"#SBATCH --partition={settings.cluster.partition}")
     header += [f"#SBATCH {line}" for line in lines]
     return header + ["set -u", "# Written by `distributed-downloader slurm submit`; settings in "
                      f"{layout.config}", ""]
@@ -157,36 +156,39 @@ def _header(settings: Settings, layout: RunLayout, kind: str, lines: list[str]) 
 
 def _launcher(settings: Settings) -> str:
     # No binding to one core: a worker's decode threads use all of its cpus_per_worker.
-    if settings.launcher == "mpirun":
+    if settings.cluster.launcher == "mpirun":
         return "mpirun --oversubscribe --bind-to none -n $ranks"
     # --overcommit: the scheduling rank shares a core with a fetching rank.
-    return f"srun --mpi={shlex.quote(settings.srun_mpi)} --overcommit --cpu-bind=none " \
+    return f"srun --mpi={shlex.quote(settings.cluster.srun_mpi)} --overcommit --cpu-bind=none " \
            "--kill-on-bad-exit=1 -n $ranks"
 
 
 def job_scripts(settings: Settings, layout: RunLayout) -> dict[str, str]:
     """The three job scripts of a chain, by kind."""
     out = layout.root
-    cores = settings.workers_per_node * settings.cpu_per_worker
+    cores = settings.cluster.workers_per_node * settings.cluster.cpu_per_worker
     fetch_flags = one_off_flags(settings, FETCH_SETTINGS)  # the submitting command's, for its chain
     prep = _header(settings, layout, "prep", [
         "--nodes=1", "--ntasks=1", f"--cpus-per-task={cores}",
-        f"--time={settings.time_limit}"]) + [
-        f"exec {_command('prep', settings.input, '--output', out)}"]
+        f"--time={settings.cluster.time_limit}"]) + [
+        f"exec {_command('prep', settings.paths.input, '--output', out)}"]
     profile = _header(settings, layout, "profile", [
-        "--nodes=1", "--ntasks=1", "--cpus-per-task=1", f"--time={settings.time_limit}"]) + [
+        "--nodes=1", "--ntasks=1", "--cpus-per-task=1",
+        f"--time={settings.cluster.time_limit}"]) + [
         f"exec {_command('profile', out, *one_off_flags(settings, PROFILE_SETTINGS))}"]
     download = _header(settings, layout, "download", [
-        f"--nodes={settings.max_nodes}", f"--ntasks-per-node={settings.workers_per_node}",
-        f"--cpus-per-task={settings.cpu_per_worker}", f"--time={settings.time_limit}",
-        f"--signal=B:USR1@{settings.stop_margin}"]) + [
+        f"--nodes={settings.cluster.max_nodes}",
+        f"--ntasks-per-node={settings.cluster.workers_per_node}",
+        f"--cpus-per-task={settings.cluster.cpu_per_worker}",
+        f"--time={settings.cluster.time_limit}",
+        f"--signal=B:USR1@{settings.cluster.stop_margin}"]) + [
         'if [ "$(id -u)" = 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 '
         "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi",
         "# Queue the next period behind this one, or end the chain when nothing is left.",
         f"{_command('slurm', 'period', out)}",
         f"decision=$?; if [ $decision = {STOP_CHAIN} ]; then exit 0; fi",
         "if [ $decision != 0 ]; then exit $decision; fi  # a real error: see above",
-        f"ranks=$(( SLURM_JOB_NUM_NODES * {settings.workers_per_node} + 1 ))",
+        f"ranks=$(( SLURM_JOB_NUM_NODES * {settings.cluster.workers_per_node} + 1 ))",
         f"{_launcher(settings)} {_command('fetch', out, '--executor', 'mpi', *fetch_flags)} &",
         "launched=$!",
         "# Slurm's warning before the time limit: pass it on, the ranks flush and exit.",
@@ -227,14 +229,13 @@ def submit_chain(settings: Settings, run_profile: bool = False) -> Chain:
     → download. Without a profile, each server's fetch starts carefully (first contact)."""
     from distributed_downloader.prep import prep_is_finished
 
-    if settings.output is None:
-        raise UserError("slurm submit needs the run's folder (--output or path_to_output_folder)")
-    layout = RunLayout(settings.output.resolve())
+    layout = RunLayout(settings.paths.run_folder(
+        "slurm submit", "(--output or path_to_output_folder)").resolve())
     settings = settings.model_copy(update={"output": layout.root})
-    if time_limit_seconds(settings.time_limit) <= settings.stop_margin:
-        raise UserError(f"stop_margin ({settings.stop_margin} s) must be shorter than "
-                        f"time_limit ({settings.time_limit})")
-    if not prep_is_finished(layout) and settings.input is None:
+    if time_limit_seconds(settings.cluster.time_limit) <= settings.cluster.stop_margin:
+        raise UserError(f"stop_margin ({settings.cluster.stop_margin} s) must be shorter than "
+                        f"time_limit ({settings.cluster.time_limit})")
+    if not prep_is_finished(layout) and settings.paths.input is None:
         raise UserError("slurm submit needs the input (INPUT or path_to_input) to prepare")
     with chain_lock(layout):
         return _submit(layout, settings, run_profile)
@@ -304,9 +305,8 @@ def chain_lock(layout: RunLayout) -> Iterator[None]:
 
 def start_period(settings: Settings, job_id: str) -> tuple[bool, str]:
     """At a download period's start: fetch (and queue the next period), or end the chain."""
-    assert settings.output is not None
-    layout = RunLayout(settings.output)
-    holder = _writer_at_start(layout, settings.run_lock_lease)
+    layout = RunLayout(settings.paths.run_folder("slurm"))
+    holder = _writer_at_start(layout, settings.cluster.run_lock_lease)
     with chain_lock(layout):
         return _start_period(layout, settings, job_id, holder)
 
@@ -372,14 +372,14 @@ def _judge(layout: RunLayout, job: ChainJob, done: int) -> None:
     job.out_of_space = str(summary.get("out_of_space") or "")
 
 
-def _stall_reason(started: list[ChainJob]) -> str:
+def _stall_reason(started: list[ChainJob], stall_periods: int) -> str:
     """Why the chain stalls after the judged periods `started`, or "" when it goes on."""
     last = started[-1]
     if last.rows_committed == 0 and not last.requests:
         return (f"period {last.period} made no progress: it committed no row and sent no "
                 f"request{_waiting_text(last)}; see its log")
     idle = list(itertools.takewhile(lambda job: job.rows_committed == 0, reversed(started)))
-    if len(idle) >= STALL_PERIODS:
+    if len(idle) >= stall_periods:
         requests = sum(job.requests or 0 for job in idle)
         return (f"periods {idle[-1].period}-{last.period} committed no row in {len(idle)} "
                 f"periods in a row though they sent {requests:,} requests"
@@ -404,7 +404,7 @@ def _start_period(layout: RunLayout, settings: Settings, job_id: str,
     started = [job for job in chain.downloads if job.started is not None and job.id != job_id]
     if started:
         _judge(layout, started[-1], done)
-    stall = _stall_reason(started) if started else ""
+    stall = _stall_reason(started, settings.cluster.stall_periods) if started else ""
     if finished >= _batches_total(layout):
         chain.state, chain.reason = "finished", f"all {finished:,} batches done"
     elif started and started[-1].out_of_space:
@@ -414,8 +414,9 @@ def _start_period(layout: RunLayout, settings: Settings, job_id: str,
             "then `slurm submit` again")
     elif stall:
         chain.state, chain.reason = "stalled", stall
-    elif len(chain.downloads) > settings.num_downloads:
-        chain.state, chain.reason = "period_limit", f"num_downloads ({settings.num_downloads})"
+    elif len(chain.downloads) > settings.cluster.num_downloads:
+        chain.state, chain.reason = "period_limit", \
+            f"num_downloads ({settings.cluster.num_downloads})"
     if chain.state != "running":
         write_chain(layout, chain)
         return False, chain.reason
@@ -426,7 +427,7 @@ def _start_period(layout: RunLayout, settings: Settings, job_id: str,
                        submission=submission)
         chain.jobs.append(job)
     job.started, job.rows_at_start = time.time(), done
-    if len(chain.downloads) <= settings.num_downloads:
+    if len(chain.downloads) <= settings.cluster.num_downloads:
         script = slurm_folder(layout) / "download.sbatch"
         successor = sbatch(script, after=job_id)
         chain.jobs.append(ChainJob(successor, "download", job.period + 1, submitted=time.time(),
@@ -452,8 +453,7 @@ def job_states(chain: Chain) -> dict[str, str]:
 
 
 def chain_status(settings: Settings) -> dict[str, Any]:
-    assert settings.output is not None
-    layout = RunLayout(settings.output)
+    layout = RunLayout(settings.paths.run_folder("slurm"))
     chain = read_chain(layout)
     states = job_states(chain)
     total_rows = json.loads(layout.prep_summary.read_text())["download_rows"] \
@@ -473,8 +473,7 @@ def chain_status(settings: Settings) -> dict[str, Any]:
 
 def cancel_chain(settings: Settings) -> list[str]:
     """Stop the chain: no period starts any more, queued and running jobs are cancelled."""
-    assert settings.output is not None
-    layout = RunLayout(settings.output)
+    layout = RunLayout(settings.paths.run_folder("slurm"))
     with chain_lock(layout):  # no period can queue a successor behind our back
         chain = read_chain(layout)
         if chain.state == "running":
@@ -489,15 +488,14 @@ def cancel_chain(settings: Settings) -> list[str]:
 def submit_tool(settings: Settings, name: str, options: list[str]) -> str:
     """One job running a post-processing tool on `tools_max_nodes` nodes under MPI; the tool
     resumes where it stopped, so submitting it again after a time limit goes on."""
-    if settings.output is None:
-        raise UserError("slurm tool needs the run's folder OUT")
-    layout = RunLayout(settings.output.resolve())
+    layout = RunLayout(settings.paths.run_folder("slurm tool").resolve())
     _refuse_while_written(layout)
-    ranks = f"$(( SLURM_JOB_NUM_NODES * {settings.tools_workers_per_node} + 1 ))"
+    ranks = f"$(( SLURM_JOB_NUM_NODES * {settings.tools.tools_workers_per_node} + 1 ))"
     lines = _header(settings, layout, f"tool-{name}", [
-        f"--nodes={settings.tools_max_nodes}",
-        f"--ntasks-per-node={settings.tools_workers_per_node}",
-        f"--cpus-per-task={settings.tools_cpu_per_worker}", f"--time={settings.time_limit}"]) + [
+        f"--nodes={settings.tools.tools_max_nodes}",
+        f"--ntasks-per-node={settings.tools.tools_workers_per_node}",
+        f"--cpus-per-task={settings.tools.tools_cpu_per_worker}",
+        f"--time={settings.cluster.time_limit}"]) + [
         'if [ "$(id -u)" = 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 '
         "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi",
         f"ranks={ranks}",

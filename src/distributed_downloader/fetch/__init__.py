@@ -56,6 +56,8 @@ from distributed_downloader.writers import (
     set_aside_unreadable,
 )
 
+# Learned rates are written to servers.csv this often: a killed run loses a minute of learning
+# at most, and the file is not rewritten on every report.
 PROFILE_SAVE_SECONDS = 60.0
 STATE_SECONDS = 5.0  # how often a running fetch records its state for `status`
 # Profile statuses whose max_rate_limit is a hard ceiling (advertised, Crawl-delay, by hand).
@@ -116,7 +118,7 @@ def fix_output_settings(layout: RunLayout, settings: Settings) -> None:
 
 
 def _output_settings(settings: Settings) -> dict[str, Any]:
-    return {name: getattr(settings, name) for name in OUTPUT_SETTINGS}
+    return {name: settings.value(name) for name in OUTPUT_SETTINGS}
 
 
 def _prep_summary(layout: RunLayout) -> dict[str, Any]:
@@ -134,20 +136,20 @@ def starting_servers(layout: RunLayout, settings: Settings, retry_errors: bool =
     """Every prepared server with its starting budget, and its number of rows."""
     _prep_summary(layout)
     learned = read_profiles(layout.server_profiles)
-    overrides = load_rate_overrides(layout, settings, keep=keep_rates)
-    rate_policy = RatePolicy.from_settings(settings)
-    max_rate = settings.effective_max_rate * settings.rate_multiplier
-    default_rate = settings.default_rate_limit * settings.rate_multiplier
+    overrides = load_rate_overrides(layout, settings.politeness, keep=keep_rates)
+    rate_policy = RatePolicy.from_settings(settings.politeness)
+    max_rate = settings.politeness.effective_max_rate * settings.politeness.rate_multiplier
+    default_rate = settings.politeness.default_rate_limit * settings.politeness.rate_multiplier
     now = time.time()
     servers = []
     for row in pq.read_table(layout.servers).to_pylist():
         name = row["server_name"]
         policy = ServerPolicy.start(rate_policy, min(default_rate, max_rate), max_rate, now)
         server = ServerState(name=name, policy=policy,
-                             connections=settings.max_connections_per_server,
+                             connections=settings.politeness.max_connections_per_server,
                              total_batches=row["batches"])
         _starting_budget(server, learned.get(name), overrides.get(name), now, retry_errors,
-                         settings.ignore_opt_out)
+                         settings.politeness.ignore_opt_out)
         servers.append((server, row["rows"]))
     return servers
 
@@ -276,7 +278,8 @@ def learned_profiles(layout: RunLayout, settings: Settings,
         if previous is not None and previous.status == ProfileStatus.MANUAL:
             continue
         profiles[server.name] = _learned_profile(server, previous)
-    apply_overrides(profiles, load_rate_overrides(layout, settings, keep=False), settings)
+    apply_overrides(profiles, load_rate_overrides(layout, settings.politeness, keep=False),
+                    settings.politeness)
     return list(profiles.values())
 
 
@@ -338,7 +341,7 @@ def _run_plan(layout: RunLayout, settings: Settings, plan: FetchPlan, executor: 
     # whose image went missing since prep is fetched after all.
     robots = RobotsGate(layout, settings, lambda name: next(
         iter(sample_urls(layout, name, 1, to_fetch_only=False)), None)) \
-        if settings.respect_robots else None
+        if settings.politeness.respect_robots else None
     if robots is not None:
         robots.start(scheduler, time.time(), robots_fetched_since)
     last_save = [time.monotonic()]
@@ -401,13 +404,11 @@ def run_fetch(
     on_plan: Callable[[FetchPlan], None] | None = None,
     robots_fetched_since: float | None = None,
 ) -> dict[str, Any]:
-    """Download what is left of the run in `settings.output` on `executor` (local processes or
+    """Download what is left of the run in `settings.paths.output` on `executor` (local processes or
     MPI ranks: executors/, which sit above this stage); returns the run's summary. robots.txt
     files fetched after `robots_fetched_since` (by this `download`'s profile) are used whatever
     their cache time."""
-    if settings.output is None:
-        raise UserError("fetch needs the run's folder OUT")
-    layout = RunLayout(settings.output)
+    layout = RunLayout(settings.paths.run_folder("fetch"))
     try:
         return _fetch(layout, settings, retry_errors, on_tick, on_plan,
                       executor, robots_fetched_since)
@@ -443,7 +444,7 @@ def _prepare(layout: RunLayout, settings: Settings,
     """Check the run folder and its output settings, then plan: what was stored before this
     run, and what is left."""
     layout.check_writable()
-    require_format(settings.output_format)
+    require_format(settings.store.output_format)
     upgrade_layout(layout)
     check_output_settings(layout, settings)
     # Counted before the plan: an unreadable chunk is set aside first, and its batch is

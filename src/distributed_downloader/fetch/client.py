@@ -21,13 +21,12 @@ import aiohttp
 from aiohttp.http_exceptions import LineTooLong
 from yarl import URL
 
-from distributed_downloader.config import Settings
+from distributed_downloader.config import NetworkSettings
 from distributed_downloader.errors import ErrorCode, Failure
 from distributed_downloader.fetch.dns import CachingResolver
 from distributed_downloader.fetch.retry import parse_retry_after
 from distributed_downloader.fetch.safety import AddressPolicy, BlockedAddress, SafeResolver
 
-MAX_REDIRECTS = 5
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 ACCEPT = "image/avif,image/webp,image/png,image/jpeg,image/*;q=0.9,*/*;q=0.5"
 
@@ -101,21 +100,22 @@ def _blocked_cause(exc: BaseException) -> BlockedAddress | None:
 class HttpClient:
     """One keep-alive session per worker; per-server limits are the slots' job, not aiohttp's."""
 
-    def __init__(self, settings: Settings, budget: BodyBudget | None = None) -> None:
-        self.policy = AddressPolicy(settings.allow_network)
+    def __init__(self, network: NetworkSettings, budget: BodyBudget | None = None) -> None:
+        self.policy = AddressPolicy(network.allow_network)
         self.budget = budget or BodyBudget(1 << 62)
-        self.max_body_size = settings.max_body_size
+        self.max_body_size = network.max_body_size
+        self.max_redirects = network.max_redirects
         # The resolver caches by the records' TTL itself, so aiohttp's fixed-time cache is off.
-        self.resolver = SafeResolver(self.policy, CachingResolver(settings.dns_servers))
+        self.resolver = SafeResolver(self.policy, CachingResolver.from_settings(network))
         connector = aiohttp.TCPConnector(
             limit=0, limit_per_host=0, use_dns_cache=False, resolver=self.resolver
         )
         self.session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(
-                total=settings.timeout, sock_connect=settings.connect_timeout
+                total=network.timeout, sock_connect=network.connect_timeout
             ),
-            headers={"User-Agent": settings.effective_user_agent, "Accept": ACCEPT},
+            headers={"User-Agent": network.effective_user_agent, "Accept": ACCEPT},
             cookie_jar=aiohttp.DummyCookieJar(),
             trust_env=False,
         )
@@ -135,7 +135,7 @@ class HttpClient:
             current = URL(url, encoded=True)
         except ValueError as exc:
             return Failure(ErrorCode.INVALID_REDIRECT, f"unusable URL: {exc}")
-        for hop in range(MAX_REDIRECTS + 1):
+        for hop in range(self.max_redirects + 1):
             if hop > 0:  # prepared URLs were read this way already
                 readable = browser_form(current)
                 if readable is None:
@@ -158,7 +158,7 @@ class HttpClient:
                 current = outcome
                 continue
             return outcome
-        return Failure(ErrorCode.TOO_MANY_REDIRECTS, f"more than {MAX_REDIRECTS} redirects")
+        return Failure(ErrorCode.TOO_MANY_REDIRECTS, f"more than {self.max_redirects} redirects")
 
     async def _one_hop(self, url: URL) -> Body | Failure | URL:
         """One request, no redirect followed: the body, the URL to go to next, or why neither."""

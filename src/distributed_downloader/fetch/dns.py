@@ -19,12 +19,10 @@ from dataclasses import dataclass
 import aiodns
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-MIN_TTL = 10.0  # seconds; a TTL of 0 must not mean a query per request
-MAX_TTL = 3600.0  # a host that moves is found again within the hour
-STALE_FOR = 86_400.0  # a failed refresh serves an answer up to a day old
-NEGATIVE_TTL = 5.0  # a failure is not asked again by every URL of the host at once
-LOOKUP_TIMEOUT = 2.0  # seconds c-ares waits for the first try; later tries wait longer
-LOOKUP_TRIES = 2
+from distributed_downloader.config import NetworkSettings
+
+# The cache's limits are settings (NetworkSettings.dns_*); these are their defaults.
+_DEFAULTS = NetworkSettings()
 # The name has no address: an answer, not a failure to get one, so no stale answer is served.
 NO_SUCH_NAME = frozenset(
     {aiodns.error.ARES_ENOTFOUND, aiodns.error.ARES_ENODATA, aiodns.error.ARES_ENONAME}
@@ -57,12 +55,12 @@ class CachingResolver(AbstractResolver):
         self,
         servers: Sequence[str] = (),
         *,
-        min_ttl: float = MIN_TTL,
-        max_ttl: float = MAX_TTL,
-        stale_for: float = STALE_FOR,
-        negative_ttl: float = NEGATIVE_TTL,
-        timeout: float = LOOKUP_TIMEOUT,
-        tries: int = LOOKUP_TRIES,
+        min_ttl: float = _DEFAULTS.dns_min_ttl,
+        max_ttl: float = _DEFAULTS.dns_max_ttl,
+        stale_for: float = _DEFAULTS.dns_stale_for,
+        negative_ttl: float = _DEFAULTS.dns_negative_ttl,
+        timeout: float = _DEFAULTS.dns_timeout,
+        tries: int = _DEFAULTS.dns_tries,
     ) -> None:
         self.min_ttl, self.max_ttl = min_ttl, max_ttl
         self.stale_for, self.negative_ttl = stale_for, negative_ttl
@@ -73,6 +71,13 @@ class CachingResolver(AbstractResolver):
         )
         self._cache: dict[Key, _Entry] = {}
         self._pending: dict[Key, asyncio.Future[list[Address]]] = {}
+
+    @classmethod
+    def from_settings(cls, network: NetworkSettings) -> CachingResolver:
+        return cls(network.dns_servers, min_ttl=network.dns_min_ttl,
+                   max_ttl=network.dns_max_ttl, stale_for=network.dns_stale_for,
+                   negative_ttl=network.dns_negative_ttl, timeout=network.dns_timeout,
+                   tries=network.dns_tries)
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET

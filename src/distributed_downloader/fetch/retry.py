@@ -6,16 +6,10 @@ import random
 import time
 from email.utils import parsedate_to_datetime
 
+from distributed_downloader.config import PolitenessSettings
 from distributed_downloader.errors import RETRYABLE, RETRYABLE_LATER, ErrorCode
 from distributed_downloader.fetch.frontier import Pending
 
-# Each retry of a failed URL waits this many times longer than the one before (Heritrix's
-# growing retry delay): a passing fault is retried within seconds, a bad spell within minutes.
-DELAY_GROWTH = 3.0
-# A URL told to slow down this many times is written as http_429 (retryable by a later run):
-# throttles are the server's business and are not counted as failures, but a server that
-# throttles everything for ever must not hold the run.
-MAX_THROTTLES = 10
 # Tries per URL on a server that has not answered once yet: it may be down altogether, and a
 # server failing everything must not cost more than this per URL (the breaker stops the rest).
 ATTEMPTS_ON_A_SILENT_SERVER = 3
@@ -43,11 +37,20 @@ class RetryPolicy:
     """Retries only what can succeed later, each wait longer than the last, with jitter."""
 
     def __init__(self, max_attempts: int, first_delay: float = 1.0, max_delay: float = 600.0,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, growth: float = 3.0,
+                 max_throttles: int = 10) -> None:
         self.max_attempts = max_attempts
+        self.max_throttles = max_throttles
         self.first_delay = first_delay
         self.max_delay = max_delay
+        self.growth = growth
         self.rng = rng or random.Random()
+
+    @classmethod
+    def from_settings(cls, politeness: PolitenessSettings) -> RetryPolicy:
+        return cls(politeness.max_retries, politeness.retry_delay, politeness.retry_delay_max,
+                   growth=politeness.retry_delay_growth,
+                   max_throttles=politeness.max_throttles)
 
     def should_retry(self, code: ErrorCode, failures: int, max_attempts: int | None = None,
                      ) -> bool:
@@ -56,7 +59,7 @@ class RetryPolicy:
         return code in RETRYABLE and code not in RETRYABLE_LATER and failures < limit
 
     def delay(self, failures: int) -> float:
-        backoff = min(self.max_delay, self.first_delay * DELAY_GROWTH ** (failures - 1))
+        backoff = min(self.max_delay, self.first_delay * self.growth ** (failures - 1))
         return backoff * self.rng.uniform(0.5, 1.0)
 
     def again(self, item: Pending, code: ErrorCode, throttled: bool, server_answered: bool,
@@ -64,11 +67,11 @@ class RetryPolicy:
         """After a failed attempt at a row: True to ask again later, False when `code` is final.
 
         A throttle is the server's business: it is not a failure, but a URL throttled
-        MAX_THROTTLES times is given up. A server that has not answered once here
+        `max_throttles` times is given up. A server that has not answered once here
         (`server_answered`) gets fewer tries per URL: it may be down."""
         if throttled:
             item.throttles += 1
-            return item.throttles < MAX_THROTTLES
+            return item.throttles < self.max_throttles
         item.throttles = 0
         item.failures += 1
         attempts = self.max_attempts if server_answered else \

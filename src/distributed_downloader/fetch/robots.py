@@ -47,7 +47,7 @@ PARSED_BYTES = 500 * 1024  # §2.5: parse at least the first 500 KiB
 # passing fault is the common case, then minutes. The server is held meanwhile, and says so.
 RETRY_PAUSES = (10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 MIN_PAUSE = 1.0  # even after "Retry-After: 0"
-FETCHES_AT_ONCE = 128
+FETCHES_AT_ONCE = 128  # robots.txt files asked at once, each from another server: bounds sockets
 NETWORK_FAILURES = frozenset({ErrorCode.TIMEOUT, ErrorCode.CONNECTION_ERROR,
                               ErrorCode.DNS_ERROR})
 UNREACHABLE_CODES = NETWORK_FAILURES | {ErrorCode.HTTP_429}
@@ -266,7 +266,7 @@ class RobotsGate:
             log.info("%s: %s", name, robots.describe())
         thread_gone = self._thread is not None and not self._thread.is_alive()
         for name, (since, robots) in list(self.held.items()):
-            if thread_gone or now - since >= self.settings.server_down_after:
+            if thread_gone or now - since >= self.settings.politeness.server_down_after:
                 del self.held[name]
                 self.given_up.add(name)
                 scheduler.give_up_held(name, self._give_up_reason(robots, now - since))
@@ -298,7 +298,7 @@ class RobotsGate:
     async def _fetch_servers(self, servers: list[tuple[str, str, RobotsFile | None]]) -> None:
         from distributed_downloader.fetch.client import HttpClient
 
-        client = HttpClient(self.settings)
+        client = HttpClient(self.settings.network)
         gate = asyncio.Semaphore(FETCHES_AT_ONCE)
         try:
             await asyncio.gather(*(self._keep_asking(client, gate, name, url, cached)
@@ -318,7 +318,7 @@ class RobotsGate:
                 asked_at = time.time()
                 try:
                     robots = await fetch_robots(client, name, url, previous,
-                                                longest_pause=self.settings.server_down_after)
+                                                longest_pause=self.settings.politeness.server_down_after)
                     save_robots(self.layout, robots)
                 except OutOfSpace as exc:  # the server stays held; `apply` stops the run
                     self.out_of_space = exc

@@ -68,14 +68,9 @@ log = logging.getLogger(__name__)
 
 REPORT_SECONDS = 1.0
 TICK_SECONDS = 0.2
-# Batches one worker fetches at once, at most: enough for hundreds of small servers each asked
-# slowly (a first contact starts at 1 request/s), few enough for one event loop's requests.
-MAX_BATCHES = 256
 # Rows of the batches in flight, at most (a first batch goes whatever its size): their pending
 # rows are held in memory, so large batches are taken a few at a time.
 MAX_ROWS_IN_FLIGHT = 50_000
-BUFFER_BUDGET = 48 << 20  # image bytes held for unwritten chunks, across batches
-BODY_BUDGET = 48 << 20  # downloaded bodies held at once (reading, or waiting to decode)
 # Bodies waiting for a decode thread, per thread: beyond this no new request starts, so a
 # fast network cannot pile up bodies in memory faster than the cores decode them.
 DECODE_BACKLOG_PER_THREAD = 4
@@ -113,28 +108,26 @@ def tune_allocator() -> None:
 
 class Worker:
     def __init__(self, worker_id: int, settings: Settings, channel: Channel) -> None:
-        assert settings.output is not None
         self.id = worker_id
         self.settings = settings
-        self.layout = RunLayout(settings.output)
+        self.layout = RunLayout(settings.paths.run_folder("fetch"))
         self.channel = channel
-        self.retry = RetryPolicy(settings.max_retries, settings.retry_delay,
-                                 settings.retry_delay_max)
+        self.retry = RetryPolicy.from_settings(settings.politeness)
         self.slots: dict[str, ServerSlot] = {}
-        self.book = NewsBook(settings.breaker_failures)
-        self.robots = RobotsRules(self.layout, settings.respect_robots, worker_id)
+        self.book = NewsBook(settings.politeness.breaker_failures)
+        self.robots = RobotsRules(self.layout, settings.politeness.respect_robots, worker_id)
         self.tasks: dict[tuple[str, int], asyncio.Task] = {}
         self.rows_in_flight = 0  # rows of the batches in `tasks`
         self.writers: dict[tuple[str, int], BatchWriter] = {}  # until their last report
-        self.budget = BufferBudget(BUFFER_BUDGET)
+        self.budget = BufferBudget(settings.store.max_output_memory)
         # One thread more than the worker's cores: Pillow releases the GIL while it decodes, so
         # the spare one keeps the cores busy, and a worker left alone with the last batch
         # uses the cores its idle neighbours freed.
-        self.decode_threads = settings.cpu_per_worker + 1
+        self.decode_threads = settings.cluster.cpu_per_worker + 1
         self.backlog_limit = self.decode_threads * DECODE_BACKLOG_PER_THREAD
         self.decoding = 0  # bodies handed to the decode threads, not yet back
         # Decoded pixels dwarf the bodies: each image reserves its cost, read from its header.
-        self.pixels = DecodeBudget(settings.max_decode_memory)
+        self.pixels = DecodeBudget(settings.images.max_decode_memory)
         self._decode_room = asyncio.Event()
         self.handoff = ResultHandoff()  # decoded images back to the loop, many per wake-up
         self.asking = False  # a WantWork is unanswered, or the scheduler holds us as hungry
@@ -148,7 +141,8 @@ class Worker:
         """Work until told to stop; True when stopped early (a signal, the scheduler gone)."""
         loop = asyncio.get_running_loop()
         self._catch_stop_signals(loop)
-        self.client = HttpClient(self.settings, BodyBudget(BODY_BUDGET))
+        network = self.settings.network
+        self.client = HttpClient(network, BodyBudget(network.max_body_memory))
         self.pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
         self.channel.listen(loop, self.deliver, self.interrupt)
         ticker = asyncio.create_task(self._tick_forever())
@@ -233,8 +227,8 @@ class Worker:
             return False
         if not self.tasks:
             return True
-        return self.decoding < self.decode_threads and len(self.tasks) < MAX_BATCHES and \
-            self.rows_in_flight < MAX_ROWS_IN_FLIGHT
+        return self.decoding < self.decode_threads and self.rows_in_flight < MAX_ROWS_IN_FLIGHT \
+            and len(self.tasks) < self.settings.cluster.batches_per_worker
 
     async def _wait_for_decode_room(self) -> None:
         while self.decoding >= self.backlog_limit:
@@ -256,8 +250,8 @@ class Worker:
 
     def _slot(self, server: str) -> ServerSlot:
         if server not in self.slots:
-            self.slots[server] = ServerSlot(server, self.settings.default_rate_limit,
-                                            self.settings.max_connections_per_server)
+            self.slots[server] = ServerSlot(server, self.settings.politeness.default_rate_limit,
+                                            self.settings.politeness.max_connections_per_server)
         return self.slots[server]
 
     # --- a batch: request filters -> fetch with retry -> response checks -> sink -------------
@@ -294,8 +288,9 @@ class Worker:
         """The batch's sink. Chunk names say which worker wrote them:
         successes-w{worker}.{random}-{seq}.parquet"""
         files = self.layout.batch_files(batch.server_name, batch.partition_id)
-        writer = BatchWriter(files, self.settings.keep_columns, self.budget,
-                             f"w{self.id}.{secrets.token_hex(3)}", self.settings.output_format)
+        writer = BatchWriter(files, self.settings.prep.keep_columns, self.budget,
+                             f"w{self.id}.{secrets.token_hex(3)}",
+                             self.settings.store.output_format)
         self.writers[batch.key] = writer
         return writer
 
@@ -308,7 +303,7 @@ class Worker:
         done = committed_uuids(files)
         earlier = chunk_row_counts(files)
         rows = rows_not_done(self.layout, batch, done)
-        left = await reuse_earlier(rows, writer, self.settings.previous_mode == "copy",
+        left = await reuse_earlier(rows, writer, self.settings.prep.previous_mode == "copy",
                                    self.pool)
         self._count(batch.server_name, left)
         if robots:
@@ -330,7 +325,7 @@ class Worker:
         frontier = Frontier.of(rows)
         slot = self._slot(server)
         permitted = self.robots.permitted(slot.name)
-        consumers = min(len(rows), self.settings.max_connections_per_server)
+        consumers = min(len(rows), self.settings.politeness.max_connections_per_server)
         await asyncio.gather(*(self._consume(frontier, slot, writer, permitted)
                                for _ in range(consumers)))
 
@@ -440,8 +435,8 @@ class Worker:
     def _opted_out(self, item: Pending, body: Body, server: str, writer: BatchWriter) -> bool:
         """The opt-out check: an opted-out image is an error, reported at once (the scheduler
         decides whether the whole server opted out). True when the row is written."""
-        tag = opted_out(body.headers, self.settings.opt_out_directives)
-        if tag is not None and not self.settings.ignore_opt_out:
+        tag = opted_out(body.headers, self.settings.politeness.opt_out_directives)
+        if tag is not None and not self.settings.politeness.ignore_opt_out:
             self.client.budget.release(body.reserved)
             self._write_error(writer, server, error_row(
                 item.row, ErrorCode.OPTED_OUT, f"X-Robots-Tag: {tag}", item.attempts,
@@ -473,15 +468,15 @@ class Worker:
         The header is read here, on the loop (tens of microseconds), so that waiting for room
         costs no decode thread."""
         settings = self.settings
-        opened = open_image(body, settings.image_size, settings.output_image_format,
-                            settings.max_image_pixels)
+        opened = open_image(body, settings.images.image_size, settings.images.output_image_format,
+                            settings.images.max_image_pixels)
         if isinstance(opened, Failure):
             return opened
         reservation = self.pixels.reserve(opened.cost)
         try:
             await reservation.granted.wait()
             return await self.handoff.run(self.pool, finish_image, opened,
-                                          settings.image_quality)
+                                          settings.images.image_quality)
         finally:
             self.pixels.release(reservation)
 

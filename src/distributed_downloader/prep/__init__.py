@@ -193,12 +193,12 @@ def _cleaned(job: ChunkJob, cleaner: ChunkCleaner) -> Callable[[], CleanChunk]:
 def _clean_chunks(source: Source, settings: Settings, several: bool,
                   pool: ThreadPoolExecutor) -> Iterator[CleanChunk]:
     """One source's chunks, parsed and checked on the pool, in input order."""
-    assert settings.input is not None
+    assert settings.paths.input is not None
     reader = source.make_reader()
     roles = resolve_roles(reader.columns, source, settings)
-    prefix = _row_key_prefix(source, settings.input, several)
-    cleaner = ChunkCleaner(roles, source, prefix, settings.keep_columns,
-                           settings.strict_image_format)
+    prefix = _row_key_prefix(source, settings.paths.input, several)
+    cleaner = ChunkCleaner(roles, source, prefix, settings.prep.keep_columns,
+                           settings.prep.strict_image_format)
     readable = [name for name in roles.wanted if name in reader.columns]
     tasks = (_cleaned(job, cleaner) for job in reader.jobs(readable))
     return _in_order(pool, tasks, CHUNKS_IN_FLIGHT)
@@ -215,7 +215,7 @@ def _read_sources(
     progress: ProgressCallback | None,
 ) -> None:
     """Stream every source into the staging files, committing chunks on a thread of their own."""
-    schema = staging_schema(settings.keep_columns)
+    schema = staging_schema(settings.prep.keep_columns)
     writes: deque[Future] = deque()
 
     def commit(chunk: CleanChunk, first_row_index: int) -> None:
@@ -248,7 +248,7 @@ def _stage_input(sources: list[Source], settings: Settings, work: Path,
     `work/dropped.parquet`; returns the counts and the servers in order of appearance."""
     tally = Tally()
     servers = ServerNumbers()
-    staging = _StagingWriter(staging_paths(work), staging_schema(settings.keep_columns))
+    staging = _StagingWriter(staging_paths(work), staging_schema(settings.prep.keep_columns))
     rejected = _RejectedWriter(work / "rejected.parquet")
     dropped = pq.ParquetWriter(work / "dropped.parquet", DROPPED, compression=PARQUET_COMPRESSION)
     try:
@@ -258,7 +258,7 @@ def _stage_input(sources: list[Source], settings: Settings, work: Path,
         rejected.close()
         dropped.close()
     if tally.rows_read == 0:
-        raise InputError(f"{settings.input}: no data rows (only a header, or empty)")
+        raise InputError(f"{settings.paths.input}: no data rows (only a header, or empty)")
     return tally, servers
 
 
@@ -311,10 +311,10 @@ def _publish_outputs(work: Path, layout: RunLayout) -> None:
 def _summary(settings: Settings, sources: list[Source], warnings: list[str], tally: Tally,
              result: PartitionResult, previous: list[RunLayout],
              started: float) -> dict[str, Any]:
-    assert settings.input is not None
+    assert settings.paths.input is not None
     return {
-        "input": str(settings.input.resolve()),
-        "input_fingerprint": input_fingerprint(settings.input),
+        "input": str(settings.paths.input.resolve()),
+        "input_fingerprint": input_fingerprint(settings.paths.input),
         "formats": sorted({source.format for source in sources}),
         "rows_read": tally.rows_read,
         "rows_kept": tally.rows_kept,
@@ -324,7 +324,7 @@ def _summary(settings: Settings, sources: list[Source], warnings: list[str], tal
         "download_rows": result.download_rows,
         "servers": len(result.servers),
         "batches": result.batches,
-        "batch_size": settings.batch_size,
+        "batch_size": settings.prep.batch_size,
         "previous": [str(earlier.root) for earlier in previous],
         "overlap": result.overlap,
         "reused_rows": sum(server.reused_rows for server in result.servers),
@@ -339,22 +339,23 @@ def _summary(settings: Settings, sources: list[Source], warnings: list[str], tal
 def run_prep(
     settings: Settings, force: bool = False, progress: ProgressCallback | None = None
 ) -> dict[str, Any]:
-    """Prepare `settings.input` into `settings.output/prep/`; returns the summary written."""
-    if settings.input is None or settings.output is None:
+    """Prepare `settings.paths.input` into `settings.paths.output/prep/`; returns the summary
+    written."""
+    if settings.paths.input is None or settings.paths.output is None:
         raise UserError("prep needs an INPUT and an --output folder")
     started = time.monotonic()
-    layout = RunLayout(settings.output)
+    layout = RunLayout(settings.paths.output)
     layout.check_writable()
     _make_room(layout, force)
-    sources, warnings = discover(settings.input, settings.input_format)
-    previous = check_previous(settings.previous, settings.output)
+    sources, warnings = discover(settings.paths.input, settings.prep.input_format)
+    previous = check_previous(settings.prep.previous, settings.paths.output)
     work = _fresh_work_folder(layout)
     save_settings(settings)
 
     tally, servers = _stage_input(sources, settings, work, progress)
     if progress:
         progress(PrepProgress("", tally.rows_read, tally.rows_kept, "batching"))
-    result = build_batches(staging_paths(work), work, settings, settings.keep_columns,
+    result = build_batches(staging_paths(work), work, settings, settings.prep.keep_columns,
                            servers.names, previous)
     _publish_outputs(work, layout)
     summary = _summary(settings, sources, warnings, tally, result, previous, started)

@@ -234,7 +234,7 @@ class BatchCutter:
 
 def _connect(work: Path, settings: Settings) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect(str(work / "prep.duckdb"))
-    con.execute(f"SET memory_limit = '{settings.memory_limit}'")
+    con.execute(f"SET memory_limit = '{settings.prep.memory_limit}'")
     con.execute(f"SET temp_directory = '{work / 'spill'}'")
     con.execute("SET preserve_insertion_order = false")
     return con
@@ -386,16 +386,16 @@ def build_batches(
     (source id, URL) pair a row is, which row carries the URL): DuckDB finds those URLs with
     one hash aggregation and numbers their rows alone. Every other row downloads its URL
     under the UUID of its pair, computed in the query that sorts the rows by server."""
-    uuids = _uuid_sql(settings.uuid != "random")
+    uuids = _uuid_sql(settings.prep.uuid != "random")
     con = _connect(work, settings)
     try:
         files = ", ".join(sql_path(path) for path in staging)
         con.execute(f"CREATE VIEW prepared AS SELECT * FROM read_parquet([{files}])")
-        _number_repeats(con, staging, uuids, settings.keep_duplicates)
+        _number_repeats(con, staging, uuids, settings.prep.keep_duplicates)
         duplicates = _write_duplicates(con, work / "duplicates.parquet", keep_columns)
         overlap = _compare_with_previous(con, work, previous) if previous else None
         (work / "batches").mkdir()
-        cutter = BatchCutter(work / "batches", settings.batch_size,
+        cutter = BatchCutter(work / "batches", settings.prep.batch_size,
                              batch_schema(keep_columns, reuse=bool(previous)), server_names)
         servers = _cut_batches(con, cutter, staging, uuids, keep_columns,
                                reuse=bool(previous))

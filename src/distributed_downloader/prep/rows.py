@@ -72,8 +72,8 @@ class ColumnRoles:
 def resolve_roles(columns: list[str], source: Source, settings: Settings) -> ColumnRoles:
     label = source.label
     columns = [*columns, *(name for name in source.defaults if name not in columns)]
-    if settings.url_column:
-        url = _require_column(columns, settings.url_column, label, "--url-column")
+    if settings.prep.url_column:
+        url = _require_column(columns, settings.prep.url_column, label, "--url-column")
     else:
         url = _find_column(columns, URL_COLUMN_CANDIDATES)
         if url is None:
@@ -81,8 +81,8 @@ def resolve_roles(columns: list[str], source: Source, settings: Settings) -> Col
                 f"{label}: no URL column (looked for {', '.join(URL_COLUMN_CANDIDATES)}); "
                 f"name it with --url-column. Its columns: {', '.join(columns)}"
             )
-    if settings.id_column:
-        source_id = _require_column(columns, settings.id_column, label, "--id-column")
+    if settings.prep.id_column:
+        source_id = _require_column(columns, settings.prep.id_column, label, "--id-column")
     else:
         source_id = source.id_column or _find_column(columns, ID_COLUMN_CANDIDATES)
     gbif_filter = source.format in GBIF_FORMATS
@@ -97,7 +97,7 @@ def resolve_roles(columns: list[str], source: Source, settings: Settings) -> Col
                 "use --format tsv to read it without the GBIF filter"
             )
     keep = []
-    for name in settings.keep_columns:
+    for name in settings.prep.keep_columns:
         if name in BATCH.names:
             raise InputError(f"--keep-columns: '{name}' is already an output column")
         keep.append(_require_column(columns, name, label, "--keep-columns"))
