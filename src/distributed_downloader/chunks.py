@@ -25,7 +25,7 @@ from distributed_downloader.storage import (
     RunLayout,
     chunk_images,
     committing,
-    fsync_dir,
+    fsync_path,
     space_errors,
     temporary_name,
 )
@@ -111,8 +111,8 @@ def _move_aside(path: Path, layout: RunLayout, reason: str, quiet: bool = False)
     with space_errors(target.parent, 0):
         target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(path, target)  # same file system (both under OUT): a rename, nothing copied
-    fsync_dir(path.parent)
-    fsync_dir(target.parent)
+    fsync_path(path.parent)
+    fsync_path(target.parent)
     if not quiet:
         log.warning("%s: %s; moved to %s", path, reason, target)
     return SetAside(path, target, reason)

@@ -41,7 +41,7 @@ from distributed_downloader.storage import (
     chunk_files,
     chunk_images,
     committing,
-    fsync_dir,
+    fsync_path,
     images_chunk,
     space_errors,
     temporary_name,
@@ -214,14 +214,14 @@ class FilesSink:
                         pending.append((temporary_name(final), final))
                         pending[-1][0].write_bytes(image)
                 with ThreadPoolExecutor(FSYNC_THREADS) as pool:
-                    list(pool.map(_fsync_file, [tmp for tmp, _ in pending]))
+                    list(pool.map(fsync_path, [tmp for tmp, _ in pending]))
         except BaseException:
             for tmp, _ in pending:
                 tmp.unlink(missing_ok=True)
             raise
         for tmp, final in pending:
             os.replace(tmp, final)
-        fsync_dir(folder)
+        fsync_path(folder)
 
     def read(self, chunk: Path, rows: list[dict[str, Any]]) -> Images:
         folder, images = chunk.parent / IMAGES_FOLDER, {}
@@ -245,14 +245,6 @@ EXPORT_SINKS: dict[str, ImageFileSink | FilesSink] = {
 def sink_for(output_format: str) -> Sink:
     """The sink of an output format, chosen once, when a batch's writer is built."""
     return SINKS[output_format]
-
-
-def _fsync_file(path: Path) -> None:
-    handle = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
 
 
 def _commit_file(final: Path, size: int, write: Callable[[Path], None]) -> None:

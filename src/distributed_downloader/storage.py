@@ -299,7 +299,8 @@ def sample_urls(layout: RunLayout, server_name: str, count: int,
     return urls
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a folder's entries (after a rename into it), to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -357,7 +358,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -389,4 +390,4 @@ def publish(source: Path, destination: Path) -> None:
         shutil.rmtree(trash)
     else:
         os.replace(source, destination)
-    fsync_dir(destination.parent)
+    fsync_path(destination.parent)

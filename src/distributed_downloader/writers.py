@@ -42,7 +42,7 @@ from distributed_downloader.storage import (
     BatchFiles,
     RunLayout,
     atomic_write_json,
-    fsync_dir,
+    fsync_path,
     space_errors,
 )
 
@@ -101,7 +101,7 @@ def resolve_duplicates(batch: BatchFiles) -> int:
                 rewrite_chunk(path, pa.array(keep))
             else:
                 write_chunk(pq.read_table(path).filter(pa.array(keep)), path)
-            fsync_dir(path.parent)
+            fsync_path(path.parent)
             log.warning("%s: %s", path, reason)
     return dropped
 
@@ -138,13 +138,13 @@ def reopen_for_retry(batch: BatchFiles) -> int:
     if not reopened:
         return 0
     batch.marker.unlink(missing_ok=True)
-    fsync_dir(batch.successes)
+    fsync_path(batch.successes)
     for path, kept in plans:
         if kept.num_rows:
             write_chunk(kept, path)
         else:
             path.unlink()
-    fsync_dir(batch.errors)
+    fsync_path(batch.errors)
     return reopened
 
 
@@ -265,14 +265,14 @@ class BatchWriter:
             self.sink.commit(self.batch.successes / (SUCCESS_PREFIX + name),
                              self._successes.table(without="image"),
                              self._successes.columns["image"])
-            fsync_dir(self.batch.successes)
+            fsync_path(self.batch.successes)
             self.written_successes += self._successes.rows
             self.budget.used -= self.buffered_bytes
             self._successes.clear()
             self.buffered_bytes = 0
         if self._errors.rows:
             write_chunk(self._errors.table(), self.batch.errors / (ERROR_PREFIX + name))
-            fsync_dir(self.batch.errors)
+            fsync_path(self.batch.errors)
             self.written_errors += self._errors.rows
             self._errors.clear()
         self._oldest = None

@@ -34,7 +34,7 @@ from distributed_downloader.storage import (
     RunLayout,
     atomic_write_json,
     batch_folder,
-    fsync_dir,
+    fsync_path,
     sql_path,
     upgrade_layout,
 )
@@ -99,7 +99,7 @@ def run_batch(name: str, root: str, server_name: str, partition_id: int,
                             scratch, options)
     atomic_write_json(scratch / TOOL_DONE, {**counts, "finished_at": time.time()})
     os.rename(scratch, final)
-    fsync_dir(final.parent)
+    fsync_path(final.parent)
     return counts
 
 
