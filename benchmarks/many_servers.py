@@ -23,19 +23,11 @@ import sys
 import time
 from pathlib import Path
 
+from distributed_downloader.testing.netns import in_loopback_namespace
+
 WORK = Path(__file__).parent / "work"
 SIZES = [(640, 480), (800, 600), (1024, 768)]
 PHOTOS = 24
-
-
-def in_loopback_namespace() -> None:
-    """Re-run this script in a network namespace with only `lo` (root only)."""
-    if os.environ.get("BENCH_NETNS") or os.geteuid() != 0 or not shutil.which("unshare"):
-        return
-    command = " ".join([sys.executable, *map(lambda a: f"'{a}'", sys.argv)])
-    env = {**os.environ, "BENCH_NETNS": "1"}
-    sys.exit(subprocess.call(["unshare", "-n", "sh", "-c", f"ip link set lo up && {command}"],
-                             env=env))
 
 
 def photos() -> list[bytes]:

@@ -37,20 +37,12 @@ from pathlib import Path
 
 from decode_paths import CAMERA_MIX, best_per_core, camera_photos, paths
 
+from distributed_downloader.testing.netns import in_loopback_namespace
+
 WORK = Path(__file__).parent / "work"
 LIGHT_SIZES = [(800, 600), (1024, 768), (1280, 960)]
 MIXES = {"camera": (4, 6000), "light": (10, 4000)}  # servers, default images
 I2D_VENV = WORK / "img2dataset-venv"
-
-
-def in_loopback_namespace() -> None:
-    """Re-run this script in a network namespace with only `lo` (root only)."""
-    if os.environ.get("BENCH_NETNS") or os.geteuid() != 0 or not shutil.which("unshare"):
-        return
-    command = " ".join([sys.executable, *map(lambda a: f"'{a}'", sys.argv)])
-    env = {**os.environ, "BENCH_NETNS": "1"}
-    sys.exit(subprocess.call(["unshare", "-n", "sh", "-c", f"ip link set lo up && {command}"],
-                             env=env))
 
 
 def light_photos(count: int = 12) -> list[bytes]:
