@@ -235,7 +235,6 @@ class FilesSink:
 Sink = ParquetSink | WebDatasetSink | HDF5Sink | FilesSink
 SINKS: dict[str, Sink] = {sink.output_format: sink for sink in (
     ParquetSink(), WebDatasetSink(), FilesSink(), HDF5Sink())}
-OUTPUT_FORMATS = tuple(SINKS)
 # A batch's images in one file (or folder) per batch, as `export` writes them.
 EXPORT_NAMES = {"webdataset": "images.tar", "files": IMAGES_FOLDER, "hdf5": "images.h5"}
 EXPORT_SINKS: dict[str, ImageFileSink | FilesSink] = {

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-PARTITION_KEYS = ("server_name", "partition_id")
 
 # One row to download: what prep hands to fetch, and the provenance fetch carries into its output.
 BATCH = pa.schema(

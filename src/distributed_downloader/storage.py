@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -367,18 +366,6 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
-def write_parquet(table: pa.Table, path: Path) -> None:
-    """Write a whole table atomically."""
-    with space_errors(path.parent, table.nbytes):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(path)
-    with committing(tmp, table.nbytes):
-        pq.write_table(table, tmp, compression=PARQUET_COMPRESSION)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
 
 
 def publish(source: Path, destination: Path) -> None:

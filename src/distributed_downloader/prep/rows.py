@@ -21,7 +21,6 @@ from distributed_downloader.prep.urls import NormalisedUrls, normalise_urls
 from distributed_downloader.schema import BATCH, DROPPED
 
 ID_COLUMN_CANDIDATES = ("gbifID", "source_id", "id")
-METADATA_COLUMNS = ("license", "source", "title")
 GBIF_FORMATS = ("gbif", "dwca")
 STILL_IMAGE = r"(?i)^\s*(.*/)?stillimage\s*$"  # "StillImage" or the DCMI type URI
 IMAGE_MIME_TYPE = r"(?i)^\s*image/"

@@ -34,8 +34,6 @@ MULTIMEDIA_ROW_TYPES = (
     "http://rs.gbif.org/terms/1.0/Image",
 )
 DWCA_ID_COLUMN = "coreid"  # the name we give a DwC-A table's id/coreid column
-TEXT_SUFFIXES = (".txt", ".tsv", ".tab", ".csv")
-PARQUET_SUFFIXES = (".parquet", ".pq")
 
 
 @dataclass
