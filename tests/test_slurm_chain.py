@@ -140,6 +140,29 @@ def test_periods_that_send_requests_but_never_commit_a_row_stall_after_three(
     assert slurm.read_chain(slurm.RunLayout(settings.paths.output)).state == "stalled"
 
 
+def test_periods_stopped_by_the_limit_before_a_request_go_on_then_stall_saying_why(
+        prepared: Settings) -> None:
+    """Slurm sends the time-limit signal up to a minute early: a short period may be stopped
+    before its first request. That is not a broken setup, so the chain goes on, until
+    stall_periods such periods in a row say the periods are too short."""
+    settings = prepared.model_copy(update={"num_downloads": 10})
+    layout = slurm.RunLayout(settings.paths.output)
+    job = slurm.submit_chain(settings).downloads[0].id
+    decisions = []
+    for _ in range(settings.cluster.stall_periods + 2):
+        fetch, reason = slurm.start_period(settings, job)
+        decisions.append(fetch)
+        if not fetch:
+            break
+        (slurm.slurm_folder(layout) / "logs" / f"signalled-{job}").touch()  # the job's trap
+        fetch_ended(settings, requests=0)
+        job = next_period(settings)
+    assert decisions == [True] * settings.cluster.stall_periods + [False]
+    assert "periods 1-3 committed no row in 3 periods in a row and sent no request" in reason
+    assert "stopped by Slurm's time-limit signal" in reason
+    assert all(job.signalled for job in slurm.read_chain(layout).downloads[:3])
+
+
 def test_a_committed_row_resets_the_count_of_idle_periods(
         prepared: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     settings = prepared.model_copy(update={"num_downloads": 10})
@@ -220,6 +243,8 @@ def test_job_scripts_stop_before_the_limit_and_keep_the_cores(prepared: Settings
                  "ranks=$(( SLURM_JOB_NUM_NODES * 3 + 1 ))", "--cpu-bind=none"):
         assert line in download
     assert f"if [ $decision = {slurm.STOP_CHAIN} ]; then exit 0; fi" in download
+    # The signal is caught from the first line on: it may come before the fetch starts.
+    assert download.index("trap 'stopping=1") < download.index("slurm period")
     mpirun = slurm.job_scripts(settings.model_copy(update={"launcher": "mpirun"}),
                                slurm.RunLayout(settings.paths.output))["download"]
     assert "mpirun --oversubscribe --bind-to none -n $ranks" in mpirun

@@ -83,6 +83,9 @@ class ChainJob:
     requests: int | None = None  # sent to servers by its fetch; 0 when no summary says so
     waiting: list[str] = field(default_factory=list)  # what its fetch waited on at its end
     out_of_space: str = ""  # its fetch stopped on a full disk: the line it printed
+    # Slurm's time-limit signal reached it. Slurm sends it up to a minute early (it checks
+    # limits every 30 s), so a short period may be stopped before its first request.
+    signalled: bool = False
 
 
 @dataclass
@@ -184,16 +187,21 @@ def job_scripts(settings: Settings, layout: RunLayout) -> dict[str, str]:
         f"--signal=B:USR1@{settings.cluster.stop_margin}"]) + [
         'if [ "$(id -u)" = 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 '
         "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi",
+        "# Slurm's warning before the time limit (up to a minute early): note it for the next",
+        "# period (this one was stopped, not broken) and pass it on: the ranks flush and exit.",
+        "stopping=0",
+        f"signalled={shlex.quote(str(_signal_marker(layout, 'JOB').parent))}"
+        "/signalled-$SLURM_JOB_ID",
+        "trap 'stopping=1; : > \"$signalled\"; "
+        "[ -n \"${launched:-}\" ] && kill -USR1 $launched 2>/dev/null' USR1",
         "# Queue the next period behind this one, or end the chain when nothing is left.",
         f"{_command('slurm', 'period', out)}",
         f"decision=$?; if [ $decision = {STOP_CHAIN} ]; then exit 0; fi",
         "if [ $decision != 0 ]; then exit $decision; fi  # a real error: see above",
+        "if [ $stopping = 1 ]; then exit 0; fi  # signalled already: the next period fetches",
         f"ranks=$(( SLURM_JOB_NUM_NODES * {settings.cluster.workers_per_node} + 1 ))",
         f"{_launcher(settings)} {_command('fetch', out, '--executor', 'mpi', *fetch_flags)} &",
         "launched=$!",
-        "# Slurm's warning before the time limit: pass it on, the ranks flush and exit.",
-        "stopping=0",
-        "trap 'stopping=1; kill -USR1 $launched 2>/dev/null' USR1",
         "while true; do",
         "    wait $launched; status=$?",
         "    kill -0 $launched 2>/dev/null || break",
@@ -370,21 +378,32 @@ def _judge(layout: RunLayout, job: ChainJob, done: int) -> None:
         job.requests = 0
     job.waiting = _waited_on(summary)
     job.out_of_space = str(summary.get("out_of_space") or "")
+    job.signalled = _signal_marker(layout, job.id).exists()
+
+
+def _signal_marker(layout: RunLayout, job_id: str) -> Path:
+    """Written by a period's job script when Slurm's time-limit signal reaches it."""
+    return slurm_folder(layout) / "logs" / f"signalled-{job_id}"
 
 
 def _stall_reason(started: list[ChainJob], stall_periods: int) -> str:
     """Why the chain stalls after the judged periods `started`, or "" when it goes on."""
     last = started[-1]
-    if last.rows_committed == 0 and not last.requests:
+    if last.rows_committed == 0 and not last.requests and not last.signalled:
         return (f"period {last.period} made no progress: it committed no row and sent no "
                 f"request{_waiting_text(last)}; see its log")
     idle = list(itertools.takewhile(lambda job: job.rows_committed == 0, reversed(started)))
-    if len(idle) >= stall_periods:
-        requests = sum(job.requests or 0 for job in idle)
-        return (f"periods {idle[-1].period}-{last.period} committed no row in {len(idle)} "
-                f"periods in a row though they sent {requests:,} requests"
-                f"{_waiting_text(last)}; see their logs")
-    return ""
+    if len(idle) < stall_periods:
+        return ""
+    requests = sum(job.requests or 0 for job in idle)
+    if requests:
+        why = f"though they sent {requests:,} requests{_waiting_text(last)}"
+    else:  # each stopped by the time-limit signal before its first request
+        why = ("and sent no request: each was stopped by Slurm's time-limit signal first "
+               "(Slurm may send it up to a minute before time_limit - stop_margin: "
+               "give each period more time)")
+    return (f"periods {idle[-1].period}-{last.period} committed no row in {len(idle)} "
+            f"periods in a row {why}; see their logs")
 
 
 def _start_period(layout: RunLayout, settings: Settings, job_id: str,
