@@ -4,8 +4,9 @@
 `--profile`) → the first download period, each depending on the one before. Every download period,
 as it starts, queues its successor behind itself (`afterany`), so a period killed at its time limit
 still has one; a period that finds nothing left to do, or that follows a period which made no
-progress (no row committed and no request sent, or `stall_periods` periods in a row without a
-committed row), or one whose fetch stopped on a full disk, ends the chain instead of fetching.
+progress (no row committed and no request sent, though not stopped by the time-limit signal, or
+`stall_periods` periods in a row without a committed row), or one whose fetch stopped on a full
+disk, ends the chain instead of fetching.
 Slurm signals each period `stop_margin` seconds before its limit; the ranks flush their chunks and
 exit, and the next period resumes from them.
 
