@@ -131,10 +131,19 @@ def readable_chunks(batch: BatchFiles) -> dict[Path, list[str]]:
     return chunks
 
 
-def committed_uuids(batch: BatchFiles) -> set[str]:
-    """UUIDs that already have their final row in this batch; an unreadable chunk is set aside
-    on the way (its rows are fetched again)."""
-    return {uuid for uuids in readable_chunks(batch).values() for uuid in uuids}
+def committed_rows(batch: BatchFiles) -> tuple[set[str], tuple[int, int]]:
+    """UUIDs that already have their final row in this batch, and the (successes, errors) rows
+    committed, from one read of each chunk; an unreadable chunk is set aside on the way (its
+    rows are fetched again)."""
+    done: set[str] = set()
+    successes = errors = 0
+    for path, uuids in readable_chunks(batch).items():
+        done.update(uuids)
+        if path.parent == batch.successes:
+            successes += len(uuids)
+        else:
+            errors += len(uuids)
+    return done, (successes, errors)
 
 
 def chunk_row_counts(batch: BatchFiles) -> tuple[int, int]:

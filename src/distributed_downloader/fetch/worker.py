@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 
-from distributed_downloader.chunks import chunk_row_counts, committed_uuids
+from distributed_downloader.chunks import committed_rows
 from distributed_downloader.config import Settings
 from distributed_downloader.errors import ErrorCode, Failure, OutOfSpace
 from distributed_downloader.stop_signals import STOP_SIGNALS, stop_signalled
@@ -300,8 +300,7 @@ class Worker:
         Also returns the (successes, errors) committed by an earlier run: not this one's."""
         files = self.layout.batch_files(batch.server_name, batch.partition_id)
         remove_stale_temporaries(files)
-        done = committed_uuids(files)
-        earlier = chunk_row_counts(files)
+        done, earlier = committed_rows(files)
         rows = rows_not_done(self.layout, batch, done)
         left = await reuse_earlier(rows, writer, self.settings.prep.previous_mode == "copy",
                                    self.pool)
