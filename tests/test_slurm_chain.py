@@ -8,7 +8,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import shutil
 import socket
 import threading
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, write_lines
+from conftest import copy_run, run_cli, write_lines
 from distributed_downloader.config import Settings
 from distributed_downloader.executors import slurm
 from distributed_downloader.runlock import RunLock, RunLocked, hold_run_lock
@@ -36,10 +35,7 @@ def prepared_once(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def prepared(prepared_once: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    out = tmp_path / "out"
-    shutil.copytree(prepared_once, out)
-    config = out / "config.yaml"
-    config.write_text(config.read_text().replace(str(prepared_once), str(out)))
+    out = copy_run(prepared_once, tmp_path / "out")
     ids = itertools.count(100)
     monkeypatch.setattr(slurm, "sbatch", lambda script, after=None: str(next(ids)))
     return Settings(output=out, num_downloads=3, time_limit="10", stop_margin=60)
