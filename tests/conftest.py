@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -81,6 +82,15 @@ def read_errors(out: Path) -> pa.Table:
     return duckdb.sql(
         f"SELECT * FROM read_parquet('{pattern}', hive_partitioning = true)"
     ).to_arrow_table()
+
+
+def copy_run(original: Path, copy: Path) -> Path:
+    """A copy of a run folder that is a run of its own (its config.yaml names the copy), so
+    that tests can share one expensive prep or download and each change its own copy."""
+    shutil.copytree(original, copy)
+    config = copy / "config.yaml"
+    config.write_text(config.read_text().replace(str(original), str(copy)))
+    return copy
 
 
 def write_lines(path: Path, lines: list[str]) -> Path:

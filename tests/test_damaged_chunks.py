@@ -18,6 +18,7 @@ import pytest
 
 from conftest import (
     FAST_FETCH,
+    copy_run,
     read_batches,
     read_errors,
     read_successes,
@@ -33,9 +34,10 @@ from distributed_downloader.storage import BatchFiles, RunLayout, chunk_images
 IMAGES_PER_SERVER = 20
 
 
-@pytest.fixture
-def downloaded(tmp_path: Path):
-    """A finished run of two servers (20 images and one 404 each, batches of 10)."""
+@pytest.fixture(scope="module")
+def downloaded_once(tmp_path_factory: pytest.TempPathFactory):
+    """A finished run of two servers (20 images and one 404 each, batches of 10), downloaded
+    once for the module; each story damages a server of its own in a copy of it."""
     with Farm([ServerSpec("127.0.0.2"), ServerSpec("127.0.0.3")]) as farm:
         urls = []
         for server in farm.servers:
@@ -43,10 +45,18 @@ def downloaded(tmp_path: Path):
                 server.images[f"{i}.jpg"] = make_small_image(i + 50 * len(urls))
                 urls.append(server.url(f"/img/{i}.jpg"))
             urls.append(server.url("/missing/1"))
-        out = tmp_path / "out"
-        run_cli("download", write_lines(tmp_path / "urls.txt", urls), "--output", out,
+        folder = tmp_path_factory.mktemp("damaged")
+        out = folder / "out"
+        run_cli("download", write_lines(folder / "urls.txt", urls), "--output", out,
                 "--batch-size", 10, "--no-profile", *FAST_FETCH, timeout=300)
         yield farm, out
+
+
+@pytest.fixture
+def downloaded(downloaded_once, tmp_path: Path):
+    """The module's finished run, copied: this test's damage stays its own."""
+    farm, original = downloaded_once
+    return farm, copy_run(original, tmp_path / "out")
 
 
 def unfinish(out: Path, server: str, partition: int) -> BatchFiles:

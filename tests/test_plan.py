@@ -17,14 +17,17 @@ def test_fair_shares_fill_the_small_claims_first() -> None:
     assert sum(fair_shares(9, [5, 5, 5])) == pytest.approx(9)
 
 
-@pytest.fixture
-def prepared(tmp_path: Path) -> Path:
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One prepared run for the module: `plan` only reads it (test_plan_changes_nothing_in_the_run
+    checks that)."""
     # 600 rows on a.example, 300 on b.example, 30 on c.example (no request is ever made).
     urls = [f"http://a.example/{i}.jpg" for i in range(600)] + \
         [f"http://b.example/{i}.jpg" for i in range(300)] + \
         [f"http://c.example/{i}.jpg" for i in range(30)]
-    out = tmp_path / "out"
-    run_cli("prep", write_lines(tmp_path / "u.txt", urls), "--output", out, "--batch-size", 100)
+    folder = tmp_path_factory.mktemp("plan")
+    out = folder / "out"
+    run_cli("prep", write_lines(folder / "u.txt", urls), "--output", out, "--batch-size", 100)
     return out
 
 

@@ -17,7 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST_FETCH, read_batches, read_errors, read_successes, run_cli, write_lines
+from conftest import (
+    FAST_FETCH,
+    copy_run,
+    read_batches,
+    read_errors,
+    read_successes,
+    run_cli,
+    write_lines,
+)
 from distributed_downloader.testing.farm import Farm, ServerSpec
 from distributed_downloader.runlock import Holder, RunLocked, hold_run_lock
 
@@ -25,7 +33,7 @@ HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
 LEASE = 60
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def slow_farm():
     """Four servers of 100 images each: at 10/s a server, a fetch lasts about 10 s."""
     with Farm([ServerSpec(host) for host in HOSTS]) as farm:
@@ -40,11 +48,22 @@ def fetch_command(out: Path, rate: float = 10) -> list[str]:
             "--default-rate-limit", str(rate), *map(str, FAST_FETCH)]
 
 
-def prepared(tmp_path: Path, urls: list[str]) -> tuple[Path, Path]:
-    source = write_lines(tmp_path / "urls.txt", urls)
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def prepared_once(slow_farm, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The slow farm's URLs prepared once for the module; each test fetches a copy."""
+    _, urls = slow_farm
+    folder = tmp_path_factory.mktemp("lock")
+    source = write_lines(folder / "urls.txt", urls)
+    out = folder / "out"
     run_cli("prep", source, "--output", out, "--batch-size", 25)
     return source, out
+
+
+@pytest.fixture
+def prepared(prepared_once: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
+    """(input, run folder): a fresh copy of the prepared run, not fetched yet."""
+    source, out = prepared_once
+    return source, copy_run(out, tmp_path / "out")
 
 
 def assert_every_uuid_once(out: Path) -> None:
@@ -95,9 +114,9 @@ def this_boot() -> str | None:
 
 
 def test_two_fetches_at_once_one_is_refused_and_the_other_completes(slow_farm,
-                                                                    tmp_path: Path) -> None:
+                                                                    prepared) -> None:
     _, urls = slow_farm
-    _, out = prepared(tmp_path, urls)
+    _, out = prepared
     first, second = (subprocess.Popen(fetch_command(out), stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True) for _ in range(2))
     stderr = {child.pid: child.communicate(timeout=300)[1] for child in (first, second)}
@@ -111,10 +130,8 @@ def test_two_fetches_at_once_one_is_refused_and_the_other_completes(slow_farm,
     assert not (out / "run.lock").exists()  # released on the way out
 
 
-def test_a_fetch_killed_hard_leaves_a_lock_the_next_fetch_takes_over(slow_farm,
-                                                                     tmp_path: Path) -> None:
-    _, urls = slow_farm
-    _, out = prepared(tmp_path, urls)
+def test_a_fetch_killed_hard_leaves_a_lock_the_next_fetch_takes_over(prepared) -> None:
+    _, out = prepared
     child = subprocess.Popen(fetch_command(out), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
     wait_until(lambda: committed(out) >= 2)
@@ -215,10 +232,8 @@ def test_contenders_for_one_lock_have_one_winner(tmp_path: Path, case: str) -> N
     assert not list(out.glob("*run.lock*"))
 
 
-def test_writers_are_refused_while_a_fetch_runs_and_readers_are_not(slow_farm,
-                                                                    tmp_path: Path) -> None:
-    _, urls = slow_farm
-    source, out = prepared(tmp_path, urls)
+def test_writers_are_refused_while_a_fetch_runs_and_readers_are_not(prepared) -> None:
+    source, out = prepared
     fetching = subprocess.Popen(fetch_command(out, rate=5), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
     try:

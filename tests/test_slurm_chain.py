@@ -15,19 +15,27 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, write_lines
+from conftest import copy_run, run_cli, write_lines
 from distributed_downloader.config import Settings
 from distributed_downloader.executors import slurm
 from distributed_downloader.runlock import RunLock, RunLocked, hold_run_lock
 
 
-@pytest.fixture
-def prepared(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    out = tmp_path / "out"
-    run_cli("prep", write_lines(tmp_path / "u.txt", [f"http://a.example/{i}" for i in range(30)]),
+@pytest.fixture(scope="module")
+def prepared_once(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One prepared run folder (a prep by the CLI takes seconds), copied afresh for each test."""
+    root = tmp_path_factory.mktemp("chain")
+    out = root / "out"
+    run_cli("prep", write_lines(root / "u.txt", [f"http://a.example/{i}" for i in range(30)]),
             "--output", out, "--batch-size", 10)
     (out / "profiles").mkdir()
     (out / "profiles" / "summary.json").write_text("{}")
+    return out
+
+
+@pytest.fixture
+def prepared(prepared_once: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    out = copy_run(prepared_once, tmp_path / "out")
     ids = itertools.count(100)
     monkeypatch.setattr(slurm, "sbatch", lambda script, after=None: str(next(ids)))
     return Settings(output=out, num_downloads=3, time_limit="10", stop_margin=60)
