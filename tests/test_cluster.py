@@ -121,7 +121,9 @@ def test_slurm_chain_of_one_minute_periods_finishes_the_download(tmp_path: Path)
     cluster_piece("mpirun")
     with Farm([ServerSpec("127.0.0.2", rate_limit=2)]) as farm:
         server = farm["127.0.0.2"]
-        urls = add_images(server, 360)  # 3 minutes at the server's 2 requests/s
+        # 100 s at the server's 2 requests/s: Slurm signals each 1-minute period 0-30 s in
+        # (it checks limits every 30 s), so the download takes several periods.
+        urls = add_images(server, 200)
         source = write_lines(tmp_path / "urls.txt", urls)
         out = tmp_path / "out"
         config = tmp_path / "hpc.yaml"
@@ -138,9 +140,9 @@ def test_slurm_chain_of_one_minute_periods_finishes_the_download(tmp_path: Path)
             run_cli("slurm", "cancel", out, check=False)
 
     assert status["state"] == "finished", status
-    assert status["rows_done"] == status["rows"] == 360
+    assert status["rows_done"] == status["rows"] == len(urls)
     successes = read_successes(out).to_pylist()
-    assert len(successes) == len({r["uuid"] for r in successes}) == 360
+    assert len(successes) == len({r["uuid"] for r in successes}) == len(urls)
     assert read_errors(out).num_rows == 0
     by_url = {url: hashlib.md5(server.images[url.rsplit("/", 1)[1]]).hexdigest() for url in urls}
     assert all(r["hashsum_original"] == by_url[r["identifier"]] for r in successes)
