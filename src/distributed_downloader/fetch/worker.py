@@ -388,14 +388,14 @@ class Worker:
                        permitted: Callable[[str], bool] | None) -> Body | Failure | None:
         """One attempt at a row's URL: its outcome, or None when it should be retried later."""
         try:
-            await slot.acquire()
+            reserved = await self._send_time(slot)
         except ServerDead:
             return GIVEN_UP
         item.attempts += 1
         started = time.monotonic()
         try:
             outcome = await self.client.get(item.row["identifier"], pace=slot.pace,
-                                            permitted=permitted)
+                                            permitted=permitted, reserved=reserved)
         except ServerDead:
             outcome = GIVEN_UP
         finally:
@@ -409,6 +409,26 @@ class Worker:
                             slot.name in self.book.answered):
             return None
         return outcome
+
+    async def _send_time(self, slot: ServerSlot) -> int:
+        """Wait for a connection of the server's share, its next send time and room for the
+        answer in the body budget; returns the bytes reserved for it. When room had to be
+        awaited, so is a new send time: a request never leaves long after its own, too close
+        to the next one's."""
+        await slot.acquire()
+        budget = self.client.budget
+        reserved = budget.try_admit()
+        if reserved is not None:
+            return reserved
+        reserved = 0
+        try:
+            reserved = await budget.admit()
+            await slot.pace()
+        except BaseException:
+            budget.release(reserved)
+            slot.release()
+            raise
+        return reserved
 
     # --- response checks and the sink ---------------------------------------------------------
 
