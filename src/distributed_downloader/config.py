@@ -289,8 +289,9 @@ class NetworkSettings(_Group):
         50_000_000, gt=0, description="Largest body in bytes; larger ones are not downloaded."
     )
     max_body_memory: int = Field(
-        48 << 20, gt=0, description="Bytes of downloaded bodies one worker holds at once "
-        "(being read, or waiting to be decoded); a body waits while it would go over."
+        48 << 20, gt=0, description="Bytes of response bodies one worker holds at once: "
+        "expected from its requests in flight (the mean body so far), being read, or waiting "
+        "to be decoded; a request is sent only while its answer fits."
     )
     max_redirects: int = Field(
         5, ge=0, description="Redirects followed per URL; more is a `too_many_redirects` error."
@@ -396,8 +397,10 @@ class StoreSettings(_Group):
         "the Parquet keeping every other column."
     )
     max_output_memory: int = Field(
-        48 << 20, gt=0, description="Bytes of image data one worker holds for chunks not yet "
-        "written, across its batches; over it, chunks are written early."
+        32 << 20, gt=0, description="Bytes of image data one worker holds for chunks not yet "
+        "written, across its batches; over it, the largest chunk is written early. Two "
+        "batches' chunks of 16 MiB each: a worker holds as much with many small batches as "
+        "with a few large ones."
     )
 
 

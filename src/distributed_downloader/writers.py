@@ -47,6 +47,8 @@ from distributed_downloader.storage import (
 )
 
 CHUNK_MAX_ROWS = 500
+# A chunk's images at most: writing it copies them into Arrow once more, so a worker holds
+# up to max_output_memory plus this while it writes.
 CHUNK_MAX_BYTES = 16 << 20
 CHUNK_MAX_AGE_SECONDS = 60.0
 

@@ -1,0 +1,64 @@
+"""The worker's body budget: requests are admitted only while their answers' bodies fit, and a
+body whose Content-Length is more than its request expected goes before any new request."""
+
+from __future__ import annotations
+
+import asyncio
+
+from distributed_downloader.fetch.client import BodyBudget, Claim
+
+KIB = 1 << 10
+
+
+def test_requests_in_flight_are_bounded_by_what_their_bodies_are_expected_to_take() -> None:
+    budget = BodyBudget(1024 * KIB)  # room for four requests of the first 256 KiB expected
+    admitted = [budget.try_admit() for _ in range(5)]
+    assert admitted[:4] == [256 * KIB] * 4 and admitted[4] is None
+    assert budget.used == 1024 * KIB
+
+
+def test_a_request_expects_the_mean_body_but_at_least_a_read_buffer() -> None:
+    async def scenario() -> None:
+        budget = BodyBudget(10 << 20)
+        for _ in range(200):  # 1 KiB thumbnails
+            claim = Claim(budget.try_admit() or 0)
+            await budget.settle(claim, KIB)
+            assert claim.amount == KIB
+            budget.release(claim.amount)
+        assert budget.used == 0
+        assert budget.try_admit() == BodyBudget.LEAST_EXPECTED
+
+    asyncio.run(scenario())
+
+
+def test_a_body_larger_than_expected_waits_for_room_before_new_requests() -> None:
+    async def scenario() -> None:
+        budget = BodyBudget(1024 * KIB)
+        held = Claim(await budget.admit())
+        await budget.settle(held, 600 * KIB)  # a body read, waiting to be decoded
+        big = Claim(await budget.admit())  # 256 KiB expected: fits
+        growing = asyncio.create_task(budget.settle(big, 700 * KIB))
+        await asyncio.sleep(0)
+        assert not growing.done() and big.amount == 0  # it gave back what it held, and waits
+        request = asyncio.create_task(budget.admit())
+        await asyncio.sleep(0)
+        assert not request.done()  # room now, but the waiting body goes first
+        budget.release(held.amount)
+        await growing
+        assert big.amount == 700 * KIB
+        expected = await request  # then the request, once the body had its room
+        assert budget.used == 700 * KIB + expected <= budget.limit
+
+    asyncio.run(scenario())
+
+
+def test_a_body_larger_than_the_whole_budget_goes_through_alone() -> None:
+    async def scenario() -> None:
+        budget = BodyBudget(100 * KIB)
+        claim = Claim()
+        await asyncio.wait_for(budget.settle(claim, 10 << 20), 1)
+        assert claim.amount == 10 << 20
+        budget.release(claim.amount)
+        assert budget.used == 0
+
+    asyncio.run(scenario())
