@@ -53,8 +53,9 @@ HEX_DIGEST = 40  # characters of a SHA-1 digest in hex
 # file holding whole servers: the rows to download are then sorted by server one file at a
 # time, a sort that mostly fits in memory where one sort of every row spills to disk.
 STAGING_FILES = 8
-# Batch columns that differ on every row: a dictionary would only add to their size and cost.
-UNIQUE_PER_ROW = ("uuid", "source_id", "identifier")
+# Batch columns that differ on (almost) every row: a dictionary would only add to their size
+# and cost (GBIF's titles name one specimen each).
+UNIQUE_PER_ROW = ("uuid", "source_id", "identifier", "title")
 
 
 def uuid_v5_sql(name_sql: str) -> tuple[str, str]:
@@ -288,13 +289,13 @@ def _number_repeats(con: duckdb.DuckDBPyConnection, staging: list[Path], uuids: 
     repeated_in_each = " UNION ALL ".join(
         f"SELECT hash FROM (SELECT hash(identifier) AS hash FROM read_parquet({sql_path(path)}))"
         " GROUP BY hash HAVING count(*) > 1" for path in staging)
-    con.execute(f"CREATE TABLE repeated_hashes AS {repeated_in_each}")
+    con.execute(f"CREATE TEMP TABLE repeated_hashes AS {repeated_in_each}")
     carrier = (
         "uuid" if keep_duplicates
         else "first_value(uuid) OVER (PARTITION BY identifier ORDER BY row_index)"
     )
     con.execute(f"""
-        CREATE TABLE repeats AS
+        CREATE TEMP TABLE repeats AS
         WITH candidates AS (
             SELECT *, count(*) OVER (PARTITION BY identifier) AS occurrences
             FROM prepared SEMI JOIN repeated_hashes ON hash(identifier) = hash),
