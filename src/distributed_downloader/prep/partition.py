@@ -419,6 +419,9 @@ def _cut_batches(con: duckdb.DuckDBPyConnection, cutter: BatchCutter, staging: l
         for rows in batches:
             cutter.add(rows)
         return cutter.finish()
+    except BaseException:
+        con.interrupt()  # a sort under way on the other thread ends now, not when it is done
+        raise
     finally:
         batches.close()  # the DuckDB connection is used by no other thread from here
         cutter.close()
