@@ -6,13 +6,16 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import duckdb
+import pytest
 
 from conftest import prep_summary, read_batches, read_parquet, run_cli
+from distributed_downloader.prep.partition import _read_ahead
 
 
 def write_url_list(path: Path, counts: dict[str, int]) -> list[str]:
@@ -108,3 +111,29 @@ def test_a_killed_prep_leaves_nothing_half_written(tmp_path: Path) -> None:
     assert Counter(rows.column("server_name").to_pylist())["127.0.0.2:9000"] == 8000
     assert not (out / "prep" / ".work").exists()
     assert finished_kills < 3, "prep finished before every kill; the test proved nothing"
+
+
+def test_sorted_rows_read_ahead_in_order_errors_raised_and_the_pull_stopped() -> None:
+    """The sorted batches are pulled on a thread of their own: the cutter still gets them in
+    order, an error of the pull is raised in the cutter's thread, and stopping early ends it."""
+    assert list(_read_ahead(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise ValueError("the sort ran out of disk")
+
+    with pytest.raises(ValueError, match="out of disk"):
+        list(_read_ahead(failing(), depth=2))
+
+    pulled = []
+
+    def endless():
+        while True:
+            pulled.append(len(pulled))
+            yield pulled[-1]
+
+    ahead = _read_ahead(endless(), depth=2)
+    assert [next(ahead) for _ in range(3)] == [0, 1, 2]
+    ahead.close()
+    assert not any(t.name == "prep-read-ahead" for t in threading.enumerate())
+    assert len(pulled) <= 3 + 2 + 1

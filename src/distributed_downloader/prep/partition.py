@@ -2,15 +2,19 @@
 
 DuckDB does the work that needs the whole input at once under a memory limit, spilling to disk
 beyond it: it finds the URLs that occur more than once (few) and numbers only their rows, and
-sorts the rows to download by server. The sorted rows then stream through Python, which formats
-their UUIDs from DuckDB's SHA-1 digests and cuts each server's rows into batches, written on
-a few threads.
+sorts the rows to download by server. The sorted rows then stream through Python: a thread pulls
+them and formats their UUIDs from DuckDB's SHA-1 digests, a couple of batches ahead of the one
+that cuts each server's rows into batches (written on a few threads), so DuckDB sorts the next
+staging file while the last one's batches are still being cut and written.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 import uuid
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,14 +51,18 @@ from distributed_downloader.storage import (
 UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://pypi.org/project/distributed-downloader/")
 BATCH_FILE_NAME = "part-0.parquet"
 ROWS_PER_FETCH = 20_000  # rows per Arrow batch from DuckDB: a small batch keeps memory down
+# Sorted batches fetched ahead of the cutter (a few MiB each): DuckDB sorts the next staging file
+# while the rows of the last one are still being cut and written.
+BATCHES_AHEAD = 2
 WRITE_THREADS = 2  # batch files compressed at once; the writes release the GIL
 HEX_DIGEST = 40  # characters of a SHA-1 digest in hex
 # The staged rows are kept in a few files by server (server number modulo their count), each
 # file holding whole servers: the rows to download are then sorted by server one file at a
 # time, a sort that mostly fits in memory where one sort of every row spills to disk.
 STAGING_FILES = 8
-# Batch columns that differ on every row: a dictionary would only add to their size and cost.
-UNIQUE_PER_ROW = ("uuid", "source_id", "identifier")
+# Batch columns that differ on (almost) every row: a dictionary would only add to their size
+# and cost (GBIF's titles name one specimen each).
+UNIQUE_PER_ROW = ("uuid", "source_id", "identifier", "title")
 
 
 def uuid_v5_sql(name_sql: str) -> tuple[str, str]:
@@ -288,13 +296,13 @@ def _number_repeats(con: duckdb.DuckDBPyConnection, staging: list[Path], uuids: 
     repeated_in_each = " UNION ALL ".join(
         f"SELECT hash FROM (SELECT hash(identifier) AS hash FROM read_parquet({sql_path(path)}))"
         " GROUP BY hash HAVING count(*) > 1" for path in staging)
-    con.execute(f"CREATE TABLE repeated_hashes AS {repeated_in_each}")
+    con.execute(f"CREATE TEMP TABLE repeated_hashes AS {repeated_in_each}")
     carrier = (
         "uuid" if keep_duplicates
         else "first_value(uuid) OVER (PARTITION BY identifier ORDER BY row_index)"
     )
     con.execute(f"""
-        CREATE TABLE repeats AS
+        CREATE TEMP TABLE repeats AS
         WITH candidates AS (
             SELECT *, count(*) OVER (PARTITION BY identifier) AS occurrences
             FROM prepared SEMI JOIN repeated_hashes ON hash(identifier) = hash),
@@ -331,32 +339,91 @@ def _compare_with_previous(con: duckdb.DuckDBPyConnection, work: Path,
     return overlap_totals(by_server)
 
 
-def _cut_batches(con: duckdb.DuckDBPyConnection, cutter: BatchCutter, staging: list[Path],
-                 uuids: _UuidSql, keep_columns: list[str], reuse: bool) -> list[ServerBatches]:
-    """Streams the rows to download, sorted by server one staging file at a time, into the
-    cutter. A row whose URL occurs once is the first of its pair (pair_repeat 0); a repeated
-    URL's row downloads it only if it carries it."""
+def _sorted_batches(con: duckdb.DuckDBPyConnection, staging: list[Path], uuids: _UuidSql,
+                    keep_columns: list[str], reuse: bool) -> Iterator[pa.RecordBatch]:
+    """The rows to download, sorted by server one staging file at a time, with their UUIDs. A
+    row whose URL occurs once is the first of its pair (pair_repeat 0); a repeated URL's row
+    downloads it only if it carries it."""
     payload = ", ".join(f'"{name}"' for name in [*BATCH.names[1:], *keep_columns])
     reused = "".join(f", {name}" for name in REUSE_NAMES) if reuse else ""
     joined = "LEFT JOIN previous_outcome USING (identifier)" if reuse else ""
-    con.execute("SET preserve_insertion_order = true")  # for the projection after the sort
+    for number, path in enumerate(staging):
+        download = con.sql(f"""
+            SELECT server_id, {uuids.after_sort}, {payload}{reused} FROM (
+                SELECT * FROM (
+                    SELECT server_id, row_index, {uuids.once}, {payload}
+                    FROM read_parquet({sql_path(path)}) ANTI JOIN repeats USING (row_index)
+                    UNION ALL
+                    SELECT server_id, row_index, {uuids.repeated}, {payload}
+                    FROM repeats WHERE uuid = carrier_uuid
+                        AND server_id % {len(staging)} = {number}
+                ) {joined}
+                ORDER BY server_id, row_index)""").to_arrow_reader(ROWS_PER_FETCH)
+        for rows in download:
+            yield _digests_to_uuids(rows) if uuids.deterministic else rows
+
+
+@dataclass
+class _Failed:
+    error: BaseException
+
+
+_END = object()
+
+
+def _read_ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
+    """`items`, pulled on a thread of their own at most `depth` ahead of the caller (the pull
+    stops, and its thread is joined, when the caller stops iterating; its error is raised in
+    the caller)."""
+    ahead: queue.Queue = queue.Queue(depth)
+    stopped = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stopped.is_set():
+            try:
+                ahead.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def pull() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(_END)
+        except BaseException as exc:  # noqa: BLE001 - raised again in the caller
+            put(_Failed(exc))
+
+    thread = threading.Thread(target=pull, name="prep-read-ahead", daemon=True)
+    thread.start()
     try:
-        for number, path in enumerate(staging):
-            download = con.sql(f"""
-                SELECT server_id, {uuids.after_sort}, {payload}{reused} FROM (
-                    SELECT * FROM (
-                        SELECT server_id, row_index, {uuids.once}, {payload}
-                        FROM read_parquet({sql_path(path)}) ANTI JOIN repeats USING (row_index)
-                        UNION ALL
-                        SELECT server_id, row_index, {uuids.repeated}, {payload}
-                        FROM repeats WHERE uuid = carrier_uuid
-                            AND server_id % {len(staging)} = {number}
-                    ) {joined}
-                    ORDER BY server_id, row_index)""").to_arrow_reader(ROWS_PER_FETCH)
-            for rows in download:
-                cutter.add(_digests_to_uuids(rows) if uuids.deterministic else rows)
-        return cutter.finish()
+        while (item := ahead.get()) is not _END:
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
     finally:
+        stopped.set()
+        thread.join()
+
+
+def _cut_batches(con: duckdb.DuckDBPyConnection, cutter: BatchCutter, staging: list[Path],
+                 uuids: _UuidSql, keep_columns: list[str], reuse: bool) -> list[ServerBatches]:
+    """Streams the rows to download into the cutter, sorted by server a staging file at a
+    time, the next file sorted while the last one's rows are cut."""
+    con.execute("SET preserve_insertion_order = true")  # for the projection after the sort
+    batches = _read_ahead(_sorted_batches(con, staging, uuids, keep_columns, reuse),
+                          BATCHES_AHEAD)
+    try:
+        for rows in batches:
+            cutter.add(rows)
+        return cutter.finish()
+    except BaseException:
+        con.interrupt()  # a sort under way on the other thread ends now, not when it is done
+        raise
+    finally:
+        batches.close()  # the DuckDB connection is used by no other thread from here
         cutter.close()
 
 

@@ -94,12 +94,12 @@ def create_previous_tables(con: duckdb.DuckDBPyConnection, previous: list[RunLay
                         "NULL::INTEGER AS reuse_http_status WHERE false")
     # A stored image wins over an error; the first earlier download over the later ones.
     con.execute(f"""
-        CREATE TABLE previous_outcome AS
+        CREATE TEMP TABLE previous_outcome AS
         SELECT * EXCLUDE (kind, priority) FROM ({' UNION ALL BY NAME '.join(outcomes)})
         QUALIFY row_number() OVER (PARTITION BY identifier
                                    ORDER BY kind, priority, reuse_uuid) = 1""")
-    con.execute(f"CREATE TABLE previous_url AS SELECT DISTINCT identifier, server_name::VARCHAR "
-                f"AS server_name FROM ({' UNION ALL '.join(urls)})")
+    con.execute(f"CREATE TEMP TABLE previous_url AS SELECT DISTINCT identifier, "
+                f"server_name::VARCHAR AS server_name FROM ({' UNION ALL '.join(urls)})")
 
 
 def overlap_by_server(con: duckdb.DuckDBPyConnection) -> pa.Table:

@@ -82,12 +82,13 @@ def _normalise_many(raws: list[str | None]) -> tuple[list, list, list]:
                     reason = (RejectReason.UNSUPPORTED_SCHEME if scheme and
                               scheme.group(1).lower() not in ("http", "https")
                               else RejectReason.INVALID_URL)
-                elif _text(_ada.ada_get_protocol(url)) not in ALLOWED_PROTOCOLS:
-                    reason = RejectReason.UNSUPPORTED_SCHEME
                 else:
-                    server = _text(_ada.ada_get_host(url))
-                    if server:
-                        identifier = _text(_ada.ada_get_href(url)).partition("#")[0]
+                    href = _text(_ada.ada_get_href(url))
+                    server = _host_of_href(href)
+                    if server is None:
+                        reason = RejectReason.UNSUPPORTED_SCHEME
+                    elif server:
+                        identifier = href.partition("#")[0]
                     else:
                         server, reason = None, RejectReason.INVALID_URL
             finally:
@@ -96,6 +97,17 @@ def _normalise_many(raws: list[str | None]) -> tuple[list, list, list]:
         servers.append(server)
         reasons.append(reason and str(reason))
     return identifiers, servers, reasons
+
+
+def _host_of_href(href: str) -> str | None:
+    """The host (with its port) of a serialised http(s) URL, read from its text: after "//",
+    up to the path's "/", less any user info, whose own "@" and "/" are percent-encoded; None
+    for another scheme. One call into ada per URL instead of three."""
+    start = 8 if href.startswith("https://") else 7 if href.startswith("http://") else 0
+    if not start:
+        return None
+    end = href.find("/", start)
+    return (href[start:end] if end >= 0 else href[start:]).rpartition("@")[2]
 
 
 def _text(value: object) -> str:
