@@ -83,6 +83,14 @@ def test_refuses_to_overwrite_a_finished_prep_unless_forced(tmp_path: Path) -> N
     assert prep_summary(out)["finished_at"] >= first
 
 
+def modified(path: Path) -> int | None:
+    """When `path` was last written (ns), None when it is not there."""
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
 def test_a_killed_prep_leaves_nothing_half_written(tmp_path: Path) -> None:
     source = tmp_path / "big.txt"
     with open(source, "w") as handle:
@@ -90,13 +98,20 @@ def test_a_killed_prep_leaves_nothing_half_written(tmp_path: Path) -> None:
             handle.write(f"http://127.0.0.{2 + i % 50}:9000/a/{i}.jpg\n")
     out = tmp_path / "out"
     finished_kills = 0
-    for delay in (0.5, 1.5, 3.0):
+    # Kill while it starts, as soon as it stages rows, as soon as it cuts batches: moments
+    # seen in its work folder, so that they land mid-prep on a machine of any speed.
+    work = out / "prep" / ".work"
+    for moment in (None, work / "staging-0.parquet", work / "batches"):
+        left = None if moment is None else modified(moment)  # by the prep killed before
         child = subprocess.Popen(
             [sys.executable, "-m", "distributed_downloader", "prep", str(source), "--output",
              str(out), "--batch-size", "1000", "--force"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
-        time.sleep(delay)
+        deadline = time.monotonic() + (0.5 if moment is None else 60)
+        while time.monotonic() < deadline and child.poll() is None and not (
+                moment is not None and modified(moment) not in (None, left)):
+            time.sleep(0.01)
         os.killpg(child.pid, signal.SIGKILL)
         child.wait()
         if (out / "prep" / "summary.json").exists():
