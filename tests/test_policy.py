@@ -56,10 +56,12 @@ class Run:
 
 def simulate(server: ServerPolicy, seconds: float, limit: Callable[[float], float],
              start: float = 0.0, fail_share: float = 0.0, always_fail: bool = False,
-             retry_after: float = 1.0, seed: int = 7) -> Run:
+             retry_after: float = 1.0, seed: int = 7,
+             latency: Callable[[float], float] | None = None) -> Run:
     """Drive `server` for `seconds` against a server that allows `limit(t)` requests in any
     1-s window (429 with Retry-After beyond) and fails `fail_share` of the others (503
-    without Retry-After)."""
+    without Retry-After); with `latency`, each good answer takes `latency(rate)` seconds at
+    the rate the client sends (reported as the workers do)."""
     rng = random.Random(seed)
     run = Run()
     accepted: deque[float] = deque()
@@ -98,6 +100,11 @@ def simulate(server: ServerPolicy, seconds: float, limit: Callable[[float], floa
                 else:
                     status, streak = 200, 0
                     news.answered += 1
+                    if latency is not None:
+                        seconds_taken = latency(rate)
+                        news.latency_sum += seconds_taken
+                        news.latency_count += 1
+                        news.latency_min = min(news.latency_min, seconds_taken)
             run.requests.append((now, status))
             heapq.heappush(events, (now + PACING_MARGIN / rate, order, "send"))
         elif kind == "report":
@@ -311,3 +318,106 @@ def test_an_overload_is_not_saved_as_what_the_server_tolerates() -> None:
         server.observe(0, ServerNews(answered=5, failed=5, failed_urls=5), now=second)
     assert server.rate < 10
     assert server.control.learned().throttled is None
+
+
+# --- the climb above the default rate (max_rate_factor) ----------------------------------------
+
+DEFAULT, CLIMB_MAX = 10.0, 40.0  # default_rate_limit and the default max_rate_factor of 4
+
+
+def first_met() -> ServerPolicy:
+    """A server nothing is known of, in a run at the default settings (no max_rate_limit)."""
+    settings = Settings()
+    assert settings.politeness.effective_max_rate == CLIMB_MAX
+    server = fresh(rate=DEFAULT, run_max=settings.politeness.effective_max_rate)
+    server.control.first_contact()
+    return server
+
+
+def quick(rate: float) -> float:
+    return 0.01  # 10 ms at any rate: the server has room
+
+
+def test_a_fast_clean_server_climbs_to_the_higher_ceiling_within_15_seconds() -> None:
+    server = first_met()
+    run = simulate(server, 120, limit=lambda t: 100_000, latency=quick)
+    assert run.total(0, 1.0) <= 2  # first contact as before
+    assert run.rate_at(15) >= CLIMB_MAX / PACING_MARGIN - 1e-9
+    assert max(rate for _, rate in run.rates) <= CLIMB_MAX  # and never past it
+    assert run.count(429) == 0
+
+
+def test_no_latency_reported_climbs_as_well() -> None:
+    """Answers with no timing (none reported) are no sign of strain."""
+    server = first_met()
+    run = simulate(server, 60, limit=lambda t: 100_000)
+    assert run.rate_at(15) >= CLIMB_MAX / PACING_MARGIN - 1e-9
+
+
+@pytest.mark.parametrize("limit", [3, 6, 9])
+def test_a_hidden_limit_below_the_default_is_never_pushed_past_for_long(limit: int) -> None:
+    server = first_met()
+    run = simulate(server, 600, limit=lambda t: limit, latency=quick)
+    assert run.peak(0, 600) <= 2 * limit
+    assert run.count(429) <= max(6, 0.01 * run.total())
+    # Above the limit only while a try of the throttled rate lasts (a second or so a minute).
+    assert run.share_of_time_within(0, limit, 30, 600) >= 0.97
+    assert run.rate_at(300) >= 0.8 * limit  # and the limit is used
+
+
+def test_a_hidden_limit_between_the_default_and_the_ceiling_costs_a_few_429s() -> None:
+    server = first_met()
+    run = simulate(server, 600, limit=lambda t: 25, latency=quick)
+    assert run.count(429) <= max(6, 0.01 * run.total())
+    assert run.share_of_time_within(0.75 * 25, 25, 60, 600) >= 0.95
+    assert run.peak(30, 600) <= 25 + 2
+
+
+def test_a_server_whose_answers_slow_down_stops_climbing() -> None:
+    """The server queues beyond 20 requests/s: its quickest answer grows from 10 ms, by 10 ms
+    per request/s above that. The rate steps back and stays below where it slowed."""
+    def queueing(rate: float) -> float:
+        return 0.01 + 0.01 * max(0.0, rate / PACING_MARGIN - 20)
+
+    server = first_met()
+    run = simulate(server, 600, limit=lambda t: 100_000, latency=queueing)
+    # Above 30/s only while a try lasts, once a minute (throttle_memory): a step and back.
+    assert run.share_of_time_within(DEFAULT / PACING_MARGIN, 30, 30, 600) >= 0.95
+    assert run.count(429) == 0
+    assert server.control.held is not None and server.control.held <= 30
+
+
+def test_a_burst_of_failures_stops_the_climb_at_the_default() -> None:
+    """10% of URLs fail (503 without Retry-After): too few for an overload, too many to climb."""
+    server = first_met()
+    run = simulate(server, 300, limit=lambda t: 100_000, fail_share=0.1, latency=quick)
+    # At most a step above it while the first answers are too few to tell, then back.
+    assert run.share_of_time_within(0, DEFAULT, 30, 300) >= 0.95
+    assert run.rate_at(300) <= DEFAULT / PACING_MARGIN
+    assert run.rate_at(30) >= 0.9 * DEFAULT / PACING_MARGIN  # the default itself is kept
+
+
+def test_a_429_after_the_climb_falls_back_to_what_held() -> None:
+    """A fast server whose limit drops to 12/s once the run climbed to the ceiling."""
+    server = first_met()
+    run = simulate(server, 300, limit=lambda t: 100_000 if t < 60 else 12, latency=quick)
+    assert run.rate_at(59) >= CLIMB_MAX / PACING_MARGIN - 1e-9
+    first = min(t for t, status in run.requests if status == 429)
+    assert run.rate_at(first + 1.5) <= 0.9 * CLIMB_MAX  # fell back at once
+    assert run.rate_at(first + 30) <= 12
+    assert run.count(429) <= 8
+    assert run.share_of_time_within(0.7 * 12, 12, 120, 300) >= 0.95
+
+
+def test_a_hand_set_rate_is_a_ceiling_the_climb_never_passes() -> None:
+    server = fresh(rate=7.0, run_max=7.0)  # fetch's override: rate and run ceiling both 7
+    run = simulate(server, 120, limit=lambda t: 100_000, latency=quick)
+    assert max(rate for _, rate in run.rates) <= 7.0
+
+
+def test_max_rate_factor_and_rate_multiplier_set_the_ceiling() -> None:
+    assert Settings(max_rate_factor=1).politeness.effective_max_rate == DEFAULT
+    assert Settings(max_rate_limit=15).politeness.effective_max_rate == 15
+    settings = Settings(default_rate_limit=5, max_rate_factor=3, rate_multiplier=0.5)
+    politeness = settings.politeness
+    assert politeness.effective_max_rate * politeness.rate_multiplier == 7.5

@@ -158,7 +158,14 @@ class PolitenessSettings(_Group):
         None,
         gt=0,
         description="Most requests per second the engine may raise a server to on its own "
-        "[default: default_rate_limit].",
+        "[default: default_rate_limit × max_rate_factor]. A rate set by hand (rates file, "
+        "servers.csv) is never passed.",
+    )
+    max_rate_factor: float = Field(
+        4.0, ge=1, description="When max_rate_limit is not set: how many times "
+        "default_rate_limit the engine may raise a server to, step by step and only while it "
+        "answers fast (its quickest answers no slower than at first), without throttles, bursts "
+        "of failures or timeouts, and the rate is used (1: never above default_rate_limit)."
     )
     rate_multiplier: float = Field(
         1.0, gt=0, description="Scales every server's rate budget (0.5 halves them)."
@@ -277,7 +284,7 @@ class PolitenessSettings(_Group):
 
     @property
     def effective_max_rate(self) -> float:
-        return self.max_rate_limit or self.default_rate_limit
+        return self.max_rate_limit or self.default_rate_limit * self.max_rate_factor
 
 
 class NetworkSettings(_Group):
@@ -579,10 +586,10 @@ class Settings(BaseModel):
 # The settings each stage's command takes as flags (`download` takes all three).
 FETCH_SETTINGS = (
     "workers", "image_size", "output_image_format", "output_format", "image_quality",
-    "default_rate_limit", "first_contact_rate",
-    "max_rate_limit", "rate_multiplier", "max_connections_per_server", "max_retries",
-    "server_down_after", "retry_delay", "retry_delay_max", "rate_increase_interval",
-    "rate_growth_factor", "rate_decrease_factor", "throttle_memory", "throttle_memory_max",
+    "default_rate_limit", "first_contact_rate", "max_rate_limit", "max_rate_factor",
+    "rate_multiplier", "max_connections_per_server", "max_retries", "server_down_after",
+    "retry_delay", "retry_delay_max", "rate_increase_interval", "rate_growth_factor",
+    "rate_decrease_factor", "throttle_memory", "throttle_memory_max",
     "overload_failure_share", "overload_min_failures", "breaker_failures", "breaker_max_pause",
     "timeout", "connect_timeout", "max_body_size", "max_image_pixels", "max_decode_memory",
     "user_agent", "allow_network", "cpu_per_worker", "rates", "executor", "min_worker_rate",
@@ -800,8 +807,8 @@ def saved_settings_path(output: Path) -> Path:
 # command given it (and to the Slurm chain it submits), never to the run's later commands,
 # unless the user asks (`--save-overrides`); a flag that makes the run gentler is kept as usual.
 POLITENESS_AND_SAFETY = ("allow_network", "respect_robots", "ignore_opt_out", "max_rate_limit",
-                         "default_rate_limit", "first_contact_rate", "rate_multiplier",
-                         "max_connections_per_server")
+                         "max_rate_factor", "default_rate_limit", "first_contact_rate",
+                         "rate_multiplier", "max_connections_per_server")
 FROM_FLAG = "command line"
 
 

@@ -2,8 +2,9 @@
 
 The whole prepared run (finished or not), in a fluid simulation of the scheduler's policy.
 Each server is fetched at most at the rate it may climb to (an advertised or hand-set limit,
-else `max_rate_limit`), by at most as many workers as the scheduler would give it
-(`min_worker_rate`, `schedule_rules`, its number of batches); each worker decodes at most
+else `max_rate_limit`, else `default_rate_limit`: the climb that `max_rate_factor` allows is
+earned by fast answers, so not planned on), by at most as many workers as the scheduler would
+give it (`min_worker_rate`, `schedule_rules`, its number of batches); each worker decodes at most
 `worker_speed` images/s. The cluster's decode capacity is shared max-min fairly among the
 servers with work left, as workers taking batches from every server do. The run ends when the
 last server does, so the answer is usually "the largest servers, at their polite rates", which
@@ -76,9 +77,12 @@ def make_plan(settings: Settings, nodes: int, workers_per_node: int,
     servers = []
     for state, rows in starting_servers(layout, settings, keep_rates=False):  # read-only
         # The rate the run climbs to: just below a rate that drew a 429, else the ceiling
-        # (max_rate_limit, or an advertised, hand-set or robots.txt limit).
+        # (max_rate_limit, or an advertised, hand-set or robots.txt limit). Without
+        # max_rate_limit, not the climb max_rate_factor allows: only a fast server earns it.
         control = state.policy.control
         rate = control.ceiling if control.ceiling is not None else control.max_rate
+        if settings.politeness.max_rate_limit is None:
+            rate = min(rate, max(control.climb_from, control.rate, control.held or 0.0))
         allowed = workers_allowed(settings.cluster.schedule_rules, state.total_batches) or workers
         by_rate = max(1, math.floor(rate / settings.cluster.min_worker_rate))
         count = max(1, min(allowed, by_rate, workers, state.total_batches))

@@ -17,7 +17,19 @@ of simulated time in milliseconds. The rules:
   that drew a throttle, and rests just below the latter. That evidence has an age: after
   `throttle_memory` quiet seconds the throttled rate is tried again (the wait doubling while
   tries keep drawing 429s, at most `throttle_memory_max`), so a limit that rises is found again.
-  A throttle above a rate that held falls back to that rate instead of halving.
+  A throttle above a rate that held falls back to that rate instead of halving, and never
+  to one within `CEILING_SHARE` of the limit the throttle showed.
+- **Above the default rate, the server must earn each step** (`RateController.calm`): the
+  engine raises a server past `default_rate_limit` (up to `max_rate_limit`, by default
+  `max_rate_factor` times the default) only after an interval in which the rate was used,
+  no throttle came, few first attempts failed (no burst of 5xx or timeouts) and its quickest
+  answer was not slower than its quickest ever (LEDBAT's base delay: queueing at the server
+  shows there first). A quickest answer that grew, or failures beyond `CLIMB_FAILURE_SHARE`,
+  step the rate back and stop the climb for `throttle_memory`; a throttle falls back as below
+  the default. Connections never grow
+  (`max_connections_per_server`): the climb stops where they cannot carry the rate. Why: the
+  default is what the user accepted for any server; more is our initiative, so it stops at
+  the first sign of strain, before the server has to say so.
 - **A server failing everything is down** (`Breaker`): `breaker_failures` different URLs failing
   in a row, with no good answer between, open the breaker: the server is paused with growing
   back-off and probed one request at a time; a good answer closes it; after
@@ -58,9 +70,23 @@ DEFAULT_THROTTLE_PAUSE = 1.0  # seconds, for a 429 without Retry-After
 MIN_RATE = 0.02  # requests/s: even a very touchy server keeps being asked, slowly
 RECENT_THROTTLE = 30.0  # seconds during which a lowered rate is named as a reason for waiting
 # Answers of the last second tell how much a server takes: after a first throttle the rate falls
-# at most to that (a server allowing 1 request/s, asked at 10/s, goes to ~1/s at once).
+# at most to that (a server allowing 1 request/s, asked at 10/s, goes to ~1/s at once). That
+# count is the limit itself (a strict limit answers exactly that many a second), so the rate
+# rests CEILING_SHARE below it, not at it.
 ACCEPTED_WINDOW = 2.0
-ACCEPTED_HEADROOM = 1.1  # the limit is taken to be under this many times that
+# The climb above the default rate (RateController.calm). An interval counts as used only if
+# asked at about the rate (pacing runs 5% under it): a rate that the connections or our own
+# cores cannot carry says nothing about the server.
+CLIMB_USED_SHARE = 0.8
+# First attempts failing beyond this share of the answers of the last `overload_window` seconds
+# stop the climb (2% flaky URLs do not; a burst of 5xx or timeouts does, long before it counts
+# as overload).
+CLIMB_FAILURE_SHARE = 0.05
+# The quickest answer of an interval counts as slower when above this many times the quickest
+# ever, plus a margin for jitter (loopback answers in a millisecond; our own event loop varies).
+LATENCY_GROWTH = 2.0
+LATENCY_MARGIN = 0.05  # seconds
+ANSWERS_FOR_LATENCY = 3  # a report's quickest answer counts if it had this many (not one slow URL)
 
 # Why a server is given up: what its remaining rows become.
 SERVER_KEPT_FAILING = Failure(ErrorCode.SERVER_UNAVAILABLE,
@@ -208,7 +234,8 @@ class LearnedRate:
 class RateController:
     """One server's rate: grows, searches the limit, rests below it, probes it again later.
 
-    Invariant: `rate` never exceeds `max_rate` (the run's ceiling and every hard cap).
+    Invariant: `rate` never exceeds `max_rate` (the run's ceiling and every hard cap), and
+    goes above `climb_from` only in steps earned by calm intervals.
     """
 
     policy: RatePolicy
@@ -228,10 +255,17 @@ class RateController:
     overloaded: bool = False  # the latest decrease came from failures, not from a throttle
     warm_up_to: float | None = None  # first contact: the rate its good answers lead up to
     warm_up_factor: float = 2.0  # the step of each report of good answers while warming up
+    climb_from: float = 0.0  # the run's default rate: above it, steps need calm intervals
+    # seconds: the slowest of the interval's reports' quickest answers (a report can straddle
+    # two intervals: its successor's shows the new rate alone)
+    quickest_in_interval: float = -math.inf
+    quickest: float = math.inf  # seconds: the server's quickest answer of the run
+    slowed_at: float = -math.inf  # when answers last slowed above climb_from
 
     def __post_init__(self) -> None:
         self.memory = self.memory or self.policy.throttle_memory
         self.interval_start = self.started
+        self.climb_from = self.climb_from or self.rate
         self.rate = self._within(self.rate)
 
     def _within(self, rate: float) -> float:
@@ -306,9 +340,14 @@ class RateController:
             return True
         return False
 
-    def asked(self, now: float, requests: int, answered: int) -> None:
-        """Requests the server saw since the last report, and how many it answered well."""
+    def asked(self, now: float, requests: int, answered: int,
+              quickest: float = math.inf) -> None:
+        """Requests the server saw since the last report, how many it answered well, and its
+        quickest answer (seconds)."""
         self.asked_in_interval += requests
+        if answered >= ANSWERS_FOR_LATENCY and math.isfinite(quickest):
+            self.quickest_in_interval = max(self.quickest_in_interval, quickest)
+        self.quickest = min(self.quickest, quickest)
         if answered:
             self.accepted.append((now, answered))
         while self.accepted and now - self.accepted[0][0] > ACCEPTED_WINDOW:
@@ -317,13 +356,19 @@ class RateController:
     def interval(self) -> float:
         return max(self.policy.increase_interval, REQUESTS_PER_INTERVAL / self.rate)
 
-    def tick(self, now: float) -> bool:
-        """At the end of a quiet interval in which the rate was used: it held, step up."""
+    def tick(self, now: float, failing: bool = False) -> bool:
+        """At the end of a quiet interval in which the rate was used: it held, step up (above
+        `climb_from` only after a calm interval, and not while `failing`: more than
+        CLIMB_FAILURE_SHARE of the latest answers failed). Strain above it: step back."""
         elapsed = now - self.interval_start
         if elapsed < self.interval():
             return False
         used = self.asked_in_interval >= USED_SHARE * self.rate * elapsed
+        calm = not failing and self.calm(elapsed) and now - self.slowed_at >= self.memory
+        slower = self.slower()
         self.start_interval(now)
+        if (slower or failing) and self.rate > self.climb_from:
+            return self._step_back(now)
         if not used:
             return False
         self.held = max(self.held or 0.0, self.rate)
@@ -331,24 +376,50 @@ class RateController:
         if self.throttled_rate is not None and self.rate >= self.throttled_rate:
             # A rate that drew a throttle is answered well now: the limit rose.
             self.throttled_rate, self.memory = None, self.policy.throttle_memory
-        new = self._next_rate(now)
+        new, probe = self._next_rate(now)
+        if not calm:  # up to the default as before; beyond it, only with room shown
+            new = min(new, max(self.rate, self.climb_from))
         if new <= self.rate:
             return False
-        self.rate = new
+        self.rate, self.probing = new, probe
         return True
 
-    def _next_rate(self, now: float) -> float:
-        ceiling = self.ceiling
+    def calm(self, elapsed: float) -> bool:
+        """Whether the interval shows room above the default rate: the rate was used (not
+        held back by the connections or our cores) and answers came as quick as ever. (A
+        throttle starts a new interval: it is never calm.)"""
+        used = self.asked_in_interval >= CLIMB_USED_SHARE * self.rate * elapsed
+        return used and not self.slower()
+
+    def slower(self) -> bool:
+        """Whether the interval's quickest answers took clearly longer than the server's quickest
+        of the run: the server queues our requests (a few slow URLs do not move the quickest)."""
+        return math.isfinite(self.quickest_in_interval) and \
+            self.quickest_in_interval > LATENCY_GROWTH * self.quickest + LATENCY_MARGIN
+
+    def _step_back(self, now: float) -> bool:
+        """Undo the last step above the default: the server answered slower (or failed more)
+        at this rate, so it did not hold (nor is it kept as having held). No step up again for
+        a quiet while (`throttle_memory`), as after a throttle: no seesaw on its queue."""
+        self.slowed_at = now
+        self.rate = self._within(max(self.climb_from, self.rate / self.policy.growth_factor))
+        if self.held is not None:
+            self.held = min(self.held, self.rate)
+        return True
+
+    def _next_rate(self, now: float) -> tuple[float, bool]:
+        """The next step up, and whether it is a try of the rate that drew a throttle."""
+        ceiling, probe = self.ceiling, False
         if ceiling is None:  # no limit known: grow (TCP's slow start)
             new = self.rate * self.policy.growth_factor
         elif self.rate < ceiling:  # the limit lies between: bisect towards it
             new = min(ceiling, (self.rate + self.throttled_rate) / 2)  # type: ignore[operator]
         elif now - max(self.throttled_at, self.started) >= self.memory:
             # Quiet long enough (in this run too: a restart does not try it at once): try again.
-            new, self.probing = self.throttled_rate, True  # type: ignore[assignment]
+            new, probe = self.throttled_rate, True  # type: ignore[assignment]
         else:
-            return self.rate
-        return min(new, self.max_rate)
+            return self.rate, False
+        return min(new, self.max_rate), probe
 
     def throttled(self, now: float, overload: bool = False) -> bool:
         """A throttle (or, with `overload`, a burst of failures) at the current rate. True if
@@ -366,19 +437,20 @@ class RateController:
         rate = self.rate
         self.throttled_rate = rate
         accepted = sum(count for when, count in self.accepted if now - when <= 1.0)
-        if warming_up:  # the last step crossed its limit: it lies above the rate before, near
-            # what it took when it was asked far more than that (a big step), else just above
-            self.throttled_rate = min(rate, ACCEPTED_HEADROOM * max(
-                rate / self.warm_up_factor, accepted if accepted < rate else 0))
+        if warming_up:  # the last step crossed its limit: it lies above the rate before, at
+            # what it took when it was asked far more than that (a big step)
+            self.throttled_rate = min(rate, max(rate / self.warm_up_factor,
+                                                accepted if accepted < rate else 0))
         if self.held is not None and rate > self.held:
-            self.rate = self.held  # above what held: back to it, the limit is in between
+            # Above what held: back to it (the limit is in between), but not at the limit
+            # the throttle showed: a rate that held for one report can be that limit itself.
+            self.rate = self._within(min(self.held, self.ceiling))  # type: ignore[type-var]
         else:  # nothing held, or the limit fell below it: lower, at most to what it accepted
             lowered = rate * self.policy.decrease_factor
             if first_contact and not warming_up and 0 < accepted < lowered:
-                # It took far less than it was asked: its limit is near that, not near `rate`.
-                lowered = accepted
-                self.throttled_rate = min(rate, ACCEPTED_HEADROOM * accepted)
-            self.rate = self._within(lowered)
+                # It took far less than it was asked: its limit is that, not near `rate`.
+                lowered = self.throttled_rate = accepted
+            self.rate = self._within(min(lowered, self.ceiling))  # type: ignore[type-var]
             self.held = None
         self.last_decrease = now
         self.start_interval(now)
@@ -387,6 +459,7 @@ class RateController:
     def start_interval(self, now: float) -> None:
         """A new interval of judging begins (a change, a pause, a restart)."""
         self.interval_start, self.asked_in_interval = now, 0
+        self.quickest_in_interval = -math.inf
 
 
 # --- the breaker ----------------------------------------------------------------------------
@@ -448,10 +521,18 @@ class Outcomes:
             self.samples.popleft()
 
     def overloaded(self, policy: RatePolicy) -> bool:
-        answered = sum(sample[1] for sample in self.samples)
-        failed = sum(sample[2] for sample in self.samples)
+        answered, failed = self.counts()
         return failed >= policy.overload_min_failures and \
             failed >= policy.overload_failure_share * (answered + failed)
+
+    def failing(self) -> bool:
+        """Too many failures for the rate to climb above the default (CLIMB_FAILURE_SHARE)."""
+        answered, failed = self.counts()
+        return failed > CLIMB_FAILURE_SHARE * (answered + failed)
+
+    def counts(self) -> tuple[int, int]:
+        """Answers and failures (first attempts) in the window."""
+        return sum(sample[1] for sample in self.samples), sum(s[2] for s in self.samples)
 
 
 @dataclass
@@ -484,7 +565,7 @@ class ServerPolicy:
         self.opted_out += news.opted_out
         self.opt_in += news.opt_in
         asked = news.answered + news.failed + news.throttled
-        self.control.asked(now, asked, news.answered)
+        self.control.asked(now, asked, news.answered, news.latency_min)
         if asked:
             self.last_asked = now
         if news.advertised is not None:
@@ -528,7 +609,7 @@ class ServerPolicy:
         if now < self.pause_end() or self.breaker.open:
             self.control.start_interval(now)
             return False
-        return self.control.tick(now)
+        return self.control.tick(now, self.outcomes.failing())
 
     def waiting(self, now: float) -> tuple[str, float | None] | None:
         """Why this server is not being asked now, and for how many seconds more."""

@@ -6,6 +6,7 @@ each server's share of the rate budget. Messages are small picklable values.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from distributed_downloader.errors import Failure
@@ -53,6 +54,9 @@ class ServerNews:
     advertised: float | None = None  # requests/s in the latest RateLimit-Policy seen
     latency_sum: float = 0.0
     latency_count: int = 0
+    # The quickest answer: a floor that sporadic slow URLs do not move, but a server queueing
+    # our requests does (policy.py climbs above the default rate only while it stays low).
+    latency_min: float = math.inf
     opted_out: int = 0  # images whose X-Robots-Tag opted out
     opt_in: int = 0  # images without such a header
     opt_outs_ignored: int = 0  # opted out, stored anyway (--ignore-opt-out)

@@ -121,3 +121,4 @@ class NewsBook:
         news.answered += 1
         news.latency_sum += seconds
         news.latency_count += 1
+        news.latency_min = min(news.latency_min, seconds)
