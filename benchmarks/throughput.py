@@ -1,7 +1,7 @@
 """End-to-end download speed against img2dataset and against the machine's decode ceiling.
 
     python benchmarks/throughput.py --mix camera [--images 6000] [--skip-img2dataset] [--memory]
-    python benchmarks/throughput.py --mix light [--images 4000]
+    python benchmarks/throughput.py --mix light [--images 4000] [--default-politeness]
 
 A loopback farm without limits serves JPEG photos (~0.4 bytes/pixel, like camera photos) under
 N distinct URLs:
@@ -13,7 +13,9 @@ Reported, on the same cores and images, with image_size 720, in one run:
                  process per core, timed by the clock like the downloads (so that other load
                  on the machine weighs on both alike)
   ours           `distributed-downloader download` as a user runs it (prep and start-up
-                 included; the farm's servers have no limits, so neither do we)
+                 included; the farm's servers have no limits, so neither do we); with
+                 --default-politeness, with no rate flag at all (default_rate_limit 10/s,
+                 the climb above it that fast servers earn: max_rate_factor)
   img2dataset    the same URL list; installed from PyPI into benchmarks/work/img2dataset-venv
                  when missing
 With --memory it downloads the same URLs again with batch sizes of a tenth and all of them,
@@ -81,14 +83,16 @@ def run(command: list[str], env: dict | None = None) -> float:
     return time.monotonic() - started
 
 
-def ours(urls: Path, out: Path, cores: int, batch_size: int = 10_000) -> tuple[float, dict]:
+def ours(urls: Path, out: Path, cores: int, batch_size: int = 10_000,
+         default_politeness: bool = False) -> tuple[float, dict]:
     """`download` as a user runs it, timed from the command to its exit."""
     if out.exists():
         shutil.rmtree(out)
+    rates = [] if default_politeness else ["--default-rate-limit", "100000",
+                                           "--max-connections-per-server", "32"]
     seconds = run([sys.executable, "-m", "distributed_downloader", "download", str(urls),
                    "--output", str(out), "--batch-size", str(batch_size),
-                   "--workers", str(cores), "--default-rate-limit", "100000",
-                   "--max-connections-per-server", "32", "--allow-network", "127.0.0.0/24"])
+                   "--workers", str(cores), *rates, "--allow-network", "127.0.0.0/24"])
     summary = json.loads((out / "fetch_summary.json").read_text())
     return seconds, summary
 
@@ -152,6 +156,8 @@ def main() -> None:
     parser.add_argument("--images", type=int)
     parser.add_argument("--skip-img2dataset", action="store_true")
     parser.add_argument("--memory", action="store_true")
+    parser.add_argument("--default-politeness", action="store_true",
+                        help="ours without rate flags, as a user who sets none")
     args = parser.parse_args()
     in_loopback_namespace()
     from distributed_downloader.testing.farm import Farm, ServerSpec
@@ -172,7 +178,8 @@ def main() -> None:
         lines = serve(farm, bodies, images)
         urls = WORK / f"throughput-{args.mix}-urls.txt"
         urls.write_text("\n".join(lines[:images]) + "\n")
-        seconds, summary = ours(urls, WORK / "out-ours", cores)
+        seconds, summary = ours(urls, WORK / "out-ours", cores,
+                                default_politeness=args.default_politeness)
         mine = images / seconds
         print(f"ours: {mine:.1f} images/s ({summary['successes']} stored in {seconds:.1f} s), "
               f"{mine / top:.0%} of {cores}x the best path; worker peak RSS "

@@ -94,10 +94,11 @@ def test_three_ranks_on_one_server_share_its_budget(tmp_path: Path) -> None:
         server = farm["127.0.0.2"]
         urls = add_images(server, 90)
         out = tmp_path / "out"
-        # min_worker_rate 1: the 5/s budget is split over all three fetching ranks.
+        # min_worker_rate 1: the 5/s budget (no climb above it) is split over all three
+        # fetching ranks.
         run_mpi(4, "download", write_lines(tmp_path / "u.txt", urls), "--output", out,
                 "--batch-size", 10, "--executor", "mpi", "--default-rate-limit", 5,
-                "--min-worker-rate", 1, "--no-profile", *FAST_FETCH)
+                "--max-rate-limit", 5, "--min-worker-rate", 1, "--no-profile", *FAST_FETCH)
         assert read_successes(out).num_rows == 90
         writers = {p.name.split("-")[1].split(".")[0]
                    for p in out.glob("downloaded_images/*/*/successes-*.parquet")}

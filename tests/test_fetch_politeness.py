@@ -98,8 +98,8 @@ def test_several_workers_on_one_server_share_its_budget(tmp_path: Path) -> None:
         urls = add_images(server, 300)
         out = tmp_path / "out"
         run_cli("download", write_lines(tmp_path / "u.txt", urls), "--output", out,
-                "--batch-size", 50, "--default-rate-limit", 50, "--workers", 3,
-                "--max-connections-per-server", 6, *FAST_FETCH, timeout=300)
+                "--batch-size", 50, "--default-rate-limit", 50, "--max-rate-limit", 50,
+                "--workers", 3, "--max-connections-per-server", 6, *FAST_FETCH, timeout=300)
         assert read_successes(out).num_rows == 300
         writers = {p.name.split("-")[1] for p in out.glob("downloaded_images/*/*/successes-*")}
         assert len(writers) >= 2  # the server's batches were fetched by several workers
