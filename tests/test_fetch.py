@@ -71,8 +71,10 @@ def farm_run(tmp_path_factory: pytest.TempPathFactory):
         urls.append(a.url(f"/redirect-to?url={canary.url('/canary.jpg')}"))
         out = tmp_path_factory.mktemp("fetch") / "out"
         source = write_lines(out.parent / "urls.txt", urls)
+        # The servers' limit is the run's budget: no climb above it (test_policy covers that).
         result = run_cli("download", source, "--output", out, "--default-rate-limit", LIMIT,
-                         "--max-body-size", 1_000_000, *FAST_FETCH, timeout=300)
+                         "--max-rate-limit", LIMIT, "--max-body-size", 1_000_000, *FAST_FETCH,
+                         timeout=300)
         yield {"farm": farm, "out": out, "expected": expected, "a": a, "result": result,
                "urls": urls}
 
