@@ -21,13 +21,13 @@ of simulated time in milliseconds. The rules:
   to one within `CEILING_SHARE` of the limit the throttle showed.
 - **Above the default rate, the server must earn each step** (`RateController.calm`): the
   engine raises a server past `default_rate_limit` (up to `max_rate_limit`, by default
-  `max_rate_factor` times the default), by `CLIMB_STEP` at most, only after an interval in
-  which the rate was used,
-  no throttle came, few first attempts failed (no burst of 5xx or timeouts) and its quickest
-  answer was not slower than its quickest ever (LEDBAT's base delay: queueing at the server
-  shows there first). A quickest answer that grew, or failures beyond `CLIMB_FAILURE_SHARE`,
-  step the rate back and stop the climb for `throttle_memory`; a throttle falls back as below
-  the default. Connections never grow
+  `max_rate_factor` times the default) by `CLIMB_STEP` at most (`rate_growth_factor` up to a
+  `max_rate_limit` the user set), and only after an interval in which the rate was used, no
+  throttle came, few first attempts failed (no burst of 5xx or timeouts) and its quickest
+  answers were not slower than its quickest ever (LEDBAT's base delay: queueing at the server
+  shows there first). Answers that slow down, or failures beyond
+  `CLIMB_FAILURE_SHARE`, step the rate back and stop the climb for `throttle_memory`; a
+  throttle falls back as below the default. Connections never grow
   (`max_connections_per_server`): the climb stops where they cannot carry the rate. Why: the
   default is what the user accepted for any server; more is our initiative, so it stops at
   the first sign of strain, before the server has to say so.
@@ -79,9 +79,10 @@ ACCEPTED_WINDOW = 2.0
 # asked at about the rate (pacing runs 5% under it): a rate that the connections or our own
 # cores cannot carry says nothing about the server.
 CLIMB_USED_SHARE = 0.8
-# A step above the default raises the rate by at most this much (below it: rate_growth_factor):
-# a server whose hidden limit lies above the default then sees at most 1.2 times its limit in
-# the second before its 429, the peak the project allows (benchmarks/politeness.py).
+# The engine's own climb above the default (max_rate_factor) raises the rate by at most this
+# much a step: a server whose hidden limit lies above the default then sees at most 1.2 times
+# its limit in the second before its 429, the peak the project allows (benchmarks/politeness.py).
+# A max_rate_limit set by the user vouches for the rates below it: steps of rate_growth_factor.
 CLIMB_STEP = 1.2
 # First attempts failing beyond this share of the answers of the last `overload_window` seconds
 # stop the climb (2% flaky URLs do not; a burst of 5xx or timeouts does, long before it counts
@@ -118,6 +119,7 @@ class RatePolicy:
     opt_out_server_after: int = 10
     warm_up_steps: int = 3
     overload_window: float = 20.0
+    climb_step: float = CLIMB_STEP  # the largest step above the default rate
 
     @classmethod
     def from_settings(cls, politeness: PolitenessSettings) -> RatePolicy:
@@ -136,6 +138,8 @@ class RatePolicy:
             warm_up_steps=politeness.warm_up_steps,
             overload_window=politeness.overload_window,
             opt_out_server_after=politeness.opt_out_server_after,
+            climb_step=CLIMB_STEP if politeness.max_rate_limit is None
+            else politeness.rate_growth_factor,
         )
 
 
@@ -265,7 +269,8 @@ class RateController:
     # two intervals: its successor's shows the new rate alone)
     quickest_in_interval: float = -math.inf
     quickest: float = math.inf  # seconds: the server's quickest answer of the run
-    slowed_at: float = -math.inf  # when answers last slowed above climb_from
+    slowed_at: float = -math.inf  # when the climb above climb_from last stepped back
+    slowed_by: str = ""  # why: "slower answers" or "failures"
 
     def __post_init__(self) -> None:
         self.memory = self.memory or self.policy.throttle_memory
@@ -373,7 +378,7 @@ class RateController:
         slower = self.slower()
         self.start_interval(now)
         if (slower or failing) and self.rate > self.climb_from:
-            return self._step_back(now)
+            return self._step_back(now, "slower answers" if slower else "failures")
         if not used:
             return False
         self.held = max(self.held or 0.0, self.rate)
@@ -402,11 +407,11 @@ class RateController:
         return math.isfinite(self.quickest_in_interval) and \
             self.quickest_in_interval > LATENCY_GROWTH * self.quickest + LATENCY_MARGIN
 
-    def _step_back(self, now: float) -> bool:
+    def _step_back(self, now: float, why: str) -> bool:
         """Undo the last step above the default: the server answered slower (or failed more)
         at this rate, so it did not hold (nor is it kept as having held). No step up again for
         a quiet while (`throttle_memory`), as after a throttle: no seesaw on its queue."""
-        self.slowed_at = now
+        self.slowed_at, self.slowed_by = now, why
         self.rate = self._within(max(self.climb_from, self.rate / self.policy.growth_factor))
         if self.held is not None:
             self.held = min(self.held, self.rate)
@@ -418,7 +423,7 @@ class RateController:
         if ceiling is None:  # no limit known: grow (TCP's slow start), gently above the default
             new = self.rate * self.policy.growth_factor
             if new > self.climb_from:
-                new = max(self.climb_from, min(new, self.rate * CLIMB_STEP))
+                new = max(self.climb_from, min(new, self.rate * self.policy.climb_step))
         elif self.rate < ceiling:  # the limit lies between: bisect towards it
             new = min(ceiling, (self.rate + self.throttled_rate) / 2)  # type: ignore[operator]
         elif now - max(self.throttled_at, self.started) >= self.memory:
@@ -449,9 +454,10 @@ class RateController:
             self.throttled_rate = min(rate, max(rate / self.warm_up_factor,
                                                 accepted if accepted < rate else 0))
         if self.held is not None and rate > self.held:
-            # Above what held: back to it (the limit is in between), but not at the limit
-            # the throttle showed: a rate that held for one report can be that limit itself.
-            self.rate = self._within(min(self.held, self.ceiling))  # type: ignore[type-var]
+            self.rate = self.held  # above what held: back to it, the limit is in between
+            if warming_up:  # but not to the limit the throttle showed: a rate that held for
+                # one report while warming up can be that limit itself
+                self.rate = self._within(min(self.held, self.ceiling))  # type: ignore[type-var]
         else:  # nothing held, or the limit fell below it: lower, at most to what it accepted
             lowered = rate * self.policy.decrease_factor
             if first_contact and not warming_up and 0 < accepted < lowered:
@@ -626,8 +632,12 @@ class ServerPolicy:
                    f"probed one request at a time; given up in", max(0.0, left)
         if now < self.paused_until:
             return f"paused by {self.pause_reason or 'Retry-After'}", self.paused_until - now
-        if now - self.control.throttled_at < RECENT_THROTTLE:
-            cause = "failures" if self.control.overloaded else "a throttle"
+        control = self.control
+        if now - control.throttled_at < RECENT_THROTTLE:
+            cause = "failures" if control.overloaded else "a throttle"
             return f"slowed to {self.rate:.3g}/s by {cause} " \
-                   f"{now - self.control.throttled_at:.0f} s ago", None
+                   f"{now - control.throttled_at:.0f} s ago", None
+        if now - control.slowed_at < RECENT_THROTTLE:
+            return f"stepped back to {self.rate:.3g}/s by {control.slowed_by} " \
+                   f"{now - control.slowed_at:.0f} s ago", None
         return None
