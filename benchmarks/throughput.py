@@ -2,11 +2,14 @@
 
     python benchmarks/throughput.py --mix camera [--images 6000] [--skip-img2dataset] [--memory]
     python benchmarks/throughput.py --mix light [--images 4000] [--default-politeness]
+    python benchmarks/throughput.py --mix small --skip-img2dataset --default-politeness
 
 A loopback farm without limits serves JPEG photos (~0.4 bytes/pixel, like camera photos) under
 N distinct URLs:
   camera   4 servers; 40% 640x480, 30% 1600x1200, 20% 3000x2000, 10% 4000x3000 (6,000 images)
   light    10 servers; 800x600 to 1280x960, a few hundred KB each (4,000 images)
+  small    10 servers; 320x240 (~25 KB, 3,000 images): cheap to decode, so that with
+           --default-politeness the servers' rates, not the cores, are what binds
 Reported, on the same cores and images, with image_size 720, in one run:
   best path      the fastest stock decode+resize+encode+MD5 path on one core
                  (benchmarks/decode_paths.py, CPU time); the ceiling is that path run in one
@@ -43,18 +46,18 @@ from distributed_downloader.testing.netns import in_loopback_namespace
 
 WORK = Path(__file__).parent / "work"
 LIGHT_SIZES = [(800, 600), (1024, 768), (1280, 960)]
-MIXES = {"camera": (4, 6000), "light": (10, 4000)}  # servers, default images
+MIXES = {"camera": (4, 6000), "light": (10, 4000), "small": (10, 3000)}  # servers, images
 I2D_VENV = WORK / "img2dataset-venv"
 
 
-def light_photos(count: int = 12) -> list[bytes]:
+def light_photos(count: int = 12, sizes: list[tuple[int, int]] = LIGHT_SIZES) -> list[bytes]:
     from distributed_downloader.testing.farm import make_photo
 
     folder = WORK / "photos"
     folder.mkdir(parents=True, exist_ok=True)
     result = []
     for index in range(count):
-        width, height = LIGHT_SIZES[index % len(LIGHT_SIZES)]
+        width, height = sizes[index % len(sizes)]
         path = folder / f"light-{index}-{width}x{height}.jpg"
         if not path.exists():
             path.write_bytes(make_photo(width, height, seed=2000 + index))
@@ -135,6 +138,8 @@ def img2dataset(urls: Path, out: Path, cores: int) -> tuple[float, int] | None:
 def mix_photos(mix: str) -> list[bytes]:
     if mix == "light":
         return light_photos()
+    if mix == "small":
+        return light_photos(sizes=[(320, 240)])
     photos = camera_photos(20)
     assert len(photos) == 20 and CAMERA_MIX[0][1] == 0.4
     return photos
