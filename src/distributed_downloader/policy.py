@@ -75,19 +75,16 @@ RECENT_THROTTLE = 30.0  # seconds during which a lowered rate is named as a reas
 # count is the limit itself (a strict limit answers exactly that many a second), so the rate
 # rests CEILING_SHARE below it, not at it.
 ACCEPTED_WINDOW = 2.0
-# The climb above the default rate (RateController.calm). An interval counts as used only if
-# asked at about the rate (pacing runs 5% under it): a rate that the connections or our own
-# cores cannot carry says nothing about the server.
-CLIMB_USED_SHARE = 0.8
 # The engine's own climb above the default (max_rate_factor) raises the rate by at most this
 # much a step: a server whose hidden limit lies above the default then sees at most 1.2 times
 # its limit in the second before its 429, the peak the project allows (benchmarks/politeness.py).
 # A max_rate_limit set by the user vouches for the rates below it: steps of rate_growth_factor.
 CLIMB_STEP = 1.2
 # First attempts failing beyond this share of the answers of the last `overload_window` seconds
-# stop the climb (2% flaky URLs do not; a burst of 5xx or timeouts does, long before it counts
-# as overload).
+# (and at least CLIMB_MIN_FAILURES of them: a few answers are no share) stop the climb: 2%
+# flaky URLs do not; a burst of 5xx or timeouts does, long before it counts as overload.
 CLIMB_FAILURE_SHARE = 0.05
+CLIMB_MIN_FAILURES = 5
 # The quickest answer of an interval counts as slower when above this many times the quickest
 # ever, plus a margin for jitter (loopback answers in a millisecond; our own event loop varies).
 LATENCY_GROWTH = 2.0
@@ -395,10 +392,10 @@ class RateController:
         return True
 
     def calm(self, elapsed: float) -> bool:
-        """Whether the interval shows room above the default rate: the rate was used (not
-        held back by the connections or our cores) and answers came as quick as ever. (A
-        throttle starts a new interval: it is never calm.)"""
-        used = self.asked_in_interval >= CLIMB_USED_SHARE * self.rate * elapsed
+        """Whether the interval shows room above the default rate: the rate was used (a rate
+        the connections or our cores cannot carry says nothing of the server) and answers came
+        as quick as ever. (A throttle starts a new interval: it is never calm.)"""
+        used = self.asked_in_interval >= USED_SHARE * self.rate * elapsed
         return used and not self.slower()
 
     def slower(self) -> bool:
@@ -541,7 +538,7 @@ class Outcomes:
     def failing(self) -> bool:
         """Too many failures for the rate to climb above the default (CLIMB_FAILURE_SHARE)."""
         answered, failed = self.counts()
-        return failed > CLIMB_FAILURE_SHARE * (answered + failed)
+        return failed >= CLIMB_MIN_FAILURES and failed > CLIMB_FAILURE_SHARE * (answered + failed)
 
     def counts(self) -> tuple[int, int]:
         """Answers and failures (first attempts) in the window."""
