@@ -16,6 +16,7 @@ import pytest
 from distributed_downloader.config import Settings
 from distributed_downloader.testing.farm import peak_in_one_second
 from distributed_downloader.policy import (
+    CLIMB_STEP,
     LearnedRate,
     RatePolicy,
     ServerPolicy,
@@ -57,11 +58,13 @@ class Run:
 def simulate(server: ServerPolicy, seconds: float, limit: Callable[[float], float],
              start: float = 0.0, fail_share: float = 0.0, always_fail: bool = False,
              retry_after: float = 1.0, seed: int = 7,
-             latency: Callable[[float], float] | None = None) -> Run:
+             latency: Callable[[float], float] | None = None,
+             client_max: float = float("inf")) -> Run:
     """Drive `server` for `seconds` against a server that allows `limit(t)` requests in any
     1-s window (429 with Retry-After beyond) and fails `fail_share` of the others (503
     without Retry-After); with `latency`, each good answer takes `latency(rate)` seconds at
-    the rate the client sends (reported as the workers do)."""
+    the rate the client sends (reported as the workers do); the client sends at most
+    `client_max` requests/s whatever its budget (its connections or cores are the limit)."""
     rng = random.Random(seed)
     run = Run()
     accepted: deque[float] = deque()
@@ -106,7 +109,7 @@ def simulate(server: ServerPolicy, seconds: float, limit: Callable[[float], floa
                         news.latency_count += 1
                         news.latency_min = min(news.latency_min, seconds_taken)
             run.requests.append((now, status))
-            heapq.heappush(events, (now + PACING_MARGIN / rate, order, "send"))
+            heapq.heappush(events, (now + PACING_MARGIN / min(rate, client_max), order, "send"))
         elif kind == "report":
             news.failures = streak
             server.observe(0, news, now)
@@ -171,13 +174,13 @@ def test_a_doubled_limit_is_found_within_five_minutes() -> None:
 
 def test_a_restart_from_saved_state_sends_no_burst() -> None:
     """A Slurm period ends; the next one starts from what servers.csv kept."""
-    first = fresh(rate=10)
+    first = fresh(rate=10, max_rate_limit=1000)  # rates the user vouched for restart as held
     simulate(first, 900, limit=lambda t: 100, fail_share=0.02)
     learned = first.control.learned()
     assert learned.held is not None and learned.throttled is not None
     start = first.control.start_rate(10.0)
 
-    again = fresh(rate=10)
+    again = fresh(rate=10, max_rate_limit=1000)
     again.control.started = 930.0
     again.control.remember(learned, start)
     again.control.start_interval(930.0)
@@ -412,6 +415,26 @@ def test_a_429_after_the_climb_falls_back_to_what_held() -> None:
     assert run.rate_at(first + 30) <= 12
     assert run.count(429) <= 8
     assert run.share_of_time_within(0.7 * 12, 12, 120, 300) >= 0.95
+
+
+def test_a_rate_our_side_cannot_carry_is_not_climbed_on() -> None:
+    """Our connections or cores send at most 12/s: the rate steps once past what the server
+    saw (a 20% step), not on to twice that; and only rates used in full count as held."""
+    server = first_met()
+    simulate(server, 180, limit=lambda t: 100_000, latency=quick, client_max=12)
+    assert server.control.rate <= 12 * CLIMB_STEP + 1e-9
+    assert server.control.held is not None and server.control.held <= 12
+
+
+@pytest.mark.parametrize(("max_rate_limit", "restart"), [(None, DEFAULT), (40.0, 34.6)])
+def test_a_climb_is_earned_again_in_the_next_run(max_rate_limit: float | None,
+                                                 restart: float) -> None:
+    """A rate the engine climbed to on its own restarts at the default (how the server was
+    then says little of how it is now); under a max_rate_limit the user set, as it held."""
+    settings = {} if max_rate_limit is None else {"max_rate_limit": max_rate_limit}
+    server = fresh(rate=DEFAULT, run_max=CLIMB_MAX, **settings)
+    server.control.remember(LearnedRate(34.6, None, None), DEFAULT)
+    assert server.control.rate == restart
 
 
 def test_a_hand_set_rate_is_a_ceiling_the_climb_never_passes() -> None:

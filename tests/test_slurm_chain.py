@@ -167,8 +167,27 @@ def test_periods_stopped_by_the_limit_before_a_request_go_on_then_stall_saying_w
         job = next_period(settings)
     assert decisions == [True] * settings.cluster.stall_periods + [False]
     assert "periods 1-3 committed no row in 3 periods in a row and sent no request" in reason
-    assert "stopped by Slurm's time-limit signal" in reason
-    assert all(job.signalled for job in slurm.read_chain(layout).downloads[:3])
+    assert "stopped by Slurm's time-limit signal as it started" in reason
+    assert all(job.stopped_early for job in slurm.read_chain(layout).downloads[:3])
+
+
+def test_a_period_signalled_near_its_limit_without_a_request_stalls_at_once(
+        prepared: Settings) -> None:
+    """A period that hangs (no request in hours) is signalled at its limit: that is no early
+    signal, and the chain stops after that one period, as before."""
+    layout = slurm.RunLayout(prepared.paths.output)
+    first = slurm.submit_chain(prepared).downloads[0].id
+    assert slurm.start_period(prepared, first)[0]
+    started = slurm.read_chain(layout).downloads[0].started
+    marker = slurm.slurm_folder(layout) / "logs" / f"signalled-{first}"
+    marker.touch()
+    os.utime(marker, (started + 3600, started + 3600))
+    fetch_ended(prepared, requests=0)
+    fetch, reason = slurm.start_period(prepared, next_period(prepared))
+    assert not fetch and "period 1 made no progress" in reason
+    # Guard: the same marker a few seconds after the start is an early signal.
+    os.utime(marker, (started + 5, started + 5))
+    assert slurm._signalled_at(layout, first) - started < slurm.STARTUP_SECONDS
 
 
 def test_a_committed_row_resets_the_count_of_idle_periods(

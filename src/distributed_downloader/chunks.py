@@ -131,7 +131,7 @@ def readable_chunks(batch: BatchFiles) -> dict[Path, list[str]]:
     return chunks
 
 
-def committed_rows(batch: BatchFiles) -> tuple[set[str], tuple[int, int]]:
+def committed_uuids_and_counts(batch: BatchFiles) -> tuple[set[str], tuple[int, int]]:
     """UUIDs that already have their final row in this batch, and the (successes, errors) rows
     committed, from one read of each chunk; an unreadable chunk is set aside on the way (its
     rows are fetched again)."""

@@ -164,8 +164,9 @@ class PolitenessSettings(_Group):
     max_rate_factor: float = Field(
         4.0, ge=1, description="When max_rate_limit is not set: how many times "
         "default_rate_limit the engine may raise a server to, step by step and only while it "
-        "answers fast (its quickest answers no slower than at first), without throttles, bursts "
-        "of failures or timeouts, and the rate is used (1: never above default_rate_limit)."
+        "answers fast (its quickest answers no slower than its quickest of the run), without "
+        "throttles, bursts of failures or timeouts, and the rate is used in full; earned again "
+        "in each run (1: never above default_rate_limit)."
     )
     rate_multiplier: float = Field(
         1.0, gt=0, description="Scales every server's rate budget (0.5 halves them)."

@@ -82,7 +82,7 @@ def make_plan(settings: Settings, nodes: int, workers_per_node: int,
         control = state.policy.control
         rate = control.ceiling if control.ceiling is not None else control.max_rate
         if settings.politeness.max_rate_limit is None:
-            rate = min(rate, max(control.climb_from, control.rate, control.held or 0.0))
+            rate = min(rate, max(control.climb_from, control.rate))
         allowed = workers_allowed(settings.cluster.schedule_rules, state.total_batches) or workers
         by_rate = max(1, math.floor(rate / settings.cluster.min_worker_rate))
         count = max(1, min(allowed, by_rate, workers, state.total_batches))

@@ -22,15 +22,16 @@ of simulated time in milliseconds. The rules:
 - **Above the default rate, the server must earn each step** (`RateController.calm`): the
   engine raises a server past `default_rate_limit` (up to `max_rate_limit`, by default
   `max_rate_factor` times the default) by `CLIMB_STEP` at most (`rate_growth_factor` up to a
-  `max_rate_limit` the user set), and only after an interval in which the rate was used, no
-  throttle came, few first attempts failed (no burst of 5xx or timeouts) and its quickest
+  `max_rate_limit` the user set), and only after an interval in which the rate was used in
+  full (`CLIMB_USED_SHARE`), no throttle came, few first attempts failed (no burst of 5xx or
+  timeouts: at most `CLIMB_FAILURE_SHARE`, counted from `CLIMB_MIN_FAILURES`) and its quickest
   answers were not slower than its quickest ever (LEDBAT's base delay: queueing at the server
   shows there first). Answers that slow down, or failures beyond
   `CLIMB_FAILURE_SHARE`, step the rate back and stop the climb for `throttle_memory`; a
   throttle falls back as below the default. Connections never grow
   (`max_connections_per_server`): the climb stops where they cannot carry the rate. Why: the
   default is what the user accepted for any server; more is our initiative, so it stops at
-  the first sign of strain, before the server has to say so.
+  the first sign of strain, before the server has to say so, and is earned again in each run.
 - **A server failing everything is down** (`Breaker`): `breaker_failures` different URLs failing
   in a row, with no good answer between, open the breaker: the server is paused with growing
   back-off and probed one request at a time; a good answer closes it; after
@@ -60,6 +61,12 @@ from distributed_downloader.protocol import ServerNews
 # An interval counts as "held" only if the server was really asked at about that rate: a rate
 # nobody used says nothing about the server (TCP's congestion-window validation, RFC 7661).
 USED_SHARE = 0.5
+# Above the default rate an interval shows room only if it used nearly all of it (pacing runs a
+# little under the budget): a rate that our connections or cores cannot carry says nothing of
+# the server, and climbing on half-used rates would reach twice what the server ever saw.
+# (Judged over the time the interval's reports cover, not the interval: a 2-s interval may hold
+# three 1-s reports. 0.85: a step's first report still shows the rate before it, paced 5% under.)
+CLIMB_USED_SHARE = 0.85
 # An interval spans at least this many requests, so slow servers are judged on enough answers.
 REQUESTS_PER_INTERVAL = 4
 # The rate rests this far below the lowest rate that drew a throttle: close enough to use the
@@ -116,7 +123,14 @@ class RatePolicy:
     opt_out_server_after: int = 10
     warm_up_steps: int = 3
     overload_window: float = 20.0
-    climb_step: float = CLIMB_STEP  # the largest step above the default rate
+    # The user set max_rate_limit: the rates below it are vouched for (steps of
+    # rate_growth_factor above the default, and a rate that held restarts as it is).
+    max_rate_set_by_user: bool = False
+
+    @property
+    def climb_step(self) -> float:
+        """The largest step above the default rate."""
+        return self.growth_factor if self.max_rate_set_by_user else CLIMB_STEP
 
     @classmethod
     def from_settings(cls, politeness: PolitenessSettings) -> RatePolicy:
@@ -135,8 +149,7 @@ class RatePolicy:
             warm_up_steps=politeness.warm_up_steps,
             overload_window=politeness.overload_window,
             opt_out_server_after=politeness.opt_out_server_after,
-            climb_step=CLIMB_STEP if politeness.max_rate_limit is None
-            else politeness.rate_growth_factor,
+            max_rate_set_by_user=politeness.max_rate_limit is not None,
         )
 
 
@@ -268,10 +281,12 @@ class RateController:
     quickest: float = math.inf  # seconds: the server's quickest answer of the run
     slowed_at: float = -math.inf  # when the climb above climb_from last stepped back
     slowed_by: str = ""  # why: "slower answers" or "failures"
+    last_report: float = 0.0  # when the latest report came (each covers the time since the last)
+    reported_from: float = 0.0  # the time the interval's reports cover begins
 
     def __post_init__(self) -> None:
         self.memory = self.memory or self.policy.throttle_memory
-        self.interval_start = self.started
+        self.interval_start = self.last_report = self.reported_from = self.started
         self.climb_from = self.climb_from or self.rate
         self.rate = self._within(self.rate)
 
@@ -325,8 +340,11 @@ class RateController:
 
     def start_rate(self, default: float) -> float:
         """Where a run starts (and where this one would rest): what held, else `default`, below
-        the rate that drew a throttle."""
+        the rate that drew a throttle. A rate the engine climbed to on its own above the default
+        is earned again in each run: how the server was then says little of how it is now."""
         start = self.held or default
+        if not self.policy.max_rate_set_by_user:
+            start = min(start, self.climb_from)
         return min(start, self.ceiling) if self.ceiling is not None else start
 
     def learned(self) -> LearnedRate:
@@ -352,6 +370,7 @@ class RateController:
         """Requests the server saw since the last report, how many it answered well, and its
         quickest answer (seconds)."""
         self.asked_in_interval += requests
+        self.last_report = now
         if answered >= ANSWERS_FOR_LATENCY and math.isfinite(quickest):
             self.quickest_in_interval = max(self.quickest_in_interval, quickest)
         self.quickest = min(self.quickest, quickest)
@@ -370,17 +389,20 @@ class RateController:
         elapsed = now - self.interval_start
         if elapsed < self.interval():
             return False
-        used = self.asked_in_interval >= USED_SHARE * self.rate * elapsed
-        calm = not failing and self.calm(elapsed) and now - self.slowed_at >= self.memory
+        used = self._used(elapsed, USED_SHARE)
+        # Above the default a rate held only if it was used in full (else our side set the pace).
+        held = used and (self.rate <= self.climb_from or self._used_in_full())
+        calm = not failing and self.calm() and now - self.slowed_at >= self.memory
         slower = self.slower()
         self.start_interval(now)
         if (slower or failing) and self.rate > self.climb_from:
             return self._step_back(now, "slower answers" if slower else "failures")
         if not used:
             return False
-        self.held = max(self.held or 0.0, self.rate)
+        if held:
+            self.held = max(self.held or 0.0, self.rate)
         self.probing = False
-        if self.throttled_rate is not None and self.rate >= self.throttled_rate:
+        if held and self.throttled_rate is not None and self.rate >= self.throttled_rate:
             # A rate that drew a throttle is answered well now: the limit rose.
             self.throttled_rate, self.memory = None, self.policy.throttle_memory
         new, probe = self._next_rate(now)
@@ -391,12 +413,20 @@ class RateController:
         self.rate, self.probing = new, probe
         return True
 
-    def calm(self, elapsed: float) -> bool:
+    def calm(self) -> bool:
         """Whether the interval shows room above the default rate: the rate was used (a rate
         the connections or our cores cannot carry says nothing of the server) and answers came
         as quick as ever. (A throttle starts a new interval: it is never calm.)"""
-        used = self.asked_in_interval >= USED_SHARE * self.rate * elapsed
-        return used and not self.slower()
+        return self._used_in_full() and not self.slower()
+
+    def _used(self, elapsed: float, share: float) -> bool:
+        """Whether the server was asked at `share` of the rate or more during `elapsed`."""
+        return self.asked_in_interval >= share * self.rate * elapsed
+
+    def _used_in_full(self) -> bool:
+        """Whether the interval's reports show the server asked at nearly the whole rate."""
+        covered = self.last_report - self.reported_from
+        return covered > 0 and self.asked_in_interval >= CLIMB_USED_SHARE * self.rate * covered
 
     def slower(self) -> bool:
         """Whether the interval's quickest answers took clearly longer than the server's quickest
@@ -405,9 +435,10 @@ class RateController:
             self.quickest_in_interval > LATENCY_GROWTH * self.quickest + LATENCY_MARGIN
 
     def _step_back(self, now: float, why: str) -> bool:
-        """Undo the last step above the default: the server answered slower (or failed more)
-        at this rate, so it did not hold (nor is it kept as having held). No step up again for
-        a quiet while (`throttle_memory`), as after a throttle: no seesaw on its queue."""
+        """Step back above the default (by rate_growth_factor: more than a climb step, so the
+        server's queue drains): it answered slower (or failed more) at this rate, so the rate
+        did not hold (nor is it kept as having held). No step up again for a quiet while
+        (`throttle_memory`), as after a throttle: no seesaw on its queue."""
         self.slowed_at, self.slowed_by = now, why
         self.rate = self._within(max(self.climb_from, self.rate / self.policy.growth_factor))
         if self.held is not None:
@@ -469,6 +500,7 @@ class RateController:
     def start_interval(self, now: float) -> None:
         """A new interval of judging begins (a change, a pause, a restart)."""
         self.interval_start, self.asked_in_interval = now, 0
+        self.reported_from = self.last_report
         self.quickest_in_interval = -math.inf
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import fcntl
 import itertools
 import json
+import math
 import re
 import shlex
 import shutil
@@ -60,6 +61,10 @@ from distributed_downloader.writers import committed_rows
 
 CHAIN_FILE = "chain.json"
 STOP_CHAIN = 3  # exit code of `slurm period` when the chain is over: the job does not fetch
+# A period signalled this soon after it started was stopped before it could make progress
+# (start-up: the ranks start and import, robots.txt, first contact), not broken. A period that
+# hangs is signalled near its limit, long after: no row and no request then stall the chain.
+STARTUP_SECONDS = 120.0
 ACTIVE_STATES = frozenset({"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED",
                            "REQUEUED", "RESIZING"})
 # A period that sends requests but commits no row is normal when its servers are slow or paused
@@ -84,9 +89,10 @@ class ChainJob:
     requests: int | None = None  # sent to servers by its fetch; 0 when no summary says so
     waiting: list[str] = field(default_factory=list)  # what its fetch waited on at its end
     out_of_space: str = ""  # its fetch stopped on a full disk: the line it printed
-    # Slurm's time-limit signal reached it. Slurm sends it up to a minute early (it checks
-    # limits every 30 s), so a short period may be stopped before its first request.
-    signalled: bool = False
+    # Slurm's time-limit signal reached it within STARTUP_SECONDS of its start: Slurm sends it
+    # up to a minute early (it checks limits every 30 s), so a short period may be stopped
+    # before its first request; that is not a broken setup.
+    stopped_early: bool = False
 
 
 @dataclass
@@ -203,6 +209,7 @@ def job_scripts(settings: Settings, layout: RunLayout) -> dict[str, str]:
         f"ranks=$(( SLURM_JOB_NUM_NODES * {settings.cluster.workers_per_node} + 1 ))",
         f"{_launcher(settings)} {_command('fetch', out, '--executor', 'mpi', *fetch_flags)} &",
         "launched=$!",
+        "if [ $stopping = 1 ]; then kill -USR1 $launched 2>/dev/null; fi  # signalled meanwhile",
         "while true; do",
         "    wait $launched; status=$?",
         "    kill -0 $launched 2>/dev/null || break",
@@ -379,7 +386,15 @@ def _judge(layout: RunLayout, job: ChainJob, done: int) -> None:
         job.requests = 0
     job.waiting = _waited_on(summary)
     job.out_of_space = str(summary.get("out_of_space") or "")
-    job.signalled = _signal_marker(layout, job.id).exists()
+    job.stopped_early = _signalled_at(layout, job.id) - job.started < STARTUP_SECONDS
+
+
+def _signalled_at(layout: RunLayout, job_id: str) -> float:
+    """When Slurm's time-limit signal reached the job (its marker's time), or +inf."""
+    try:
+        return _signal_marker(layout, job_id).stat().st_mtime
+    except FileNotFoundError:
+        return math.inf
 
 
 def _signal_marker(layout: RunLayout, job_id: str) -> Path:
@@ -390,7 +405,7 @@ def _signal_marker(layout: RunLayout, job_id: str) -> Path:
 def _stall_reason(started: list[ChainJob], stall_periods: int) -> str:
     """Why the chain stalls after the judged periods `started`, or "" when it goes on."""
     last = started[-1]
-    if last.rows_committed == 0 and not last.requests and not last.signalled:
+    if last.rows_committed == 0 and not last.requests and not last.stopped_early:
         return (f"period {last.period} made no progress: it committed no row and sent no "
                 f"request{_waiting_text(last)}; see its log")
     idle = list(itertools.takewhile(lambda job: job.rows_committed == 0, reversed(started)))
@@ -400,9 +415,9 @@ def _stall_reason(started: list[ChainJob], stall_periods: int) -> str:
     if requests:
         why = f"though they sent {requests:,} requests{_waiting_text(last)}"
     else:  # each stopped by the time-limit signal before its first request
-        why = ("and sent no request: each was stopped by Slurm's time-limit signal first "
-               "(Slurm may send it up to a minute before time_limit - stop_margin: "
-               "give each period more time)")
+        why = ("and sent no request: each was stopped by Slurm's time-limit signal as it "
+               "started (Slurm may send it up to a minute before time_limit - stop_margin: "
+               f"give each period more time){_waiting_text(last)}")
     return (f"periods {idle[-1].period}-{last.period} committed no row in {len(idle)} "
             f"periods in a row {why}; see their logs")
 

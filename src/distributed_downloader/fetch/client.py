@@ -90,7 +90,7 @@ class BodyBudget:
     async def admit(self) -> int:
         """Reserve a request's expected body, waiting for room; the bytes reserved."""
         while (amount := self.try_admit()) is None:
-            await self._wait()
+            await self.wait_for_room()
         return amount
 
     async def settle(self, claim: Claim, size: int | None) -> None:
@@ -108,7 +108,7 @@ class BodyBudget:
         self._bodies_waiting += 1
         try:
             while not self._fits(amount):
-                await self._wait()
+                await self.wait_for_room()
         finally:
             self._bodies_waiting -= 1
             self._room.set()  # requests held back for this body may go now
@@ -123,7 +123,8 @@ class BodyBudget:
     def _fits(self, amount: int) -> bool:
         return not self.used or self.used + amount <= self.limit
 
-    async def _wait(self) -> None:
+    async def wait_for_room(self) -> None:
+        """Until some of the budget is released (then try again)."""
         self._room.clear()
         await self._room.wait()
 

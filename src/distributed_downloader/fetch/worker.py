@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 
-from distributed_downloader.chunks import committed_rows
+from distributed_downloader.chunks import committed_uuids_and_counts
 from distributed_downloader.config import Settings
 from distributed_downloader.errors import ErrorCode, Failure, OutOfSpace
 from distributed_downloader.stop_signals import STOP_SIGNALS, stop_signalled
@@ -300,7 +300,7 @@ class Worker:
         Also returns the (successes, errors) committed by an earlier run: not this one's."""
         files = self.layout.batch_files(batch.server_name, batch.partition_id)
         remove_stale_temporaries(files)
-        done, earlier = committed_rows(files)
+        done, earlier = committed_uuids_and_counts(files)
         rows = rows_not_done(self.layout, batch, done)
         left = await reuse_earlier(rows, writer, self.settings.prep.previous_mode == "copy",
                                    self.pool)
@@ -413,18 +413,15 @@ class Worker:
         """Wait for a connection of the server's share, its next send time and room for the
         answer in the body budget; returns the bytes reserved for it. When room had to be
         awaited, so is a new send time: a request never leaves long after its own, too close
-        to the next one's."""
+        to the next one's. Nothing is reserved while waiting: a server paused for minutes
+        holds no room that other servers' answers need."""
         await slot.acquire()
         budget = self.client.budget
-        reserved = budget.try_admit()
-        if reserved is not None:
-            return reserved
-        reserved = 0
         try:
-            reserved = await budget.admit()
-            await slot.pace()
+            while (reserved := budget.try_admit()) is None:
+                await budget.wait_for_room()
+                await slot.pace()
         except BaseException:
-            budget.release(reserved)
             slot.release()
             raise
         return reserved

@@ -14,7 +14,7 @@ import queue
 import threading
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -371,10 +371,12 @@ class _Failed:
 _END = object()
 
 
-def _read_ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
+def _read_ahead(items: Iterator[Any], depth: int,
+                interrupt: Callable[[], None] | None = None) -> Iterator[Any]:
     """`items`, pulled on a thread of their own at most `depth` ahead of the caller (the pull
     stops, and its thread is joined, when the caller stops iterating; its error is raised in
-    the caller)."""
+    the caller). A pull still busy then is `interrupt`ed until it ends (DuckDB forgets an
+    interrupt sent between two queries, so once is not enough)."""
     ahead: queue.Queue = queue.Queue(depth)
     stopped = threading.Event()
 
@@ -405,7 +407,11 @@ def _read_ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
             yield item
     finally:
         stopped.set()
-        thread.join()
+        thread.join(0.1)
+        while thread.is_alive():
+            if interrupt is not None:
+                interrupt()
+            thread.join(0.1)
 
 
 def _cut_batches(con: duckdb.DuckDBPyConnection, cutter: BatchCutter, staging: list[Path],
@@ -414,14 +420,11 @@ def _cut_batches(con: duckdb.DuckDBPyConnection, cutter: BatchCutter, staging: l
     time, the next file sorted while the last one's rows are cut."""
     con.execute("SET preserve_insertion_order = true")  # for the projection after the sort
     batches = _read_ahead(_sorted_batches(con, staging, uuids, keep_columns, reuse),
-                          BATCHES_AHEAD)
+                          BATCHES_AHEAD, interrupt=con.interrupt)
     try:
         for rows in batches:
             cutter.add(rows)
         return cutter.finish()
-    except BaseException:
-        con.interrupt()  # a sort under way on the other thread ends now, not when it is done
-        raise
     finally:
         batches.close()  # the DuckDB connection is used by no other thread from here
         cutter.close()
