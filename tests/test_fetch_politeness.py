@@ -200,9 +200,11 @@ def test_a_mix_of_faults_ends_with_every_image_stored_and_no_server_overloaded(
             profiles = {row["server_name"]: row for row in csv.DictReader(handle)}
         assert float(profiles[advertising.address]["max_rate_limit"]) == 4
         for server in (big, small):  # what held is kept, not a rate driven down by failures
-            # (a budget: requests go 5% under it, so one that held can be 5% over the limit)
+            # (a budget: requests go 5% under it, and a sliding 1-s limit lets an interval at
+            # 8.25/s through when its requests fall between the windows' edges: one that held
+            # can be up to 10% over the limit; the run restarts below the rate that drew a 429)
             assert 0.5 * server.spec.rate_limit <= float(
-                profiles[server.address]["rate_held"]) <= 1.05 * server.spec.rate_limit
+                profiles[server.address]["rate_held"]) <= 1.1 * server.spec.rate_limit
 
 
 def test_status_says_what_the_run_waits_for(tmp_path: Path) -> None:
