@@ -11,6 +11,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -127,19 +128,28 @@ def test_a_period_that_sent_no_request_stalls_and_says_what_it_waited_on(
     assert chain.downloads[0].requests == 0 and len(chain.downloads[0].waiting) == 4
 
 
-def test_periods_that_send_requests_but_never_commit_a_row_stall_after_three(
-        prepared: Settings) -> None:
-    settings = prepared.model_copy(update={"num_downloads": 10})
+def periods_until_stopped(settings: Settings,
+                          end: Callable[[str], None]) -> tuple[list[bool], str]:
+    """Start periods of a new chain, each ended by `end(job id)`, until one does not fetch
+    (two more than stall_periods at most): whether each fetched, and the last reason."""
     job = slurm.submit_chain(settings).downloads[0].id
-    decisions = []
+    decisions, reason = [], ""
     for _ in range(settings.cluster.stall_periods + 2):
         fetch, reason = slurm.start_period(settings, job)
         decisions.append(fetch)
         if not fetch:
             break
-        fetch_ended(settings, requests=5, waiting=[
-            {"server": "a.example", "reason": "retry_delay", "seconds_left": 30}])
+        end(job)
         job = next_period(settings)
+    return decisions, reason
+
+
+def test_periods_that_send_requests_but_never_commit_a_row_stall_after_three(
+        prepared: Settings) -> None:
+    settings = prepared.model_copy(update={"num_downloads": 10})
+    decisions, reason = periods_until_stopped(settings, lambda job: fetch_ended(
+        settings, requests=5,
+        waiting=[{"server": "a.example", "reason": "retry_delay", "seconds_left": 30}]))
     # Periods 1-3 fetch; period 4 finds three periods in a row without a committed row.
     assert decisions == [True] * settings.cluster.stall_periods + [False]
     stall = settings.cluster.stall_periods
@@ -155,16 +165,12 @@ def test_periods_stopped_by_the_limit_before_a_request_go_on_then_stall_saying_w
     stall_periods such periods in a row say the periods are too short."""
     settings = prepared.model_copy(update={"num_downloads": 10})
     layout = slurm.RunLayout(settings.paths.output)
-    job = slurm.submit_chain(settings).downloads[0].id
-    decisions = []
-    for _ in range(settings.cluster.stall_periods + 2):
-        fetch, reason = slurm.start_period(settings, job)
-        decisions.append(fetch)
-        if not fetch:
-            break
-        (slurm.slurm_folder(layout) / "logs" / f"signalled-{job}").touch()  # the job's trap
+
+    def stopped_at_once(job: str) -> None:
+        slurm.signalled_marker(layout, job).touch()  # as the job's trap does
         fetch_ended(settings, requests=0)
-        job = next_period(settings)
+
+    decisions, reason = periods_until_stopped(settings, stopped_at_once)
     assert decisions == [True] * settings.cluster.stall_periods + [False]
     assert "periods 1-3 committed no row in 3 periods in a row and sent no request" in reason
     assert "stopped by Slurm's time-limit signal as it started" in reason
@@ -179,7 +185,7 @@ def test_a_period_signalled_near_its_limit_without_a_request_stalls_at_once(
     first = slurm.submit_chain(prepared).downloads[0].id
     assert slurm.start_period(prepared, first)[0]
     started = slurm.read_chain(layout).downloads[0].started
-    marker = slurm.slurm_folder(layout) / "logs" / f"signalled-{first}"
+    marker = slurm.signalled_marker(layout, first)
     marker.touch()
     os.utime(marker, (started + 3600, started + 3600))
     fetch_ended(prepared, requests=0)

@@ -19,7 +19,7 @@ of simulated time in milliseconds. The rules:
   tries keep drawing 429s, at most `throttle_memory_max`), so a limit that rises is found again.
   A throttle above a rate that held falls back to that rate instead of halving, and never
   to one within `CEILING_SHARE` of the limit the throttle showed.
-- **Above the default rate, the server must earn each step** (`RateController.calm`): the
+- **Above the default rate, the server must earn each step** (`RateController.tick`): the
   engine raises a server past `default_rate_limit` (up to `max_rate_limit`, by default
   `max_rate_factor` times the default) by `CLIMB_STEP` at most (`rate_growth_factor` up to a
   `max_rate_limit` the user set), and only after an interval in which the rate was used in
@@ -390,10 +390,12 @@ class RateController:
         if elapsed < self.interval():
             return False
         used = self._used(elapsed, USED_SHARE)
+        in_full, slower = self._used_in_full(), self.slower()
         # Above the default a rate held only if it was used in full (else our side set the pace).
-        held = used and (self.rate <= self.climb_from or self._used_in_full())
-        calm = not failing and self.calm() and now - self.slowed_at >= self.memory
-        slower = self.slower()
+        held = used and (self.rate <= self.climb_from or in_full)
+        # Room shown above the default: used in full, answers as quick as ever, no burst of
+        # failures, and no step back of late. (A throttle starts a new interval: never calm.)
+        calm = in_full and not slower and not failing and now - self.slowed_at >= self.memory
         self.start_interval(now)
         if (slower or failing) and self.rate > self.climb_from:
             return self._step_back(now, "slower answers" if slower else "failures")
@@ -413,18 +415,13 @@ class RateController:
         self.rate, self.probing = new, probe
         return True
 
-    def calm(self) -> bool:
-        """Whether the interval shows room above the default rate: the rate was used (a rate
-        the connections or our cores cannot carry says nothing of the server) and answers came
-        as quick as ever. (A throttle starts a new interval: it is never calm.)"""
-        return self._used_in_full() and not self.slower()
-
     def _used(self, elapsed: float, share: float) -> bool:
         """Whether the server was asked at `share` of the rate or more during `elapsed`."""
         return self.asked_in_interval >= share * self.rate * elapsed
 
     def _used_in_full(self) -> bool:
-        """Whether the interval's reports show the server asked at nearly the whole rate."""
+        """Whether the interval's reports show the server asked at nearly the whole rate (a rate
+        the connections or our cores cannot carry says nothing of the server)."""
         covered = self.last_report - self.reported_from
         return covered > 0 and self.asked_in_interval >= CLIMB_USED_SHARE * self.rate * covered
 

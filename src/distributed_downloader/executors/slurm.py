@@ -65,6 +65,7 @@ STOP_CHAIN = 3  # exit code of `slurm period` when the chain is over: the job do
 # (start-up: the ranks start and import, robots.txt, first contact), not broken. A period that
 # hangs is signalled near its limit, long after: no row and no request then stall the chain.
 STARTUP_SECONDS = 120.0
+SIGNALLED_PREFIX = "signalled-"  # + the job id: the marker a period's script leaves (see above)
 ACTIVE_STATES = frozenset({"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED",
                            "REQUEUED", "RESIZING"})
 # A period that sends requests but commits no row is normal when its servers are slow or paused
@@ -113,6 +114,11 @@ def slurm_folder(layout: RunLayout) -> Path:
     return layout.root / "slurm"
 
 
+def logs_folder(layout: RunLayout) -> Path:
+    """The jobs' logs, and the markers their scripts leave (`signalled_marker`)."""
+    return slurm_folder(layout) / "logs"
+
+
 def read_chain(layout: RunLayout) -> Chain:
     path = slurm_folder(layout) / CHAIN_FILE
     if not path.exists():
@@ -152,7 +158,7 @@ def _command(*args: object) -> str:
 
 
 def _header(settings: Settings, layout: RunLayout, kind: str, lines: list[str]) -> list[str]:
-    logs = slurm_folder(layout) / "logs"
+    logs = logs_folder(layout)
     header = ["#!/bin/bash", f"#SBATCH --job-name=dd-{kind}",
               f"#SBATCH --output={logs}/%x-%j.out", "#SBATCH --open-mode=append"]
     if settings.cluster.account:
@@ -197,8 +203,7 @@ def job_scripts(settings: Settings, layout: RunLayout) -> dict[str, str]:
         "# Slurm's warning before the time limit (up to a minute early): note it for the next",
         "# period (this one was stopped, not broken) and pass it on: the ranks flush and exit.",
         "stopping=0",
-        f"signalled={shlex.quote(str(_signal_marker(layout, 'JOB').parent))}"
-        "/signalled-$SLURM_JOB_ID",
+        f"signalled={shlex.quote(str(logs_folder(layout)))}/{SIGNALLED_PREFIX}$SLURM_JOB_ID",
         "trap 'stopping=1; : > \"$signalled\"; "
         "[ -n \"${launched:-}\" ] && kill -USR1 $launched 2>/dev/null' USR1",
         "# Queue the next period behind this one, or end the chain when nothing is left.",
@@ -270,7 +275,7 @@ def _submit(layout: RunLayout, settings: Settings, run_profile: bool) -> Chain:
                         "or `slurm cancel` it first")
     _refuse_while_written(layout)
     folder = slurm_folder(layout)
-    (folder / "logs").mkdir(parents=True, exist_ok=True)
+    logs_folder(layout).mkdir(parents=True, exist_ok=True)
     save_settings(settings)
     scripts = {}
     for kind, text in job_scripts(settings, layout).items():
@@ -392,14 +397,14 @@ def _judge(layout: RunLayout, job: ChainJob, done: int) -> None:
 def _signalled_at(layout: RunLayout, job_id: str) -> float:
     """When Slurm's time-limit signal reached the job (its marker's time), or +inf."""
     try:
-        return _signal_marker(layout, job_id).stat().st_mtime
+        return signalled_marker(layout, job_id).stat().st_mtime
     except FileNotFoundError:
         return math.inf
 
 
-def _signal_marker(layout: RunLayout, job_id: str) -> Path:
+def signalled_marker(layout: RunLayout, job_id: str) -> Path:
     """Written by a period's job script when Slurm's time-limit signal reaches it."""
-    return slurm_folder(layout) / "logs" / f"signalled-{job_id}"
+    return logs_folder(layout) / f"{SIGNALLED_PREFIX}{job_id}"
 
 
 def _stall_reason(started: list[ChainJob], stall_periods: int) -> str:
@@ -537,6 +542,6 @@ def submit_tool(settings: Settings, name: str, options: list[str]) -> str:
         f"exec {_launcher(settings)} "
         f"{_command('tools', name, layout.root, '--executor', 'mpi', *options)}"]
     script = slurm_folder(layout) / f"tool-{name}.sbatch"
-    (slurm_folder(layout) / "logs").mkdir(parents=True, exist_ok=True)
+    logs_folder(layout).mkdir(parents=True, exist_ok=True)
     atomic_write_text(script, "\n".join(lines) + "\n")
     return sbatch(script)

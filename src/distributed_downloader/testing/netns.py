@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,7 @@ def in_loopback_namespace() -> None:
     starts (img2dataset included) can reach beyond this machine."""
     if os.environ.get("BENCH_NETNS") or os.geteuid() != 0 or not shutil.which("unshare"):
         return
-    command = " ".join([sys.executable, *map(lambda a: f"'{a}'", sys.argv)])
+    command = shlex.join([sys.executable, *sys.argv])
     env = {**os.environ, "BENCH_NETNS": "1"}
     sys.exit(subprocess.call(["unshare", "-n", "sh", "-c", f"ip link set lo up && {command}"],
                              env=env))
