@@ -26,6 +26,9 @@ RATE = 3  # requests/s per server: the whole fetch takes about PER_SERVER / RATE
 # Seconds after the fetch starts: during the imports and planning (to ~0.7 s here), while the
 # workers are spawned and import (to ~2 s), and as their first requests go out.
 MOMENTS = (0.3, 0.45, 0.6, 0.7, 0.75, 0.85, 1.0, 1.5, 2.5)
+# And seconds after the executor is seen running (its first progress line), whatever the
+# machine's speed: as the workers start and as their first requests go out.
+AFTER_EXECUTOR_STARTS = (0.0, 0.5)
 
 
 def fetch_command(out: Path) -> list[str]:
@@ -69,11 +72,15 @@ def test_a_stop_signal_while_the_fetch_starts_ends_it(target: str, tmp_path: Pat
         prepared = sorted(read_batches(out).column("uuid").to_pylist())
         assert len(prepared) == len(urls)
         executor_reached = 0
-        for moment in MOMENTS:
+        for moment, after_executor in [(m, False) for m in MOMENTS] + \
+                [(m, True) for m in AFTER_EXECUTOR_STARTS]:
             before, history = image_requests(farm), progress_lines(out)
             child = subprocess.Popen(fetch_command(out), stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True, start_new_session=True)
             started = time.monotonic()
+            if after_executor:
+                while progress_lines(out) == history and time.monotonic() < started + 60:
+                    time.sleep(0.02)
             time.sleep(moment)
             if target == "process group":
                 os.killpg(child.pid, signal.SIGTERM)
