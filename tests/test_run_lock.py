@@ -43,9 +43,9 @@ def slow_farm():
         yield farm, urls
 
 
-def fetch_command(out: Path, rate: float = 10) -> list[str]:
+def fetch_command(out: Path, rate: float = 10, *more: str) -> list[str]:
     return [sys.executable, "-m", "distributed_downloader", "fetch", str(out), "--workers", "2",
-            "--default-rate-limit", str(rate), *map(str, FAST_FETCH)]
+            "--default-rate-limit", str(rate), *map(str, FAST_FETCH), *more]
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +234,10 @@ def test_contenders_for_one_lock_have_one_winner(tmp_path: Path, case: str) -> N
 
 def test_writers_are_refused_while_a_fetch_runs_and_readers_are_not(prepared) -> None:
     source, out = prepared
-    fetching = subprocess.Popen(fetch_command(out, rate=5), stdout=subprocess.PIPE,
+    # Held at 2/s a server (no climb), the fetch lasts ~50 s: longer than the calls below on
+    # any machine; the test stops it when done.
+    fetching = subprocess.Popen(fetch_command(out, 2, "--max-rate-limit", "2"),
+                                stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: committed(out) >= 1)
