@@ -145,7 +145,9 @@ def test_servers_were_not_overloaded(farm_run) -> None:
         assert server.peak_per_second() <= 1.2 * LIMIT, host
         requests += len(server.log)
         throttled += server.status_count(429)
-    assert throttled <= 0.02 * requests
+    # Paced 5% under a strict sliding 1-s limit, a request delayed on a busy machine may land
+    # in the same second as the next: a couple of 429s, never a pattern.
+    assert throttled <= max(2, 0.02 * requests), (throttled, requests)
 
 
 def test_images_are_resized_oriented_and_flattened(farm_run) -> None:
