@@ -25,7 +25,7 @@ PER_SERVER = 30
 RATE = 3  # requests/s per server: the whole fetch takes about PER_SERVER / RATE = 10 s
 # Seconds after the fetch starts: during the imports and planning (to ~0.7 s here), while the
 # workers are spawned and import (to ~2 s), and as their first requests go out.
-MOMENTS = (0.3, 0.45, 0.6, 0.7, 0.75, 0.85, 1.0, 1.5, 2.5)
+MOMENTS = (0.3, 0.6, 0.7, 0.85, 1.0, 1.5, 2.5)
 # And seconds after the executor is seen running (its first progress line), whatever the
 # machine's speed: as the workers start and as their first requests go out.
 AFTER_EXECUTOR_STARTS = (0.0, 0.5)
