@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import sys
 import time
 import types
@@ -563,6 +564,9 @@ def slurm_tool(name: str, output: Path, new_resize_size: int | None,
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
+        # What is left is freed at exit all the same: frozen, it spares the interpreter's last
+        # garbage collections a walk over every object (~0.15 s, a fixed cost of each command).
+        gc.freeze()
     except click.exceptions.Abort:
         err_console.print("aborted")
         sys.exit(130)

@@ -212,19 +212,25 @@ class BatchCutter:
     def _write(self, rows: pa.Table) -> None:
         server = self.servers[-1]
         folder = batch_folder(self.root, server.server_name, server.batches)
-        folder.mkdir(parents=True, exist_ok=True)
-        table = rows.drop_columns(["server_id"]).cast(self.schema)
         while len(self._writes) >= 2 * WRITE_THREADS:
             self._writes.popleft().result()
-        self._writes.append(self._pool.submit(
-            pq.write_table, table, folder / BATCH_FILE_NAME, compression=PARQUET_COMPRESSION,
-            use_dictionary=self._dictionary))
+        self._writes.append(self._pool.submit(self._write_file, rows, folder))
         server.rows += len(rows)
         server.batches += 1
-        if "reuse_from" in table.column_names:
-            reused = pc.or_(pc.is_valid(table["reuse_from"]),
-                            pc.is_valid(table["reuse_error_code"]))
+        if "reuse_from" in rows.column_names:
+            reused = pc.or_(pc.is_valid(rows["reuse_from"]),
+                            pc.is_valid(rows["reuse_error_code"]))
             server.reused_rows += pc.sum(reused).as_py() or 0
+
+    def _write_file(self, rows: pa.Table, folder: Path) -> None:
+        """One batch file, on a write thread: what can wait (the folder, the columns, the
+        compression) is done there, so that the thread cutting the rows moves on."""
+        table = rows.drop_columns(["server_id"])
+        if table.schema != self.schema:
+            table = table.cast(self.schema)
+        folder.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, folder / BATCH_FILE_NAME, compression=PARQUET_COMPRESSION,
+                       use_dictionary=self._dictionary)
 
     def finish(self) -> list[ServerBatches]:
         self._flush(final=True)
