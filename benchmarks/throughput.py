@@ -21,6 +21,8 @@ Reported, on the same cores and images, with image_size 720, in one run:
                  the climb above it that fast servers earn: max_rate_factor)
   img2dataset    the same URL list; installed from PyPI into benchmarks/work/img2dataset-venv
                  when missing
+Also printed: the CPU time of ours (user + system, workers included), which other load on the
+machine weighs on less than on the clock; with --timeline, the requests per 0.5 s of its run.
 With --memory it downloads the same URLs again with batch sizes of a tenth and all of them,
 and reports the peak RSS of the busiest worker for each.
 
@@ -34,6 +36,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -84,6 +87,26 @@ def run(command: list[str], env: dict | None = None) -> float:
     with open(WORK / "throughput.log", "a") as log:  # progress lines, kept out of the table
         subprocess.run(command, check=True, stdout=log, stderr=log, env=env)
     return time.monotonic() - started
+
+
+def children_cpu() -> float:
+    """CPU seconds (user + system) of the commands run so far, their workers included."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timeline(farm, started: float, seconds: float) -> None:  # noqa: ANN001
+    """Requests the farm received per half second of the run, robots.txt included: where the
+    run waits (start-up, first contact, bursts, the tail)."""
+    times = sorted(record.time - started for server in farm.servers for record in server.log)
+    counts = [0] * (int(seconds * 2) + 1)
+    for moment in times:
+        counts[min(len(counts) - 1, max(0, int(moment * 2)))] += 1
+    print(f"first request {times[0]:.2f} s, last {times[-1]:.2f} s, exit {seconds:.2f} s; "
+          "requests per 0.5 s:", flush=True)
+    for row in range(0, len(counts), 20):
+        print(f"  {row / 2:5.1f} s: " + " ".join(f"{count:3d}" for count in counts[row:row + 20]),
+              flush=True)
 
 
 def ours(urls: Path, out: Path, cores: int, batch_size: int = 10_000,
@@ -161,6 +184,8 @@ def main() -> None:
     parser.add_argument("--images", type=int)
     parser.add_argument("--skip-img2dataset", action="store_true")
     parser.add_argument("--memory", action="store_true")
+    parser.add_argument("--timeline", action="store_true",
+                        help="also print the requests the farm received per 0.5 s of ours")
     parser.add_argument("--default-politeness", action="store_true",
                         help="ours without rate flags, as a user who sets none")
     args = parser.parse_args()
@@ -183,12 +208,17 @@ def main() -> None:
         lines = serve(farm, bodies, images)
         urls = WORK / f"throughput-{args.mix}-urls.txt"
         urls.write_text("\n".join(lines[:images]) + "\n")
+        cpu, wall = children_cpu(), time.time()
         seconds, summary = ours(urls, WORK / "out-ours", cores,
                                 default_politeness=args.default_politeness)
+        cpu = children_cpu() - cpu
         mine = images / seconds
         print(f"ours: {mine:.1f} images/s ({summary['successes']} stored in {seconds:.1f} s), "
               f"{mine / top:.0%} of {cores}x the best path; worker peak RSS "
-              f"{summary.get('worker_peak_rss_mib')} MiB", flush=True)
+              f"{summary.get('worker_peak_rss_mib')} MiB; CPU {cpu:.1f} s "
+              f"({cpu / images * 1000:.1f} ms per image)", flush=True)
+        if args.timeline:
+            timeline(farm, wall, seconds)
         if not args.skip_img2dataset:
             result = img2dataset(urls, WORK / "out-img2dataset", cores)
             if result:

@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -67,6 +68,20 @@ def extension(image_format: str | None) -> str:
     return EXTENSIONS.get(image_format or "", image_format or "bin")
 
 
+def binary_column(images: list[bytes | None]) -> pa.Array:
+    """The images as an Arrow column, copied once into one buffer. `pa.array` copies them one
+    by one into a buffer it keeps growing, on the event loop: 2-3x the CPU (a 16 MiB chunk of
+    light images, ~25 ms instead of ~9)."""
+    sizes = [len(image) for image in images if image is not None]
+    if len(sizes) < len(images) or sum(sizes) >= 1 << 31:  # nulls, or past int32 offsets
+        return pa.array(images, pa.binary())
+    offsets = np.zeros(len(images) + 1, dtype=np.int32)
+    np.cumsum(sizes, out=offsets[1:])
+    data = b"".join(images)  # type: ignore[arg-type]  # no None here
+    return pa.Array.from_buffers(pa.binary(), len(images),
+                                 [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+
+
 class ParquetSink:
     """Images inside the chunk (`image` column): the chunk is all there is to write."""
 
@@ -75,7 +90,7 @@ class ParquetSink:
     def commit(self, chunk: Path, index: pa.Table, images: list[bytes | None]) -> None:
         """Commit a successes chunk: `index` (every column but `image`) and its images."""
         position = min(SUCCESSES.get_field_index("image"), index.num_columns)
-        write_chunk(index.add_column(position, "image", pa.array(images, pa.binary())), chunk)
+        write_chunk(index.add_column(position, "image", binary_column(images)), chunk)
 
     def holds(self, chunk: Path) -> bool:
         return False  # rows of a Parquet chunk carry their image: nothing to look up

@@ -77,10 +77,14 @@ DECODE_BACKLOG_PER_THREAD = 4
 # Allocations from this size up get their own mapping, returned when freed. glibc would raise
 # the threshold to the largest block freed (up to 32 MiB), after which decoders' buffers come
 # from the heap and their holes stay resident: a mix of large images then peaked at 660 MiB
-# instead of 300 (benchmarks/decode_memory.py --scenario mix). At 128 KiB rather than 1 MiB,
-# socket reads (256 KiB), bodies and stored images also come and go as mappings instead of
-# leaving holes in the heap: a camera-size run's workers hold ~60 MiB less (issue 14).
-MMAP_THRESHOLD = 128 << 10
+# instead of 300 (benchmarks/decode_memory.py --scenario mix). Not lower: every mapping is
+# fresh pages that the kernel zeroes and faults in, and at 128 KiB each web image's bodies and
+# pixel buffers were mappings: 1 ms of system time per light image, 10% of the worker's CPU.
+MMAP_THRESHOLD = 2 << 20
+# Free memory at the top of the heap kept for the next images rather than given back at once
+# (fixing MMAP_THRESHOLD also fixes this at glibc's 128 KiB, which gave back and faulted in
+# again the pages of nearly every image); a bound on what a worker keeps unused.
+TRIM_THRESHOLD = 8 << 20
 GIVEN_UP = Failure(ErrorCode.SERVER_UNAVAILABLE, "server given up")
 
 
@@ -94,12 +98,14 @@ class Channel(Protocol):
 
 
 def tune_allocator() -> None:
-    """Few malloc arenas: each decode thread would otherwise keep its own high-water mark; and
-    a fixed mmap threshold, so that freed pixel buffers go back to the system at once."""
+    """Few malloc arenas: each decode thread would otherwise keep its own high-water mark; a
+    fixed mmap threshold, so that large freed pixel buffers go back to the system at once; and
+    a little free heap kept, so that a web image's buffers are reused, not faulted in again."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-8, 2)  # M_ARENA_MAX
         libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD; fixing it stops glibc raising it
+        libc.mallopt(-1, TRIM_THRESHOLD)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass
     # Arrow's own pool keeps freed chunk buffers for reuse; the system's gives them back.
