@@ -48,7 +48,8 @@ def quietly(command: list[str]) -> None:
         sys.exit(f"{' '.join(command)} failed:\n{done.stdout}{done.stderr}")
 
 
-def fetch(farm: object, images: int, bodies: list[bytes], out: Path) -> tuple[float, dict]:
+def fetch(farm: object, images: int, bodies: list[bytes], out: Path,
+          ) -> tuple[float, float, dict]:
     """prep (not timed) and fetch of `images` URLs spread evenly over the farm's servers."""
     servers = farm.servers  # type: ignore[attr-defined]
     lines = []
@@ -63,11 +64,11 @@ def fetch(farm: object, images: int, bodies: list[bytes], out: Path) -> tuple[fl
     urls.write_text("\n".join(lines) + "\n")
     base = [sys.executable, "-m", "distributed_downloader"]
     quietly([*base, "prep", str(urls), "--output", str(out)])
-    started = time.monotonic()
+    started, started_at = time.monotonic(), time.time()
     quietly([*base, "fetch", str(out), "--default-rate-limit", "100000",
              "--allow-network", "127.0.0.0/8"])
     seconds = time.monotonic() - started
-    return seconds, json.loads((out / "fetch_summary.json").read_text())
+    return seconds, started_at, json.loads((out / "fetch_summary.json").read_text())
 
 
 def most_servers_at_once(servers: list) -> int:
@@ -81,11 +82,33 @@ def most_servers_at_once(servers: list) -> int:
                 for moment, _ in spans), default=0)
 
 
+def timeline(servers: list, started_at: float) -> None:
+    """Second by second from the fetch's start: image requests, robots.txt requests, servers
+    asked for their first image, and servers between their first and last image request."""
+    spans, robots = [], []
+    for server in servers:
+        robots += [record.time for record in server.log if record.path == "/robots.txt"]
+        times = [record.time for record in server.image_requests()]
+        if times:
+            spans.append((min(times), max(times)))
+    images = sorted(t for server in servers for t in (r.time for r in server.image_requests()))
+    end = int(max(images) - started_at) + 1 if images else 0
+    print("    s  images  robots  first  in-flight")
+    for second in range(end):
+        low, high = started_at + second, started_at + second + 1
+        print(f"{second:5d} {sum(low <= t < high for t in images):7d} "
+              f"{sum(low <= t < high for t in robots):7d} "
+              f"{sum(low <= start < high for start, _ in spans):6d} "
+              f"{sum(start < high and end >= low for start, end in spans):10d}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--hosts", type=int, default=240)
     parser.add_argument("--few", type=int, default=4)
+    parser.add_argument("--timeline", action="store_true",
+                        help="print each second's requests and servers in flight")
     args = parser.parse_args()
     in_loopback_namespace()
     from distributed_downloader.testing.farm import Farm, ServerSpec
@@ -96,9 +119,11 @@ def main() -> None:
     seconds = {}
     for count in (args.few, args.hosts):
         with Farm([ServerSpec(host) for host in hosts(count)]) as farm:
-            seconds[count], summary = fetch(farm, args.images, bodies,
-                                            WORK / f"many-servers-{count}")
+            seconds[count], started_at, summary = fetch(farm, args.images, bodies,
+                                                        WORK / f"many-servers-{count}")
             at_once = most_servers_at_once(farm.servers)
+            if args.timeline:
+                timeline(farm.servers, started_at)
         print(f"{count:>4} servers: {seconds[count]:.1f} s, "
               f"{args.images / seconds[count]:.0f} images/s ({summary['successes']} stored, "
               f"at most {at_once} servers fetched at once, "

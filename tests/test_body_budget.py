@@ -62,3 +62,25 @@ def test_a_body_larger_than_the_whole_budget_goes_through_alone() -> None:
         assert budget.used == 0
 
     asyncio.run(scenario())
+
+
+def test_a_first_contacts_request_goes_ahead_of_the_others_for_room() -> None:
+    """Its answers raise its server's pace: they must not queue behind the bodies of servers
+    already at full speed, waiting to be decoded."""
+    async def scenario() -> None:
+        budget = BodyBudget(512 * KIB)  # room for two requests
+        held = [await budget.admit(), await budget.admit()]
+        others = [asyncio.create_task(budget.admit()) for _ in range(3)]
+        await asyncio.sleep(0)
+        first_contact = asyncio.create_task(budget.admit(ahead=True))
+        await asyncio.sleep(0)
+        budget.release(held.pop())  # room for one: the first contact's, though it came last
+        await asyncio.sleep(0)
+        assert first_contact.done() and not any(task.done() for task in others)
+        budget.release(held.pop())  # then the others, as before
+        await asyncio.sleep(0)
+        assert sum(task.done() for task in others) == 1
+        for task in others:
+            task.cancel()
+
+    asyncio.run(scenario())

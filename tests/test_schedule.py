@@ -297,3 +297,21 @@ def test_many_small_servers_go_out_at_once_in_even_shares() -> None:
     assert asks(1, 200) == 120
     in_flight = [s for s in servers if s.workers]
     assert len(in_flight) == 240
+
+
+def test_a_first_contacted_servers_budget_says_so_until_its_warm_up_ends() -> None:
+    """The worker lets a first contact's few requests go ahead of the others' for room (their
+    answers are what raise its pace); the flag ends with the warm-up, the pace unchanged."""
+    state = server("new", 1, rate=10)
+    state.policy.control.first_contact()
+    scheduler = Scheduler([state], Settings(), range(1), now=0)
+    first = budgets(scheduler.handle(WantWork(0), now=0), "new")[0]
+    assert first.first_contact and first.rate == 1.0  # as careful as before
+    rates = []
+    for second in range(1, 6):
+        out = scheduler.handle(Report(0, {"new": ServerNews(answered=1, successes=1)}),
+                               now=second)
+        if (budget := budgets(out, "new").get(0)) is not None:
+            rates.append((budget.rate, budget.first_contact))
+    assert [flag for _, flag in rates] == [True, True, False]  # three steps, the last at 10/s
+    assert rates[-1][0] == 10.0 and all(rate < 10.0 for rate, _ in rates[:-1])

@@ -598,6 +598,11 @@ class ServerPolicy:
     def pause_end(self) -> float:
         return max(self.paused_until, self.breaker.paused_until)
 
+    @property
+    def first_contact(self) -> bool:
+        """The rate still steps up from a first contact (`RateController.warm_up`)."""
+        return self.control.warm_up_to is not None
+
     def observe(self, worker: int, news: ServerNews, now: float) -> bool:
         """One worker's news of this server; True when the budget changed."""
         changed = False

@@ -112,6 +112,9 @@ class Budget:
     dead: bool = False
     give_up: Failure | None = None  # with dead: what the server's remaining rows become
     probing: bool = False  # the server keeps failing: one request at a time, new URLs first
+    # The server's rate still steps up from its first contact: its few requests go ahead of
+    # the others' for room (fetch/worker.py), since its answers are what raise its pace.
+    first_contact: bool = False
 
 
 @dataclass

@@ -290,7 +290,8 @@ class Scheduler:
             start = max(now, server.paused_until, server.next_start)
             server.next_start = start + 1.0 / server.rate
             rate, connections = server.share()
-            out.append((worker, Budget(server.name, rate, connections, start, False, None)))
+            out.append((worker, Budget(server.name, rate, connections, start, False, None,
+                                       first_contact=server.policy.first_contact)))
         return out + [(worker, Assign(batch, give_up=server.give_up if give_up else None))]
 
     def _want_work(self, worker: int, now: float) -> Outgoing:
@@ -351,7 +352,8 @@ class Scheduler:
             # K workers at rate/K each then interleave instead of sending together.
             (worker, Budget(server.name, rate, connections,
                             pause + order / server.rate if pause else 0.0, server.dead,
-                            server.give_up if server.dead else None, server.probing))
+                            server.give_up if server.dead else None, server.probing,
+                            server.policy.first_contact))
             for order, worker in enumerate(sorted(server.workers))
         ]
 

@@ -58,8 +58,9 @@ class BodyBudget:
     (43 MiB with 240 servers in flight). When the headers come, the reservation becomes the
     Content-Length, all at once (`settle`), so partly read bodies never wait on each other; a
     body that needs more than it reserved waits for room holding nothing, ahead of any request
-    not yet sent. One larger than the whole budget still goes through when nothing else holds
-    any.
+    not yet sent; so does a request marked `ahead` (a first contact's, whose answers raise its
+    server's pace) ahead of the others. One larger than the whole budget still goes through
+    when nothing else holds any.
     """
 
     UNKNOWN_LENGTH_ESTIMATE = 1 << 20
@@ -77,20 +78,30 @@ class BodyBudget:
         self.used = 0
         self.expected = float(self.FIRST_EXPECTED)
         self._bodies_waiting = 0  # bodies waiting for more room than they reserved
+        self._ahead_waiting = 0  # requests marked `ahead` waiting for room
         self._room = asyncio.Event()
 
-    def try_admit(self) -> int | None:
-        """Reserve a request's expected body when there is room now; the bytes reserved."""
+    def try_admit(self, ahead: bool = False) -> int | None:
+        """Reserve a request's expected body when there is room now (and no request `ahead` of
+        it waits); the bytes reserved."""
         amount = max(round(self.expected), self.LEAST_EXPECTED)
-        if self._bodies_waiting or not self._fits(amount):
+        if self._bodies_waiting or (self._ahead_waiting and not ahead) or \
+                not self._fits(amount):
             return None
         self.used += amount
         return amount
 
-    async def admit(self) -> int:
-        """Reserve a request's expected body, waiting for room; the bytes reserved."""
-        while (amount := self.try_admit()) is None:
-            await self.wait_for_room()
+    async def admit(self, ahead: bool = False) -> int:
+        """Reserve a request's expected body, waiting for room (a request `ahead` holds the
+        others back meanwhile); the bytes reserved."""
+        self._ahead_waiting += ahead
+        try:
+            while (amount := self.try_admit(ahead)) is None:
+                await self.wait_for_room()
+        finally:
+            if ahead:
+                self._ahead_waiting -= 1
+                self._room.set()  # requests held back for this one may try again
         return amount
 
     async def settle(self, claim: Claim, size: int | None) -> None:

@@ -30,13 +30,15 @@ class ServerSlot:
         self.dead = False
         self.give_up: Failure | None = None  # why, when dead (default: it kept failing)
         self.probing = False  # failing: new URLs first, one request at a time
+        self.first_contact = False  # its rate still steps up: its requests go first for room
         self.open = 0
         self._next_send = 0.0  # monotonic
         self._last_send = -1e9  # monotonic
         self._changed = asyncio.Event()  # set (and replaced) whenever the share changes
 
     def update(self, rate: float, connections: int, paused_until: float, dead: bool,
-               give_up: Failure | None = None, probing: bool = False) -> None:
+               give_up: Failure | None = None, probing: bool = False,
+               first_contact: bool = False) -> None:
         self.give_up = give_up
         if rate < self.rate:  # slower from the last request on, not from the next one
             self._next_send = max(self._next_send, self._last_send + PACING_MARGIN / rate)
@@ -45,6 +47,7 @@ class ServerSlot:
         self.paused_until = max(self.paused_until, paused_until)
         self.dead = dead
         self.probing = probing
+        self.first_contact = first_contact
         self._notify()
 
     def pause(self, seconds: float) -> float:

@@ -9,8 +9,9 @@ Each batch is a chain, read in order in `_run_batch`:
 3. response checks: opt-out (X-Robots-Tag), then the image, decoded off the loop;
 4. sink: the batch's `BatchWriter`, which commits results in chunks.
 
-The worker asks the scheduler for batches while its decode threads keep up and *reports* what
-it sees of each server (news.py); every decision about a server (its rate, pauses, the breaker,
+The worker asks the scheduler for batches while its decode threads keep up, or before the rows
+on hand run out (intake.py: a newcomer's first contact is slow), and *reports* what it sees of
+each server (news.py); every decision about a server (its rate, pauses, the breaker,
 giving it up, an opted-out server) is the scheduler's (`ServerPolicy` in policy.py). The one thing
 the worker does at once is honour a pause the server itself asked for (Retry-After), until the
 scheduler's word arrives. On SIGINT, SIGTERM or
@@ -42,6 +43,7 @@ from distributed_downloader.fetch.decode_budget import DecodeBudget
 from distributed_downloader.fetch.filters import Filtered, RobotsRules, reuse_earlier, rows_not_done
 from distributed_downloader.fetch.frontier import Frontier, Pending
 from distributed_downloader.fetch.handoff import ResultHandoff
+from distributed_downloader.fetch.intake import Intake, RowsPerSecond
 from distributed_downloader.fetch.news import NewsBook
 from distributed_downloader.fetch.opt_out import opted_out
 from distributed_downloader.fetch.politeness import ServerDead, ServerSlot
@@ -71,6 +73,9 @@ TICK_SECONDS = 0.2
 # Rows of the batches in flight, at most (a first batch goes whatever its size): their pending
 # rows are held in memory, so large batches are taken a few at a time.
 MAX_ROWS_IN_FLIGHT = 50_000
+# Seconds over which the rows a worker finishes per second are measured (intake.py): a few
+# reports' worth, so that one slow second does not make it take on a crowd of servers.
+THROUGHPUT_WINDOW = 3.0
 # Bodies waiting for a decode thread, per thread: beyond this no new request starts, so a
 # fast network cannot pile up bodies in memory faster than the cores decode them.
 DECODE_BACKLOG_PER_THREAD = 4
@@ -131,6 +136,12 @@ class Worker:
         # uses the cores its idle neighbours freed.
         self.decode_threads = settings.cluster.cpu_per_worker + 1
         self.backlog_limit = self.decode_threads * DECODE_BACKLOG_PER_THREAD
+        # A first-contacted server reaches its full rate after one report per warm-up step,
+        # plus the first: that long before its end, the rows on hand call for newcomers.
+        self.intake = Intake(self.decode_threads, settings.cluster.batches_per_worker,
+                             MAX_ROWS_IN_FLIGHT,
+                             (settings.politeness.warm_up_steps + 1) * REPORT_SECONDS)
+        self.finished_rows = RowsPerSecond(THROUGHPUT_WINDOW)
         self.decoding = 0  # bodies handed to the decode threads, not yet back
         # Decoded pixels dwarf the bodies: each image reserves its cost, read from its header.
         self.pixels = DecodeBudget(settings.images.max_decode_memory)
@@ -199,7 +210,7 @@ class Worker:
         elif isinstance(message, Budget):
             self._slot(message.server_name).update(
                 message.rate, message.connections, message.paused_until, message.dead,
-                message.give_up, message.probing)
+                message.give_up, message.probing, message.first_contact)
         elif isinstance(message, NoWorkYet):
             pass  # the scheduler keeps us as hungry and assigns when it can
         elif isinstance(message, Stop):
@@ -226,15 +237,19 @@ class Worker:
             self.channel.send(WantWork(self.id))
 
     def _wants_more_work(self) -> bool:
-        """Another batch while this worker has room: a decode thread idle (its cores are not
-        full), and batches and rows in flight under their caps. A worker fetching many small
-        servers, each asked slowly, thus holds as many as its cores can keep up with."""
+        """Another batch while this worker has room now (a decode thread idle) or will run
+        short before a newcomer is warm (intake.py), under the caps on batches and rows."""
         if self.asking or self._stop.is_set():
             return False
-        if not self.tasks:
-            return True
-        return self.decoding < self.decode_threads and self.rows_in_flight < MAX_ROWS_IN_FLIGHT \
-            and len(self.tasks) < self.settings.cluster.batches_per_worker
+        return self.intake.wants_more(len(self.tasks), self.rows_in_flight, self._rows_left(),
+                                      self.decoding, self.finished_rows.rate(time.monotonic()))
+
+    def _rows_left(self) -> int:
+        """Rows of the batches in flight not finished yet (rows committed by an earlier run
+        count as left: on a resume the worker asks a little later, never sooner)."""
+        finished = sum(sum(self.writers[key].rows_added) for key in self.tasks
+                       if key in self.writers)
+        return self.rows_in_flight - finished
 
     async def _wait_for_decode_room(self) -> None:
         while self.decoding >= self.backlog_limit:
@@ -369,7 +384,8 @@ class Worker:
     async def _consume(self, frontier: Frontier, slot: ServerSlot, writer: BatchWriter,
                        permitted: Callable[[str], bool] | None) -> None:
         while True:
-            await self._wait_for_decode_room()
+            if not slot.first_contact:  # its few answers raise its pace: they do not queue
+                await self._wait_for_decode_room()
             item = await frontier.take(slot)
             if item is None:
                 return
@@ -420,14 +436,23 @@ class Worker:
         answer in the body budget; returns the bytes reserved for it. When room had to be
         awaited, so is a new send time: a request never leaves long after its own, too close
         to the next one's. Nothing is reserved while waiting: a server paused for minutes
-        holds no room that other servers' answers need."""
+        holds no room that other servers' answers need. A first contact's request goes ahead
+        of the others for room, then holds it while it waits for its send time (one of its
+        slow intervals): its answers raise its pace, so they do not queue behind the bodies
+        of servers already at full speed."""
         await slot.acquire()
-        budget = self.client.budget
+        budget, reserved = self.client.budget, None
         try:
-            while (reserved := budget.try_admit()) is None:
+            while (reserved := budget.try_admit(slot.first_contact)) is None:
+                if slot.first_contact:
+                    reserved = await budget.admit(ahead=True)
+                    await slot.pace()
+                    break
                 await budget.wait_for_room()
                 await slot.pace()
         except BaseException:
+            if reserved is not None:
+                budget.release(reserved)
             slot.release()
             raise
         return reserved
@@ -456,10 +481,12 @@ class Worker:
         else:
             writer.add_success(success_row(row, image))
             self.book.of(slot.name).successes += 1
+            self.finished_rows.add(time.monotonic())
 
     def _write_error(self, writer: BatchWriter, server: str, row: dict[str, Any]) -> None:
         writer.add_error(row)
         self.book.of(server).errors += 1
+        self.finished_rows.add(time.monotonic())
 
     def _opted_out(self, item: Pending, body: Body, server: str, writer: BatchWriter) -> bool:
         """The opt-out check: an opted-out image is an error, reported at once (the scheduler
