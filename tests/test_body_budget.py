@@ -84,3 +84,94 @@ def test_a_first_contacts_request_goes_ahead_of_the_others_for_room() -> None:
             task.cancel()
 
     asyncio.run(scenario())
+
+
+class CountingBudget(BodyBudget):
+    """Counts the tries for room: each is a waiter woken (or a request arriving)."""
+
+    tries = 0
+
+    def try_admit(self, ahead: bool = False) -> int | None:
+        self.tries += 1
+        return super().try_admit(ahead)
+
+
+async def settled() -> None:
+    """Let every woken waiter run, and those it wakes."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+def test_a_freed_place_wakes_one_waiting_request_not_all_of_them() -> None:
+    async def scenario() -> None:
+        budget = CountingBudget(1024 * KIB)  # four requests of 256 KiB
+        held = [budget.try_admit() for _ in range(4)]
+        waiting = [asyncio.create_task(budget.admit()) for _ in range(500)]
+        await settled()
+        budget.tries = 0
+        budget.release(held.pop())
+        await settled()
+        assert [task.done() for task in waiting].count(True) == 1 and waiting[0].done()
+        assert budget.tries <= 2  # the one admitted, and the next finding no room
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+
+def test_room_for_several_is_taken_by_as_many_waiters_in_order() -> None:
+    async def scenario() -> None:
+        budget = BodyBudget(1024 * KIB)
+        held = [budget.try_admit() for _ in range(4)]
+        waiting = [asyncio.create_task(budget.admit()) for _ in range(10)]
+        await settled()
+        budget.used -= sum(held[:3])  # three places at once (as a body's whole reservation)
+        budget.release(held[3])  # ... and a fourth: one wake, passed on while room remains
+        await settled()
+        assert [task.done() for task in waiting] == [True] * 4 + [False] * 6
+        assert budget.used == 1024 * KIB
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+
+def test_a_woken_waiter_cancelled_before_it_runs_passes_its_turn_on() -> None:
+    async def scenario() -> None:
+        budget = BodyBudget(1024 * KIB)
+        held = [budget.try_admit() for _ in range(4)]
+        first, second = (asyncio.create_task(budget.admit()) for _ in range(2))
+        await settled()
+        budget.release(held.pop())  # wakes the first ...
+        first.cancel()  # ... which goes before it could take the room
+        await settled()
+        assert second.done() and budget.used == 1024 * KIB
+        assert first.cancelled()
+
+    asyncio.run(scenario())
+
+
+def test_a_waiting_body_too_large_for_the_room_freed_does_not_hold_the_others_forever() -> None:
+    async def scenario() -> None:
+        budget = BodyBudget(1024 * KIB)
+        held = [Claim(budget.try_admit() or 0) for _ in range(4)]
+        large, small = Claim(), Claim()
+        waiting_large = asyncio.create_task(budget.settle(large, 900 * KIB))
+        waiting_small = asyncio.create_task(budget.settle(small, 200 * KIB))
+        request = asyncio.create_task(budget.admit())
+        await settled()
+        assert not (waiting_large.done() or waiting_small.done() or request.done())
+        for claim in held:  # bodies decoded one after the other
+            budget.release(claim.amount)
+            await settled()
+        await asyncio.wait_for(waiting_large, 1)  # in the order they came
+        assert large.amount == 900 * KIB and not waiting_small.done()
+        budget.release(large.amount)
+        await asyncio.wait_for(waiting_small, 1)
+        assert small.amount == 200 * KIB
+        expected = await asyncio.wait_for(request, 1)  # and the request after the bodies
+        assert budget.used == small.amount + expected
+
+    asyncio.run(scenario())

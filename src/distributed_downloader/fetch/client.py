@@ -26,6 +26,7 @@ from distributed_downloader.errors import ErrorCode, Failure
 from distributed_downloader.fetch.dns import CachingResolver
 from distributed_downloader.fetch.retry import parse_retry_after
 from distributed_downloader.fetch.safety import AddressPolicy, BlockedAddress, SafeResolver
+from distributed_downloader.fetch.wait_line import WaitLine
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 ACCEPT = "image/avif,image/webp,image/png,image/jpeg,image/*;q=0.9,*/*;q=0.5"
@@ -77,31 +78,29 @@ class BodyBudget:
         self.limit = limit
         self.used = 0
         self.expected = float(self.FIRST_EXPECTED)
-        self._bodies_waiting = 0  # bodies waiting for more room than they reserved
-        self._ahead_waiting = 0  # requests marked `ahead` waiting for room
-        self._room = asyncio.Event()
+        # Waiting for room, each line ahead of the next: bodies that need more than they
+        # reserved, requests marked `ahead`, the other requests.
+        self._bodies = WaitLine()
+        self._ahead = WaitLine()
+        self._requests = WaitLine()
 
     def try_admit(self, ahead: bool = False) -> int | None:
         """Reserve a request's expected body when there is room now (and no request `ahead` of
         it waits); the bytes reserved."""
         amount = max(round(self.expected), self.LEAST_EXPECTED)
-        if self._bodies_waiting or (self._ahead_waiting and not ahead) or \
-                not self._fits(amount):
+        if self._bodies or (self._ahead and not ahead) or not self._fits(amount):
             return None
         self.used += amount
         return amount
 
     async def admit(self, ahead: bool = False) -> int:
-        """Reserve a request's expected body, waiting for room (a request `ahead` holds the
-        others back meanwhile); the bytes reserved."""
-        self._ahead_waiting += ahead
-        try:
-            while (amount := self.try_admit(ahead)) is None:
-                await self.wait_for_room()
-        finally:
-            if ahead:
-                self._ahead_waiting -= 1
-                self._room.set()  # requests held back for this one may try again
+        """Reserve a request's expected body, waiting for room in line (a request `ahead` holds
+        the others back meanwhile); the bytes reserved."""
+        line, front = self._ahead if ahead else self._requests, False
+        while (amount := self.try_admit(ahead)) is None:
+            await self._wait_in(line, front)
+            front = True  # woken, but no room: first again at the next wake
+        self._pass_turn_on()
         return amount
 
     async def settle(self, claim: Claim, size: int | None) -> None:
@@ -114,30 +113,48 @@ class BodyBudget:
             self.release(claim.amount - amount)
             claim.amount = amount
             return
-        self.release(claim.amount)
+        self.used -= claim.amount  # it waits holding nothing
         claim.amount = 0
-        self._bodies_waiting += 1
-        try:
-            while not self._fits(amount):
-                await self.wait_for_room()
-        finally:
-            self._bodies_waiting -= 1
-            self._room.set()  # requests held back for this body may go now
+        if self._fits(amount):
+            self.used += amount
+            claim.amount = amount
+            return
+        self._bodies.wake_one()  # what it gave back may let an earlier body in
+        front = False
+        while not self._fits(amount):
+            await self._wait_in(self._bodies, front)
+            front = True
         self.used += amount
         claim.amount = amount
+        self._pass_turn_on()
 
     def release(self, amount: int) -> None:
         if amount:
             self.used -= amount
-            self._room.set()
+            self._wake_one()
 
     def _fits(self, amount: int) -> bool:
         return not self.used or self.used + amount <= self.limit
 
-    async def wait_for_room(self) -> None:
-        """Until some of the budget is released (then try again)."""
-        self._room.clear()
-        await self._room.wait()
+    async def _wait_in(self, line: WaitLine, front: bool) -> None:
+        """Wait for a turn; cancelled, pass on the wake this waiter may have been given."""
+        try:
+            await line.wait(front)
+        except asyncio.CancelledError:
+            self._wake_one()
+            raise
+
+    def _pass_turn_on(self) -> None:
+        """After taking room: the next waiter tries while some remains."""
+        if self.used < self.limit:
+            self._wake_one()
+
+    def _wake_one(self) -> None:
+        """The first waiter of the first line with one asleep tries for room (one that finds
+        none waits again, first in its line, and wakes nobody: nobody behind it fits either)."""
+        for line in (self._bodies, self._ahead, self._requests):
+            if line.wake_one():
+                return
 
 
 Pace = Callable[[], Awaitable[None]]

@@ -81,14 +81,26 @@ class ServerSlot:
                 continue
             now = time.monotonic()
             if self._next_send <= now:
-                interval = PACING_MARGIN / self.rate
-                # Keep to the schedule when a little late (so workers sharing a server keep the
-                # phases the scheduler gave them); start afresh after an idle spell.
-                base = self._next_send if now - self._next_send < interval else now
-                self._last_send = now
-                self._next_send = max(base + interval, now + 1.0 / self.rate)
+                self._take_send_time(now)
                 return
             await self._wait_for_change(self._next_send - now)
+
+    def take_send_time(self) -> bool:
+        """`pace` when it would not wait: False when the next send time has not come (or a
+        pause runs, or the server is dead)."""
+        now = time.monotonic()
+        if self.dead or self.paused_until > time.time() or self._next_send > now:
+            return False
+        self._take_send_time(now)
+        return True
+
+    def _take_send_time(self, now: float) -> None:
+        interval = PACING_MARGIN / self.rate
+        # Keep to the schedule when a little late (so workers sharing a server keep the phases
+        # the scheduler gave them); start afresh after an idle spell.
+        base = self._next_send if now - self._next_send < interval else now
+        self._last_send = now
+        self._next_send = max(base + interval, now + 1.0 / self.rate)
 
     async def acquire(self) -> None:
         """Wait for a free connection of this share, then for the next send time."""

@@ -448,7 +448,11 @@ class Worker:
                     reserved = await budget.admit(ahead=True)
                     await slot.pace()
                     break
-                await budget.wait_for_room()
+                reserved = await budget.admit()  # in line: then it paces again
+                if slot.take_send_time():
+                    break
+                budget.release(reserved)  # its next send time is not yet: wait holding nothing
+                reserved = None
                 await slot.pace()
         except BaseException:
             if reserved is not None:
