@@ -58,10 +58,11 @@ class BodyBudget:
     the budget was full used to wait in their connections' read buffers, outside any budget
     (43 MiB with 240 servers in flight). When the headers come, the reservation becomes the
     Content-Length, all at once (`settle`), so partly read bodies never wait on each other; a
-    body that needs more than it reserved waits for room holding nothing, ahead of any request
-    not yet sent; so does a request marked `ahead` (a first contact's, whose answers raise its
-    server's pace) ahead of the others. One larger than the whole budget still goes through
-    when nothing else holds any.
+    body that needs more than it reserved waits for room holding nothing (in the order such
+    bodies came), ahead of any request not yet sent; so does a request marked `ahead` (a first
+    contact's, whose answers raise its server's pace) ahead of the others. One larger than the
+    whole budget still goes through when nothing else holds any. Waiters are woken one per
+    freed place (fetch/wait_line.py).
     """
 
     UNKNOWN_LENGTH_ESTIMATE = 1 << 20
