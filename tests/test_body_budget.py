@@ -80,8 +80,7 @@ def test_a_first_contacts_request_goes_ahead_of_the_others_for_room() -> None:
         budget.release(held.pop())  # then the others, as before
         await asyncio.sleep(0)
         assert sum(task.done() for task in others) == 1
-        for task in others:
-            task.cancel()
+        await cancel(others)
 
     asyncio.run(scenario())
 
@@ -102,6 +101,13 @@ async def settled() -> None:
         await asyncio.sleep(0)
 
 
+async def cancel(waiting: list[asyncio.Task]) -> None:
+    """End the scenario's waiters still waiting."""
+    for task in waiting:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+
+
 def test_a_freed_place_wakes_one_waiting_request_not_all_of_them() -> None:
     async def scenario() -> None:
         budget = CountingBudget(1024 * KIB)  # four requests of 256 KiB
@@ -113,9 +119,7 @@ def test_a_freed_place_wakes_one_waiting_request_not_all_of_them() -> None:
         await settled()
         assert [task.done() for task in waiting].count(True) == 1 and waiting[0].done()
         assert budget.tries <= 2  # the one admitted, and the next finding no room
-        for task in waiting:
-            task.cancel()
-        await asyncio.gather(*waiting, return_exceptions=True)
+        await cancel(waiting)
 
     asyncio.run(scenario())
 
@@ -131,9 +135,7 @@ def test_room_for_several_is_taken_by_as_many_waiters_in_order() -> None:
         await settled()
         assert [task.done() for task in waiting] == [True] * 4 + [False] * 6
         assert budget.used == 1024 * KIB
-        for task in waiting:
-            task.cancel()
-        await asyncio.gather(*waiting, return_exceptions=True)
+        await cancel(waiting)
 
     asyncio.run(scenario())
 

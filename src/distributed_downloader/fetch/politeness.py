@@ -72,18 +72,12 @@ class ServerSlot:
         Waiters sleep on the slot's condition, so a pause, a new rate or a dead server reaches
         them at once rather than after a sleep they committed to.
         """
-        while True:
+        while not self.take_send_time():
             if self.dead:
                 raise ServerDead(self.name)
             pause = self.paused_until - time.time()
-            if pause > 0:
-                await self._wait_for_change(pause)
-                continue
-            now = time.monotonic()
-            if self._next_send <= now:
-                self._take_send_time(now)
-                return
-            await self._wait_for_change(self._next_send - now)
+            await self._wait_for_change(pause if pause > 0 else
+                                        self._next_send - time.monotonic())
 
     def take_send_time(self) -> bool:
         """`pace` when it would not wait: False when the next send time has not come (or a
@@ -91,16 +85,13 @@ class ServerSlot:
         now = time.monotonic()
         if self.dead or self.paused_until > time.time() or self._next_send > now:
             return False
-        self._take_send_time(now)
-        return True
-
-    def _take_send_time(self, now: float) -> None:
         interval = PACING_MARGIN / self.rate
         # Keep to the schedule when a little late (so workers sharing a server keep the phases
         # the scheduler gave them); start afresh after an idle spell.
         base = self._next_send if now - self._next_send < interval else now
         self._last_send = now
         self._next_send = max(base + interval, now + 1.0 / self.rate)
+        return True
 
     async def acquire(self) -> None:
         """Wait for a free connection of this share, then for the next send time."""
