@@ -119,17 +119,21 @@ def test_a_stop_signal_while_the_fetch_starts_ends_it(target: str, tmp_path: Pat
 
 
 def worker_processes(coordinator: int) -> list[int]:
-    """The fetch workers the coordinator spawned (not multiprocessing's resource tracker)."""
-    found = []
+    """The fetch workers of a coordinator: the children of its fork server (the one child of
+    it that multiprocessing's forkserver runs; not its resource tracker)."""
+    parents: dict[int, int] = {}
+    cmdlines: dict[int, bytes] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
             cmdline = (stat.parent / "cmdline").read_bytes()
         except (OSError, IndexError):
             continue
-        if int(fields[1]) == coordinator and b"spawn_main" in cmdline:
-            found.append(int(stat.parent.name))
-    return found
+        pid = int(stat.parent.name)
+        parents[pid], cmdlines[pid] = int(fields[1]), cmdline
+    servers = {pid for pid, parent in parents.items()
+               if parent == coordinator and b"multiprocessing.forkserver" in cmdlines[pid]}
+    return [pid for pid, parent in parents.items() if parent in servers]
 
 
 def sockets_of(pid: int) -> list[str]:

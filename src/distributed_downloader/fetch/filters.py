@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
+from distributed_downloader.chunks import read_file
 from distributed_downloader.errors import ErrorCode
 from distributed_downloader.fetch.opt_out import PRODUCT_TOKEN
 from distributed_downloader.fetch.robots import RobotsFile, load_robots
@@ -42,7 +41,7 @@ class Filtered:
 def rows_not_done(layout: RunLayout, batch: BatchRef, done: set[str]) -> list[dict[str, Any]]:
     """The batch's prepared rows that no chunk holds yet (a resumed run skips the others)."""
     return [row for path in layout.prepared_chunks(batch.server_name, batch.partition_id)
-            for row in pq.read_table(path).to_pylist() if row["uuid"] not in done]
+            for row in read_file(path).to_pylist() if row["uuid"] not in done]
 
 
 async def reuse_earlier(rows: list[dict[str, Any]], writer: BatchWriter, copy: bool,
