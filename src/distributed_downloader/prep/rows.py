@@ -209,8 +209,10 @@ def _present(values: pa.Array) -> pa.Array:
 
 def _blank_to_null(values: pa.Array) -> pa.Array:
     trimmed = pc.utf8_trim_whitespace(values)
-    return pc.if_else(pc.greater(pc.binary_length(trimmed), 0), trimmed,
-                      pa.scalar(None, pa.string()))
+    lengths = pc.binary_length(trimmed)
+    if (pc.min(lengths).as_py() or 0) > 0:
+        return trimmed  # nothing blank (the usual case): no second copy
+    return pc.if_else(pc.greater(lengths, 0), trimmed, pa.scalar(None, pa.string()))
 
 
 def _matcher(pattern: str) -> Callable[[pa.Array], pa.Array]:
