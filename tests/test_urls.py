@@ -82,6 +82,7 @@ def test_fast_path_agrees_with_the_parser(scheme: str, host: str, path: str, sla
     "http://127.0.0.2/a.jpg",
     "https://h.localhost/a%20b/%C3%A9.jpg?x=/./y",
     "https://a-b.c_d.localhost/x.y/z..jpg",
+    "https://h.localhost/%2Fa/%7Eb/%E6%96%87.jpg",
 ])
 def test_common_urls_take_the_fast_path(raw: str) -> None:
     assert ALREADY_NORMAL.match(raw)

@@ -30,7 +30,7 @@ _HOSTNAME = rf"(?:{_LABEL}\.)*[a-z][a-z0-9]*(?:-[a-z0-9]+)*"
 # A path segment a browser leaves alone: characters it never changes, and a first one that is
 # neither "." nor the start of "%2e" (so never a dot segment, "/./" or "/../", which the
 # parser removes).
-_FIRST = r"(?:[A-Za-z0-9\-_~!$&()*+,;=:@]|%(?:[013-9A-Fa-f]|2[0-9A-Da-d]))"
+_FIRST = r"(?:[A-Za-z0-9\-_~!$&()*+,;=:@]|%(?:[013-9A-Fa-f]|2[0-9A-DFa-df]))"
 _SEGMENT = rf"(?:{_FIRST}[A-Za-z0-9\-._~!$&()*+,;=:@%]*)?"
 # Characters a browser leaves alone in a query.
 _SAFE = r"[A-Za-z0-9\-._~!$&()*+,;=:@/%]"
