@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distributed_downloader.prep.urls import normalise_one, normalise_urls
+from distributed_downloader.prep.urls import ALREADY_NORMAL, normalise_one, normalise_urls
 
 
 @pytest.mark.parametrize(
@@ -56,12 +56,12 @@ SCHEMES = st.sampled_from(["http://", "https://", "HTTP://", "Https://", "ftp://
 HOSTS = st.sampled_from([
     "h.localhost", "img.museum-1.localhost", "H.Localhost", "127.0.0.2", "127.0.0.2:8080",
     "127.0.0.2:80", "h.localhost:443", "01.2.3.4", "0x7f.1", "2130706433", "a.123", "xn--zz.localhost",
-    "xn--mnchen-3ya.localhost", "-a.localhost", "a_b.localhost", "a..localhost", "localhost.",
-    "user:pw@h.localhost", "[::1]", "[::1]:8080", "h.localhost:99999", "",
+    "xn--mnchen-3ya.localhost", "a--b.localhost", "-a.localhost", "a_b.localhost", "a..localhost",
+    "localhost.", "user:pw@h.localhost", "[::1]", "[::1]:8080", "h.localhost:99999", "",
 ])
 PATH_PIECES = st.sampled_from(
     list("abcXYZ019-._~!$&'()*+,;=:@/%?#[]|^{}`\\\" <>é\tü")
-    + ["%2e", "%2E", "/..", "/.", "%zz", "%41"]
+    + ["%2e", "%2E", "/..", "/.", "%zz", "%41", "%2", "?/./", ".jpg"]
 )
 PATH_TEXT = st.lists(PATH_PIECES, max_size=12).map("".join)
 
@@ -75,3 +75,24 @@ def test_fast_path_agrees_with_the_parser(scheme: str, host: str, path: str, sla
     assert result.identifier[0].as_py() == identifier
     assert result.server_name[0].as_py() == server_name
     assert result.reject_reason[0].as_py() == (str(reason) if reason else None)
+
+
+@pytest.mark.parametrize("raw", [
+    "https://images.museum1.localhost/media/12/1000.jpg?v=2",
+    "http://127.0.0.2/a.jpg",
+    "https://h.localhost/a%20b/%C3%A9.jpg?x=/./y",
+    "https://a-b.c_d.localhost/x.y/z..jpg",
+    "https://h.localhost/%2Fa/%7Eb/%E6%96%87.jpg",
+])
+def test_common_urls_take_the_fast_path(raw: str) -> None:
+    assert ALREADY_NORMAL.match(raw)
+    assert normalise_one(raw) == (raw, raw.split("/")[2], None)
+
+
+@pytest.mark.parametrize("raw", [
+    "https://h.localhost/a/./b.jpg", "https://h.localhost/a/../b.jpg",
+    "https://h.localhost/a/%2e%2E/b.jpg", "https://h.localhost/.%2e", "https://xn--zz.localhost/a",
+    "https://a--b.localhost/a", "https://H.localhost/a", "https://h.localhost:8080/a",
+])
+def test_what_the_parser_may_change_takes_the_slow_path(raw: str) -> None:
+    assert not ALREADY_NORMAL.match(raw)

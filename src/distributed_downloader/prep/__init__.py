@@ -33,6 +33,7 @@ from distributed_downloader import __version__
 from distributed_downloader.config import Settings, save_settings
 from distributed_downloader.errors import InputError, UserError
 from distributed_downloader.prep.partition import (
+    STAGING_FILES,
     PartitionResult,
     ServerNumbers,
     build_batches,
@@ -110,13 +111,10 @@ class _StagingWriter:
         self.paths = paths
         self._writers = [pq.ParquetWriter(path, schema, **STAGING_OPTIONS) for path in paths]
 
-    def write(self, rows: pa.Table) -> None:
-        files = staging_file_of(rows.column("server_id").combine_chunks())
-        order = np.argsort(files, kind="stable")
-        counts = np.bincount(files, minlength=len(self._writers))
-        rows = rows.take(order)
+    def write(self, rows: pa.Table, rows_per_file: list[int]) -> None:
+        """`rows` in the order of their files, `rows_per_file[k]` of them for file k."""
         start = 0
-        for writer, count in zip(self._writers, counts.tolist()):
+        for writer, count in zip(self._writers, rows_per_file):
             if count:
                 writer.write_table(rows.slice(start, count))
             start += count
@@ -220,7 +218,7 @@ def _read_sources(
 
     def commit(chunk: CleanChunk, first_row_index: int) -> None:
         if chunk.rows_kept:
-            staging.write(_staging_table(chunk, first_row_index, servers, schema))
+            staging.write(*_staging_table(chunk, first_row_index, servers, schema))
         if chunk.left_out.num_rows:
             dropped.write_table(chunk.left_out)
 
@@ -263,16 +261,24 @@ def _stage_input(sources: list[Source], settings: Settings, work: Path,
 
 
 def _staging_table(chunk: CleanChunk, first_row_index: int, servers: ServerNumbers,
-                   schema: pa.Schema) -> pa.Table:
-    """A cleaned chunk's rows, numbered in input order, as the staging files hold them."""
-    count = chunk.rows_kept
+                   schema: pa.Schema) -> tuple[pa.Table, list[int]]:
+    """A cleaned chunk's kept rows, numbered in input order, as the staging files hold them:
+    ordered by staging file (in input order within each), in one copy; and how many rows go
+    to each file."""
+    names = chunk.columns["server_name"]
+    if chunk.kept is not None:
+        names = names.take(chunk.kept)
+    server_ids = servers.of(names)
+    files = staging_file_of(server_ids)
+    order = np.argsort(files, kind="stable")  # ranks among the kept rows
+    positions = order if chunk.kept is None else chunk.kept[order]
     values = {
-        **chunk.columns,
-        "row_index": pa.array(np.arange(first_row_index, first_row_index + count,
-                                        dtype=np.int64)),
-        "server_id": servers.of(chunk.columns["server_name"]),
+        **{name: column.take(positions) for name, column in chunk.columns.items()},
+        "row_index": pa.array(first_row_index + order.astype(np.int64)),
+        "server_id": server_ids.take(order),
     }
-    return pa.Table.from_arrays([values[f.name] for f in schema], schema=schema)
+    table = pa.Table.from_arrays([values[f.name] for f in schema], schema=schema)
+    return table, np.bincount(files, minlength=STAGING_FILES).tolist()
 
 
 def _make_room(layout: RunLayout, force: bool) -> None:

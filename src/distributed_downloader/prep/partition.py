@@ -63,6 +63,12 @@ STAGING_FILES = 8
 # Batch columns that differ on (almost) every row: a dictionary would only add to their size
 # and cost (GBIF's titles name one specimen each).
 UNIQUE_PER_ROW = ("uuid", "source_id", "identifier", "title")
+# Columns whose minimum and maximum in a batch file would skip nothing for a reader (random
+# UUIDs, free text): no statistics computed for them.
+NO_STATISTICS = ("uuid", "title")
+# Too small in a batch file to gain from compression (a bit a row): not compressed, which
+# spares a compressor's set-up per file.
+UNCOMPRESSED = ("is_license_full",)
 
 
 def uuid_v5_sql(name_sql: str) -> tuple[str, str]:
@@ -174,6 +180,9 @@ class BatchCutter:
         self._pending: list[pa.RecordBatch] = []
         self._pending_rows = 0
         self._dictionary = [name for name in schema.names if name not in UNIQUE_PER_ROW]
+        self._statistics = [name for name in schema.names if name not in NO_STATISTICS]
+        self._compression = {name: "none" if name in UNCOMPRESSED else PARQUET_COMPRESSION
+                             for name in schema.names}
         self._pool = ThreadPoolExecutor(WRITE_THREADS)
         self._writes: deque[Future] = deque()
 
@@ -229,8 +238,8 @@ class BatchCutter:
         if table.schema != self.schema:
             table = table.cast(self.schema)
         folder.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, folder / BATCH_FILE_NAME, compression=PARQUET_COMPRESSION,
-                       use_dictionary=self._dictionary)
+        pq.write_table(table, folder / BATCH_FILE_NAME, compression=self._compression,
+                       use_dictionary=self._dictionary, write_statistics=self._statistics)
 
     def finish(self) -> list[ServerBatches]:
         self._flush(final=True)

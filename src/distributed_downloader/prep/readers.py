@@ -81,6 +81,16 @@ def _has_blank_line(block: bytearray) -> bool:
     return bool(newlines.size) and (newlines[0] == 0 or bool((np.diff(newlines) == 1).any()))
 
 
+def _has_empty_row(table: pa.Table) -> bool:
+    """Whether a row has every column read empty, as a blank line parses: only then need the
+    block be searched for one."""
+    empty = None
+    for column in table.columns:
+        here = pc.equal(pc.binary_length(column), 0)
+        empty = here if empty is None else pc.and_(empty, here)
+    return bool(pc.any(empty).as_py()) if empty is not None else False
+
+
 def _one_chunk(column: pa.ChunkedArray) -> pa.Array:
     return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
@@ -224,8 +234,6 @@ class LinesReader:
         width (then `_parse_lines` looks at it line by line)."""
         if self.delimiter is None or block.startswith(UTF8_BOM):
             return None  # (a BOM: the parser would drop it from the first field)
-        if _has_blank_line(block):
-            return None
         if block.find(b"\r") >= 0:
             if block.count(b"\r") != block.count(b"\r\n"):
                 return None
@@ -247,7 +255,7 @@ class LinesReader:
             )
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             return None
-        if table.num_rows != count:
+        if table.num_rows != count or _has_empty_row(table) and _has_blank_line(block):
             return None
         return RawChunk(
             columns={name: _one_chunk(table.column(name)) for name in positions},

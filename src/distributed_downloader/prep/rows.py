@@ -10,6 +10,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -123,11 +124,13 @@ class RejectedRow:
 
 @dataclass
 class CleanChunk:
-    """What became of one chunk: the rows kept (as staging columns, less `row_index` and
-    `server_id`, which only the chunks' order decides), the rows rejected, the rows the GBIF
-    filter left out, and their counts."""
+    """What became of one chunk: its rows as staging columns (less `row_index` and `server_id`,
+    which only the chunks' order decides) and which of them are kept, the rows rejected, the
+    rows the GBIF filter left out, and their counts. The columns hold every row of the chunk:
+    the kept ones are copied once, when they are staged."""
 
     columns: dict[str, pa.Array]
+    kept: np.ndarray | None  # positions of the rows kept, in input order; None: every row
     rows_kept: int
     rejected: list[RejectedRow]
     left_out: pa.Table
@@ -167,10 +170,11 @@ class _Outcome:
         self.left_out: list[pa.Table] = []
         self.kept_without_image_format = 0
 
-    def finish(self, columns: dict[str, pa.Array], rows_kept: int, rows_read: int) -> CleanChunk:
+    def finish(self, columns: dict[str, pa.Array], kept: np.ndarray | None, rows_kept: int,
+               rows_read: int) -> CleanChunk:
         self.rejected.sort(key=lambda row: row.row_number or 0)
         return CleanChunk(
-            columns=columns, rows_kept=rows_kept, rejected=self.rejected,
+            columns=columns, kept=kept, rows_kept=rows_kept, rejected=self.rejected,
             left_out=pa.concat_tables(self.left_out) if self.left_out
             else DROPPED.empty_table(),
             rows_read=rows_read, dropped=self.dropped,
@@ -209,8 +213,10 @@ def _present(values: pa.Array) -> pa.Array:
 
 def _blank_to_null(values: pa.Array) -> pa.Array:
     trimmed = pc.utf8_trim_whitespace(values)
-    return pc.if_else(pc.greater(pc.binary_length(trimmed), 0), trimmed,
-                      pa.scalar(None, pa.string()))
+    lengths = pc.binary_length(trimmed)
+    if (pc.min(lengths).as_py() or 0) > 0:
+        return trimmed  # nothing blank (the usual case): no second copy
+    return pc.if_else(pc.greater(lengths, 0), trimmed, pa.scalar(None, pa.string()))
 
 
 def _matcher(pattern: str) -> Callable[[pa.Array], pa.Array]:
@@ -243,27 +249,20 @@ class ChunkCleaner:
         outcome = _Outcome(self.label, chunk.rejected)
         columns, lines = self._with_constants(chunk), chunk.line_numbers
         alive = self._gbif_filter(columns, lines, outcome) if self.roles.gbif_filter else None
-        # Every row's URL is checked, the ones just left out too, so that the columns are
-        # filtered once: cheaper than filtering them twice for the few rows the filter drops.
+        # Every row's URL is checked, the ones just left out too: cheaper than picking out the
+        # rows the filter keeps first, for the few it drops (the kept rows are copied once, as
+        # they are staged).
         urls = normalise_urls(columns[self.roles.url])
         self._reject_urls(urls, alive, columns[self.roles.url], lines, outcome)
         kept = pc.is_null(urls.reject_reason)
         if alive is not None:
             kept = pc.and_(alive, kept)
-        count = pc.sum(kept).as_py() or 0
-        identifier, server_name = urls.identifier, urls.server_name
-        if count != len(lines):
-            columns = {name: columns[name].filter(kept) for name in self._carried if name}
-            lines = lines.filter(kept)
-            identifier, server_name = identifier.filter(kept), server_name.filter(kept)
-        rows = self._staging_columns(columns, lines, identifier, server_name, count)
-        return outcome.finish(rows, count, rows_read=len(chunk) + len(chunk.rejected))
-
-    @property
-    def _carried(self) -> set[str | None]:
-        """The input columns that go on into the staging rows."""
-        roles = self.roles
-        return {roles.source_id, roles.license, roles.source, roles.title, *roles.keep}
+        positions = np.flatnonzero(kept.to_numpy(zero_copy_only=False))
+        count = len(positions)
+        rows = self._staging_columns(columns, lines, urls.identifier, urls.server_name,
+                                     len(lines))
+        return outcome.finish(rows, positions if count != len(lines) else None, count,
+                              rows_read=len(chunk) + len(chunk.rejected))
 
     def _with_constants(self, chunk: RawChunk) -> dict[str, pa.Array]:
         """The chunk's columns, with the source's constant fields (DwC-A defaults) added."""
@@ -328,7 +327,7 @@ class ChunkCleaner:
     def _staging_columns(self, columns: dict[str, pa.Array], lines: pa.Array,
                          identifier: pa.Array, server_name: pa.Array,
                          count: int) -> dict[str, pa.Array]:
-        """The kept rows as staging columns (less `row_index` and `server_id`)."""
+        """The chunk's rows as staging columns (less `row_index` and `server_id`)."""
         roles = self.roles
         nothing = pa.nulls(count, pa.string())
         metadata = {

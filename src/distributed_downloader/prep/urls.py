@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 import ada_url
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from ada_url.ada_adapter import ffi as _ffi
@@ -22,14 +23,20 @@ from distributed_downloader.errors import RejectReason
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _IPV4 = rf"(?:{_OCTET}\.){{3}}{_OCTET}"
 # Lower-case DNS names whose last label starts with a letter (so never a number a browser
-# would read as an IPv4 address), no port, no user info, no punycode to re-check.
-_HOSTNAME = r"(?:[a-z0-9_-]+\.)*[a-z][a-z0-9-]*"
-# Characters a browser leaves alone in both path and query.
+# would read as an IPv4 address), no port, no user info, and no "--" in a label (so no
+# punycode "xn--" label, which the parser checks).
+_LABEL = r"[a-z0-9_]+(?:-[a-z0-9_]+)*"
+_HOSTNAME = rf"(?:{_LABEL}\.)*[a-z][a-z0-9]*(?:-[a-z0-9]+)*"
+# A path segment a browser leaves alone: characters it never changes, and a first one that is
+# neither "." nor the start of "%2e" (so never a dot segment, "/./" or "/../", which the
+# parser removes).
+_FIRST = r"(?:[A-Za-z0-9\-_~!$&()*+,;=:@]|%(?:[013-9A-Fa-f]|2[0-9A-DFa-df]))"
+_SEGMENT = rf"(?:{_FIRST}[A-Za-z0-9\-._~!$&()*+,;=:@%]*)?"
+# Characters a browser leaves alone in a query.
 _SAFE = r"[A-Za-z0-9\-._~!$&()*+,;=:@/%]"
-ALREADY_NORMAL = re.compile(rf"^https?://(?:{_HOSTNAME}|{_IPV4})/{_SAFE}*(?:\?(?:{_SAFE}|\?)*)?$")
-# Dot segments ("/./", "/../", also percent-encoded) and punycode labels need the parser.
-NEEDS_PARSER = re.compile(r"/(?:\.|%2[eE]){1,2}(?:/|\?|$)|xn--")
-HOST_OF_NORMAL = r"^https?://(?P<host>[^/]+)/"
+# URLs already in the form a browser sends, checked in one pass; the rest go to the parser.
+ALREADY_NORMAL = re.compile(
+    rf"^https?://(?:{_HOSTNAME}|{_IPV4})/{_SEGMENT}(?:/{_SEGMENT})*(?:\?(?:{_SAFE}|\?)*)?$")
 SCHEME = re.compile(r"^\s*([A-Za-z][A-Za-z0-9+.\-]*):")
 ALLOWED_PROTOCOLS = ("http:", "https:")
 
@@ -114,20 +121,28 @@ def _text(value: object) -> str:
     return _ffi.unpack(value.data, value.length).decode()  # type: ignore[attr-defined]
 
 
+def _hosts_of_normal(raw: pa.Array) -> pa.Array:
+    """The host of each URL in normal form ("scheme://host/..."): the third of its pieces
+    split at "/", taken by position (cheaper than a regex capture); other rows get a piece of
+    no meaning, to be replaced."""
+    pieces = pc.split_pattern(raw, "/", max_splits=3)
+    starts = np.frombuffer(pieces.buffers()[1], np.int32)[pieces.offset:][: len(pieces)]
+    values = pieces.values
+    return values.take(np.minimum(starts + 2, len(values) - 1))
+
+
 def normalise_urls(raw: pa.Array) -> NormalisedUrls:
     """Normalise a column of URLs; `server_name` is the host, with the port when not default."""
     raw = raw.cast(pa.string())
-    fast = pc.and_(
-        pc.match_substring_regex(raw, ALREADY_NORMAL.pattern),
-        pc.invert(pc.match_substring_regex(raw, NEEDS_PARSER.pattern)),
-    )
-    fast = pc.fill_null(fast, False)
-    server_name = pc.struct_field(pc.extract_regex(raw, HOST_OF_NORMAL), [0])
+    fast = pc.fill_null(pc.match_substring_regex(raw, ALREADY_NORMAL.pattern), False)
     reason = pa.nulls(len(raw), pa.string())
     if pc.all(fast).as_py() is not False:
-        return NormalisedUrls(identifier=raw, server_name=server_name, reject_reason=reason)
+        return NormalisedUrls(identifier=raw, server_name=_hosts_of_normal(raw),
+                              reject_reason=reason)
     slow = pc.invert(fast)
     identifiers, servers, reasons = _normalise_many(raw.filter(slow).to_pylist())
+    server_name = (_hosts_of_normal(raw) if pc.any(fast).as_py()
+                   else pa.nulls(len(raw), pa.string()))
     return NormalisedUrls(
         identifier=pc.replace_with_mask(raw, slow, pa.array(identifiers, pa.string())),
         server_name=pc.replace_with_mask(server_name, slow, pa.array(servers, pa.string())),
