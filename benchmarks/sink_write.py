@@ -13,6 +13,7 @@ the bytes written to disk (from /proc/self/io `write_bytes`, when the kernel cou
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import shutil
 import tempfile
@@ -20,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distributed_downloader.storage import RunLayout
-from distributed_downloader.writers import BatchWriter, BufferBudget
+from distributed_downloader.storage import BatchFiles, RunLayout
+from distributed_downloader.writers import BatchWriter, BufferBudget, ChunkCommitter
 
 
 def make_rows(count: int, image_bytes: int) -> list[dict[str, Any]]:
@@ -46,11 +47,17 @@ def written_bytes() -> int:
 def write_batch(root: Path, output_format: str, rows: list[dict[str, Any]]) -> tuple[float, int]:
     batch = RunLayout(root).batch_files("127.0.0.2", 0)
     started, before = time.perf_counter(), written_bytes()
-    writer = BatchWriter(batch, [], BufferBudget(48 << 20), "bench", output_format)
+    asyncio.run(write_rows(batch, output_format, rows))
+    return time.perf_counter() - started, written_bytes() - before
+
+
+async def write_rows(batch: BatchFiles, output_format: str, rows: list[dict[str, Any]]) -> None:
+    committer = ChunkCommitter()
+    writer = BatchWriter(batch, [], BufferBudget(48 << 20), committer, "bench", output_format)
     for row in rows:
         writer.add_success(row)
-    writer.complete(len(rows))
-    return time.perf_counter() - started, written_bytes() - before
+    await writer.complete(len(rows))
+    committer.close()
 
 
 def main() -> None:

@@ -7,7 +7,8 @@ Each batch is a chain, read in order in `_run_batch`:
 2. fetch with retry: each row under its share of the server's budget (politeness.py), failed
    ones again later (frontier.py, retry.py);
 3. response checks: opt-out (X-Robots-Tag), then the image, decoded off the loop;
-4. sink: the batch's `BatchWriter`, which commits results in chunks.
+4. sink: the batch's `BatchWriter`, which hands results in chunks to the worker's writer
+   thread (`ChunkCommitter`), so that no disk write holds up the event loop.
 
 The worker asks the scheduler for batches while its decode threads keep up, or before the rows
 on hand run out (intake.py: a newcomer's first contact is slow), and *reports* what it sees of
@@ -64,7 +65,12 @@ from distributed_downloader.protocol import (
     WorkerStopped,
 )
 from distributed_downloader.storage import RunLayout
-from distributed_downloader.writers import BatchWriter, BufferBudget, remove_stale_temporaries
+from distributed_downloader.writers import (
+    BatchWriter,
+    BufferBudget,
+    ChunkCommitter,
+    remove_stale_temporaries,
+)
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +167,7 @@ class Worker:
         network = self.settings.network
         self.client = HttpClient(network, BodyBudget(network.max_body_memory))
         self.pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
+        self.committer = ChunkCommitter(on_failure=self._commit_failed)
         self.channel.listen(loop, self.deliver, self.interrupt)
         ticker = asyncio.create_task(self._tick_forever())
         try:
@@ -170,6 +177,8 @@ class Worker:
             for task in self.tasks.values():
                 task.cancel()
             await asyncio.gather(*self.tasks.values(), ticker, return_exceptions=True)
+            await self.committer.drain()  # every finished row on disk before the last report
+            self.committer.close()
             self._send_report()
             await self.client.close()
             self.pool.shutdown(wait=True, cancel_futures=True)
@@ -225,10 +234,7 @@ class Worker:
                 self._send_report()
                 last_report = now
             for writer in list(self.budget.writers):
-                try:
-                    writer.flush_if_old()
-                except OutOfSpace as exc:
-                    self._disk_full(exc)
+                writer.flush_if_old()
             await asyncio.sleep(TICK_SECONDS)
 
     def _ask_for_work(self) -> None:
@@ -288,16 +294,18 @@ class Worker:
                                       error_row(row, give_up.code, give_up.message, 0))
             else:
                 await self._fetch_rows(rows, batch.server_name, writer)
-            self._finish(batch, writer, earlier)
+            await self._finish(batch, writer, earlier)
         except asyncio.CancelledError:
-            self._close(writer)  # commit what is finished; the rest is fetched on resume
+            if writer is not None:
+                writer.close()  # commit what is finished; the rest is fetched on resume
             raise
         except OutOfSpace as exc:
             self._disk_full(exc)
         except Exception:
             log.exception("worker %s: batch %s failed", self.id, batch.key)
             self.interrupt()  # first: the batch is released even if closing fails too
-            self._close(writer)
+            if writer is not None:
+                writer.close()
             raise
         finally:
             if self.tasks.pop(batch.key, None) is not None:
@@ -309,7 +317,7 @@ class Worker:
         """The batch's sink. Chunk names say which worker wrote them:
         successes-w{worker}.{random}-{seq}.parquet"""
         files = self.layout.batch_files(batch.server_name, batch.partition_id)
-        writer = BatchWriter(files, self.settings.prep.keep_columns, self.budget,
+        writer = BatchWriter(files, self.settings.prep.keep_columns, self.budget, self.committer,
                              f"w{self.id}.{secrets.token_hex(3)}",
                              self.settings.store.output_format)
         self.writers[batch.key] = writer
@@ -349,26 +357,26 @@ class Worker:
         await asyncio.gather(*(self._consume(frontier, slot, writer, permitted)
                                for _ in range(consumers)))
 
-    def _finish(self, batch: BatchRef, writer: BatchWriter, earlier: tuple[int, int]) -> None:
-        counts = writer.complete(batch.rows)
+    async def _finish(self, batch: BatchRef, writer: BatchWriter,
+                      earlier: tuple[int, int]) -> None:
+        counts = await writer.complete(batch.rows)
         self.channel.send(BatchFinished(self.id, batch, counts["successes"] - earlier[0],
                                         counts["errors"] - earlier[1]))
 
-    def _close(self, writer: BatchWriter | None) -> None:
-        """Commit a batch's finished rows on the way out; a full disk stops the worker
-        instead of raising again."""
-        if writer is None:
-            return
-        try:
-            writer.close()
-        except OutOfSpace as exc:
+    def _commit_failed(self, exc: BaseException) -> None:
+        """A chunk could not be written (told at once by the writer thread; the batch's own
+        task learns it when it completes)."""
+        if isinstance(exc, OutOfSpace):
             self._disk_full(exc)
+        else:
+            log.error("worker %s: writing a chunk failed: %r", self.id, exc)
+            self.interrupt()
 
     def _disk_full(self, exc: OutOfSpace) -> None:
         """No room for results: write nothing more (rows not yet written are fetched by the
         next run), tell the scheduler, which stops every worker, and stop."""
         for writer in list(self.budget.writers):
-            writer.discard()
+            writer.discard(exc)
         if self.out_of_space is None:
             self.out_of_space = exc
             log.warning("worker %s: out of space in %s; stopping", self.id, exc.folder)
@@ -384,6 +392,7 @@ class Worker:
     async def _consume(self, frontier: Frontier, slot: ServerSlot, writer: BatchWriter,
                        permitted: Callable[[str], bool] | None) -> None:
         while True:
+            await self.budget.wait_for_disk()  # rows go no faster than the disk takes them
             if not slot.first_contact:  # its few answers raise its pace: they do not queue
                 await self._wait_for_decode_room()
             item = await frontier.take(slot)
