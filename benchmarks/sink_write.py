@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from distributed_downloader.storage import BatchFiles, RunLayout
-from distributed_downloader.writers import BatchWriter, BufferBudget, ChunkCommitter
+from distributed_downloader.writers import BatchWriter, BufferBudget, DiskThread
 
 
 def make_rows(count: int, image_bytes: int) -> list[dict[str, Any]]:
@@ -52,12 +52,12 @@ def write_batch(root: Path, output_format: str, rows: list[dict[str, Any]]) -> t
 
 
 async def write_rows(batch: BatchFiles, output_format: str, rows: list[dict[str, Any]]) -> None:
-    committer = ChunkCommitter()
-    writer = BatchWriter(batch, [], BufferBudget(48 << 20), committer, "bench", output_format)
+    disk = DiskThread()
+    writer = BatchWriter(batch, [], BufferBudget(48 << 20), disk, "bench", output_format)
     for row in rows:
         writer.add_success(row)
     await writer.complete(len(rows))
-    committer.close()
+    disk.close()
 
 
 def main() -> None:

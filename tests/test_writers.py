@@ -24,7 +24,7 @@ from distributed_downloader.writers import (
     CHUNK_MAX_BYTES,
     BatchWriter,
     BufferBudget,
-    ChunkCommitter,
+    DiskThread,
 )
 
 GATE_SECONDS = 5.0  # how long a closed gate holds a commit at most (an old, blocking writer)
@@ -52,10 +52,10 @@ def row(number: int, image_bytes: int = 1000) -> dict[str, Any]:
             "image_format": "jpeg", "original_size": [10, 10], "resized_size": [10, 10]}
 
 
-def open_writer(tmp_path: Path, budget: BufferBudget, committer: ChunkCommitter,
+def open_writer(tmp_path: Path, budget: BufferBudget, disk: DiskThread,
                 sink: GatedSink, partition: int = 0) -> BatchWriter:
     writer = BatchWriter(RunLayout(tmp_path).batch_files("127.0.0.2", partition), [], budget,
-                         committer, f"test{partition}")
+                         disk, f"test{partition}")
     writer.sink = sink
     return writer
 
@@ -67,8 +67,8 @@ def leftovers(root: Path) -> list[Path]:
 def test_the_loop_goes_on_while_a_chunk_is_written_and_the_marker_waits_for_it(
         tmp_path: Path) -> None:
     async def scenario() -> None:
-        budget, committer, sink = BufferBudget(32 << 20), ChunkCommitter(), GatedSink()
-        writer = open_writer(tmp_path, budget, committer, sink)
+        budget, disk, sink = BufferBudget(32 << 20), DiskThread(), GatedSink()
+        writer = open_writer(tmp_path, budget, disk, sink)
         for number in range(3):
             writer.add_success(row(number))
         started = time.monotonic()
@@ -88,7 +88,7 @@ def test_the_loop_goes_on_while_a_chunk_is_written_and_the_marker_waits_for_it(
         assert (marker["successes"], marker["errors"]) == (3, 1)
         assert (budget.used, budget.writing) == (0, 0)
         assert sink.committed == ["successes-test0-00000.parquet"]
-        committer.close()
+        disk.close()
 
     asyncio.run(scenario())
     chunks = sorted(tmp_path.glob("download*/*/*/*.parquet"))
@@ -98,14 +98,14 @@ def test_the_loop_goes_on_while_a_chunk_is_written_and_the_marker_waits_for_it(
 
 def test_a_batch_s_chunks_are_committed_in_the_order_of_their_names(tmp_path: Path) -> None:
     async def scenario() -> list[str]:
-        committer, sink = ChunkCommitter(), GatedSink()
+        disk, sink = DiskThread(), GatedSink()
         sink.gate.set()
-        writer = open_writer(tmp_path, BufferBudget(32 << 20), committer, sink)
+        writer = open_writer(tmp_path, BufferBudget(32 << 20), disk, sink)
         for number in range(12):
             writer.add_success(row(number))
             writer.flush()
         assert (await writer.complete(12))["successes"] == 12
-        committer.close()
+        disk.close()
         return sink.committed
 
     committed = asyncio.run(scenario())
@@ -118,16 +118,16 @@ def test_a_failed_chunk_counts_no_row_tells_the_worker_and_leaves_the_batch_unfi
     told: list[BaseException] = []
 
     async def scenario() -> BatchWriter:
-        budget, committer = BufferBudget(32 << 20), ChunkCommitter(on_failure=told.append)
+        budget, disk = BufferBudget(32 << 20), DiskThread(on_failure=told.append)
         sink = GatedSink(failure=full)
         sink.gate.set()
-        writer = open_writer(tmp_path, budget, committer, sink)
+        writer = open_writer(tmp_path, budget, disk, sink)
         for number in range(3):
             writer.add_success(row(number))
         with pytest.raises(OutOfSpace):
             await writer.complete(3)
         assert (budget.used, budget.writing) == (0, 0)  # the lost rows' bytes are given back
-        committer.close()
+        disk.close()
         return writer
 
     writer = asyncio.run(scenario())
@@ -141,8 +141,8 @@ def test_a_failed_chunk_counts_no_row_tells_the_worker_and_leaves_the_batch_unfi
 def test_rows_wait_for_the_disk_while_the_writer_is_more_than_a_chunk_behind(
         tmp_path: Path) -> None:
     async def scenario() -> None:
-        budget, committer, sink = BufferBudget(64 << 20), ChunkCommitter(), GatedSink()
-        writers = [open_writer(tmp_path, budget, committer, sink, partition)
+        budget, disk, sink = BufferBudget(64 << 20), DiskThread(), GatedSink()
+        writers = [open_writer(tmp_path, budget, disk, sink, partition)
                    for partition in range(2)]
         await budget.wait_for_disk()  # nothing being written: no wait
         for number, writer in enumerate(writers):  # two chunks of 10 MiB: 20 MiB > 16 MiB
@@ -158,6 +158,6 @@ def test_rows_wait_for_the_disk_while_the_writer_is_more_than_a_chunk_behind(
         for number, writer in enumerate(writers):
             assert (await writer.complete(1))["successes"] == 1
         assert (budget.used, budget.writing) == (0, 0)
-        committer.close()
+        disk.close()
 
     asyncio.run(scenario())

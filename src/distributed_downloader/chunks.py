@@ -67,9 +67,11 @@ def write_chunk(table: pa.Table, path: Path) -> None:
 
 
 def read_uuids(path: Path, columns: tuple[str, ...] = ()) -> tuple[list[str], str | None]:
-    """A chunk's UUIDs (reading `columns` too), or ([], why it cannot be read)."""
+    """A chunk's UUIDs (reading `columns` too), or ([], why it cannot be read). One file read
+    as it is: `pq.read_table` would set up a dataset first, 3x the CPU for a small chunk."""
     try:
-        table = pq.read_table(path, columns=["uuid", *columns])
+        with pq.ParquetFile(path) as chunk:
+            table = chunk.read(columns=["uuid", *columns])
         return table.column("uuid").to_pylist(), None
     except UNREADABLE as exc:
         return [], f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0]})"

@@ -2,14 +2,13 @@
 
 A batch's successes go to `downloaded_images/server_name=H/partition_id=N/successes-*.parquet`
 and its errors to the same path under `download_errors/` (each tree reads as one table). The
-batch's writer buffers rows column by column and hands them, in chunks, to the worker's writer
-thread (`ChunkCommitter`), which commits each through the sink of the run's output format
+batch's writer buffers rows column by column and hands them, in chunks, to the worker's disk
+thread (`DiskThread`), which commits each through the sink of the run's output format
 (formats.py), writing each file once, atomically, while the event loop goes on fetching. The
 `_completed` marker, written last beside the successes once every chunk is on disk, makes the
-batch finished. Resuming skips every UUID
-already in a chunk; a kill loses only unwritten chunks. A chunk that cannot be read is moved
-aside (`OUT/quarantine/`, never deleted) and its rows count as not written; a UUID committed
-twice keeps one row.
+batch finished. Resuming skips every UUID already in a chunk; a kill loses only unwritten
+chunks. A chunk that cannot be read is moved aside (`OUT/quarantine/`, never deleted) and its
+rows count as not written; a UUID committed twice keeps one row.
 """
 
 from __future__ import annotations
@@ -191,29 +190,37 @@ class BufferBudget:
             self.caught_up.set()
 
 
-class ChunkCommitter:
-    """A worker's chunk commits, on one thread of their own, in the order they were handed over.
+class DiskThread:
+    """A worker's disk work, on one thread of its own, in the order it was handed over: chunk
+    commits, batch ends (the marker), and the reads that start a batch.
 
-    Writing a chunk (Parquet, its fsync, the rename, the folder's fsync) on the event loop took
-    40-47% of a busy worker's loop with 240 servers in flight (chunks of 5-9 rows); here the
-    loop goes on fetching meanwhile. One thread: a batch's chunks are committed in the order of
-    their names. The first failure (a full disk) is told to `on_failure`, on the loop."""
+    Writing chunks (Parquet, the fsyncs, the rename) on the event loop took 40-47% of a busy
+    worker's loop with 240 servers in flight (chunks of 5-9 rows); here the loop goes on
+    fetching meanwhile. One thread: a batch's chunks are committed in the order of their names,
+    and its marker after them. A failed commit (a full disk) is told to `on_failure`, on the
+    loop, the first time: nobody awaits a commit as it happens."""
 
     def __init__(self, on_failure: Callable[[BaseException], None] | None = None) -> None:
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="commit")
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="disk")
         self._on_failure = on_failure
-        self.failure: BaseException | None = None
+        self.failure: BaseException | None = None  # the first commit that failed
         self.pending: set[asyncio.Future[Any]] = set()
 
     def submit(self, call: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
-        """Run `call(*args)` on the writer thread, after everything handed over before it."""
+        """`call(*args)` on the thread, after everything handed over before it; its failure
+        is for the caller to await."""
         done = asyncio.wrap_future(self._thread.submit(call, *args))
         self.pending.add(done)
-        done.add_done_callback(self._ended)
+        done.add_done_callback(self.pending.discard)
         return done
 
-    def _ended(self, done: asyncio.Future[Any]) -> None:
-        self.pending.discard(done)
+    def commit(self, call: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """`submit` for a chunk's commit: its failure is also told to `on_failure`."""
+        done = self.submit(call, *args)
+        done.add_done_callback(self._committed)
+        return done
+
+    def _committed(self, done: asyncio.Future[Any]) -> None:
         error = None if done.cancelled() else done.exception()
         if error is not None and self.failure is None:
             self.failure = error
@@ -221,7 +228,7 @@ class ChunkCommitter:
                 self._on_failure(error)
 
     async def drain(self) -> None:
-        """Until everything handed over is committed (or failed). Never cancels a commit."""
+        """Until everything handed over is done. Never cancels any of it."""
         while self.pending:
             await asyncio.wait(set(self.pending))
 
@@ -274,13 +281,13 @@ class BatchWriter:
     written once, the chunk last). A row counts as written once its chunk is on disk."""
 
     def __init__(self, batch: BatchFiles, keep_columns: list[str], budget: BufferBudget,
-                 committer: ChunkCommitter, writer_token: str | None = None,
+                 disk: DiskThread, writer_token: str | None = None,
                  output_format: str = "parquet") -> None:
         self.batch = batch
         self.output_format = output_format
         self.sink: Sink = sink_for(output_format)
         self.budget = budget
-        self.committer = committer
+        self.disk = disk
         self.token = writer_token or secrets.token_hex(4)
         self.sequence = 0
         self._successes = ColumnBuffer(successes_schema(keep_columns))
@@ -350,13 +357,13 @@ class BatchWriter:
             self.buffered_bytes = 0
             self.budget.writing += size
             self.writing_successes += rows.rows
-            done = self.committer.submit(self._commit_successes,
+            done = self.disk.commit(self._commit_successes,
                                          self.batch.successes / (SUCCESS_PREFIX + name), rows)
             self._follow(done, rows.rows, 0, size)
         if self._errors.rows:
             rows = self._errors.take()
             self.writing_errors += rows.rows
-            done = self.committer.submit(_commit_errors,
+            done = self.disk.commit(_commit_errors,
                                          self.batch.errors / (ERROR_PREFIX + name), rows)
             self._follow(done, 0, rows.rows, 0)
         self._oldest = None
@@ -415,7 +422,7 @@ class BatchWriter:
             await asyncio.wait(set(self._commits))  # (a cancelled wait cancels no commit)
         if self.failure is not None:
             raise self.failure
-        return await self.committer.submit(self._mark_finished, batch_rows)
+        return await self.disk.submit(self._mark_finished, batch_rows)
 
     def _mark_finished(self, batch_rows: int) -> dict[str, int]:
         """Nothing written is read back or converted: the sink wrote it finished."""

@@ -8,7 +8,8 @@ Each batch is a chain, read in order in `_run_batch`:
    ones again later (frontier.py, retry.py);
 3. response checks: opt-out (X-Robots-Tag), then the image, decoded off the loop;
 4. sink: the batch's `BatchWriter`, which hands results in chunks to the worker's writer
-   thread (`ChunkCommitter`), so that no disk write holds up the event loop.
+   thread (`DiskThread`), so that no disk write holds up the event loop (the batch's first
+   reads, of what is done already, go there too).
 
 The worker asks the scheduler for batches while its decode threads keep up, or before the rows
 on hand run out (intake.py: a newcomer's first contact is slow), and *reports* what it sees of
@@ -68,7 +69,7 @@ from distributed_downloader.storage import RunLayout
 from distributed_downloader.writers import (
     BatchWriter,
     BufferBudget,
-    ChunkCommitter,
+    DiskThread,
     remove_stale_temporaries,
 )
 
@@ -167,7 +168,7 @@ class Worker:
         network = self.settings.network
         self.client = HttpClient(network, BodyBudget(network.max_body_memory))
         self.pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
-        self.committer = ChunkCommitter(on_failure=self._commit_failed)
+        self.disk = DiskThread(on_failure=self._commit_failed)
         self.channel.listen(loop, self.deliver, self.interrupt)
         ticker = asyncio.create_task(self._tick_forever())
         try:
@@ -177,8 +178,8 @@ class Worker:
             for task in self.tasks.values():
                 task.cancel()
             await asyncio.gather(*self.tasks.values(), ticker, return_exceptions=True)
-            await self.committer.drain()  # every finished row on disk before the last report
-            self.committer.close()
+            await self.disk.drain()  # every finished row on disk before the last report
+            self.disk.close()
             self._send_report()
             await self.client.close()
             self.pool.shutdown(wait=True, cancel_futures=True)
@@ -317,7 +318,7 @@ class Worker:
         """The batch's sink. Chunk names say which worker wrote them:
         successes-w{worker}.{random}-{seq}.parquet"""
         files = self.layout.batch_files(batch.server_name, batch.partition_id)
-        writer = BatchWriter(files, self.settings.prep.keep_columns, self.budget, self.committer,
+        writer = BatchWriter(files, self.settings.prep.keep_columns, self.budget, self.disk,
                              f"w{self.id}.{secrets.token_hex(3)}",
                              self.settings.store.output_format)
         self.writers[batch.key] = writer
@@ -327,10 +328,7 @@ class Worker:
                                ) -> tuple[tuple[int, int], list[dict[str, Any]]]:
         """The request filters, in order: already done, reused from `--previous`, robots.txt.
         Also returns the (successes, errors) committed by an earlier run: not this one's."""
-        files = self.layout.batch_files(batch.server_name, batch.partition_id)
-        remove_stale_temporaries(files)
-        done, earlier = committed_uuids_and_counts(files)
-        rows = rows_not_done(self.layout, batch, done)
+        earlier, rows = await self.disk.submit(self._rows_not_done, batch)
         left = await reuse_earlier(rows, writer, self.settings.prep.previous_mode == "copy",
                                    self.pool)
         self._count(batch.server_name, left)
@@ -338,6 +336,14 @@ class Worker:
             left = self.robots.filter(left.rows, batch.server_name, writer)
             self._count(batch.server_name, left)
         return earlier, left.rows
+
+    def _rows_not_done(self, batch: BatchRef) -> tuple[tuple[int, int], list[dict[str, Any]]]:
+        """On the disk thread: the batch's prepared rows no chunk holds yet, and the
+        (successes, errors) an earlier run committed; its half-written files cleared first."""
+        files = self.layout.batch_files(batch.server_name, batch.partition_id)
+        remove_stale_temporaries(files)
+        done, earlier = committed_uuids_and_counts(files)
+        return earlier, rows_not_done(self.layout, batch, done)
 
     def _count(self, server: str, filtered: Filtered) -> None:
         if not (filtered.successes or filtered.errors):
