@@ -13,7 +13,6 @@ the bytes written to disk (from /proc/self/io `write_bytes`, when the kernel cou
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import shutil
 import tempfile
@@ -21,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distributed_downloader.storage import BatchFiles, RunLayout
-from distributed_downloader.writers import BatchWriter, BufferBudget, DiskThread
+from distributed_downloader.storage import RunLayout
+from distributed_downloader.writers import BatchWriter, BufferBudget
 
 
 def make_rows(count: int, image_bytes: int) -> list[dict[str, Any]]:
@@ -47,17 +46,11 @@ def written_bytes() -> int:
 def write_batch(root: Path, output_format: str, rows: list[dict[str, Any]]) -> tuple[float, int]:
     batch = RunLayout(root).batch_files("127.0.0.2", 0)
     started, before = time.perf_counter(), written_bytes()
-    asyncio.run(write_rows(batch, output_format, rows))
-    return time.perf_counter() - started, written_bytes() - before
-
-
-async def write_rows(batch: BatchFiles, output_format: str, rows: list[dict[str, Any]]) -> None:
-    disk = DiskThread()
-    writer = BatchWriter(batch, [], BufferBudget(48 << 20), disk, "bench", output_format)
+    writer = BatchWriter(batch, [], BufferBudget(48 << 20), "bench", output_format)
     for row in rows:
         writer.add_success(row)
-    await writer.complete(len(rows))
-    disk.close()
+    writer.complete(len(rows))
+    return time.perf_counter() - started, written_bytes() - before
 
 
 def main() -> None:

@@ -2,26 +2,21 @@
 
 A batch's successes go to `downloaded_images/server_name=H/partition_id=N/successes-*.parquet`
 and its errors to the same path under `download_errors/` (each tree reads as one table). The
-batch's writer buffers rows column by column and hands them, in chunks, to the worker's disk
-thread (`DiskThread`), which commits each through the sink of the run's output format
-(formats.py), writing each file once, atomically, while the event loop goes on fetching. The
-`_completed` marker, written last beside the successes once every chunk is on disk, makes the
-batch finished. Resuming skips every UUID already in a chunk; a kill loses only unwritten
-chunks. A chunk that cannot be read is moved aside (`OUT/quarantine/`, never deleted) and its
-rows count as not written; a UUID committed twice keeps one row.
+batch's writer buffers rows column by column and commits them in chunks through the sink of the
+run's output format (formats.py), which writes each file once, atomically. The `_completed`
+marker, written last beside the successes, makes the batch finished. Resuming skips every UUID
+already in a chunk; a kill loses only unwritten chunks. A chunk that cannot be read is moved
+aside (`OUT/quarantine/`, never deleted) and its rows count as not written; a UUID committed
+twice keeps one row.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import secrets
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -157,84 +152,17 @@ def reopen_for_retry(batch: BatchFiles) -> int:
 
 @dataclass
 class BufferBudget:
-    """Bytes of images a worker holds for its batches' chunks until they are on disk: buffered,
-    at most `limit` (over it, the largest batch's rows are handed to the writer early), and
-    handed to the writer thread, `writing`, at most a chunk's worth (CHUNK_MAX_BYTES) before
-    the worker waits for the disk (`wait_for_disk`): rows go no faster than the disk takes them."""
+    """Bytes of images a worker holds in memory across all its batches' unwritten chunks."""
 
     limit: int
-    used: int = 0  # every byte held, buffered or being written
-    writing: int = 0  # of those, handed to the writer thread and not yet on disk
+    used: int = 0
     writers: list[BatchWriter] = field(default_factory=list)
-    caught_up: asyncio.Event = field(default_factory=asyncio.Event)
 
     def over(self) -> bool:
-        return self.used - self.writing > self.limit
-
-    def behind(self) -> bool:
-        return self.writing > CHUNK_MAX_BYTES
+        return self.used > self.limit
 
     def largest(self) -> BatchWriter | None:
         return max(self.writers, key=lambda writer: writer.buffered_bytes, default=None)
-
-    async def wait_for_disk(self) -> None:
-        while self.behind():
-            self.caught_up.clear()
-            await self.caught_up.wait()
-
-    def written(self, size: int) -> None:
-        """`size` bytes handed to the writer left memory (on disk, or lost to a failure)."""
-        self.used -= size
-        self.writing -= size
-        if not self.behind():
-            self.caught_up.set()
-
-
-class DiskThread:
-    """A worker's disk work, on one thread of its own, in the order it was handed over: chunk
-    commits, batch ends (the marker), and the reads that start a batch.
-
-    Writing chunks (Parquet, the fsyncs, the rename) on the event loop took 40-47% of a busy
-    worker's loop with 240 servers in flight (chunks of 5-9 rows); here the loop goes on
-    fetching meanwhile. One thread: a batch's chunks are committed in the order of their names,
-    and its marker after them. A failed commit (a full disk) is told to `on_failure`, on the
-    loop, the first time: nobody awaits a commit as it happens."""
-
-    def __init__(self, on_failure: Callable[[BaseException], None] | None = None) -> None:
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="disk")
-        self._on_failure = on_failure
-        self.failure: BaseException | None = None  # the first commit that failed
-        self.pending: set[asyncio.Future[Any]] = set()
-
-    def submit(self, call: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
-        """`call(*args)` on the thread, after everything handed over before it; its failure
-        is for the caller to await."""
-        done = asyncio.wrap_future(self._thread.submit(call, *args))
-        self.pending.add(done)
-        done.add_done_callback(self.pending.discard)
-        return done
-
-    def commit(self, call: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
-        """`submit` for a chunk's commit: its failure is also told to `on_failure`."""
-        done = self.submit(call, *args)
-        done.add_done_callback(self._committed)
-        return done
-
-    def _committed(self, done: asyncio.Future[Any]) -> None:
-        error = None if done.cancelled() else done.exception()
-        if error is not None and self.failure is None:
-            self.failure = error
-            if self._on_failure is not None:
-                self._on_failure(error)
-
-    async def drain(self) -> None:
-        """Until everything handed over is done. Never cancels any of it."""
-        while self.pending:
-            await asyncio.wait(set(self.pending))
-
-    def close(self) -> None:
-        """Stop the thread once everything handed over is done."""
-        self._thread.shutdown(wait=True)
 
 
 class ColumnBuffer:
@@ -260,15 +188,6 @@ class ColumnBuffer:
         return pa.Table.from_pydict({name: self.columns[name] for name in schema.names},
                                     schema=schema)
 
-    def take(self) -> ColumnBuffer:
-        """The rows so far, as a buffer of their own (for the writer thread); this one starts
-        again empty."""
-        taken = ColumnBuffer(self.schema)
-        taken.columns, taken.rows = self.columns, self.rows
-        self.columns = {name: [] for name in self.schema.names}
-        self.rows = 0
-        return taken
-
     def clear(self) -> None:
         for values in self.columns.values():
             values.clear()
@@ -276,18 +195,15 @@ class ColumnBuffer:
 
 
 class BatchWriter:
-    """Collects one batch's final rows and hands them in chunks to the worker's writer thread,
-    which commits the successes through the sink of the output format chosen here (its files
-    written once, the chunk last). A row counts as written once its chunk is on disk."""
+    """Collects one batch's final rows and commits them in chunks, the successes through the
+    sink of the output format chosen here (its files written once, the chunk last)."""
 
     def __init__(self, batch: BatchFiles, keep_columns: list[str], budget: BufferBudget,
-                 disk: DiskThread, writer_token: str | None = None,
-                 output_format: str = "parquet") -> None:
+                 writer_token: str | None = None, output_format: str = "parquet") -> None:
         self.batch = batch
         self.output_format = output_format
         self.sink: Sink = sink_for(output_format)
         self.budget = budget
-        self.disk = disk
         self.token = writer_token or secrets.token_hex(4)
         self.sequence = 0
         self._successes = ColumnBuffer(successes_schema(keep_columns))
@@ -296,10 +212,6 @@ class BatchWriter:
         self._oldest: float | None = None
         self.written_successes = 0
         self.written_errors = 0
-        self.writing_successes = 0  # rows handed to the writer thread, not yet on disk
-        self.writing_errors = 0
-        self._commits: set[asyncio.Future[Any]] = set()
-        self.failure: BaseException | None = None  # a commit failed, or the rows were dropped
         self.discarded = False
         for folder in (batch.successes, batch.errors):
             with space_errors(folder.parent, 0):
@@ -323,10 +235,9 @@ class BatchWriter:
 
     @property
     def rows_added(self) -> tuple[int, int]:
-        """(successes, errors) given to this writer so far, committed, being written or still
-        buffered."""
-        return (self.written_successes + self.writing_successes + self._successes.rows,
-                self.written_errors + self.writing_errors + self._errors.rows)
+        """(successes, errors) given to this writer so far, committed or still buffered."""
+        return (self.written_successes + self._successes.rows,
+                self.written_errors + self._errors.rows)
 
     def _added(self) -> None:
         if self._oldest is None:
@@ -345,64 +256,37 @@ class BatchWriter:
             self.flush()
 
     def flush(self) -> None:
-        """Hand what is buffered to the writer thread as one successes and one errors chunk.
-        Their rows count as written once each chunk is on disk; a chunk that fails (a full
-        disk) counts none, and its bytes leave the budget all the same."""
+        """Commit what is buffered as one successes and one errors chunk. Each is forgotten
+        once committed: after a failure (a full disk) what was committed stays so, and no
+        row is counted that was not written."""
         if self.discarded or not (self._successes.rows or self._errors.rows):
             return
         name = f"{self.token}-{self.sequence:05d}.parquet"
         self.sequence += 1
         if self._successes.rows:
-            rows, size = self._successes.take(), self.buffered_bytes
+            self.sink.commit(self.batch.successes / (SUCCESS_PREFIX + name),
+                             self._successes.table(without="image"),
+                             self._successes.columns["image"])
+            fsync_path(self.batch.successes)
+            self.written_successes += self._successes.rows
+            self.budget.used -= self.buffered_bytes
+            self._successes.clear()
             self.buffered_bytes = 0
-            self.budget.writing += size
-            self.writing_successes += rows.rows
-            done = self.disk.commit(self._commit_successes,
-                                         self.batch.successes / (SUCCESS_PREFIX + name), rows)
-            self._follow(done, rows.rows, 0, size)
         if self._errors.rows:
-            rows = self._errors.take()
-            self.writing_errors += rows.rows
-            done = self.disk.commit(_commit_errors,
-                                         self.batch.errors / (ERROR_PREFIX + name), rows)
-            self._follow(done, 0, rows.rows, 0)
+            write_chunk(self._errors.table(), self.batch.errors / (ERROR_PREFIX + name))
+            fsync_path(self.batch.errors)
+            self.written_errors += self._errors.rows
+            self._errors.clear()
         self._oldest = None
 
-    def _commit_successes(self, chunk: Path, rows: ColumnBuffer) -> None:
-        """On the writer thread: the sink writes the chunk (and its images) atomically."""
-        self.sink.commit(chunk, rows.table(without="image"), rows.columns["image"])
-        fsync_path(chunk.parent)
-
-    def _follow(self, done: asyncio.Future[Any], successes: int, errors: int,
-                size: int) -> None:
-        self._commits.add(done)
-        done.add_done_callback(partial(self._committed, successes=successes, errors=errors,
-                                       size=size))
-
-    def _committed(self, done: asyncio.Future[Any], successes: int, errors: int,
-                   size: int) -> None:
-        """On the loop, once a chunk's commit ended: its rows are written, or lost."""
-        self._commits.discard(done)
-        self.writing_successes -= successes
-        self.writing_errors -= errors
-        self.budget.written(size)
-        error = done.exception() if not done.cancelled() else asyncio.CancelledError()
-        if error is None:
-            self.written_successes += successes
-            self.written_errors += errors
-        elif self.failure is None:
-            self.failure = error
-
     def close(self) -> None:
-        """Hand over what is buffered; the worker's writer thread commits it before it ends."""
         self.flush()
         self._leave_budget()
 
-    def discard(self, reason: BaseException) -> None:
+    def discard(self) -> None:
         """Write nothing more (the disk is full): the buffered rows are dropped, and fetched
-        again by the next run. Chunks already handed over are committed or fail on their own."""
+        again by the next run."""
         self.discarded = True
-        self.failure = self.failure or reason
         self.budget.used -= self.buffered_bytes
         self._successes.clear()
         self._errors.clear()
@@ -413,19 +297,10 @@ class BatchWriter:
         if self in self.budget.writers:
             self.budget.writers.remove(self)
 
-    async def complete(self, batch_rows: int) -> dict[str, int]:
-        """Hand over the last rows, wait until every chunk of the batch is on disk, then, on the
-        writer thread: keep one row per UUID, check every row of the batch is committed, and
-        write the marker. Raises the failure of any chunk (no marker then)."""
+    def complete(self, batch_rows: int) -> dict[str, int]:
+        """Flush, keep one row per UUID, check every row of the batch is committed, and write
+        the marker. Nothing written is read back or converted: the sink wrote it finished."""
         self.close()
-        while self._commits:
-            await asyncio.wait(set(self._commits))  # (a cancelled wait cancels no commit)
-        if self.failure is not None:
-            raise self.failure
-        return await self.disk.submit(self._mark_finished, batch_rows)
-
-    def _mark_finished(self, batch_rows: int) -> dict[str, int]:
-        """Nothing written is read back or converted: the sink wrote it finished."""
         resolve_duplicates(self.batch)
         successes, errors = chunk_row_counts(self.batch)
         if successes + errors != batch_rows:
@@ -436,12 +311,6 @@ class BatchWriter:
                           {**counts, "errors_by_code": errors_by_code(self.batch),
                            "output_format": self.output_format, "finished_at": time.time()})
         return counts
-
-
-def _commit_errors(chunk: Path, rows: ColumnBuffer) -> None:
-    """On the writer thread: an errors chunk, atomically."""
-    write_chunk(rows.table(), chunk)
-    fsync_path(chunk.parent)
 
 
 def bytes_per_row(layout: RunLayout) -> float | None:

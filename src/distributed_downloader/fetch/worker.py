@@ -7,9 +7,7 @@ Each batch is a chain, read in order in `_run_batch`:
 2. fetch with retry: each row under its share of the server's budget (politeness.py), failed
    ones again later (frontier.py, retry.py);
 3. response checks: opt-out (X-Robots-Tag), then the image, decoded off the loop;
-4. sink: the batch's `BatchWriter`, which hands results in chunks to the worker's writer
-   thread (`DiskThread`), so that no disk write holds up the event loop (the batch's first
-   reads, of what is done already, go there too).
+4. sink: the batch's `BatchWriter`, which commits results in chunks.
 
 The worker asks the scheduler for batches while its decode threads keep up, or before the rows
 on hand run out (intake.py: a newcomer's first contact is slow), and *reports* what it sees of
@@ -66,12 +64,7 @@ from distributed_downloader.protocol import (
     WorkerStopped,
 )
 from distributed_downloader.storage import RunLayout
-from distributed_downloader.writers import (
-    BatchWriter,
-    BufferBudget,
-    DiskThread,
-    remove_stale_temporaries,
-)
+from distributed_downloader.writers import BatchWriter, BufferBudget, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +161,6 @@ class Worker:
         network = self.settings.network
         self.client = HttpClient(network, BodyBudget(network.max_body_memory))
         self.pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
-        self.disk = DiskThread(on_failure=self._commit_failed)
         self.channel.listen(loop, self.deliver, self.interrupt)
         ticker = asyncio.create_task(self._tick_forever())
         try:
@@ -178,8 +170,6 @@ class Worker:
             for task in self.tasks.values():
                 task.cancel()
             await asyncio.gather(*self.tasks.values(), ticker, return_exceptions=True)
-            await self.disk.drain()  # every finished row on disk before the last report
-            self.disk.close()
             self._send_report()
             await self.client.close()
             self.pool.shutdown(wait=True, cancel_futures=True)
@@ -235,7 +225,10 @@ class Worker:
                 self._send_report()
                 last_report = now
             for writer in list(self.budget.writers):
-                writer.flush_if_old()
+                try:
+                    writer.flush_if_old()
+                except OutOfSpace as exc:
+                    self._disk_full(exc)
             await asyncio.sleep(TICK_SECONDS)
 
     def _ask_for_work(self) -> None:
@@ -295,18 +288,16 @@ class Worker:
                                       error_row(row, give_up.code, give_up.message, 0))
             else:
                 await self._fetch_rows(rows, batch.server_name, writer)
-            await self._finish(batch, writer, earlier)
+            self._finish(batch, writer, earlier)
         except asyncio.CancelledError:
-            if writer is not None:
-                writer.close()  # commit what is finished; the rest is fetched on resume
+            self._close(writer)  # commit what is finished; the rest is fetched on resume
             raise
         except OutOfSpace as exc:
             self._disk_full(exc)
         except Exception:
             log.exception("worker %s: batch %s failed", self.id, batch.key)
             self.interrupt()  # first: the batch is released even if closing fails too
-            if writer is not None:
-                writer.close()
+            self._close(writer)
             raise
         finally:
             if self.tasks.pop(batch.key, None) is not None:
@@ -318,7 +309,7 @@ class Worker:
         """The batch's sink. Chunk names say which worker wrote them:
         successes-w{worker}.{random}-{seq}.parquet"""
         files = self.layout.batch_files(batch.server_name, batch.partition_id)
-        writer = BatchWriter(files, self.settings.prep.keep_columns, self.budget, self.disk,
+        writer = BatchWriter(files, self.settings.prep.keep_columns, self.budget,
                              f"w{self.id}.{secrets.token_hex(3)}",
                              self.settings.store.output_format)
         self.writers[batch.key] = writer
@@ -328,7 +319,10 @@ class Worker:
                                ) -> tuple[tuple[int, int], list[dict[str, Any]]]:
         """The request filters, in order: already done, reused from `--previous`, robots.txt.
         Also returns the (successes, errors) committed by an earlier run: not this one's."""
-        earlier, rows = await self.disk.submit(self._rows_not_done, batch)
+        files = self.layout.batch_files(batch.server_name, batch.partition_id)
+        remove_stale_temporaries(files)
+        done, earlier = committed_uuids_and_counts(files)
+        rows = rows_not_done(self.layout, batch, done)
         left = await reuse_earlier(rows, writer, self.settings.prep.previous_mode == "copy",
                                    self.pool)
         self._count(batch.server_name, left)
@@ -336,14 +330,6 @@ class Worker:
             left = self.robots.filter(left.rows, batch.server_name, writer)
             self._count(batch.server_name, left)
         return earlier, left.rows
-
-    def _rows_not_done(self, batch: BatchRef) -> tuple[tuple[int, int], list[dict[str, Any]]]:
-        """On the disk thread: the batch's prepared rows no chunk holds yet, and the
-        (successes, errors) an earlier run committed; its half-written files cleared first."""
-        files = self.layout.batch_files(batch.server_name, batch.partition_id)
-        remove_stale_temporaries(files)
-        done, earlier = committed_uuids_and_counts(files)
-        return earlier, rows_not_done(self.layout, batch, done)
 
     def _count(self, server: str, filtered: Filtered) -> None:
         if not (filtered.successes or filtered.errors):
@@ -363,26 +349,26 @@ class Worker:
         await asyncio.gather(*(self._consume(frontier, slot, writer, permitted)
                                for _ in range(consumers)))
 
-    async def _finish(self, batch: BatchRef, writer: BatchWriter,
-                      earlier: tuple[int, int]) -> None:
-        counts = await writer.complete(batch.rows)
+    def _finish(self, batch: BatchRef, writer: BatchWriter, earlier: tuple[int, int]) -> None:
+        counts = writer.complete(batch.rows)
         self.channel.send(BatchFinished(self.id, batch, counts["successes"] - earlier[0],
                                         counts["errors"] - earlier[1]))
 
-    def _commit_failed(self, exc: BaseException) -> None:
-        """A chunk could not be written (told at once by the writer thread; the batch's own
-        task learns it when it completes)."""
-        if isinstance(exc, OutOfSpace):
+    def _close(self, writer: BatchWriter | None) -> None:
+        """Commit a batch's finished rows on the way out; a full disk stops the worker
+        instead of raising again."""
+        if writer is None:
+            return
+        try:
+            writer.close()
+        except OutOfSpace as exc:
             self._disk_full(exc)
-        else:
-            log.error("worker %s: writing a chunk failed: %r", self.id, exc)
-            self.interrupt()
 
     def _disk_full(self, exc: OutOfSpace) -> None:
         """No room for results: write nothing more (rows not yet written are fetched by the
         next run), tell the scheduler, which stops every worker, and stop."""
         for writer in list(self.budget.writers):
-            writer.discard(exc)
+            writer.discard()
         if self.out_of_space is None:
             self.out_of_space = exc
             log.warning("worker %s: out of space in %s; stopping", self.id, exc.folder)
@@ -398,7 +384,6 @@ class Worker:
     async def _consume(self, frontier: Frontier, slot: ServerSlot, writer: BatchWriter,
                        permitted: Callable[[str], bool] | None) -> None:
         while True:
-            await self.budget.wait_for_disk()  # rows go no faster than the disk takes them
             if not slot.first_contact:  # its few answers raise its pace: they do not queue
                 await self._wait_for_decode_room()
             item = await frontier.take(slot)
