@@ -6,7 +6,9 @@ GBIF's long tail: most servers hold a few dozen images. A loopback farm without 
 the same photos under N distinct URLs, spread once over `--hosts` servers (127.0.1.1 ...) and
 once over `--few`; `distributed-downloader fetch` (default politeness, no profile: every server
 is a first contact) fetches each, and the script prints both times and their ratio, measured in
-the same run. 1.0 means many small servers cost nothing more than a few large ones.
+the same run, and each fetch's CPU seconds (its workers included) and theirs: the run is bound by
+the CPU, and CPU seconds are less swayed than the time by other jobs on the machine. 1.0 means
+many small servers cost nothing more than a few large ones.
 
 Run as root, it re-runs itself inside a network namespace holding only loopback
 (`unshare -n`), so that nothing can reach beyond this machine.

@@ -72,6 +72,9 @@ def read_uuids(path: Path, columns: tuple[str, ...] = ()) -> tuple[list[str], st
     try:
         with pq.ParquetFile(path) as chunk:
             table = chunk.read(columns=["uuid", *columns])
+        missing = [name for name in ("uuid", *columns) if name not in table.column_names]
+        if missing:  # (read_table raises for these; a file's read leaves them out)
+            raise pa.ArrowInvalid(f"no column {missing[0]}")
         return table.column("uuid").to_pylist(), None
     except UNREADABLE as exc:
         return [], f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0]})"
