@@ -6,7 +6,9 @@ GBIF's long tail: most servers hold a few dozen images. A loopback farm without 
 the same photos under N distinct URLs, spread once over `--hosts` servers (127.0.1.1 ...) and
 once over `--few`; `distributed-downloader fetch` (default politeness, no profile: every server
 is a first contact) fetches each, and the script prints both times and their ratio, measured in
-the same run. 1.0 means many small servers cost nothing more than a few large ones.
+the same run, and each fetch's CPU seconds (its workers included) and theirs: the run is bound by
+the CPU, and CPU seconds are less swayed than the time by other jobs on the machine. 1.0 means
+many small servers cost nothing more than a few large ones.
 
 Run as root, it re-runs itself inside a network namespace holding only loopback
 (`unshare -n`), so that nothing can reach beyond this machine.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -48,9 +51,16 @@ def quietly(command: list[str]) -> None:
         sys.exit(f"{' '.join(command)} failed:\n{done.stdout}{done.stderr}")
 
 
+def children_cpu() -> float:
+    """CPU seconds (user + system) of the child processes waited for so far, theirs included."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def fetch(farm: object, images: int, bodies: list[bytes], out: Path,
-          ) -> tuple[float, float, dict]:
-    """prep (not timed) and fetch of `images` URLs spread evenly over the farm's servers."""
+          ) -> tuple[float, float, float, dict]:
+    """prep (not timed) and fetch of `images` URLs spread evenly over the farm's servers:
+    the fetch's seconds, when it started, its CPU seconds (workers included), its summary."""
     servers = farm.servers  # type: ignore[attr-defined]
     lines = []
     for index in range(images):
@@ -64,11 +74,11 @@ def fetch(farm: object, images: int, bodies: list[bytes], out: Path,
     urls.write_text("\n".join(lines) + "\n")
     base = [sys.executable, "-m", "distributed_downloader"]
     quietly([*base, "prep", str(urls), "--output", str(out)])
-    started, started_at = time.monotonic(), time.time()
+    started, started_at, cpu = time.monotonic(), time.time(), children_cpu()
     quietly([*base, "fetch", str(out), "--default-rate-limit", "100000",
              "--allow-network", "127.0.0.0/8"])
-    seconds = time.monotonic() - started
-    return seconds, started_at, json.loads((out / "fetch_summary.json").read_text())
+    seconds, cpu = time.monotonic() - started, children_cpu() - cpu
+    return seconds, started_at, cpu, json.loads((out / "fetch_summary.json").read_text())
 
 
 def most_servers_at_once(servers: list) -> int:
@@ -116,20 +126,22 @@ def main() -> None:
     bodies = photos()
     print(f"{args.images} images, mean {sum(map(len, bodies)) / len(bodies) / 1e3:.0f} KB, "
           f"{os.cpu_count()} cores", flush=True)
-    seconds = {}
+    seconds, cpu = {}, {}
     for count in (args.few, args.hosts):
         with Farm([ServerSpec(host) for host in hosts(count)]) as farm:
-            seconds[count], started_at, summary = fetch(farm, args.images, bodies,
-                                                        WORK / f"many-servers-{count}")
+            seconds[count], started_at, cpu[count], summary = fetch(
+                farm, args.images, bodies, WORK / f"many-servers-{count}")
             at_once = most_servers_at_once(farm.servers)
             if args.timeline:
                 timeline(farm.servers, started_at)
         print(f"{count:>4} servers: {seconds[count]:.1f} s, "
-              f"{args.images / seconds[count]:.0f} images/s ({summary['successes']} stored, "
+              f"{args.images / seconds[count]:.0f} images/s, {cpu[count]:.1f} s of CPU "
+              f"({summary['successes']} stored, "
               f"at most {at_once} servers fetched at once, "
               f"worker peak RSS {summary.get('worker_peak_rss_mib')} MiB)", flush=True)
     print(f"{args.hosts} servers / {args.few} servers: "
-          f"{seconds[args.hosts] / seconds[args.few]:.2f}x the time", flush=True)
+          f"{seconds[args.hosts] / seconds[args.few]:.2f}x the time, "
+          f"{cpu[args.hosts] / cpu[args.few]:.2f}x the CPU", flush=True)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from conftest import (
     stored_images,
     write_lines,
 )
+from distributed_downloader.chunks import read_uuids
 from distributed_downloader.testing.farm import Farm, ServerSpec, make_small_image
 from distributed_downloader.schema import ERRORS
 from distributed_downloader.formats import WebDatasetSink
@@ -224,3 +225,16 @@ def test_a_uuid_written_twice_in_webdataset_keeps_one_row_and_one_image(tmp_path
         assert sorted(row["uuid"] for row, _ in found) == sorted(rows)
         assert all(rows[row["uuid"]] == image for row, image in found)
         assert "every finished batch is sound" in run_cli("verify", out).stdout
+
+
+def test_a_parquet_file_without_the_columns_read_is_unreadable(tmp_path: Path) -> None:
+    """A file that is Parquet but not a chunk (no `uuid`, or no `error_code` where one is
+    read) is set aside like a damaged one, not read as a chunk without rows."""
+    stray = tmp_path / "successes-stray.parquet"
+    pq.write_table(pa.table({"x": [1]}), stray)
+    assert read_uuids(stray)[1].startswith("unreadable (ArrowInvalid: ")
+    errors = tmp_path / "errors-x.parquet"
+    pq.write_table(pa.table({"uuid": ["a"]}), errors)
+    assert read_uuids(errors)[1] is None
+    assert read_uuids(errors, ("error_code",))[1].startswith("unreadable (ArrowInvalid: ")
+
