@@ -145,21 +145,6 @@ def readable_chunks(batch: BatchFiles) -> dict[Path, list[str]]:
     return chunks
 
 
-def committed_uuids_and_counts(batch: BatchFiles) -> tuple[set[str], tuple[int, int]]:
-    """UUIDs that already have their final row in this batch, and the (successes, errors) rows
-    committed, from one read of each chunk; an unreadable chunk is set aside on the way (its
-    rows are fetched again)."""
-    done: set[str] = set()
-    successes = errors = 0
-    for path, uuids in readable_chunks(batch).items():
-        done.update(uuids)
-        if path.parent == batch.successes:
-            successes += len(uuids)
-        else:
-            errors += len(uuids)
-    return done, (successes, errors)
-
-
 def chunk_row_counts(batch: BatchFiles) -> tuple[int, int]:
     """(successes, errors) committed in a batch, from the chunks' Parquet footers (no data is
     read). A chunk whose footer cannot be read counts as not written, as fetch treats it."""
@@ -177,8 +162,14 @@ def chunk_row_counts(batch: BatchFiles) -> tuple[int, int]:
 
 def errors_by_code(batch: BatchFiles) -> dict[str, int]:
     """A batch's committed errors, counted by error code (an unreadable chunk: not counted)."""
+    return count_error_codes(batch.error_chunks())
+
+
+def count_error_codes(chunks: list[Path]) -> dict[str, int]:
+    """The rows of these error chunks, counted by error code (an unreadable chunk: not
+    counted)."""
     counts: dict[str, int] = {}
-    for path in batch.error_chunks():
+    for path in chunks:
         try:
             codes = read_file(path, columns=["error_code"]).column(0).to_pylist()
         except UNREADABLE:

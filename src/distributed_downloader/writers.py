@@ -7,7 +7,8 @@ run's output format (formats.py), which writes each file once, atomically. The `
 marker, written last beside the successes, makes the batch finished. Resuming skips every UUID
 already in a chunk; a kill loses only unwritten chunks. A chunk that cannot be read is moved
 aside (`OUT/quarantine/`, never deleted) and its rows count as not written; a UUID committed
-twice keeps one row.
+twice keeps one row. A batch's end reads its chunks back only when another writer may have
+touched them: a writer that finds just the chunks it began with and its own knows their rows.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import pyarrow.parquet as pq
 from distributed_downloader.chunks import (
     SetAside,
     chunk_row_counts,
+    count_error_codes,
     errors_by_code,
     read_uuids,
     readable_chunks,
@@ -165,6 +167,27 @@ class BufferBudget:
         return max(self.writers, key=lambda writer: writer.buffered_bytes, default=None)
 
 
+@dataclass
+class Tally:
+    """A batch's committed rows as its writer knows them without reading a chunk: those of
+    the chunks there when it began (each UUID once), plus what it committed itself."""
+
+    chunks: set[Path]
+    successes: int
+    errors: int
+    errors_by_code: dict[str, int]
+
+    def add(self, chunk: Path, rows: int, error_codes: list[str] | None = None) -> None:
+        """A chunk this writer committed: its successes, or its errors with their codes."""
+        self.chunks.add(chunk)
+        if error_codes is None:
+            self.successes += rows
+            return
+        self.errors += rows
+        for code in error_codes:
+            self.errors_by_code[code] = self.errors_by_code.get(code, 0) + 1
+
+
 class ColumnBuffer:
     """Rows held as one list per column of `schema`: a chunk's table is built from the columns
     as they are (`Table.from_pydict`), with no row-to-column transpose at flush time."""
@@ -213,10 +236,33 @@ class BatchWriter:
         self.written_successes = 0
         self.written_errors = 0
         self.discarded = False
+        self._tally: Tally | None = None  # known once `take_stock` found each UUID once
         for folder in (batch.successes, batch.errors):
             with space_errors(folder.parent, 0):
                 folder.mkdir(parents=True, exist_ok=True)
         budget.writers.append(self)
+
+    def take_stock(self) -> tuple[set[str], tuple[int, int]]:
+        """The UUIDs already committed in the batch (by an earlier run) and their (successes,
+        errors) rows, from one read of each chunk as the batch starts; an unreadable chunk is
+        set aside on the way (its rows are fetched again). Kept, with the chunks' names and
+        their error codes (read only when there are earlier errors: on a resume), so that
+        `complete` need not read any chunk back."""
+        chunks = readable_chunks(self.batch)
+        done: set[str] = set()
+        successes = errors = 0
+        for path, uuids in chunks.items():
+            done.update(uuids)
+            if path.parent == self.batch.successes:
+                successes += len(uuids)
+            else:
+                errors += len(uuids)
+        error_chunks = [path for path in chunks if path.parent == self.batch.errors]
+        by_code = count_error_codes(error_chunks)
+        if len(done) == successes + errors == sum(by_code.values()) + successes:
+            # each UUID once, each error's code read: then their rows are known from now on
+            self._tally = Tally(set(chunks), successes, errors, by_code)
+        return done, (successes, errors)
 
     def add_success(self, row: dict[str, Any]) -> None:
         if self.discarded:
@@ -268,6 +314,9 @@ class BatchWriter:
                              self._successes.table(without="image"),
                              self._successes.columns["image"])
             fsync_path(self.batch.successes)
+            if self._tally is not None:
+                self._tally.add(self.batch.successes / (SUCCESS_PREFIX + name),
+                                self._successes.rows)
             self.written_successes += self._successes.rows
             self.budget.used -= self.buffered_bytes
             self._successes.clear()
@@ -275,6 +324,9 @@ class BatchWriter:
         if self._errors.rows:
             write_chunk(self._errors.table(), self.batch.errors / (ERROR_PREFIX + name))
             fsync_path(self.batch.errors)
+            if self._tally is not None:
+                self._tally.add(self.batch.errors / (ERROR_PREFIX + name), self._errors.rows,
+                                self._errors.columns["error_code"])
             self.written_errors += self._errors.rows
             self._errors.clear()
         self._oldest = None
@@ -299,16 +351,24 @@ class BatchWriter:
 
     def complete(self, batch_rows: int) -> dict[str, int]:
         """Flush, keep one row per UUID, check every row of the batch is committed, and write
-        the marker. Nothing written is read back or converted: the sink wrote it finished."""
+        the marker. Nothing written is read back or converted: the sink wrote it finished.
+        When the batch's chunks are just those it began with and its own, none is read at all:
+        this writer committed only rows not committed before, each once, so no UUID is in two
+        of them and their rows are known. Any other chunk there (another writer's, one of its
+        own gone) and every chunk is read: duplicates resolved, rows counted."""
         self.close()
-        resolve_duplicates(self.batch)
-        successes, errors = chunk_row_counts(self.batch)
-        if successes + errors != batch_rows:
-            raise RuntimeError(f"{self.batch.successes}: {successes} successes + {errors} "
-                               f"errors != {batch_rows} rows")
-        counts = {"rows": batch_rows, "successes": successes, "errors": errors}
+        tally = self._tally
+        if (tally is None or tally.successes + tally.errors != batch_rows
+                or set(self.batch.chunks()) != tally.chunks):
+            resolve_duplicates(self.batch)
+            successes, errors = chunk_row_counts(self.batch)
+            tally = Tally(set(), successes, errors, errors_by_code(self.batch))
+        if tally.successes + tally.errors != batch_rows:
+            raise RuntimeError(f"{self.batch.successes}: {tally.successes} successes + "
+                               f"{tally.errors} errors != {batch_rows} rows")
+        counts = {"rows": batch_rows, "successes": tally.successes, "errors": tally.errors}
         atomic_write_json(self.batch.marker,
-                          {**counts, "errors_by_code": errors_by_code(self.batch),
+                          {**counts, "errors_by_code": tally.errors_by_code,
                            "output_format": self.output_format, "finished_at": time.time()})
         return counts
 

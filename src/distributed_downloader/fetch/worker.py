@@ -34,7 +34,6 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 
-from distributed_downloader.chunks import committed_uuids_and_counts
 from distributed_downloader.config import Settings
 from distributed_downloader.errors import ErrorCode, Failure, OutOfSpace
 from distributed_downloader.stop_signals import STOP_SIGNALS, stop_signalled
@@ -321,7 +320,7 @@ class Worker:
         Also returns the (successes, errors) committed by an earlier run: not this one's."""
         files = self.layout.batch_files(batch.server_name, batch.partition_id)
         remove_stale_temporaries(files)
-        done, earlier = committed_uuids_and_counts(files)
+        done, earlier = writer.take_stock()
         rows = rows_not_done(self.layout, batch, done)
         left = await reuse_earlier(rows, writer, self.settings.prep.previous_mode == "copy",
                                    self.pool)
