@@ -18,7 +18,7 @@ from distributed_downloader.formats import read_successes
 from distributed_downloader.storage import BatchFiles, RunLayout
 from distributed_downloader.writers import CHUNK_MAX_ROWS, BatchWriter, BufferBudget
 
-FORMATS = ["parquet", "webdataset", "files"]
+FORMATS = ["parquet", "webdataset", "files", "hdf5"]
 
 
 def success(i: int) -> dict[str, Any]:

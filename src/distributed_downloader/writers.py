@@ -259,8 +259,8 @@ class BatchWriter:
                 errors += len(uuids)
         error_chunks = [path for path in chunks if path.parent == self.batch.errors]
         by_code = count_error_codes(error_chunks)
-        if len(done) == successes + errors == sum(by_code.values()) + successes:
-            # each UUID once, each error's code read: then their rows are known from now on
+        each_uuid_once = len(done) == successes + errors
+        if each_uuid_once and sum(by_code.values()) == errors:  # and every error's code read
             self._tally = Tally(set(chunks), successes, errors, by_code)
         return done, (successes, errors)
 
@@ -355,7 +355,8 @@ class BatchWriter:
         When the batch's chunks are just those it began with and its own, none is read at all:
         this writer committed only rows not committed before, each once, so no UUID is in two
         of them and their rows are known. Any other chunk there (another writer's, one of its
-        own gone) and every chunk is read: duplicates resolved, rows counted."""
+        own gone), or rows that do not add up, and every chunk is read: duplicates resolved,
+        rows counted."""
         self.close()
         tally = self._tally
         if (tally is None or tally.successes + tally.errors != batch_rows
