@@ -65,16 +65,19 @@ def test_images_decoded_whole_wait_for_room_in_the_budget(tmp_path: Path) -> Non
     images = {f"deep-{copy}.png": body for copy in range(8)}
     sizes = {name: ([6000, 6000], [720, 720]) for name in images}
     out = tmp_path / "budgeted"
-    summary = fetch(images, out)
+    budgeted = fetch(images, out)
     assert_each_stored_once(out, sizes)
-    assert summary["worker_peak_rss_mib"] <= WORKER_MEMORY_MIB
+    assert budgeted["worker_peak_rss_mib"] <= WORKER_MEMORY_MIB
 
-    # Guard: with room for all of them at once, the same run does go over (the budget, not
-    # luck, kept it down).
+    # Guard: with room for all of them at once, decodes overlap and the same run peaks higher
+    # by at least half an image's pixels (the budget, not luck, kept them one at a time). Not
+    # "over 400 MiB": with the workers forked from a fork server, the imported modules' pages
+    # are not in the worker's peak, and two overlapping decodes peak at ~370 MiB.
     unbounded = tmp_path / "unbounded"
     summary = fetch(images, unbounded, "--max-decode-memory", 8 << 30)
     assert_each_stored_once(unbounded, sizes)
-    assert summary["worker_peak_rss_mib"] > WORKER_MEMORY_MIB
+    pixels_mib = 6000 * 6000 * 3 * 2 / (1 << 20)
+    assert summary["worker_peak_rss_mib"] > budgeted["worker_peak_rss_mib"] + pixels_mib / 2
 
 
 # Decodes a web-size photo again and again in a process tuned as a worker is, and prints the
