@@ -259,8 +259,7 @@ class ChunkCleaner:
             kept = pc.and_(alive, kept)
         positions = np.flatnonzero(kept.to_numpy(zero_copy_only=False))
         count = len(positions)
-        rows = self._staging_columns(columns, lines, urls.identifier, urls.server_name,
-                                     len(lines))
+        rows = self._staging_columns(columns, lines, urls.identifier, urls.server_name)
         return outcome.finish(rows, positions if count != len(lines) else None, count,
                               rows_read=len(chunk) + len(chunk.rejected))
 
@@ -325,11 +324,10 @@ class ChunkCleaner:
             outcome.dropped[reason] += 1
 
     def _staging_columns(self, columns: dict[str, pa.Array], lines: pa.Array,
-                         identifier: pa.Array, server_name: pa.Array,
-                         count: int) -> dict[str, pa.Array]:
+                         identifier: pa.Array, server_name: pa.Array) -> dict[str, pa.Array]:
         """The chunk's rows as staging columns (less `row_index` and `server_id`)."""
         roles = self.roles
-        nothing = pa.nulls(count, pa.string())
+        nothing = pa.nulls(len(lines), pa.string())
         metadata = {
             name: self._apply(column, _blank_to_null, columns[column]) if column else nothing
             for name, column in (("license", roles.license), ("source", roles.source),
