@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 
 
 class WaitLine:
@@ -56,3 +57,30 @@ class WaitLine:
                 self._woken += 1
                 return True
         return False
+
+
+class Gate:
+    """Coroutines held while `has_room()` is false, let through one at a time: each freed place
+    (`room_freed`) wakes the first; one that goes through passes the turn on while room
+    remains, one that finds none waits again at the front and wakes nobody. The decode backlog's
+    gate: an Event woke every consumer of every server at each decoded image, and while the
+    backlog stayed full they all waited again (a third of the 240-server loop's work)."""
+
+    def __init__(self, has_room: Callable[[], bool]) -> None:
+        self.has_room = has_room
+        self.line = WaitLine()
+
+    async def enter(self) -> None:
+        front = False
+        while not self.has_room():
+            try:
+                await self.line.wait(front)
+            except asyncio.CancelledError:
+                self.line.wake_one()  # the wake it may have been given
+                raise
+            front = True
+        if self.has_room():
+            self.line.wake_one()
+
+    def room_freed(self) -> None:
+        self.line.wake_one()

@@ -48,6 +48,7 @@ from distributed_downloader.fetch.opt_out import opted_out
 from distributed_downloader.fetch.politeness import ServerDead, ServerSlot
 from distributed_downloader.fetch.retry import RetryPolicy
 from distributed_downloader.fetch.rows import error_row, success_row
+from distributed_downloader.fetch.wait_line import Gate
 from distributed_downloader.images import StoredImage, finish_image, open_image
 from distributed_downloader.policy import SERVER_KEPT_FAILING, Signal
 from distributed_downloader.protocol import (
@@ -144,7 +145,7 @@ class Worker:
         self.decoding = 0  # bodies handed to the decode threads, not yet back
         # Decoded pixels dwarf the bodies: each image reserves its cost, read from its header.
         self.pixels = DecodeBudget(settings.images.max_decode_memory)
-        self._decode_room = asyncio.Event()
+        self._decode_gate = Gate(lambda: self.decoding < self.backlog_limit)
         self.handoff = ResultHandoff()  # decoded images back to the loop, many per wake-up
         self.asking = False  # a WantWork is unanswered, or the scheduler holds us as hungry
         self.interrupted = False
@@ -249,11 +250,6 @@ class Worker:
         finished = sum(sum(self.writers[key].rows_added) for key in self.tasks
                        if key in self.writers)
         return self.rows_in_flight - finished
-
-    async def _wait_for_decode_room(self) -> None:
-        while self.decoding >= self.backlog_limit:
-            self._decode_room.clear()
-            await self._decode_room.wait()
 
     def _send_report(self, urgent: bool = False) -> None:
         taken = self.book.hand_over()
@@ -384,7 +380,7 @@ class Worker:
                        permitted: Callable[[str], bool] | None) -> None:
         while True:
             if not slot.first_contact:  # its few answers raise its pace: they do not queue
-                await self._wait_for_decode_room()
+                await self._decode_gate.enter()
             item = await frontier.take(slot)
             if item is None:
                 return
@@ -518,7 +514,7 @@ class Worker:
             return await self._decode(body.data)
         finally:
             self.decoding -= 1
-            self._decode_room.set()
+            self._decode_gate.room_freed()
             self.client.budget.release(body.reserved)
 
     async def _decode(self, body: bytes) -> StoredImage | Failure:
