@@ -189,6 +189,8 @@ def main() -> None:
     parser.add_argument("--default-politeness", action="store_true",
                         help="ours without rate flags, as a user who sets none")
     args = parser.parse_args()
+    if not args.skip_img2dataset:
+        install_img2dataset()  # from PyPI: before the namespace, which reaches only loopback
     in_loopback_namespace()
     from distributed_downloader.testing.farm import Farm, ServerSpec
 
