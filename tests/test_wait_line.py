@@ -45,6 +45,7 @@ async def cancel(waiting: list[asyncio.Task]) -> None:
 
 
 def test_a_decoded_image_lets_one_consumer_in_and_wakes_no_other() -> None:
+    """A backlog that stays full: each consumer let in sends a body to decode at once."""
     async def scenario() -> None:
         backlog, passed = Backlog(decoding=8, limit=8), []
         waiting = [asyncio.create_task(backlog.consumer(n, passed, True)) for n in range(500)]
@@ -70,7 +71,7 @@ def test_room_freed_while_nothing_takes_it_lets_every_consumer_through_in_order(
         backlog.decoded()
         await settled()
         assert passed == list(range(50))
-        assert all(task.done() for task in waiting)
+        assert all(task.done() for task in waiting) and len(backlog.gate.line) == 0
 
     asyncio.run(scenario())
 
@@ -98,5 +99,38 @@ def test_a_woken_consumer_cancelled_before_it_runs_passes_its_turn_on() -> None:
         first.cancel()  # ... whose batch stops before it could go in
         await settled()
         assert passed == [1] and first.cancelled()
+
+    asyncio.run(scenario())
+
+
+def test_a_consumer_cancelled_while_asleep_leaves_the_line_and_the_next_goes_in() -> None:
+    async def scenario() -> None:
+        backlog, passed = Backlog(decoding=8, limit=8), []
+        first, second = (asyncio.create_task(backlog.consumer(n, passed, True)) for n in range(2))
+        await settled()
+        first.cancel()  # its batch stops while it sleeps
+        await settled()
+        assert first.cancelled() and len(backlog.gate.line) == 1
+        backlog.decoded()
+        await settled()
+        assert passed == [1] and len(backlog.gate.line) == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_woken_consumer_that_finds_the_room_taken_goes_in_first_at_the_next_image() -> None:
+    async def scenario() -> None:
+        backlog, passed = Backlog(decoding=8, limit=8), []
+        waiting = [asyncio.create_task(backlog.consumer(n, passed, True)) for n in range(3)]
+        await settled()
+        backlog.decoded()  # wakes consumer 0 ...
+        backlog.decoding += 1  # ... but a first contact's body takes the place before it runs
+        await settled()
+        assert passed == [] and len(backlog.gate.line) == 3 and backlog.gate.line.asleep == 3
+        backlog.decoded()
+        await settled()
+        assert passed == [0]
+        await cancel(waiting)
+        assert len(backlog.gate.line) == 0
 
     asyncio.run(scenario())

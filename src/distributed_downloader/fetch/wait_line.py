@@ -14,8 +14,9 @@ from collections.abc import Callable
 
 
 class WaitLine:
-    """Waiters in order; `wake_one` resolves the first. A woken waiter counts as waiting until it
-    runs (`len`), so that nobody takes its place in between."""
+    """Waiters in order; `wake_one` resolves the first. `len` counts a woken waiter until it
+    runs: a user that checks it keeps newcomers behind (BodyBudget); `Gate` does not, and lets
+    a newcomer that finds room through, as an Event would."""
 
     def __init__(self) -> None:
         self._waiters: deque[asyncio.Future[None]] = deque()
@@ -62,21 +63,23 @@ class WaitLine:
 class Gate:
     """Coroutines held while `has_room()` is false, let through one at a time: each freed place
     (`room_freed`) wakes the first; one that goes through passes the turn on while room
-    remains, one that finds none waits again at the front and wakes nobody. The decode backlog's
-    gate: an Event woke every consumer of every server at each decoded image, and while the
-    backlog stayed full they all waited again (a third of the 240-server loop's work)."""
+    remains, one that finds none waits again at the front and wakes nobody. The decode
+    backlog's gate, where an Event woke every consumer at each decoded image only for nearly
+    all to wait again (README, many servers). While there is room, as many go through as an
+    Event would let through, one per turn of the loop."""
 
     def __init__(self, has_room: Callable[[], bool]) -> None:
         self.has_room = has_room
         self.line = WaitLine()
 
     async def enter(self) -> None:
+        """Return once `has_room()`; cancelled, pass on a wake this waiter may hold."""
         front = False
         while not self.has_room():
             try:
                 await self.line.wait(front)
             except asyncio.CancelledError:
-                self.line.wake_one()  # the wake it may have been given
+                self.line.wake_one()  # a spare wake finds no room and goes back: harmless
                 raise
             front = True
         if self.has_room():
