@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -142,3 +143,17 @@ def stored_images(folder: Path, output_format: str) -> list[tuple[dict, bytes]]:
         assert not (folder / "images").exists()
         assert len(list(folder.glob("images-*"))) == len(list(folder.glob("successes-*")))
     return found
+
+
+async def settled() -> None:
+    """Let every woken waiter run, and those it wakes (a chain of waiters passing the turn on
+    moves one a turn of the event loop)."""
+    for _ in range(600):
+        await asyncio.sleep(0)
+
+
+async def cancel(waiting: list[asyncio.Task]) -> None:
+    """End a scenario's waiters still waiting."""
+    for task in waiting:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)

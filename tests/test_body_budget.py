@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+from conftest import cancel, settled
 from distributed_downloader.fetch.client import BodyBudget, Claim
 
 KIB = 1 << 10
@@ -93,19 +94,6 @@ class CountingBudget(BodyBudget):
     def try_admit(self, ahead: bool = False) -> int | None:
         self.tries += 1
         return super().try_admit(ahead)
-
-
-async def settled() -> None:
-    """Let every woken waiter run, and those it wakes."""
-    for _ in range(20):
-        await asyncio.sleep(0)
-
-
-async def cancel(waiting: list[asyncio.Task]) -> None:
-    """End the scenario's waiters still waiting."""
-    for task in waiting:
-        task.cancel()
-    await asyncio.gather(*waiting, return_exceptions=True)
 
 
 def test_a_freed_place_wakes_one_waiting_request_not_all_of_them() -> None:

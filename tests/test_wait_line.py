@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+from conftest import cancel, settled
 from distributed_downloader.fetch.wait_line import Gate
 
 
@@ -30,18 +31,6 @@ class Backlog:
     def decoded(self) -> None:
         self.decoding -= 1
         self.gate.room_freed()
-
-
-async def settled() -> None:
-    """Let every woken consumer run, and those it wakes."""
-    for _ in range(600):
-        await asyncio.sleep(0)
-
-
-async def cancel(waiting: list[asyncio.Task]) -> None:
-    for task in waiting:
-        task.cancel()
-    await asyncio.gather(*waiting, return_exceptions=True)
 
 
 def test_a_decoded_image_lets_one_consumer_in_and_wakes_no_other() -> None:
