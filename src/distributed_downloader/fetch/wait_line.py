@@ -82,8 +82,7 @@ class Gate:
                 self.line.wake_one()  # a spare wake finds no room and goes back: harmless
                 raise
             front = True
-        if self.has_room():
-            self.line.wake_one()
+        self.line.wake_one()  # room was there as it went through: the next waiter tries
 
     def room_freed(self) -> None:
         self.line.wake_one()
